@@ -1,10 +1,110 @@
-"""Subcommands of the server part (placeholder until implemented)."""
+"""`lstmserve serve`: every flag also reads an LSTMSERVE_* environment variable (the flag wins)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+ENV_PREFIX = "LSTMSERVE_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *, type: Any, default: Any, help: str) -> None:
+    """Adds a flag whose default comes from its environment variable when that is set."""
+    env = _env_name(flag)
+    raw = os.environ.get(env)
+    value = default
+    if raw is not None:
+        try:
+            value = type(raw)
+        except ValueError:
+            parser.error(f"environment variable {env}={raw!r} is not a valid {type.__name__}")
+    parser.add_argument(flag, type=type, default=value, help=f"{help} (env {env}; default: %(default)s)")
+
+
+def _optional_port(text: str) -> int | None:
+    return None if text.lower() in ("", "none", "off") else int(text)
 
 
 def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
-    """Registers this part's subcommands."""
+    """Registers `serve`."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an exported model over gRPC",
+        description="Serve a model written by `lstmserve export` over gRPC: per-session state on the server, "
+        "steps of many sessions batched into one ONNX Runtime call. Stops gracefully on SIGTERM.",
+    )
+    _add(p, "--model", type=Path, default=Path("models/default/model.onnx"), help="path to the exported model.onnx")
+    _add(p, "--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    _add(p, "--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    _add(p, "--metrics-port", type=_optional_port, default=None, help="Prometheus metrics HTTP port ('off' disables)")
+    _add(p, "--providers", type=str, default="auto", help="ONNX Runtime providers, comma-separated: auto, cuda, cpu")
+    _add(p, "--device-id", type=int, default=0, help="CUDA device index")
+    _add(p, "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    _add(p, "--max-batch-size", type=int, default=256, help="most sessions stepped in one ONNX Runtime call")
+    _add(p, "--max-wait-us", type=int, default=0, help="when idle, wait this long for more requests before a batch")
+    _add(p, "--max-sessions", type=int, default=10_000, help="most live sessions (size of the state pools)")
+    _add(p, "--session-ttl-s", type=float, default=900.0, help="close a session after this many idle seconds")
+    _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")
+    _add(p, "--max-generate-tokens", type=int, default=4096, help="most tokens one generation may ask for")
+    _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
+    _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
+    _add(p, "--grace-s", type=float, default=10.0, help="on SIGTERM, how long in-flight work may take")
+    _add(p, "--log-level", type=str, default="INFO", help="logging level")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Runs the server until SIGTERM/SIGINT."""
+    import asyncio
+
+    from lstmserve.metadata import ModelSpecError
+    from lstmserve.server.app import serve
+    from lstmserve.server.config import ConfigError, ServerConfig
+    from lstmserve.server.runner import ProviderError
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.model.is_file():
+        print(f"lstmserve serve: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
+        return 2
+    try:
+        config = ServerConfig(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+            device_id=args.device_id,
+            intra_op_threads=args.intra_op_threads,
+            max_batch_size=args.max_batch_size,
+            max_wait_us=args.max_wait_us,
+            max_sessions=args.max_sessions,
+            session_ttl_s=args.session_ttl_s,
+            max_tokens_per_request=args.max_tokens_per_request,
+            max_generate_tokens=args.max_generate_tokens,
+            max_queue=args.max_queue,
+            max_message_bytes=args.max_message_bytes,
+            grace_s=args.grace_s,
+        )
+    except ConfigError as error:
+        print(f"lstmserve serve: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(config))
+    except (ModelSpecError, ProviderError, OSError) as error:
+        print(f"lstmserve serve: error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,171 @@
+"""Wiring: builds the runner, state store, scheduler and services into one gRPC server.
+
+`LstmServer` starts and stops everything: the gRPC port (lstmserve.v1,
+grpc.health.v1, server reflection), the Prometheus metrics endpoint, and the
+scheduler's loops. `serve` runs it until SIGTERM/SIGINT, then drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from lstmserve.server.config import ServerConfig
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.runner import Runner, RunnerOptions
+from lstmserve.server.scheduler import Scheduler, SchedulerLimits
+from lstmserve.server.service import LstmServeService
+from lstmserve.server.state import StateStore
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
+WARMUP_BATCH_SIZES = (1, 2, 4, 8)
+
+
+class LstmServer:
+    """One lstmserve server process: load the model, listen, serve, drain.
+
+    Args:
+        config: the server settings.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.runner = Runner(
+            config.model,
+            RunnerOptions(
+                providers=config.providers, device_id=config.device_id, intra_op_threads=config.intra_op_threads
+            ),
+        )
+        spec = self.runner.spec
+        self.store = StateStore(spec.state_rows, spec.h.width, spec.c.width, config.max_sessions)
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: object | None = None
+        self.scheduler: Scheduler | None = None
+
+    async def start(self) -> int:
+        """Warms the model up, starts listening and returns the bound gRPC port."""
+        config = self.config
+        self._warm_up()
+        self.scheduler = Scheduler(
+            self.runner,
+            self.store,
+            SchedulerLimits(
+                max_batch_size=config.max_batch_size,
+                max_wait_us=config.max_wait_us,
+                max_queue=config.max_queue,
+                session_ttl_s=config.session_ttl_s,
+            ),
+            self.metrics,
+        )
+        self.scheduler.start()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ]
+        )
+        pb_grpc.add_LstmServeServicer_to_server(
+            LstmServeService(self.scheduler, self.runner, config, self.metrics), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        )
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind gRPC port {config.host}:{config.port}")
+        await server.start()
+        self._server = server
+        if config.metrics_port is not None:
+            http_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            self._metrics_server = http_server
+            self.metrics_port = int(http_server.server_port)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s on %s:%d with %s (metrics port %s)",
+            config.model,
+            config.host,
+            self.port,
+            self.runner.provider,
+            self.metrics_port,
+        )
+        return self.port
+
+    def _warm_up(self) -> None:
+        """Runs a few batch sizes once on scratch buffers (no session state is touched)."""
+        spec = self.runner.spec
+        scratch = StateStore(spec.state_rows, spec.h.width, spec.c.width, max(WARMUP_BATCH_SIZES))
+        for size in WARMUP_BATCH_SIZES:
+            if spec.kind == "tokens":
+                inputs = np.zeros((size, 1), np.int64)
+            else:
+                inputs = np.zeros((size, 1, spec.input_size), np.float32)
+            buffers = scratch.buffers(size)
+            buffers.h0.fill(0.0)
+            buffers.c0.fill(0.0)
+            self.runner.run(inputs, buffers)
+
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stops taking sessions, reports NOT_SERVING, lets queued steps finish (within the grace), stops."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        started = time.monotonic()
+        await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            self.scheduler.stop_accepting()
+            try:
+                await asyncio.wait_for(self.scheduler.wait_idle(), timeout=grace)
+            except TimeoutError:
+                log.warning("grace period of %.1f s ended with steps still queued", grace)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        await self.stop(min(remaining, 1.0))
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stops the gRPC server, the scheduler and the metrics endpoint."""
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
+        if self.scheduler is not None:
+            await self.scheduler.close()
+            self.scheduler = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server = None
+
+    async def wait_for_termination(self) -> None:
+        """Returns when the gRPC server has stopped."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains it."""
+    server = LstmServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"lstmserve: serving on {config.host}:{server.port} ({server.runner.provider})", flush=True)
+    await stop.wait()
+    log.info("signal received: draining (grace %.1f s)", config.grace_s)
+    await server.drain()
+    log.info("stopped")

@@ -1,0 +1,78 @@
+"""Server settings: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of `lstmserve serve` (each has a CLI flag and an LSTMSERVE_* variable).
+
+    Args:
+        model: path to the exported `model.onnx`.
+        host, port: where gRPC listens (port 0 picks a free port).
+        metrics_port: Prometheus HTTP port; None disables metrics, 0 picks a free port.
+        providers: ONNX Runtime providers in order of preference ("auto" = CUDA if available, else CPU).
+        device_id: CUDA device index.
+        intra_op_threads: ONNX Runtime intra-op threads (0 = ONNX Runtime's default).
+        max_batch_size: most sessions stepped in one ONNX Runtime call.
+        max_wait_us: how long the batcher waits for more requests after the first one
+            arrives when the server is idle (0 = run at once; batches still form while a step runs).
+        max_sessions: most live sessions; also the size of the state pools.
+        session_ttl_s: a session idle this long is closed.
+        max_tokens_per_request: most tokens (or feature rows) in one request.
+        max_generate_tokens: most tokens one generation request may ask for.
+        max_queue: most requests waiting for the batcher; more gets RESOURCE_EXHAUSTED.
+        max_message_bytes: largest gRPC message accepted or sent.
+        grace_s: on SIGTERM, how long in-flight work may take before the server exits.
+    """
+
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    providers: tuple[str, ...] = ("auto",)
+    device_id: int = 0
+    intra_op_threads: int = 0
+    max_batch_size: int = 256
+    max_wait_us: int = 0
+    max_sessions: int = 10_000
+    session_ttl_s: float = 900.0
+    max_tokens_per_request: int = 4096
+    max_generate_tokens: int = 4096
+    max_queue: int = 65_536
+    max_message_bytes: int = 16 * 1024 * 1024
+    grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_batch_size": self.max_batch_size,
+            "max_sessions": self.max_sessions,
+            "max_tokens_per_request": self.max_tokens_per_request,
+            "max_generate_tokens": self.max_generate_tokens,
+            "max_queue": self.max_queue,
+            "max_message_bytes": self.max_message_bytes,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.session_ttl_s <= 0:
+            raise ConfigError(f"session_ttl_s must be positive, got {self.session_ttl_s}")
+        if self.max_wait_us < 0:
+            raise ConfigError(f"max_wait_us must be >= 0, got {self.max_wait_us}")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if self.grace_s < 0:
+            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+        if not self.providers:
+            raise ConfigError("providers must name at least one provider")

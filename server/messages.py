@@ -1,0 +1,112 @@
+"""Conversions between protobuf messages and plain values, with input validation.
+
+Pure functions: no server state. The gRPC service is their only user.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lstmserve.metadata import ModelSpec
+from lstmserve.server.errors import InvalidInput
+from lstmserve.server.generation import GenerateParams
+from lstmserve.server.sampling import SamplingParams, top_k_logprobs
+from lstmserve.v1 import lstmserve_pb2 as pb
+
+DEFAULT_TOP_K = 5
+
+
+def encode_tensor(array: np.ndarray) -> pb.Tensor:
+    """A numpy array as a Tensor message (little-endian bytes, row-major)."""
+    array = np.ascontiguousarray(array)
+    return pb.Tensor(shape=array.shape, data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """A float32 Tensor message as a numpy array; InvalidInput if shape and data disagree."""
+    shape = tuple(int(d) for d in tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{field}.shape {list(shape)} has a negative dimension")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if len(tensor.data) != 4 * count:
+        raise InvalidInput(
+            f"{field}.data has {len(tensor.data)} bytes but shape {list(shape)} needs {4 * count} (float32)"
+        )
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+
+
+def decode_inputs(
+    tokens: "list[int] | object", features: pb.Tensor, has_features: bool, spec: ModelSpec, max_positions: int
+) -> np.ndarray:
+    """Validates a request's input; returns int64 tokens [positions] or float32 features [positions, width]."""
+    token_list = list(tokens)  # type: ignore[call-overload]
+    if spec.kind == "tokens":
+        if has_features and features.shape:
+            raise InvalidInput("this model takes tokens, but the request carries features")
+        array = np.asarray(token_list, dtype=np.int64)
+        _check_count(len(array), max_positions)
+        vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
+        bad = np.flatnonzero((array < 0) | (array >= vocab))
+        if bad.size:
+            index = int(bad[0])
+            raise InvalidInput(f"token id {int(array[index])} at position {index} is outside the vocabulary [0, {vocab})")
+        return array
+    if token_list:
+        raise InvalidInput("this model takes features, but the request carries tokens")
+    array = decode_float_tensor(features, "features")
+    if array.ndim != 2 or array.shape[1] != spec.input_size:
+        raise InvalidInput(f"features shape {list(array.shape)} must be [positions, {spec.input_size}]")
+    _check_count(array.shape[0], max_positions)
+    if not np.all(np.isfinite(array)):
+        raise InvalidInput("features contain NaN or infinity")
+    return array
+
+
+def _check_count(count: int, limit: int) -> None:
+    if count == 0:
+        raise InvalidInput("request carries no tokens or feature rows")
+    if count > limit:
+        raise InvalidInput(f"request carries {count} positions, more than max_tokens_per_request={limit}")
+
+
+def decode_sampling(message: pb.Sampling) -> SamplingParams:
+    """Sampling parameters; top_p 0 (unset) means 1."""
+    return SamplingParams(
+        temperature=float(message.temperature),
+        top_k=int(message.top_k),
+        top_p=float(message.top_p) if message.top_p else 1.0,
+        seed=int(message.seed) if message.HasField("seed") else None,
+    )
+
+
+def decode_generate(message: pb.Generate, spec: ModelSpec, max_tokens: int) -> GenerateParams:
+    """Generation parameters, validated against the model and the server's limit."""
+    if spec.kind != "tokens":
+        raise InvalidInput("generation needs a token model; this model takes features")
+    if not 1 <= message.max_tokens <= max_tokens:
+        raise InvalidInput(f"generate.max_tokens must be in [1, {max_tokens}], got {message.max_tokens}")
+    return GenerateParams(
+        max_tokens=int(message.max_tokens), sampling=decode_sampling(message.sampling), stop=tuple(message.stop)
+    )
+
+
+def step_outputs(response: pb.StepResponse, logits: np.ndarray, output: int, top_k: int, sampled: int | None) -> None:
+    """Fills the part of a response that the request's `output` kind asks for."""
+    if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
+        response.logits.CopyFrom(encode_tensor(logits))
+    elif output == pb.OUTPUT_TOPK:
+        ids, logprobs = top_k_logprobs(logits, top_k or DEFAULT_TOP_K)
+        for row_ids, row_logprobs in zip(ids, logprobs, strict=True):
+            response.topk.add(ids=row_ids.tolist(), logprobs=row_logprobs.tolist())
+    elif output == pb.OUTPUT_SAMPLE and sampled is not None:
+        response.token = sampled
+
+
+def validate_output(output: int, top_k: int, spec: ModelSpec) -> None:
+    """Rejects unknown output kinds, and sampling or top-k on a model without a vocabulary."""
+    if output not in pb.OutputKind.values():
+        raise InvalidInput(f"output {output} is not a known OutputKind")
+    if output in (pb.OUTPUT_TOPK, pb.OUTPUT_SAMPLE) and spec.head == "regression":
+        raise InvalidInput(f"output {pb.OutputKind.Name(output)} needs a classifier or language model head")
+    if top_k > spec.output_size:
+        raise InvalidInput(f"top_k {top_k} is larger than the output size {spec.output_size}")

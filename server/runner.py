@@ -1,0 +1,130 @@
+"""The runner: owns the ONNX Runtime session and runs batches. Knows nothing of sessions."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from lstmserve.metadata import METADATA_KEY, ModelSpec, ModelSpecError
+from lstmserve.server.state import StateBuffers
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+
+
+class ProviderError(ValueError):
+    """A requested execution provider is unknown or not available."""
+
+
+def resolve_providers(requested: tuple[str, ...], available: list[str]) -> list[str]:
+    """Turns `--providers` values ("auto", "cuda", "cpu" or full names) into ONNX Runtime names.
+
+    "auto" means CUDA when this ONNX Runtime build has it, else CPU. An explicit
+    provider that is not available is an error, unless a later one in the list is.
+    """
+    if requested == ("auto",):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available else [
+            "CPUExecutionProvider"
+        ]
+    names: list[str] = []
+    for value in requested:
+        name = PROVIDER_NAMES.get(value.lower(), value)
+        if name not in PROVIDER_NAMES.values() and name not in available:
+            raise ProviderError(f"unknown provider {value!r}; use auto, cuda or cpu")
+        if name in available:
+            names.append(name)
+    if not names:
+        raise ProviderError(
+            f"none of the providers {list(requested)} is available in this ONNX Runtime build "
+            f"(available: {available}); install lstmserve[gpu] for CUDA"
+        )
+    return names
+
+
+def read_spec(session: ort.InferenceSession, path: Path) -> ModelSpec:
+    """Reads the lstmserve metadata that `lstmserve export` stored in the model."""
+    metadata = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in metadata:
+        raise ModelSpecError(f"{path} has no {METADATA_KEY!r} metadata: export it with `lstmserve export`")
+    return ModelSpec.from_json(metadata[METADATA_KEY])
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to create the ONNX Runtime session."""
+
+    providers: tuple[str, ...] = ("auto",)
+    device_id: int = 0
+    intra_op_threads: int = 0
+
+
+class Runner:
+    """Runs the exported model on batches: inputs plus initial state in, logits and new state out.
+
+    The state goes in and out through IO binding on caller-owned buffers, so the
+    runner allocates only the logits it returns.
+    """
+
+    def __init__(self, model_path: Path, options: RunnerOptions = RunnerOptions()) -> None:
+        available = ort.get_available_providers()
+        providers = resolve_providers(options.providers, available)
+        if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN libraries shipped as Python wheels (e.g. with torch)
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = 1
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        provider_options = [{"device_id": str(options.device_id)} if p == "CUDAExecutionProvider" else {} for p in providers]
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=session_options, providers=providers, provider_options=provider_options
+        )
+        self.spec = read_spec(self.session, model_path)
+        self.provider = self.session.get_providers()[0]
+        self._input_dtype = np.int64 if self.spec.kind == "tokens" else np.float32
+        log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
+
+    def run(self, inputs: np.ndarray, state: StateBuffers) -> np.ndarray:
+        """Runs one batch.
+
+        Args:
+            inputs: int64 tokens [batch, time] or float32 features [batch, time, input_size].
+            state: h0/c0 hold the initial state; hn/cn receive the new state.
+        Returns:
+            float32 logits [batch, time, output_size].
+        """
+        spec = self.spec
+        batch, time = inputs.shape[0], inputs.shape[1]
+        logits = np.empty((batch, time, spec.output_size), dtype=np.float32)
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(inputs, dtype=self._input_dtype))
+        binding.bind_cpu_input(spec.h.input_name, state.h0)
+        binding.bind_cpu_input(spec.c.input_name, state.c0)
+        _bind_cpu_output(binding, spec.output_name, logits)
+        _bind_cpu_output(binding, spec.h.output_name, state.hn)
+        _bind_cpu_output(binding, spec.c.output_name, state.cn)
+        self.session.run_with_iobinding(binding)
+        return logits
+
+    def run_stateless(self, inputs: np.ndarray) -> np.ndarray:
+        """Runs whole sequences from zero state (for Infer and bidirectional models)."""
+        spec = self.spec
+        batch = inputs.shape[0]
+        feeds = {
+            spec.input_name: np.ascontiguousarray(inputs, dtype=self._input_dtype),
+            spec.h.input_name: np.zeros((spec.state_rows, batch, spec.h.width), np.float32),
+            spec.c.input_name: np.zeros((spec.state_rows, batch, spec.c.width), np.float32),
+        }
+        (logits,) = self.session.run([spec.output_name], feeds)
+        return np.asarray(logits, dtype=np.float32)
+
+
+def _bind_cpu_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)

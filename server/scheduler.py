@@ -1,0 +1,328 @@
+"""The scheduler: a continuous batching loop over every session's pending requests.
+
+Each iteration takes at most one pending request per session (so a session's
+requests run in order), groups the taken steps by length, runs each group as
+one batch (gather state, ONNX Runtime, scatter state) on a worker thread, and
+resolves each request. Requests that arrive while a batch runs form the next
+batch. Session lifecycle operations (create, reset, close) go through the same
+per-session queues, so they are ordered with that session's steps and never
+touch state that a running batch uses.
+
+Grouping by length: the model has no per-row sequence lengths (a `sequence_lens`
+input would block CUDA graphs and costs a CPU copy), so rows of one call must
+have the same number of positions. Single-token steps, by far the most common,
+all share one call; each distinct prompt length gets its own call in the same
+iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lstmserve.server.errors import Draining, Overloaded, StepMismatch
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.runner import Runner
+from lstmserve.server.sessions import Session, SessionTable, StepResult
+from lstmserve.server.state import SessionState, StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """Bounds the scheduler enforces."""
+
+    max_batch_size: int = 256
+    max_wait_us: int = 0
+    max_queue: int = 65_536
+    session_ttl_s: float = 900.0
+
+
+@dataclass(eq=False)
+class _Work:
+    """One queued item of a session: a step (inputs set) or a lifecycle operation (op set)."""
+
+    future: asyncio.Future[Any]
+    inputs: np.ndarray | None = None
+    op: Callable[[Session], Any] | None = None
+    digest: bytes = b""
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Steps of the same length run as one ONNX Runtime call."""
+
+    sessions: list[Session]
+    works: list[_Work]
+
+
+class Scheduler:
+    """Owns the session table and the state store, and runs every step through the batcher."""
+
+    def __init__(self, runner: Runner, store: StateStore, limits: SchedulerLimits, metrics: Metrics) -> None:
+        self.runner = runner
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics
+        self.sessions = SessionTable()
+        self._ready: OrderedDict[str, Session] = OrderedDict()
+        self._queued = 0
+        self._accepting = True
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ---- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        """Starts the batching loop and the idle-session sweeper on the running event loop."""
+        self._tasks = [asyncio.create_task(self._batch_loop()), asyncio.create_task(self._sweep_loop())]
+
+    def stop_accepting(self) -> None:
+        """Refuses new sessions from now on (draining); existing sessions keep working."""
+        self._accepting = False
+
+    async def wait_idle(self) -> None:
+        """Returns when no request is queued or running."""
+        while self._queued or any(s.in_flight for s in self.sessions.all()):
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        """Stops the loops and the worker thread."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ---- session operations (all run on the event loop) ------------------
+    def create_session(self, owner: str = "") -> Session:
+        """Creates a session with zero state."""
+        if not self._accepting:
+            raise Draining("server is shutting down and takes no new sessions")
+        slot = self.store.allocate()
+        session = self.sessions.add(slot, owner)
+        self.metrics.sessions_created.inc()
+        self.metrics.active_sessions.set(len(self.sessions))
+        return session
+
+    def get_session(self, session_id: str, owner: str = "") -> Session:
+        """The live session with this id (and owner); SessionNotFound otherwise."""
+        session = self.sessions.get(session_id, owner)
+        return session
+
+    async def reset_session(self, session_id: str, owner: str = "") -> Session:
+        """Zeroes a session's state and step counter, after its queued steps."""
+        session = self.sessions.get(session_id, owner)
+
+        def reset(s: Session) -> Session:
+            self.store.reset(s.slot)
+            s.step = 0
+            s.last_result = None
+            return s
+
+        return await self._enqueue(session, _Work(future=self._new_future(), op=reset))
+
+    async def close_session(self, session_id: str, owner: str = "") -> None:
+        """Frees a session's slot, after its queued steps."""
+        session = self.sessions.get(session_id, owner)
+        await self._enqueue(session, _Work(future=self._new_future(), op=self._drop))
+
+    async def read_state(self, session_id: str, owner: str = "") -> tuple[Session, SessionState]:
+        """A copy of a session's state, after its queued steps."""
+        session = self.sessions.get(session_id, owner)
+        return await self._enqueue(session, _Work(future=self._new_future(), op=lambda s: (s, self.store.read(s.slot))))
+
+    async def step(self, session: Session, inputs: np.ndarray, expected_step: int | None = None) -> StepResult:
+        """Feeds inputs ([positions] tokens or [positions, width] features) to a session.
+
+        With `expected_step`, a request that was already applied (same input, the
+        session moved on by exactly its length) returns the stored result again
+        instead of being applied twice.
+        """
+        digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
+        if expected_step is not None:
+            projected = session.step + session.queued_positions
+            last = session.last_result
+            if expected_step != projected:
+                if (
+                    last is not None
+                    and not session.pending
+                    and last.start_step == expected_step
+                    and last.step == session.step
+                    and last.input_digest == digest
+                ):
+                    return last
+                raise StepMismatch(
+                    f"expected_step {expected_step} does not match session {session.id!r}, "
+                    f"which is at step {projected}"
+                )
+        work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
+        session.queued_positions += len(inputs)
+        try:
+            result: StepResult = await self._enqueue(session, work)
+        finally:
+            session.queued_positions -= len(inputs)
+        return result
+
+    def sweep_idle(self, now: float | None = None) -> int:
+        """Closes sessions idle past the TTL; returns how many."""
+        cutoff = (time.monotonic() if now is None else now) - self.limits.session_ttl_s
+        expired = self.sessions.idle_since(cutoff)
+        for session in expired:
+            self._drop(session)
+        if expired:
+            self.metrics.evictions.inc(len(expired))
+            log.info("closed %d session(s) idle for more than %.0f s", len(expired), self.limits.session_ttl_s)
+        return len(expired)
+
+    # ---- internals -------------------------------------------------------
+    def _new_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    def _drop(self, session: Session) -> None:
+        self.sessions.remove(session)
+        self.store.release(session.slot)
+        self._ready.pop(session.id, None)
+        self.metrics.active_sessions.set(len(self.sessions))
+
+    async def _enqueue(self, session: Session, work: _Work) -> Any:
+        if self._queued >= self.limits.max_queue:
+            raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
+        session.pending.append(work)
+        session.last_used = time.monotonic()
+        self._queued += 1
+        self.metrics.queue_depth.set(self._queued)
+        if not session.in_flight:
+            self._ready.setdefault(session.id, session)
+        self._wakeup.set()
+        return await work.future
+
+    def _collect(self) -> list[tuple[Session, _Work]]:
+        """Takes at most one step per ready session, running lifecycle ops inline."""
+        taken: list[tuple[Session, _Work]] = []
+        while self._ready and len(taken) < self.limits.max_batch_size:
+            _, session = self._ready.popitem(last=False)
+            while session.pending:
+                work = session.pending.popleft()
+                self._queued -= 1
+                if work.future.cancelled() and work.op is None:
+                    continue  # the client gave up before the step ran
+                if work.op is not None:
+                    self._run_op(session, work)
+                    if session not in self.sessions:  # the op closed it
+                        break
+                    continue
+                taken.append((session, work))
+                session.in_flight = True
+                break
+        self.metrics.queue_depth.set(self._queued)
+        return taken
+
+    def _run_op(self, session: Session, work: _Work) -> None:
+        assert work.op is not None
+        try:
+            result = work.op(session)
+        except Exception as exc:  # an op's failure concerns that op alone
+            if not work.future.done():
+                work.future.set_exception(exc)
+            return
+        if not work.future.done():
+            work.future.set_result(result)
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.limits.max_wait_us and len(self._ready) < self.limits.max_batch_size:
+                await asyncio.sleep(self.limits.max_wait_us / 1e6)
+            taken = self._collect()
+            if not taken:
+                continue
+            groups = _group_by_length(taken)
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._compute, groups)
+            except Exception as exc:  # the batch failed: every request in it gets the error
+                log.exception("batch of %d failed", len(taken))
+                for session, work in taken:
+                    session.in_flight = False
+                    if not work.future.done():
+                        work.future.set_exception(exc)
+                self._requeue(taken)
+                continue
+            self.metrics.compute_latency.observe(time.perf_counter() - started)
+            self._resolve(groups, outputs)
+            self._requeue(taken)
+
+    def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
+        for session, _ in taken:
+            if session.pending and session in self.sessions:
+                self._ready.setdefault(session.id, session)
+        if self._ready:
+            self._wakeup.set()
+
+    def _compute(self, groups: list[_Group]) -> list[np.ndarray]:
+        """Runs on the worker thread: gather, run, scatter for each group."""
+        outputs = []
+        for group in groups:
+            slots = np.fromiter((s.slot for s in group.sessions), dtype=np.int64, count=len(group.sessions))
+            inputs = np.stack([w.inputs for w in group.works])  # type: ignore[misc]
+            buffers = self.store.gather(slots)
+            logits = self.runner.run(inputs, buffers)
+            self.store.scatter(slots, buffers)
+            outputs.append(logits)
+        return outputs
+
+    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray]) -> None:
+        now = time.perf_counter()
+        batch_size = sum(len(g.works) for g in groups)
+        self.metrics.batch_size.observe(batch_size)
+        positions = 0
+        for group, logits in zip(groups, outputs, strict=True):
+            for row, (session, work) in enumerate(zip(group.sessions, group.works, strict=True)):
+                assert work.inputs is not None
+                length = len(work.inputs)
+                positions += length
+                result = StepResult(
+                    logits=logits[row].copy(),  # a copy: a view would pin the whole batch
+                    start_step=session.step,
+                    step=session.step + length,
+                    batch_size=batch_size,
+                    input_digest=work.digest,
+                )
+                session.step = result.step
+                session.last_result = result
+                session.in_flight = False
+                session.last_used = time.monotonic()
+                self.metrics.step_latency.observe(now - work.enqueued)
+                if not work.future.done():
+                    work.future.set_result(result)
+        self.metrics.steps.inc(batch_size)
+        self.metrics.tokens.inc(positions)
+
+    async def _sweep_loop(self) -> None:
+        interval = min(self.limits.session_ttl_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep_idle()
+
+
+def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
+    groups: dict[int, _Group] = {}
+    for session, work in taken:
+        assert work.inputs is not None
+        group = groups.setdefault(len(work.inputs), _Group(sessions=[], works=[]))
+        group.sessions.append(session)
+        group.works.append(work)
+    return list(groups.values())

@@ -1,0 +1,240 @@
+"""The gRPC service: the only server module that knows protobuf.
+
+Each RPC converts the request to plain values (`messages`), calls the
+scheduler, and converts the result back. A `ServeError` becomes a gRPC status
+with its message; the request that raised it changed no state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from lstmserve.metadata import ModelSpec
+from lstmserve.server import messages
+from lstmserve.server.config import ServerConfig
+from lstmserve.server.errors import (
+    Draining,
+    InvalidInput,
+    NotSteppable,
+    Overloaded,
+    ServeError,
+    SessionNotFound,
+    StepMismatch,
+)
+from lstmserve.server.generation import GenerateParams, generate
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.runner import Runner
+from lstmserve.server.sampling import Sampler
+from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.sessions import Session
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[ServeError], grpc.StatusCode] = {
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotSteppable: grpc.StatusCode.FAILED_PRECONDITION,
+    StepMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: ServeError) -> grpc.StatusCode:
+    """The gRPC status code for a ServeError."""
+    return STATUS_BY_ERROR.get(type(error), grpc.StatusCode.INTERNAL)
+
+
+class LstmServeService(pb_grpc.LstmServeServicer):
+    """Implements `lstmserve.v1.LstmServe` on top of the scheduler."""
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, config: ServerConfig, metrics: Metrics) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.spec: ModelSpec = runner.spec
+        self.config = config
+        self.metrics = metrics
+
+    # ---- helpers ---------------------------------------------------------
+    async def _abort(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
+        code = status_for(error)
+        self.metrics.errors.labels(code=code.name).inc()
+        await context.abort(code, str(error))
+
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        """Who the caller is; sessions belong to their creator (one owner until API keys exist)."""
+        return ""
+
+    def _session_info(self, session: Session) -> pb.SessionInfo:
+        idle = time.monotonic() - session.last_used
+        return pb.SessionInfo(
+            session_id=session.id,
+            step=session.step,
+            idle_s=idle,
+            expires_in_s=max(0.0, self.config.session_ttl_s - idle),
+        )
+
+    def _require_steppable(self) -> None:
+        if not self.spec.steppable:
+            raise NotSteppable("this model is bidirectional and cannot be stepped; use Infer for whole sequences")
+
+    # ---- unary RPCs ------------------------------------------------------
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        spec, config = self.spec, self.config
+        return pb.ModelInfo(
+            kind=spec.kind,
+            vocabulary=list(spec.vocabulary),
+            input_size=spec.input_size,
+            hidden_size=spec.hidden_size,
+            num_layers=spec.num_layers,
+            num_directions=spec.num_directions,
+            proj_size=spec.proj_size,
+            output_size=spec.output_size,
+            steppable=spec.steppable,
+            provider=self.runner.provider,
+            fingerprint=spec.fingerprint,
+            head=spec.head,
+            max_tokens_per_request=config.max_tokens_per_request,
+            max_generate_tokens=config.max_generate_tokens,
+            session_ttl_s=config.session_ttl_s,
+            max_sessions=config.max_sessions,
+        )
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        try:
+            self._require_steppable()
+            session = self.scheduler.create_session(self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return self._session_info(session)
+
+    async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        try:
+            session = self.scheduler.get_session(request.session_id, self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return self._session_info(session)
+
+    async def ResetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        try:
+            session = await self.scheduler.reset_session(request.session_id, self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return self._session_info(session)
+
+    async def CloseSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        try:
+            await self.scheduler.close_session(request.session_id, self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return pb.CloseSessionResponse()
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        try:
+            inputs = messages.decode_inputs(
+                request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
+            )
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        logits = await asyncio.to_thread(self.runner.run_stateless, inputs[np.newaxis])
+        return pb.InferResponse(logits=messages.encode_tensor(logits[0]))
+
+    # ---- the stepping stream ---------------------------------------------
+    async def Step(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        session: Session | None = None
+        owner = self._owner(context)
+        async for request in request_iterator:
+            try:
+                self._require_steppable()
+                parsed = self._parse(request, first=session is None)  # validate before any state changes
+                if session is None:
+                    session = self._open(request.session_id, owner)
+                elif request.session_id and request.session_id != session.id:
+                    raise InvalidInput(
+                        f"session_id {request.session_id!r} differs from this stream's session {session.id!r}"
+                    )
+                elif session not in self.scheduler.sessions:
+                    raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
+                if parsed.inputs is None:  # an opening request without input: report the session
+                    yield pb.StepResponse(session_id=session.id, request_id=request.request_id, step=session.step)
+                elif parsed.generate is not None:
+                    async for response in self._generate(session, request, parsed.inputs, parsed.generate):
+                        yield response
+                else:
+                    yield await self._step(session, request, parsed)
+            except ServeError as error:
+                await self._abort(context, error)
+
+    def _open(self, session_id: str, owner: str) -> Session:
+        if session_id:
+            return self.scheduler.get_session(session_id, owner)
+        return self.scheduler.create_session(owner)
+
+    def _parse(self, request: pb.StepRequest, *, first: bool) -> "_ParsedStep":
+        has_input = bool(request.tokens) or request.HasField("features")
+        generate_params = None
+        if request.HasField("generate"):
+            generate_params = messages.decode_generate(request.generate, self.spec, self.config.max_generate_tokens)
+        elif not has_input and first:
+            return _ParsedStep(inputs=None)
+        messages.validate_output(request.output, request.top_k, self.spec)
+        inputs = messages.decode_inputs(
+            request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
+        )
+        sampler = Sampler(messages.decode_sampling(request.sampling)) if request.output == pb.OUTPUT_SAMPLE else None
+        expected = request.expected_step if request.HasField("expected_step") else None
+        return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
+
+    async def _step(self, session: Session, request: pb.StepRequest, parsed: "_ParsedStep") -> pb.StepResponse:
+        assert parsed.inputs is not None
+        result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
+        response = pb.StepResponse(
+            session_id=session.id, request_id=request.request_id, step=result.step, batch_size=result.batch_size
+        )
+        sampled = parsed.sampler.sample(result.logits[-1]) if parsed.sampler is not None else None
+        messages.step_outputs(response, result.logits, request.output, request.top_k, sampled)
+        return response
+
+    async def _generate(
+        self, session: Session, request: pb.StepRequest, prompt: np.ndarray, params: GenerateParams
+    ) -> AsyncIterator[pb.StepResponse]:
+        count = 0
+        async for event in generate(self.scheduler, session, prompt, params, self.spec.vocabulary):
+            response = pb.StepResponse(
+                session_id=session.id, request_id=request.request_id, step=event.step, batch_size=event.batch_size
+            )
+            if event.finish_reason:
+                response.finished = True
+                response.finish_reason = event.finish_reason
+            else:
+                response.token = event.token
+                response.text = event.text
+                count += 1
+            yield response
+        self.metrics.generated_tokens.inc(count)
+
+
+@dataclass(frozen=True)
+class _ParsedStep:
+    """A validated StepRequest: its input (None for an opening request) and what to do with it."""
+
+    inputs: np.ndarray | None
+    generate: GenerateParams | None = None
+    sampler: Sampler | None = None
+    expected_step: int | None = None

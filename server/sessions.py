@@ -1,0 +1,98 @@
+"""The session table: ids, slots, step counters and idle times of live sessions."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lstmserve.server.errors import SessionNotFound
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step request produced.
+
+    Args:
+        logits: float32 [positions, output_size] for every fed position.
+        start_step: the session's step counter before this request.
+        step: the session's step counter after it.
+        batch_size: how many sessions the batch that computed it held.
+        input_digest: identifies the request's input (to recognise a resent request).
+    """
+
+    logits: np.ndarray
+    start_step: int
+    step: int
+    batch_size: int
+    input_digest: bytes
+
+
+@dataclass(eq=False)
+class Session:
+    """One live session. Mutated only by the scheduler, on the event loop."""
+
+    id: str
+    slot: int
+    owner: str
+    step: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    pending: deque[Any] = field(default_factory=deque)
+    queued_positions: int = 0
+    in_flight: bool = False
+    last_result: StepResult | None = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether work is queued or running for this session."""
+        return self.in_flight or bool(self.pending)
+
+
+def new_session_id() -> str:
+    """A fresh 128-bit random session id (32 hex characters)."""
+    return secrets.token_hex(16)
+
+
+class SessionTable:
+    """Maps session ids to sessions. Lookups check the owner: another owner's id is NOT_FOUND."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session: Session) -> bool:
+        return self._sessions.get(session.id) is session
+
+    def add(self, slot: int, owner: str) -> Session:
+        """Registers a new session on a slot under a fresh id."""
+        session_id = new_session_id()
+        while session_id in self._sessions:  # 2**-128 odds, but never reuse a live id
+            session_id = new_session_id()
+        session = Session(id=session_id, slot=slot, owner=owner)
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """Returns the live session with this id and owner, or raises SessionNotFound."""
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(f"session {session_id!r} not found (unknown, closed or expired)")
+        return session
+
+    def remove(self, session: Session) -> None:
+        """Forgets a session."""
+        self._sessions.pop(session.id, None)
+
+    def idle_since(self, cutoff: float) -> list[Session]:
+        """Sessions with no work whose last use was before `cutoff` (monotonic seconds)."""
+        return [s for s in self._sessions.values() if not s.busy and s.last_used < cutoff]
+
+    def all(self) -> list[Session]:
+        """Every live session."""
+        return list(self._sessions.values())

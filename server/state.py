@@ -1,0 +1,121 @@
+"""Per-session recurrent state in preallocated pools, addressed by slot.
+
+`StateStore` holds h and c for every slot in two float32 pools shaped
+[state_rows, capacity, width]. A session owns one slot; a batch gathers its
+sessions' rows into contiguous buffers, the runner writes the new state into
+output buffers, and `scatter` copies them back. Buffers are cached per batch
+size, so steady-state stepping allocates no state memory.
+
+Only the scheduler touches the store, and never from two threads at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lstmserve.server.errors import Overloaded
+
+
+@dataclass(frozen=True)
+class StateBuffers:
+    """Contiguous state buffers for one batch size: inputs (h0, c0) and outputs (hn, cn)."""
+
+    h0: np.ndarray
+    c0: np.ndarray
+    hn: np.ndarray
+    cn: np.ndarray
+
+
+@dataclass(frozen=True)
+class SessionState:
+    """A copy of one session's state: h [rows, 1, h_width] and c [rows, 1, c_width]."""
+
+    h: np.ndarray
+    c: np.ndarray
+
+
+class StateStore:
+    """Pools of h and c rows, one slot per session.
+
+    Args:
+        rows: num_layers * num_directions.
+        h_width: width of h (proj_size or hidden_size).
+        c_width: width of c (hidden_size).
+        capacity: number of slots (the server's max sessions).
+    """
+
+    def __init__(self, rows: int, h_width: int, c_width: int, capacity: int) -> None:
+        self.rows = rows
+        self.h_width = h_width
+        self.c_width = c_width
+        self.capacity = capacity
+        # np.zeros maps untouched pages lazily: memory grows with the slots in use.
+        self._h = np.zeros((rows, capacity, h_width), dtype=np.float32)
+        self._c = np.zeros((rows, capacity, c_width), dtype=np.float32)
+        # Lowest slots first, so live state stays packed at the start of the pools.
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._buffers: dict[int, StateBuffers] = {}
+
+    @property
+    def in_use(self) -> int:
+        """Number of allocated slots."""
+        return self.capacity - len(self._free)
+
+    @property
+    def bytes_per_session(self) -> int:
+        """Raw state bytes of one session (h and c)."""
+        return 4 * self.rows * (self.h_width + self.c_width)
+
+    def allocate(self) -> int:
+        """Takes a free slot (its state is zero); raises Overloaded when none is left."""
+        if not self._free:
+            raise Overloaded(f"all {self.capacity} session slots are in use (--max-sessions)")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        """Zeroes a slot and returns it to the free list."""
+        self.reset(slot)
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        """Sets a slot's state back to zeros."""
+        self._h[:, slot, :] = 0.0
+        self._c[:, slot, :] = 0.0
+
+    def read(self, slot: int) -> SessionState:
+        """Returns a copy of one slot's state."""
+        return SessionState(h=self._h[:, slot : slot + 1, :].copy(), c=self._c[:, slot : slot + 1, :].copy())
+
+    def write(self, slot: int, state: SessionState) -> None:
+        """Overwrites one slot's state."""
+        self._h[:, slot : slot + 1, :] = state.h
+        self._c[:, slot : slot + 1, :] = state.c
+
+    def buffers(self, batch_size: int) -> StateBuffers:
+        """The reusable contiguous buffers for a batch of this size."""
+        buffers = self._buffers.get(batch_size)
+        if buffers is None:
+            h_shape = (self.rows, batch_size, self.h_width)
+            c_shape = (self.rows, batch_size, self.c_width)
+            buffers = StateBuffers(
+                h0=np.empty(h_shape, np.float32),
+                c0=np.empty(c_shape, np.float32),
+                hn=np.empty(h_shape, np.float32),
+                cn=np.empty(c_shape, np.float32),
+            )
+            self._buffers[batch_size] = buffers
+        return buffers
+
+    def gather(self, slots: np.ndarray) -> StateBuffers:
+        """Copies the slots' rows into the batch's input buffers h0 and c0 (in slot order)."""
+        buffers = self.buffers(len(slots))
+        np.take(self._h, slots, axis=1, out=buffers.h0)
+        np.take(self._c, slots, axis=1, out=buffers.c0)
+        return buffers
+
+    def scatter(self, slots: np.ndarray, buffers: StateBuffers) -> None:
+        """Copies the batch's output buffers hn and cn back into the slots' rows."""
+        self._h[:, slots, :] = buffers.hn
+        self._c[:, slots, :] = buffers.cn
