@@ -1,0 +1,90 @@
+"""Test helpers: raw protobuf stepping over a real channel, and the PyTorch reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from lstmserve.metadata import METADATA_KEY, ModelSpec
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+def logits_of(response: pb.StepResponse) -> np.ndarray:
+    """The logits of a response as a float32 array [positions, output_size]."""
+    return np.frombuffer(response.logits.data, dtype="<f4").reshape(tuple(response.logits.shape))
+
+
+def features_tensor(array: np.ndarray) -> pb.Tensor:
+    """A float32 array as a Tensor message."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    return pb.Tensor(shape=array.shape, data=array.tobytes())
+
+
+class AsyncStream:
+    """One Step stream on a grpc.aio channel: send a request, read its response."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.call = pb_grpc.LstmServeStub(channel).Step()
+
+    async def request(self, **fields: object) -> pb.StepResponse:
+        await self.call.write(pb.StepRequest(**fields))  # type: ignore[arg-type]
+        return await self.call.read()
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+
+
+class SyncStream:
+    """One Step stream on a synchronous channel, driven request by request."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        import queue
+
+        self._queue: queue.Queue[pb.StepRequest | None] = queue.Queue()
+        self._responses = pb_grpc.LstmServeStub(channel).Step(iter(self._queue.get, None))
+
+    def request(self, **fields: object) -> pb.StepResponse:
+        self._queue.put(pb.StepRequest(**fields))  # type: ignore[arg-type]
+        return next(self._responses)
+
+    def send(self, **fields: object) -> None:
+        self._queue.put(pb.StepRequest(**fields))  # type: ignore[arg-type]
+
+    def read(self) -> pb.StepResponse:
+        return next(self._responses)
+
+    def cancel(self) -> None:
+        self._responses.cancel()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def reference_logits(model_path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Whole-sequence logits [positions, output_size] from the exported PyTorch checkpoint, zero state."""
+    import torch
+
+    from lstmserve.export import load_checkpoint
+
+    module = load_checkpoint(model_path.parent / "model.pt")
+    spec = model_spec(model_path)
+    with torch.no_grad():
+        batch = torch.from_numpy(np.asarray(inputs)[np.newaxis])
+        h0 = torch.zeros(spec.state_rows, 1, spec.h.width)
+        c0 = torch.zeros(spec.state_rows, 1, spec.c.width)
+        logits, _, _ = module(batch, h0, c0)
+    return logits[0].numpy()
+
+
+def model_spec(model_path: Path) -> "ModelSpec":
+    """The ModelSpec stored in an exported model."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    return ModelSpec.from_json(props[METADATA_KEY])

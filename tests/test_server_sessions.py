@@ -1,0 +1,158 @@
+"""Session lifecycle over a real server: resume, reset, close, TTL expiry, ids."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ServerThread, start_server
+from helpers import SyncStream, logits_of
+
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+
+@pytest.fixture()
+def stub(server: ServerThread) -> Iterator[pb_grpc.LstmServeStub]:
+    with server.channel() as channel:
+        yield pb_grpc.LstmServeStub(channel)
+
+
+def _fresh_logits(server: ServerThread, tokens: list[int]) -> np.ndarray:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        response = stream.request(tokens=tokens)
+        stream.close()
+    return logits_of(response)
+
+
+def test_resume_on_a_new_stream_continues_exactly(server: ServerThread) -> None:
+    tokens = [1, 5, 2, 7, 3, 3, 0, 4]
+    whole = _fresh_logits(server, tokens)
+    with server.channel() as channel:
+        first = SyncStream(channel)
+        opened = first.request(tokens=tokens[:3])
+        first.close()
+    with server.channel() as channel:  # a different connection: resume by id
+        second = SyncStream(channel)
+        resumed = second.request(session_id=opened.session_id, tokens=tokens[3:])
+        second.close()
+    assert resumed.session_id == opened.session_id
+    assert resumed.step == len(tokens)
+    np.testing.assert_allclose(np.concatenate([logits_of(opened), logits_of(resumed)]), whole, atol=1e-5)
+
+
+def test_stream_opening_request_reports_session_without_stepping(server: ServerThread, stub: pb_grpc.LstmServeStub) -> None:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        opened = stream.request(request_id=9)
+        stream.close()
+    assert opened.request_id == 9 and opened.step == 0
+    assert stub.GetSession(pb.SessionRef(session_id=opened.session_id)).step == 0
+
+
+def test_reset_returns_to_initial_state(server: ServerThread, stub: pb_grpc.LstmServeStub) -> None:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        before = stream.request(tokens=[3, 1, 4])
+        info = stub.ResetSession(pb.SessionRef(session_id=before.session_id))
+        assert info.step == 0
+        after = stream.request(tokens=[3, 1, 4])
+        stream.close()
+    assert after.step == 3
+    np.testing.assert_array_equal(logits_of(after), logits_of(before))
+
+
+def test_create_inspect_close_frees_the_slot(server: ServerThread, stub: pb_grpc.LstmServeStub) -> None:
+    in_use = server.call_soon(lambda: server.server.store.in_use)
+    created = stub.CreateSession(pb.CreateSessionRequest())
+    assert re.fullmatch(r"[0-9a-f]{32}", created.session_id)
+    assert server.call_soon(lambda: server.server.store.in_use) == in_use + 1
+    info = stub.GetSession(pb.SessionRef(session_id=created.session_id))
+    assert info.step == 0 and 0 < info.expires_in_s <= server.server.config.session_ttl_s
+    stub.CloseSession(pb.SessionRef(session_id=created.session_id))
+    assert server.call_soon(lambda: server.server.store.in_use) == in_use
+    with pytest.raises(grpc.RpcError) as error:
+        stub.GetSession(pb.SessionRef(session_id=created.session_id))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_session_ids_are_unique_128_bit(stub: pb_grpc.LstmServeStub) -> None:
+    ids = [stub.CreateSession(pb.CreateSessionRequest()).session_id for _ in range(50)]
+    assert len(set(ids)) == 50
+    for session_id in ids:
+        assert len(bytes.fromhex(session_id)) == 16
+        stub.CloseSession(pb.SessionRef(session_id=session_id))
+
+
+def test_idle_sessions_expire_after_ttl_and_not_before(token_model: Path) -> None:
+    handle = start_server(token_model, session_ttl_s=60.0)
+    try:
+        with handle.channel() as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+            scheduler = handle.server.scheduler
+            assert scheduler is not None
+            assert handle.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + 30)) == 0
+            assert stub.GetSession(pb.SessionRef(session_id=session_id)).step == 0
+            assert handle.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + 61)) == 1
+            with pytest.raises(grpc.RpcError) as error:
+                stub.GetSession(pb.SessionRef(session_id=session_id))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+            assert handle.server.store.in_use == 0
+    finally:
+        handle.stop()
+
+
+def test_default_ttl_is_fifteen_minutes() -> None:
+    from lstmserve.server.config import ServerConfig
+
+    assert ServerConfig(model=Path("m.onnx")).session_ttl_s == 900.0
+
+
+def test_client_disconnect_mid_stream_leaves_session_resumable(server: ServerThread) -> None:
+    tokens = [2, 4, 6, 8, 1]
+    whole = _fresh_logits(server, tokens)
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        first = stream.request(tokens=tokens[:2])
+        stream.cancel()  # the client goes away without closing
+    time.sleep(0.1)
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        rest = stream.request(session_id=first.session_id, tokens=tokens[2:])
+        stream.close()
+    np.testing.assert_allclose(logits_of(rest), whole[2:], atol=1e-5)
+
+
+def test_resent_request_with_expected_step_is_not_applied_twice(server: ServerThread) -> None:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        first = stream.request(tokens=[1, 2], expected_step=0)
+        again = stream.request(tokens=[1, 2], expected_step=0)  # as after a lost response
+        assert again.step == first.step == 2
+        np.testing.assert_array_equal(logits_of(again), logits_of(first))
+        with pytest.raises(grpc.RpcError) as error:
+            stream.request(tokens=[3], expected_step=5)
+        stream.close()
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expected_step 5" in (error.value.details() or "")
+
+
+def test_pipelined_requests_on_one_stream_keep_their_order(server: ServerThread) -> None:
+    tokens = list(range(10))
+    whole = _fresh_logits(server, tokens)
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        for i, token in enumerate(tokens):
+            stream.send(tokens=[token], request_id=i)
+        responses = [stream.read() for _ in tokens]
+        stream.close()
+    assert [r.request_id for r in responses] == list(range(10))
+    assert [r.step for r in responses] == list(range(1, 11))
+    np.testing.assert_allclose(np.concatenate([logits_of(r) for r in responses]), whole, atol=1e-5)
