@@ -60,6 +60,17 @@ def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
     _add(p, "--log-level", type=str, default="INFO", help="logging level")
     p.set_defaults(run=run_serve)
 
+    h = subparsers.add_parser(
+        "health",
+        help="check a server's grpc.health.v1 status (exit 0 when SERVING)",
+        description="Query the standard gRPC health service of a running server; exit 0 if it is SERVING, "
+        "1 otherwise (used by container health checks).",
+    )
+    _add(h, "--target", type=str, default="127.0.0.1:50051", help="server address HOST:PORT")
+    h.add_argument("--service", default="", help="service name to check ('' = the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.set_defaults(run=run_health)
+
 
 def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT."""
@@ -108,3 +119,21 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_health(args: argparse.Namespace) -> int:
+    """Prints the health status of a server; 0 when SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.target, options=[("grpc.so_reuseport", 0)]) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"lstmserve health: error: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1

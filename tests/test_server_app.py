@@ -1,0 +1,136 @@
+"""The server as users run it: health, reflection, metrics, the CLI, SIGTERM drain, env configuration."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import start_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import SyncStream
+
+from lstmserve.cli import main
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+LSTMSERVE = str(Path(sys.executable).with_name("lstmserve"))
+
+
+def _health(channel: grpc.Channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service)).status
+
+
+def test_health_reflection_and_metrics(token_model: Path) -> None:
+    handle = start_server(token_model, metrics_port=0)
+    try:
+        with handle.channel() as channel:
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            assert _health(channel, "lstmserve.v1.LstmServe") == health_pb2.HealthCheckResponse.SERVING
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answers = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            services = {s.name for s in answers[0].list_services_response.service}
+            assert {"lstmserve.v1.LstmServe", "grpc.health.v1.Health"} <= services
+            stream = SyncStream(channel)
+            stream.request(tokens=[1, 2, 3])
+            with pytest.raises(grpc.RpcError):
+                stream.request(tokens=[10_000])
+        url = f"http://127.0.0.1:{handle.server.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert re.search(r"^lstmserve_active_sessions 1\.0$", text, re.M)
+        assert re.search(r"^lstmserve_tokens_total 3\.0$", text, re.M)
+        assert re.search(r'^lstmserve_errors_total\{code="INVALID_ARGUMENT"\} 1\.0$', text, re.M)
+        assert "lstmserve_batch_size_bucket" in text and "lstmserve_step_latency_seconds_bucket" in text
+    finally:
+        handle.stop()
+
+
+def test_drain_reports_not_serving_and_refuses_new_sessions(token_model: Path) -> None:
+    handle = start_server(token_model)
+    try:
+        with handle.channel() as channel:
+            stream = SyncStream(channel)
+            opened = stream.request(tokens=[1])
+            server, scheduler = handle.server, handle.server.scheduler
+            assert scheduler is not None
+            handle.call(server.health.enter_graceful_shutdown())
+            handle.call_soon(scheduler.stop_accepting)
+            assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as error:
+                pb_grpc.LstmServeStub(channel).CreateSession(pb.CreateSessionRequest())
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert stream.request(tokens=[2]).step == 2  # existing sessions still step
+            assert opened.session_id
+    finally:
+        handle.stop()
+
+
+def _start_cli_server(model: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"serving on (\S+):(\d+)", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"server did not start: {line!r} {process.stderr.read() if process.stderr else ''}")
+    return process, f"127.0.0.1:{match.group(2)}"
+
+
+def test_cli_serve_drains_on_sigterm(token_model: Path) -> None:
+    process, address = _start_cli_server(token_model, "--grace-s", "5", env={"LSTMSERVE_MAX_SESSIONS": "3"})
+    try:
+        with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
+            info = pb_grpc.LstmServeStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+            assert info.max_sessions == 3  # from the environment variable
+            assert SyncStream(channel).request(tokens=[1, 2]).step == 2
+        assert main(["health", "--target", address]) == 0
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - started < 6
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert main(["health", "--target", address, "--timeout", "0.5"]) == 1
+
+
+def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
+    missing = subprocess.run([LSTMSERVE, "serve", "--model", str(tmp_path / "none.onnx")], capture_output=True, text=True)
+    assert missing.returncode != 0 and "none.onnx" in missing.stderr
+    bad = subprocess.run(
+        [LSTMSERVE, "serve", "--model", str(token_model), "--max-batch-size", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "max_batch_size must be at least 1, got 0" in bad.stderr
+    env_bad = subprocess.run(
+        [LSTMSERVE, "serve", "--model", str(token_model)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LSTMSERVE_PORT": "eighty"},
+    )
+    assert env_bad.returncode != 0 and "LSTMSERVE_PORT='eighty'" in env_bad.stderr
+    no_cuda = subprocess.run(
+        [LSTMSERVE, "serve", "--model", str(token_model), "--providers", "cuda"], capture_output=True, text=True
+    )
+    assert no_cuda.returncode != 0 and "cuda" in no_cuda.stderr.lower()
+
+
+def test_serve_help_lists_every_option() -> None:
+    result = subprocess.run([LSTMSERVE, "serve", "--help"], capture_output=True, text=True)
+    for flag in ("--model", "--port", "--max-batch-size", "--max-wait-us", "--max-sessions", "--session-ttl-s",
+                 "--providers", "--intra-op-threads", "--metrics-port", "LSTMSERVE_MAX_SESSIONS"):
+        assert flag in result.stdout

@@ -1,0 +1,136 @@
+"""Server-side generation and sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import ServerThread
+from helpers import SyncStream, logits_of
+
+from lstmserve.server.errors import InvalidInput
+from lstmserve.server.generation import StopMatcher
+from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
+from lstmserve.v1 import lstmserve_pb2 as pb
+
+
+def _generate(server: ServerThread, prompt: list[int], **generate: object) -> tuple[list[pb.StepResponse], str]:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        stream.send(tokens=prompt, generate=pb.Generate(**generate))  # type: ignore[arg-type]
+        responses = []
+        while True:
+            response = stream.read()
+            responses.append(response)
+            if response.finished:
+                break
+        stream.close()
+    return responses, responses[0].session_id
+
+
+def test_greedy_generation_equals_client_side_greedy_decoding(server: ServerThread) -> None:
+    prompt = [1, 2, 3]
+    responses, _ = _generate(server, prompt, max_tokens=12, sampling=pb.Sampling(temperature=0))
+    generated = [r.token for r in responses if not r.finished]
+    assert len(generated) == 12 and responses[-1].finish_reason == "length"
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        logits = logits_of(stream.request(tokens=prompt))
+        expected = []
+        for _ in range(12):
+            token = int(np.argmax(logits[-1]))
+            expected.append(token)
+            logits = logits_of(stream.request(tokens=[token]))
+        stream.close()
+    assert generated == expected
+
+
+def test_generation_with_a_seed_is_reproducible_and_consumes_its_tokens(server: ServerThread) -> None:
+    sampling = pb.Sampling(temperature=1.0, top_k=5, top_p=0.9, seed=123)
+    first, session_id = _generate(server, [4, 5], max_tokens=20, sampling=sampling)
+    second, _ = _generate(server, [4, 5], max_tokens=20, sampling=sampling)
+    assert [r.token for r in first] == [r.token for r in second]
+    assert first[-1].step == 2 + 20  # prompt and every generated token were fed
+    vocabulary = server.server.runner.spec.vocabulary
+    assert all(r.text == vocabulary[r.token] for r in first if not r.finished)
+
+
+def test_stop_string_ends_generation_and_is_not_returned(server: ServerThread) -> None:
+    sampling = pb.Sampling(temperature=0)
+    free, _ = _generate(server, [1], max_tokens=30, sampling=sampling)
+    text = "".join(r.text for r in free if not r.finished)
+    stop = text[5:7]  # a piece the greedy continuation is known to produce
+    stopped, _ = _generate(server, [1], max_tokens=30, sampling=sampling, stop=[stop])
+    stopped_text = "".join(r.text for r in stopped if not r.finished)
+    assert stopped[-1].finish_reason == "stop"
+    assert stopped_text == text[: text.find(stop)]
+
+
+def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        logits = logits_of(stream.request(tokens=[1, 2]))
+        sampled = stream.request(tokens=[3], output=pb.OUTPUT_SAMPLE, sampling=pb.Sampling(temperature=0))
+        topk = stream.request(tokens=[3], output=pb.OUTPUT_TOPK, top_k=3)
+        none = stream.request(tokens=[3], output=pb.OUTPUT_NONE)
+        stream.close()
+    assert sampled.step == 3 and sampled.logits.data == b""
+    assert len(topk.topk) == 1 and len(topk.topk[0].ids) == 3
+    assert list(topk.topk[0].logprobs) == sorted(topk.topk[0].logprobs, reverse=True)
+    assert none.step == 5 and none.logits.data == b"" and not none.topk
+    assert logits.shape == (2, len(server.server.runner.spec.vocabulary))
+
+
+# ---- units: sampling and stop strings -------------------------------------
+def test_greedy_sampler_is_argmax() -> None:
+    logits = np.array([0.1, 3.0, -1.0, 2.9], np.float32)
+    assert Sampler(SamplingParams(temperature=0)).sample(logits) == 1
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float64)).astype(np.float32)
+    top_k = Sampler(SamplingParams(temperature=1.0, top_k=2, seed=0))
+    assert {top_k.sample(logits) for _ in range(300)} == {0, 1}
+    top_p = Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0))
+    assert {top_p.sample(logits) for _ in range(300)} == {0, 1}
+    free = Sampler(SamplingParams(temperature=1.0, seed=0))
+    assert {free.sample(logits) for _ in range(2000)} == {0, 1, 2, 3}
+
+
+def test_seeded_sampler_is_reproducible() -> None:
+    logits = np.zeros(50, np.float32)
+    draws = [[Sampler(SamplingParams(seed=5)).sample(logits) for _ in range(1)] for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2]
+    sampler_a, sampler_b = Sampler(SamplingParams(seed=9)), Sampler(SamplingParams(seed=9))
+    assert [sampler_a.sample(logits) for _ in range(20)] == [sampler_b.sample(logits) for _ in range(20)]
+
+
+@pytest.mark.parametrize("params", [{"temperature": -0.1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.01}])
+def test_bad_sampling_parameters_are_named(params: dict[str, float]) -> None:
+    with pytest.raises(InvalidInput, match=next(iter(params))):
+        SamplingParams(**params)  # type: ignore[arg-type]
+
+
+def test_top_k_logprobs_are_sorted_and_normalised() -> None:
+    logits = np.array([[1.0, 4.0, 2.0, 3.0]], np.float32)
+    ids, logprobs = top_k_logprobs(logits, 2)
+    assert ids.tolist() == [[1, 3]]
+    full = logits[0] - np.log(np.exp(logits[0]).sum())
+    np.testing.assert_allclose(logprobs[0], full[[1, 3]], rtol=1e-6)
+
+
+def test_stop_matcher_holds_back_possible_prefixes() -> None:
+    matcher = StopMatcher(["\n\n"])
+    assert matcher.push(1, "a") == [(1, "a")]
+    assert matcher.push(2, "\n") == []  # could start the stop string
+    assert matcher.push(3, "b") == [(2, "\n"), (3, "b")]
+    assert matcher.push(4, "\n") == []
+    assert matcher.push(5, "\n") == [] and matcher.stopped
+
+
+def test_stop_matcher_releases_text_before_the_stop_string() -> None:
+    matcher = StopMatcher(["cd"])
+    assert matcher.push(1, "ab") == [(1, "ab")]
+    assert matcher.push(2, "xc") == []  # "c" may start the stop string: hold the token
+    assert matcher.push(3, "d") == [(2, "x")]  # the part of the straddling token before the stop string
+    assert matcher.stopped
+    assert matcher.flush() == []
