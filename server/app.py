@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lstmserve.server.config import ServerConfig
+from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.scheduler import Scheduler, SchedulerLimits
@@ -49,8 +51,7 @@ class LstmServer:
                 providers=config.providers, device_id=config.device_id, intra_op_threads=config.intra_op_threads
             ),
         )
-        spec = self.runner.spec
-        self.store = StateStore(spec.state_rows, spec.h.width, spec.c.width, config.max_sessions)
+        self.store = make_store(self.runner, config)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
@@ -112,16 +113,16 @@ class LstmServer:
     def _warm_up(self) -> None:
         """Runs a few batch sizes once on scratch buffers (no session state is touched)."""
         spec = self.runner.spec
-        scratch = StateStore(spec.state_rows, spec.h.width, spec.c.width, max(WARMUP_BATCH_SIZES))
+        scratch = make_store(self.runner, replace(self.config, max_sessions=max(WARMUP_BATCH_SIZES)))
         for size in WARMUP_BATCH_SIZES:
             if spec.kind == "tokens":
                 inputs = np.zeros((size, 1), np.int64)
             else:
                 inputs = np.zeros((size, 1, spec.input_size), np.float32)
-            buffers = scratch.buffers(size)
-            buffers.h0.fill(0.0)
-            buffers.c0.fill(0.0)
+            slots = np.arange(size, dtype=np.int64)
+            buffers = scratch.gather(slots)
             self.runner.run(inputs, buffers)
+            scratch.scatter(slots, buffers)
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stops taking sessions, reports NOT_SERVING, lets queued steps finish (within the grace), stops."""
@@ -154,6 +155,28 @@ class LstmServer:
         """Returns when the gRPC server has stopped."""
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceStateStore:
+    """The state store for this provider: device buffers with CUDA (or when asked), else host pools."""
+    spec = runner.spec
+    on_cuda = runner.provider == "CUDAExecutionProvider"
+    placement = config.state_placement
+    if placement == "device" or (placement == "auto" and on_cuda):
+        store = DeviceStateStore(
+            spec.state_rows,
+            spec.h.width,
+            spec.c.width,
+            config.max_sessions,
+            providers=runner.providers,
+            provider_options=runner.provider_options,
+            device="cuda" if on_cuda else "cpu",
+            device_id=runner.device_id if on_cuda else 0,
+        )
+        log.info("session state on %s (ONNX Runtime device buffers)", store.device)
+        return store
+    log.info("session state in host memory")
+    return StateStore(spec.state_rows, spec.h.width, spec.c.width, config.max_sessions)
 
 
 async def serve(config: ServerConfig) -> None:

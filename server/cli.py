@@ -57,6 +57,13 @@ def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
     _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
     _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
     _add(p, "--grace-s", type=float, default=10.0, help="on SIGTERM, how long in-flight work may take")
+    _add(
+        p,
+        "--state-placement",
+        type=str,
+        default="auto",
+        help="where session state lives: auto (GPU memory with CUDA, else host), host, or device",
+    )
     _add(p, "--log-level", type=str, default="INFO", help="logging level")
     p.set_defaults(run=run_serve)
 
@@ -103,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_message_bytes=args.max_message_bytes,
             grace_s=args.grace_s,
+            state_placement=args.state_placement,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+STATE_PLACEMENTS = ("auto", "host", "device")
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names it."""
 
@@ -31,6 +34,8 @@ class ServerConfig:
         max_queue: most requests waiting for the batcher; more gets RESOURCE_EXHAUSTED.
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
+        state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
+            memory), "host", or "device" (ONNX Runtime buffers on the provider's device).
     """
 
     model: Path
@@ -49,6 +54,7 @@ class ServerConfig:
     max_queue: int = 65_536
     max_message_bytes: int = 16 * 1024 * 1024
     grace_s: float = 10.0
+    state_placement: str = "auto"
 
     def __post_init__(self) -> None:
         positive = {
@@ -74,5 +80,7 @@ class ServerConfig:
             raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.state_placement not in STATE_PLACEMENTS:
+            raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:
             raise ConfigError("providers must name at least one provider")

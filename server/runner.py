@@ -5,12 +5,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from lstmserve.metadata import METADATA_KEY, ModelSpec, ModelSpecError
-from lstmserve.server.state import StateBuffers
+from lstmserve.metadata import METADATA_KEY, ModelSpec, ModelSpecError, StateSpec
+
+
+class BindableState(Protocol):
+    """Batch state buffers that can bind themselves to the model's state inputs and outputs."""
+
+    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +95,19 @@ class Runner:
         )
         self.spec = read_spec(self.session, model_path)
         self.provider = self.session.get_providers()[0]
+        self.providers = providers
+        self.provider_options = provider_options
+        self.device_id = options.device_id
         self._input_dtype = np.int64 if self.spec.kind == "tokens" else np.float32
         log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
 
-    def run(self, inputs: np.ndarray, state: StateBuffers) -> np.ndarray:
+    def run(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
         """Runs one batch.
 
         Args:
             inputs: int64 tokens [batch, time] or float32 features [batch, time, input_size].
-            state: h0/c0 hold the initial state; hn/cn receive the new state.
+            state: buffers whose h0/c0 hold the initial state and whose hn/cn receive the new
+                state, on the host (`StateBuffers`) or the device (`DeviceStateBuffers`).
         Returns:
             float32 logits [batch, time, output_size].
         """
@@ -105,11 +116,8 @@ class Runner:
         logits = np.empty((batch, time, spec.output_size), dtype=np.float32)
         binding = self.session.io_binding()
         binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(inputs, dtype=self._input_dtype))
-        binding.bind_cpu_input(spec.h.input_name, state.h0)
-        binding.bind_cpu_input(spec.c.input_name, state.c0)
-        _bind_cpu_output(binding, spec.output_name, logits)
-        _bind_cpu_output(binding, spec.h.output_name, state.hn)
-        _bind_cpu_output(binding, spec.c.output_name, state.cn)
+        binding.bind_output(spec.output_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        state.bind(binding, spec.h, spec.c)
         self.session.run_with_iobinding(binding)
         return logits
 
@@ -125,6 +133,3 @@ class Runner:
         (logits,) = self.session.run([spec.output_name], feeds)
         return np.asarray(logits, dtype=np.float32)
 
-
-def _bind_cpu_output(binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
-    binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import Draining, Overloaded, StepMismatch
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sessions import Session, SessionTable, StepResult
-from lstmserve.server.state import SessionState, StateStore
+from lstmserve.server.state import SessionState
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class _Group:
 class Scheduler:
     """Owns the session table and the state store, and runs every step through the batcher."""
 
-    def __init__(self, runner: Runner, store: StateStore, limits: SchedulerLimits, metrics: Metrics) -> None:
+    def __init__(self, runner: Runner, store: AnyStateStore, limits: SchedulerLimits, metrics: Metrics) -> None:
         self.runner = runner
         self.store = store
         self.limits = limits
@@ -80,6 +81,8 @@ class Scheduler:
         self._queued = 0
         self._accepting = True
         self._wakeup = asyncio.Event()
+        # Held while a batch computes; the idle sweeper takes it so it never frees a slot mid-batch.
+        self._compute_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -252,7 +255,8 @@ class Scheduler:
             groups = _group_by_length(taken)
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._compute, groups)
+                async with self._compute_lock:
+                    outputs = await loop.run_in_executor(self._executor, self._compute, groups)
             except Exception as exc:  # the batch failed: every request in it gets the error
                 log.exception("batch of %d failed", len(taken))
                 for session, work in taken:
@@ -315,7 +319,8 @@ class Scheduler:
         interval = min(self.limits.session_ttl_s / 4, 5.0)
         while True:
             await asyncio.sleep(interval)
-            self.sweep_idle()
+            async with self._compute_lock:
+                self.sweep_idle()
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:

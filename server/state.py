@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
+from lstmserve.metadata import StateSpec
 from lstmserve.server.errors import Overloaded
 
 
@@ -26,6 +28,13 @@ class StateBuffers:
     c0: np.ndarray
     hn: np.ndarray
     cn: np.ndarray
+
+    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None:
+        """Binds the four buffers to the model's state inputs and outputs (no copies)."""
+        binding.bind_cpu_input(h.input_name, self.h0)
+        binding.bind_cpu_input(c.input_name, self.c0)
+        for name, array in ((h.output_name, self.hn), (c.output_name, self.cn)):
+            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
 
 
 @dataclass(frozen=True)

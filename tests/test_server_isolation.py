@@ -52,13 +52,19 @@ def _random_inputs(model: Path, rng: np.random.Generator, length: int) -> np.nda
     return rng.standard_normal((length, spec.input_size)).astype(np.float32)
 
 
-@pytest.mark.parametrize("model_fixture", ["token_model", "feature_model", "projected_model"])
-def test_concurrent_sessions_match_pytorch_whole_sequence(model_fixture: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("model_fixture", "placement"),
+    [("token_model", "host"), ("feature_model", "host"), ("projected_model", "host"), ("token_model", "device")],
+)
+def test_concurrent_sessions_match_pytorch_whole_sequence(
+    model_fixture: str, placement: str, request: pytest.FixtureRequest
+) -> None:
+    """Also runs the device-state path (ONNX Runtime buffers and row graphs) on the CPU provider."""
     model: Path = request.getfixturevalue(model_fixture)
     kind = model_spec(model).kind
     rng = np.random.default_rng(7)
     sequences = [_random_inputs(model, rng, int(rng.integers(12, 40))) for _ in range(24)]
-    handle = start_server(model, max_batch_size=16)
+    handle = start_server(model, max_batch_size=16, state_placement=placement)
     try:
 
         async def run_all() -> list[tuple[np.ndarray, int, list[int]]]:

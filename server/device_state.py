@@ -1,0 +1,226 @@
+"""Session state kept on the accelerator: pools as ONNX Runtime device buffers.
+
+With the CUDA execution provider, h and c stay on the GPU between steps. The
+pools are `OrtValue`s shaped [capacity, rows, width] (slot-major), and two tiny
+ONNX graphs, run by ONNX Runtime on the same device, move rows:
+- gather: `Gather(pool, slots, axis=0)` then `Transpose` -> h0/c0 [rows, batch, width];
+- scatter: `Transpose(hn)` then `ScatterND(pool, slots, rows)`, with the pool bound
+  as both input and output so that the CUDA kernel updates it in place (it skips
+  its input-to-output copy when both are the same buffer).
+The runner binds h0/c0/hn/cn as device buffers, so only the token ids go to the
+device and only the logits come back. The same code runs on the CPU provider,
+which is how the tests check it without a GPU (there the scatter copies the pool).
+
+Only the scheduler touches the store, from one thread at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from lstmserve.metadata import StateSpec
+from lstmserve.server.errors import Overloaded
+from lstmserve.server.state import SessionState, StateStore
+
+OPSET = 17
+
+
+@dataclass(frozen=True)
+class DeviceStateBuffers:
+    """Device buffers for one batch size: h0/c0 (gathered) and hn/cn (written by the model)."""
+
+    h0: ort.OrtValue
+    c0: ort.OrtValue
+    hn: ort.OrtValue
+    cn: ort.OrtValue
+
+    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None:
+        """Binds the four buffers to the model's state inputs and outputs."""
+        binding.bind_ortvalue_input(h.input_name, self.h0)
+        binding.bind_ortvalue_input(c.input_name, self.c0)
+        binding.bind_ortvalue_output(h.output_name, self.hn)
+        binding.bind_ortvalue_output(c.output_name, self.cn)
+
+
+def _gather_graph() -> onnx.ModelProto:
+    nodes = []
+    for name in ("h", "c"):
+        nodes += [
+            helper.make_node("Gather", [f"pool_{name}", "slots"], [f"rows_{name}"], axis=0),
+            helper.make_node("Transpose", [f"rows_{name}"], [f"{name}0"], perm=[1, 0, 2]),
+        ]
+    inputs = [_float("pool_h", ["n", "r", "wh"]), _float("pool_c", ["n", "r", "wc"]), _int64("slots", ["b"])]
+    outputs = [_float("h0", ["r", "b", "wh"]), _float("c0", ["r", "b", "wc"])]
+    return _model(helper.make_graph(nodes, "lstmserve_gather", inputs, outputs))
+
+
+def _scatter_graph() -> onnx.ModelProto:
+    nodes = [helper.make_node("Unsqueeze", ["slots", "axis1"], ["index"])]
+    for name in ("h", "c"):
+        nodes += [
+            helper.make_node("Transpose", [f"{name}n"], [f"rows_{name}"], perm=[1, 0, 2]),
+            helper.make_node("ScatterND", [f"pool_{name}", "index", f"rows_{name}"], [f"pool_{name}_out"]),
+        ]
+    inputs = [
+        _float("pool_h", ["n", "r", "wh"]),
+        _float("pool_c", ["n", "r", "wc"]),
+        _int64("slots", ["b"]),
+        _float("hn", ["r", "b", "wh"]),
+        _float("cn", ["r", "b", "wc"]),
+    ]
+    outputs = [_float("pool_h_out", ["n", "r", "wh"]), _float("pool_c_out", ["n", "r", "wc"])]
+    axis = helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+    return _model(helper.make_graph(nodes, "lstmserve_scatter", inputs, outputs, initializer=[axis]))
+
+
+def _float(name: str, shape: list[str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _int64(name: str, shape: list[str]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.INT64, shape)
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+class DeviceStateStore:
+    """Pools of h and c rows on an ONNX Runtime device ("cuda" or "cpu"), one slot per session.
+
+    Args:
+        rows, h_width, c_width, capacity: as for `StateStore`.
+        providers: the ONNX Runtime providers of the model's session (the row graphs run on the same).
+        device: "cuda" or "cpu"; device_id: the device index.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        h_width: int,
+        c_width: int,
+        capacity: int,
+        *,
+        providers: list[str],
+        provider_options: list[dict[str, str]],
+        device: str,
+        device_id: int = 0,
+    ) -> None:
+        self.rows = rows
+        self.h_width = h_width
+        self.c_width = c_width
+        self.capacity = capacity
+        self.device = device
+        self.device_id = device_id
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self._gather = ort.InferenceSession(
+            _gather_graph().SerializeToString(), options, providers=providers, provider_options=provider_options
+        )
+        self._scatter = ort.InferenceSession(
+            _scatter_graph().SerializeToString(), options, providers=providers, provider_options=provider_options
+        )
+        self._pool_h = self._zeros((capacity, rows, h_width))
+        self._pool_c = self._zeros((capacity, rows, c_width))
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._buffers: dict[int, DeviceStateBuffers] = {}
+
+    def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, self.device_id)
+
+    def _empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, self.device_id)
+
+    @property
+    def in_use(self) -> int:
+        """Number of allocated slots."""
+        return self.capacity - len(self._free)
+
+    @property
+    def bytes_per_session(self) -> int:
+        """Raw state bytes of one session (h and c)."""
+        return 4 * self.rows * (self.h_width + self.c_width)
+
+    def allocate(self) -> int:
+        """Takes a free slot (its state is zero); raises Overloaded when none is left."""
+        if not self._free:
+            raise Overloaded(f"all {self.capacity} session slots are in use (--max-sessions)")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        """Zeroes a slot and returns it to the free list."""
+        self.reset(slot)
+        self._free.append(slot)
+
+    def reset(self, slot: int) -> None:
+        """Sets a slot's state back to zeros."""
+        self.write(
+            slot,
+            SessionState(
+                h=np.zeros((self.rows, 1, self.h_width), np.float32), c=np.zeros((self.rows, 1, self.c_width), np.float32)
+            ),
+        )
+
+    def read(self, slot: int) -> SessionState:
+        """Copies one slot's state to the host."""
+        buffers = self.buffers(1)
+        self._run_gather(np.array([slot], np.int64), buffers)
+        return SessionState(h=buffers.h0.numpy().copy(), c=buffers.c0.numpy().copy())
+
+    def write(self, slot: int, state: SessionState) -> None:
+        """Overwrites one slot's state from host arrays."""
+        buffers = self.buffers(1)
+        buffers.hn.update_inplace(np.ascontiguousarray(state.h, np.float32))
+        buffers.cn.update_inplace(np.ascontiguousarray(state.c, np.float32))
+        self.scatter(np.array([slot], np.int64), buffers)
+
+    def buffers(self, batch_size: int) -> DeviceStateBuffers:
+        """The reusable device buffers for a batch of this size."""
+        buffers = self._buffers.get(batch_size)
+        if buffers is None:
+            h_shape = (self.rows, batch_size, self.h_width)
+            c_shape = (self.rows, batch_size, self.c_width)
+            buffers = DeviceStateBuffers(
+                h0=self._empty(h_shape), c0=self._empty(c_shape), hn=self._empty(h_shape), cn=self._empty(c_shape)
+            )
+            self._buffers[batch_size] = buffers
+        return buffers
+
+    def gather(self, slots: np.ndarray) -> DeviceStateBuffers:
+        """Gathers the slots' rows into the batch's h0/c0 device buffers."""
+        buffers = self.buffers(len(slots))
+        self._run_gather(slots, buffers)
+        return buffers
+
+    def _run_gather(self, slots: np.ndarray, buffers: DeviceStateBuffers) -> None:
+        binding = self._gather.io_binding()
+        binding.bind_ortvalue_input("pool_h", self._pool_h)
+        binding.bind_ortvalue_input("pool_c", self._pool_c)
+        binding.bind_cpu_input("slots", np.ascontiguousarray(slots, np.int64))
+        binding.bind_ortvalue_output("h0", buffers.h0)
+        binding.bind_ortvalue_output("c0", buffers.c0)
+        self._gather.run_with_iobinding(binding)
+
+    def scatter(self, slots: np.ndarray, buffers: DeviceStateBuffers) -> None:
+        """Writes the batch's hn/cn device buffers back into the slots' rows, in place."""
+        binding = self._scatter.io_binding()
+        binding.bind_ortvalue_input("pool_h", self._pool_h)
+        binding.bind_ortvalue_input("pool_c", self._pool_c)
+        binding.bind_cpu_input("slots", np.ascontiguousarray(slots, np.int64))
+        binding.bind_ortvalue_input("hn", buffers.hn)
+        binding.bind_ortvalue_input("cn", buffers.cn)
+        binding.bind_ortvalue_output("pool_h_out", self._pool_h)
+        binding.bind_ortvalue_output("pool_c_out", self._pool_c)
+        self._scatter.run_with_iobinding(binding)
+
+
+AnyStateStore = StateStore | DeviceStateStore
+"""Either store: the scheduler uses only the methods they share."""
