@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
@@ -18,6 +19,9 @@ from lstmserve.server.config import ServerConfig
 
 T = TypeVar("T")
 CHANNEL_OPTIONS = [("grpc.so_reuseport", 0)]
+# The provider the test servers use: "cpu" here and in CI; scripts/gpu_check.sh sets "cuda".
+TEST_PROVIDERS = tuple(os.environ.get("LSTMSERVE_TEST_PROVIDERS", "cpu").split(","))
+TEST_PROVIDER_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[TEST_PROVIDERS[0]]
 
 
 class ServerThread:
@@ -60,7 +64,7 @@ class ServerThread:
 
 def start_server(model: Path, **overrides: Any) -> ServerThread:
     """Starts a server for `model` on 127.0.0.1, port 0, with config overrides."""
-    config = replace(ServerConfig(model=model, port=0, intra_op_threads=1), **overrides)
+    config = replace(ServerConfig(model=model, port=0, intra_op_threads=1, providers=TEST_PROVIDERS), **overrides)
     return ServerThread(config)
 
 

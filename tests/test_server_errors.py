@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, start_server
+from conftest import TEST_PROVIDER_NAME, ServerThread, start_server
 from helpers import SyncStream, features_tensor, logits_of, model_spec
 
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -172,5 +172,5 @@ def test_model_info_describes_the_model(stub: pb_grpc.LstmServeStub, token_model
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.kind == "tokens" and tuple(info.vocabulary) == spec.vocabulary
     assert (info.hidden_size, info.num_layers, info.output_size) == (spec.hidden_size, spec.num_layers, spec.output_size)
-    assert info.steppable and info.provider == "CPUExecutionProvider"
+    assert info.steppable and info.provider == TEST_PROVIDER_NAME
     assert info.fingerprint == spec.fingerprint and info.session_ttl_s == 900.0
