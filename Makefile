@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= cpu,export,dev
+EXTRAS ?= cpu,export,dev,bench
 
 .PHONY: demo test install proto clean
 

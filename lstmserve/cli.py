@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lstmserve import __version__
+from lstmserve.bench import cli as bench_cli
 from lstmserve.client import cli as client_cli
 from lstmserve.export import cli as export_cli
 from lstmserve.server import cli as server_cli
@@ -28,12 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     export_cli.add_parsers(subparsers)
     server_cli.add_parsers(subparsers)
     client_cli.add_parsers(subparsers)
+    bench_cli.add_parsers(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # how the command was called, for reports
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

@@ -1,0 +1,1 @@
+"""lstmserve.bench: `lstmserve bench`, measuring the server against its transport and compute ceilings."""

@@ -1,0 +1,98 @@
+"""`lstmserve bench`: the benchmark command."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--levels must be comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"--levels must be positive integers, got {text!r}")
+    return levels
+
+
+def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
+    """Registers `bench`."""
+    p = subparsers.add_parser(
+        "bench",
+        help="measure step latency and throughput against the transport and compute ceilings",
+        description="Start lstmserve (or use --target), drive it with N concurrent sessions from separate "
+        "load processes for each concurrency level, and measure side by side: the same server with batching "
+        "off, a gRPC echo server with the same message sizes (transport ceiling), ONNX Runtime in-process "
+        "(compute ceiling) and PyTorch eager stepping. Writes results.json, results.md and results.png.",
+    )
+    p.add_argument("--model", type=Path, default=Path("models/default/model.onnx"), help="exported model (default %(default)s)")
+    p.add_argument("--target", help="measure an already running server at HOST:PORT instead of starting one")
+    p.add_argument("--levels", type=_levels, default=(1, 4, 16, 64, 256), help="concurrency levels (default 1,4,16,64,256)")
+    p.add_argument("--mode", choices=("step", "prompt", "generate"), default="step",
+                   help="step: one token per request; prompt: --prompt-len tokens per request; generate: server-side generation")  # fmt: skip
+    p.add_argument("--output", choices=("logits", "topk", "sample", "none"), default="logits", help="what each step asks back (default logits)")
+    p.add_argument("--duration-s", type=float, default=3.0, help="measured seconds per level (default 3)")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="warm-up seconds per level (default 1)")
+    p.add_argument("--prompt-len", type=int, default=16, help="tokens per request in prompt mode (default 16)")
+    p.add_argument("--generate-tokens", type=int, default=32, help="tokens per generation in generate mode (default 32)")
+    p.add_argument("--load-processes", type=int, default=1, help="load generator processes (default 1)")
+    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads for the server and the compute ceiling (default 1)")
+    p.add_argument("--series", default="server,unbatched,echo,onnxruntime,torch",
+                   help="which series to run, comma-separated (default all)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=None, help="results folder (default results/bench-TIMESTAMP)")
+    p.set_defaults(run=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Runs the benchmark and writes its outputs."""
+    from tqdm import tqdm
+
+    from lstmserve.bench.report import BenchReport, markdown_table, write
+    from lstmserve.bench.run import ALL_SERIES, BenchConfig, compare_to_targets, machine_description, run_bench
+
+    series = tuple(s.strip() for s in args.series.split(",") if s.strip())
+    unknown = [s for s in series if s not in ALL_SERIES]
+    if unknown:
+        print(f"lstmserve bench: error: unknown series {unknown}; choose from {list(ALL_SERIES)}", file=sys.stderr)
+        return 2
+    if not args.model.is_file():
+        print(f"lstmserve bench: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
+        return 2
+    for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes"):
+        if getattr(args, name) <= 0:
+            print(f"lstmserve bench: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}", file=sys.stderr)
+            return 2
+    config = BenchConfig(
+        model=args.model, levels=args.levels, mode=args.mode, output=args.output, duration_s=args.duration_s,
+        warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
+        load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
+    )  # fmt: skip
+    server_series = sum(1 for s in ("server", "unbatched", "echo") if s in series and not (args.target and s == "unbatched"))
+    in_process = sum(1 for s in ("onnxruntime", "torch") if s in series)
+    bar = tqdm(total=(server_series + in_process) * len(args.levels), desc="bench", unit="level", file=sys.stderr)
+
+    def tick(label: str) -> None:
+        bar.set_description(label)
+        bar.update(1)
+
+    rows = run_bench(config, tick)
+    bar.close()
+    report = BenchReport(
+        command="lstmserve " + shlex.join(args.argv),
+        machine=machine_description(),
+        settings={name: str(value) for name, value in vars(config).items()},
+        rows=rows,
+    )
+    report.checks = compare_to_targets(rows, config)
+    out = args.out or Path("results") / time.strftime("bench-%Y%m%d-%H%M%S")
+    paths = write(report, out)
+    print(markdown_table(report))
+    for name, value in report.checks.items():
+        print(f"{name}: {value}")
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0

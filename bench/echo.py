@@ -1,0 +1,87 @@
+"""The transport ceiling: a minimal gRPC server that answers `Step` with same-sized messages and no model.
+
+It speaks `lstmserve.v1.LstmServe.Step` (everything else is UNIMPLEMENTED), so the
+benchmark drives it with the same load generator and the same message sizes:
+logits of [positions, output_size] float32, top-k rows, or a sampled token, and one
+response per token for generation requests.
+
+    python -m lstmserve.bench.echo --port 0 --output-size 98
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+
+class EchoService(pb_grpc.LstmServeServicer):
+    """Answers each step like the real server would, in shape only."""
+
+    def __init__(self, output_size: int) -> None:
+        self.output_size = output_size
+        self._zeros: dict[int, bytes] = {}
+
+    def _logits(self, positions: int) -> pb.Tensor:
+        data = self._zeros.get(positions)
+        if data is None:
+            data = self._zeros[positions] = bytes(4 * positions * self.output_size)
+        return pb.Tensor(shape=[positions, self.output_size], data=data)
+
+    async def Step(
+        self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        step = 0
+        async for request in request_iterator:
+            step += len(request.tokens)
+            if request.HasField("generate"):
+                for _ in range(request.generate.max_tokens):
+                    step += 1
+                    yield pb.StepResponse(session_id="0" * 32, step=step, token=1, text="a", batch_size=1)
+                yield pb.StepResponse(session_id="0" * 32, step=step, finished=True, finish_reason="length")
+                continue
+            response = pb.StepResponse(session_id="0" * 32, request_id=request.request_id, step=step, batch_size=1)
+            if request.output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
+                response.logits.CopyFrom(self._logits(len(request.tokens)))
+            elif request.output == pb.OUTPUT_TOPK:
+                k = request.top_k or 5
+                for _ in request.tokens:
+                    response.topk.add(ids=list(range(k)), logprobs=[0.0] * k)
+            elif request.output == pb.OUTPUT_SAMPLE:
+                response.token = 1
+            yield response
+
+
+async def serve(host: str, port: int, output_size: int) -> None:
+    """Serves the echo service until cancelled; prints the bound address."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_LstmServeServicer_to_server(EchoService(output_size), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"echo: serving on {host}:{bound}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    """Command line of the echo server."""
+    parser = argparse.ArgumentParser(description="lstmserve transport-ceiling echo server")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--output-size", type=int, required=True)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve(args.host, args.port, args.output_size))
+
+
+if __name__ == "__main__":
+    main()

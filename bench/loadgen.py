@@ -1,0 +1,148 @@
+"""The load generator: N concurrent sessions stepping a server, run in a process of its own.
+
+Each session keeps exactly one request in flight (send, wait for the answer, send
+the next), so concurrency equals the number of sessions. Latencies are measured
+from writing a request to reading its response, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+OUTPUTS = {"logits": pb.OUTPUT_LOGITS, "topk": pb.OUTPUT_TOPK, "sample": pb.OUTPUT_SAMPLE, "none": pb.OUTPUT_NONE}
+MODES = ("step", "prompt", "generate")
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one load run does.
+
+    Args:
+        target: server address.
+        sessions: concurrent sessions (streams), each with one request in flight.
+        mode: "step" (one token per request), "prompt" (prompt_len tokens per request)
+            or "generate" (server-side generation of generate_tokens tokens per request).
+        warmup_s, duration_s: warm-up, then measured time.
+        output: what each step asks back (logits, topk, sample, none).
+        vocab: token ids are drawn from [0, vocab).
+    """
+
+    target: str
+    sessions: int
+    mode: str = "step"
+    warmup_s: float = 1.0
+    duration_s: float = 3.0
+    output: str = "logits"
+    prompt_len: int = 16
+    generate_tokens: int = 32
+    vocab: int = 2
+
+
+@dataclass
+class LoadResult:
+    """Measured over the measurement window: count of responses (steps or generated tokens), latencies, batch sizes."""
+
+    count: int = 0
+    positions: int = 0
+    elapsed_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    errors: int = 0
+
+
+async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, window: tuple[float, float], result: LoadResult) -> None:
+    rng = np.random.default_rng(seed)
+    start, end = window
+    call = stub.Step()
+    try:
+        while True:
+            now = time.perf_counter()
+            if now >= end:
+                break
+            length = spec.prompt_len if spec.mode == "prompt" else 1
+            request = pb.StepRequest(tokens=rng.integers(0, spec.vocab, size=length).tolist(), output=OUTPUTS[spec.output])
+            if spec.mode == "generate":
+                request.output = pb.OUTPUT_NONE
+                request.generate.max_tokens = spec.generate_tokens
+                request.generate.sampling.temperature = 1.0
+            sent = time.perf_counter()
+            await call.write(request)
+            while True:
+                response = await call.read()
+                received = time.perf_counter()
+                if start <= sent and received <= end:
+                    if spec.mode == "generate":
+                        if not response.finished:
+                            result.latencies_s.append(received - sent)
+                            result.count += 1
+                            result.positions += 1
+                    else:
+                        result.latencies_s.append(received - sent)
+                        result.count += 1
+                        result.positions += length
+                    if response.batch_size:
+                        result.batch_sizes.append(response.batch_size)
+                sent = received
+                if spec.mode != "generate" or response.finished:
+                    break
+        await call.done_writing()
+    except grpc.aio.AioRpcError:
+        result.errors += 1
+        call.cancel()
+
+
+async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
+    """Runs the sessions on this event loop and returns what they measured."""
+    result = LoadResult()
+    options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
+        await channel.channel_ready()
+        stub = pb_grpc.LstmServeStub(channel)
+        start = time.perf_counter() + spec.warmup_s
+        end = start + spec.duration_s
+        await asyncio.gather(*(_session(stub, spec, seed_base + i, (start, end), result) for i in range(spec.sessions)))
+    result.elapsed_s = spec.duration_s
+    return result
+
+
+def _process_main(spec: LoadSpec, seed_base: int, connection: "mp.connection.Connection") -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    connection.send(asyncio.run(run_load(spec, seed_base)))
+    connection.close()
+
+
+def run_load_in_processes(spec: LoadSpec, processes: int = 1) -> LoadResult:
+    """Splits the sessions over `processes` load processes (never the caller's) and merges their results."""
+    context = mp.get_context("spawn")
+    workers = []
+    share = [spec.sessions // processes + (1 if i < spec.sessions % processes else 0) for i in range(processes)]
+    for index, sessions in enumerate(s for s in share if s):
+        parent, child = context.Pipe(duplex=False)
+        part = LoadSpec(**{**spec.__dict__, "sessions": sessions})
+        process = context.Process(target=_process_main, args=(part, index * 100_000, child), daemon=True)
+        process.start()
+        workers.append((process, parent))
+    merged = LoadResult(elapsed_s=spec.duration_s)
+    for process, parent in workers:
+        part_result: LoadResult = parent.recv()
+        process.join()
+        merged.count += part_result.count
+        merged.positions += part_result.positions
+        merged.latencies_s += part_result.latencies_s
+        merged.batch_sizes += part_result.batch_sizes
+        merged.errors += part_result.errors
+    return merged

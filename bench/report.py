@@ -1,0 +1,96 @@
+"""Benchmark outputs: JSON, a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    """One measured point: a series at one concurrency level (or batch size, for in-process series)."""
+
+    series: str
+    level: int
+    steps_per_s: float
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    mean_batch: float | None = None
+    server_cpu_pct: float | None = None
+    server_rss_mb: float | None = None
+    errors: int = 0
+
+
+@dataclass
+class BenchReport:
+    """Everything one `lstmserve bench` run measured, with how it was run."""
+
+    command: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_table(report: BenchReport) -> str:
+    """The rows as a Markdown table."""
+    lines = [
+        "| series | concurrency | steps/s | p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report.rows:
+        lines.append(
+            f"| {row.series} | {row.level} | {_fmt(row.steps_per_s, 0)} | {_fmt(row.p50_ms, 3)} | {_fmt(row.p95_ms, 3)} "
+            f"| {_fmt(row.p99_ms, 3)} | {_fmt(row.mean_batch, 1)} | {_fmt(row.server_cpu_pct, 0)} "
+            f"| {_fmt(row.server_rss_mb, 0)} | {row.errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    """Throughput and p99 latency against concurrency, every series on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for series in dict.fromkeys(row.series for row in report.rows):
+        rows = [row for row in report.rows if row.series == series]
+        levels = [row.level for row in rows]
+        throughput.plot(levels, [row.steps_per_s for row in rows], marker="o", label=series)
+        if any(row.p99_ms is not None for row in rows):
+            latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series)
+    for axis, title, unit in ((throughput, "throughput", "steps/s"), (latency, "p99 step latency", "ms")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("concurrent sessions (batch size for in-process series)")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    throughput.legend(fontsize=8)
+    figure.suptitle(report.command, fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write(report: BenchReport, out_dir: Path) -> dict[str, Path]:
+    """Writes results.json, results.md and results.png into out_dir; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "results.png"}
+    paths["json"].write_text(json.dumps(asdict(report), indent=2))
+    checks = "".join(f"- {name}: {value}\n" for name, value in report.checks.items())
+    paths["markdown"].write_text(
+        f"Command: `{report.command}`\n\nMachine: {report.machine}\n\n{markdown_table(report)}\n"
+        + (f"Checks against the targets:\n\n{checks}" if checks else "")
+    )
+    plot(report, paths["plot"])
+    return paths

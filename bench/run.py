@@ -1,0 +1,158 @@
+"""One benchmark run: a concurrency sweep over every series, side by side, on this machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
+from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
+from lstmserve.bench.report import BenchReport, Row
+from lstmserve.bench.servers import ServerProcess, echo_command, lstmserve_command
+
+SERIES_SERVER = "lstmserve"
+SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
+SERIES_ECHO = "gRPC echo (transport ceiling)"
+SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
+SERIES_TORCH = "PyTorch eager in-process"
+ALL_SERIES = ("server", "unbatched", "echo", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of one `lstmserve bench` run (see its --help)."""
+
+    model: Path
+    levels: tuple[int, ...] = (1, 4, 16, 64, 256)
+    mode: str = "step"
+    output: str = "logits"
+    duration_s: float = 3.0
+    warmup_s: float = 1.0
+    prompt_len: int = 16
+    generate_tokens: int = 32
+    load_processes: int = 1
+    intra_op_threads: int = 1
+    series: tuple[str, ...] = ALL_SERIES
+    target: str | None = None
+
+
+def machine_description() -> dict[str, object]:
+    """What the numbers were measured on."""
+    import onnxruntime
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, int] | None) -> Row:
+    latencies = np.sort(np.asarray(load.latencies_s)) * 1e3
+    quantile = (lambda q: float(np.quantile(latencies, q))) if latencies.size else (lambda q: None)
+    cpu_pct = rss_mb = None
+    if usage is not None:
+        cpu_s, wall_s, rss = usage
+        cpu_pct, rss_mb = 100.0 * cpu_s / wall_s, rss / 2**20
+    return Row(
+        series=series,
+        level=level,
+        steps_per_s=load.count / load.elapsed_s if load.elapsed_s else 0.0,
+        p50_ms=quantile(0.5),  # type: ignore[arg-type]
+        p95_ms=quantile(0.95),  # type: ignore[arg-type]
+        p99_ms=quantile(0.99),  # type: ignore[arg-type]
+        mean_batch=statistics.fmean(load.batch_sizes) if load.batch_sizes else None,
+        server_cpu_pct=cpu_pct,
+        server_rss_mb=rss_mb,
+        errors=load.errors,
+    )
+
+
+def _sweep(
+    series: str, server: ServerProcess | None, target: str, config: BenchConfig, vocab: int, tick: Callable[[str], None]
+) -> list[Row]:
+    rows = []
+    for level in config.levels:
+        tick(f"{series} @ {level}")
+        spec = LoadSpec(
+            target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
+            output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
+        )  # fmt: skip
+        before = server.usage() if server else None
+        load = run_load_in_processes(spec, config.load_processes)
+        usage = None
+        if server is not None and before is not None:
+            after = server.usage()
+            wall = config.duration_s + config.warmup_s
+            usage = (after.cpu_s - before.cpu_s, wall, after.rss_bytes)
+        rows.append(_row(series, level, load, usage))
+    return rows
+
+
+def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[Row]:
+    """Measures every requested series over the concurrency levels; returns the rows."""
+    from lstmserve.server.runner import Runner, RunnerOptions
+
+    spec = Runner(config.model, RunnerOptions(providers=("cpu",))).spec
+    vocab = max(1, len(spec.vocabulary))
+    positions = config.prompt_len if config.mode == "prompt" else 1
+    max_sessions = max(config.levels) * 2 + 16
+    rows: list[Row] = []
+    if "server" in config.series:
+        if config.target:
+            rows += _sweep(SERIES_SERVER, None, config.target, config, vocab, tick)
+        else:
+            command = lstmserve_command(
+                config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+            )
+            with ServerProcess(command) as server:
+                rows += _sweep(SERIES_SERVER, server, server.target, config, vocab, tick)
+    if "unbatched" in config.series and not config.target:
+        command = lstmserve_command(
+            config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+        )
+        with ServerProcess(command) as server:
+            rows += _sweep(SERIES_UNBATCHED, server, server.target, config, vocab, tick)
+    if "echo" in config.series:
+        with ServerProcess(echo_command(spec.output_size)) as server:
+            rows += _sweep(SERIES_ECHO, server, server.target, config, vocab, tick)
+    for name, label, measure in (
+        ("onnxruntime", SERIES_ORT, onnxruntime_steps_per_s),
+        ("torch", SERIES_TORCH, torch_steps_per_s),
+    ):
+        if name not in config.series:
+            continue
+        for level in config.levels:
+            tick(f"{label} @ batch {level}")
+            kwargs = {"intra_op_threads": config.intra_op_threads} if name == "onnxruntime" else {}
+            steps_per_s, per_call = measure(config.model, level, positions=positions, duration_s=min(config.duration_s, 2.0), **kwargs)  # type: ignore[operator]
+            # steps_per_s counts requests (rows of `positions` tokens), as the load generator does.
+            rows.append(Row(series=label, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(level)))
+    return rows
+
+
+def compare_to_targets(rows: Sequence[Row], config: BenchConfig) -> dict[str, str]:
+    """The issue's ratio targets, computed from this run's rows (where the needed series were measured)."""
+    by = {(row.series, row.level): row for row in rows}
+    checks: dict[str, str] = {}
+    top, one = max(config.levels), min(config.levels)
+    server, echo, unbatched = by.get((SERIES_SERVER, top)), by.get((SERIES_ECHO, top)), by.get((SERIES_UNBATCHED, top))
+    if server and echo:
+        ratio = server.steps_per_s / echo.steps_per_s
+        checks[f"{top} sessions: lstmserve / echo throughput (target >= 0.80)"] = f"{ratio:.2f}"
+    if server and unbatched:
+        ratio = server.steps_per_s / unbatched.steps_per_s
+        checks[f"{top} sessions: lstmserve / unbatched throughput (target >= 5)"] = f"{ratio:.2f}"
+    single, echo_one, ort_one = by.get((SERIES_SERVER, one)), by.get((SERIES_ECHO, one)), by.get((SERIES_ORT, one))
+    if single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
+        budget = echo_one.p50_ms + ort_one.p50_ms + 0.150
+        checks[f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms"] = f"{single.p50_ms:.3f} vs {budget:.3f}"
+    return checks

@@ -1,0 +1,48 @@
+"""Smoke test of `lstmserve bench`: a tiny model, two levels, every series; outputs produced and consistent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lstmserve.cli import main
+
+
+def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--levels", "1,4", "--duration-s", "0.4", "--warmup-s", "0.2",
+        "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    series = {row["series"] for row in report["rows"]}
+    assert len(series) == 5
+    assert len(report["rows"]) == 5 * 2
+    for row in report["rows"]:
+        assert row["level"] in (1, 4)
+        assert row["steps_per_s"] > 0
+        assert row["errors"] == 0
+    served = [row for row in report["rows"] if row["series"] == "lstmserve"]
+    for row in served:
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert 1 <= row["mean_batch"] <= row["level"]
+        assert row["server_rss_mb"] > 0
+    unbatched = [row for row in report["rows"] if row["series"] == "lstmserve --max-batch-size 1"]
+    assert all(row["mean_batch"] == 1.0 for row in unbatched)
+    assert report["command"].startswith("lstmserve bench --model")
+    assert report["checks"]  # the ratio targets were computed from this run
+    markdown = (out / "results.md").read_text()
+    assert all(name in markdown for name in series)
+    assert (out / "results.png").stat().st_size > 10_000
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--levels", "1,x"])
+    assert "--levels" in capsys.readouterr().err
