@@ -97,11 +97,16 @@ async def generate(
     prompt: np.ndarray,
     params: GenerateParams,
     vocabulary: Sequence[str],
+    expected_step: int | None = None,
 ) -> AsyncIterator[GeneratedToken]:
-    """Feeds `prompt` and yields up to `params.max_tokens` generated tokens, the last with a finish reason."""
+    """Feeds `prompt` and yields up to `params.max_tokens` generated tokens, the last with a finish reason.
+
+    With `expected_step`, the generation starts only if the session is at that step
+    (a generation is never replayed: a client that lost one reads the step counter).
+    """
     sampler = Sampler(params.sampling)
     matcher = StopMatcher(params.stop)
-    result = await scheduler.step(session, prompt)
+    result = await scheduler.step(session, prompt, expected_step, replay=False)
     for count in range(1, params.max_tokens + 1):
         token = sampler.sample(result.logits[-1])
         result = await scheduler.step(session, np.array([token], dtype=prompt.dtype))

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from lstmserve.server.device_state import AnyStateStore
-from lstmserve.server.errors import Draining, Overloaded, StepMismatch
+from lstmserve.server.errors import Draining, Overloaded, SessionNotFound, StepMismatch
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sessions import Session, SessionTable, StepResult
@@ -145,12 +145,15 @@ class Scheduler:
         session = self.sessions.get(session_id, owner)
         return await self._enqueue(session, _Work(future=self._new_future(), op=lambda s: (s, self.store.read(s.slot))))
 
-    async def step(self, session: Session, inputs: np.ndarray, expected_step: int | None = None) -> StepResult:
+    async def step(
+        self, session: Session, inputs: np.ndarray, expected_step: int | None = None, *, replay: bool = True
+    ) -> StepResult:
         """Feeds inputs ([positions] tokens or [positions, width] features) to a session.
 
-        With `expected_step`, a request that was already applied (same input, the
-        session moved on by exactly its length) returns the stored result again
-        instead of being applied twice.
+        With `expected_step`, the request runs only if the session (with its queued
+        and running steps) is at that step. If `replay` is allowed, a request that was
+        already applied (same input, the session moved on by exactly its length)
+        returns the stored result again instead of being applied twice.
         """
         digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
         if expected_step is not None:
@@ -158,8 +161,9 @@ class Scheduler:
             last = session.last_result
             if expected_step != projected:
                 if (
-                    last is not None
-                    and not session.pending
+                    replay
+                    and last is not None
+                    and session.queued_positions == 0
                     and last.start_step == expected_step
                     and last.step == session.step
                     and last.input_digest == digest
@@ -170,11 +174,7 @@ class Scheduler:
                     f"which is at step {projected}"
                 )
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
-        session.queued_positions += len(inputs)
-        try:
-            result: StepResult = await self._enqueue(session, work)
-        finally:
-            session.queued_positions -= len(inputs)
+        result: StepResult = await self._enqueue(session, work)
         return result
 
     def sweep_idle(self, now: float | None = None) -> int:
@@ -193,6 +193,12 @@ class Scheduler:
         return asyncio.get_running_loop().create_future()
 
     def _drop(self, session: Session) -> None:
+        while session.pending:  # requests queued behind a close: the session is gone
+            work = session.pending.popleft()
+            self._queued -= 1
+            if not work.future.done():
+                work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
+        session.queued_positions = 0
         self.sessions.remove(session)
         self.store.release(session.slot)
         self._ready.pop(session.id, None)
@@ -202,6 +208,9 @@ class Scheduler:
         if self._queued >= self.limits.max_queue:
             raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
         session.pending.append(work)
+        if work.inputs is not None:
+            # Counted until the step is applied or dropped, so `expected_step` checks see it.
+            session.queued_positions += len(work.inputs)
         session.last_used = time.monotonic()
         self._queued += 1
         self.metrics.queue_depth.set(self._queued)
@@ -219,6 +228,7 @@ class Scheduler:
                 work = session.pending.popleft()
                 self._queued -= 1
                 if work.future.cancelled() and work.op is None:
+                    session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
                     continue  # the client gave up before the step ran
                 if work.op is not None:
                     self._run_op(session, work)
@@ -261,6 +271,7 @@ class Scheduler:
                 log.exception("batch of %d failed", len(taken))
                 for session, work in taken:
                     session.in_flight = False
+                    session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
                     if not work.future.done():
                         work.future.set_exception(exc)
                 self._requeue(taken)
@@ -306,6 +317,7 @@ class Scheduler:
                     input_digest=work.digest,
                 )
                 session.step = result.step
+                session.queued_positions -= length
                 session.last_result = result
                 session.in_flight = False
                 session.last_used = time.monotonic()

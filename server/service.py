@@ -174,7 +174,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 if parsed.inputs is None:  # an opening request without input: report the session
                     yield pb.StepResponse(session_id=session.id, request_id=request.request_id, step=session.step)
                 elif parsed.generate is not None:
-                    async for response in self._generate(session, request, parsed.inputs, parsed.generate):
+                    async for response in self._generate(session, request, parsed):
                         yield response
                 else:
                     yield await self._step(session, request, parsed)
@@ -212,10 +212,14 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         return response
 
     async def _generate(
-        self, session: Session, request: pb.StepRequest, prompt: np.ndarray, params: GenerateParams
+        self, session: Session, request: pb.StepRequest, parsed: "_ParsedStep"
     ) -> AsyncIterator[pb.StepResponse]:
+        assert parsed.inputs is not None and parsed.generate is not None
         count = 0
-        async for event in generate(self.scheduler, session, prompt, params, self.spec.vocabulary):
+        events = generate(
+            self.scheduler, session, parsed.inputs, parsed.generate, self.spec.vocabulary, parsed.expected_step
+        )
+        async for event in events:
             response = pb.StepResponse(
                 session_id=session.id, request_id=request.request_id, step=event.step, batch_size=event.batch_size
             )

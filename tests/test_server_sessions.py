@@ -156,3 +156,31 @@ def test_pipelined_requests_on_one_stream_keep_their_order(server: ServerThread)
     assert [r.request_id for r in responses] == list(range(10))
     assert [r.step for r in responses] == list(range(1, 11))
     np.testing.assert_allclose(np.concatenate([logits_of(r) for r in responses]), whole, atol=1e-5)
+
+
+def test_requests_queued_behind_a_close_fail_with_not_found(server: ServerThread) -> None:
+    """A close ordered before queued steps fails them cleanly instead of leaving them waiting."""
+    import asyncio
+
+    scheduler = server.server.scheduler
+    assert scheduler is not None
+
+    async def race() -> tuple[object, object]:
+        session = scheduler.create_session()
+        close = asyncio.ensure_future(scheduler.close_session(session.id))
+        step = asyncio.ensure_future(scheduler.step(session, np.array([1], np.int64)))
+        return tuple(await asyncio.gather(close, step, return_exceptions=True))  # type: ignore[return-value]
+
+    closed, stepped = server.call(race())
+    assert closed is None
+    assert type(stepped).__name__ == "SessionNotFound"
+
+
+def test_generation_checks_expected_step(server: ServerThread) -> None:
+    with server.channel() as channel:
+        stream = SyncStream(channel)
+        stream.request(tokens=[1, 2])
+        with pytest.raises(grpc.RpcError) as error:
+            stream.request(tokens=[1], expected_step=0, generate=pb.Generate(max_tokens=3))
+        stream.close()
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
