@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ServerThread, start_server
+from conftest import TEST_PROVIDER_NAME, ServerThread, start_server
 
 import lstmserve.client as client_pkg
 from lstmserve.client import (
@@ -32,7 +32,8 @@ from lstmserve.client import (
     Vocabulary,
 )
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+# batched and unbatched runs agree to float32 rounding on the CPU; looser on a GPU (TF32)
+TOL = dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
 PUBLIC = [
     "AsyncClient",
     "AsyncGeneration",
@@ -116,13 +117,13 @@ def test_model_info(client: Client, server: ServerThread) -> None:
     assert len(info.vocabulary) == info.output_size == spec.output_size
     assert (info.hidden_size, info.num_layers, info.input_size) == (spec.hidden_size, spec.num_layers, spec.input_size)
     assert info.num_directions == 1 and not info.bidirectional and info.steppable
-    assert info.provider == "CPUExecutionProvider"
+    assert info.provider == TEST_PROVIDER_NAME
     assert info.fingerprint == spec.fingerprint
     config = server.server.config
     assert info.max_tokens_per_request == config.max_tokens_per_request
     assert info.max_generate_tokens == config.max_generate_tokens
     assert info.max_sessions == config.max_sessions and info.session_ttl_s == config.session_ttl_s
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(AttributeError):  # frozen
         info.kind = "features"  # type: ignore[misc]
 
 
@@ -204,8 +205,12 @@ def test_output_kinds(client: Client) -> None:
         assert nothing.step == 5 and nothing.logits is None and nothing.token is None and nothing.topk_ids is None
         # "none" still feeds the state
         np.testing.assert_allclose(none.step("a").logits, logits_session_after(client, "the ca"), **TOL)
-        seeded = [s.step("x", output="sample", seed=7).token for s in (greedy, greedy)]
-        assert all(isinstance(t, int) and 0 <= t < len(client.model_info().vocabulary) for t in seeded)
+    # a seeded sample from the same state is the same token
+    drawn = []
+    for _ in range(2):
+        with client.session() as session:
+            drawn.append([session.step("x", output="sample", seed=7).token for _ in range(5)])
+    assert drawn[0] == drawn[1]
 
 
 def logits_session_after(client: Client, text: str) -> np.ndarray:
@@ -325,10 +330,7 @@ def test_greedy_generate_equals_client_side_greedy(client: Client) -> None:
         assert generation.finish_reason == "length" and generation.step == 4 + 24
         assert session.position == 28 and session.info().step == 28
         # the session continues from the end of the generation
-        follow = session.step(expected[-1] if False else "x").logits
-    with client.session() as reference:
-        reference.step("def " + vocabulary.decode(expected) + "x")
-        # compare only the last position: same state means same logits
+        follow = session.step("x").logits
     np.testing.assert_allclose(follow, logits_session_after(client, "def " + vocabulary.decode(expected) + "x"), **TOL)
 
 
@@ -348,13 +350,13 @@ def test_seeded_generate_is_reproducible(client: Client) -> None:
 
 def test_stop_strings(client: Client) -> None:
     with client.session() as session:
-        full = session.complete("class ", max_tokens=40, temperature=0)
+        full = session.complete("class ", max_tokens=40, seed=5)  # seeded: the same tokens every time
     text = full.text
     cut = next(i for i in range(1, len(text)) if text[i] != text[0])  # a stop string that does not start at 0
     stop = text[cut : cut + 2]
     expected = text[: text.find(stop)]
     with client.session() as session:
-        stopped = session.complete("class ", max_tokens=40, temperature=0, stop=["\x00never", stop])
+        stopped = session.complete("class ", max_tokens=40, seed=5, stop=["\x00never", stop])
     assert stopped.finish_reason == "stop"
     assert stopped.text == expected
     assert stop not in stopped.text
@@ -474,8 +476,8 @@ def test_feature_model(feature_model: Path) -> None:
                 expected = whole.step(features=rows).logits
                 assert expected is not None and expected.shape == (5, info.output_size)
                 parts = [stepped.step(features=rows[:3]).logits, stepped.step(features=rows[3]).logits]
-                np.testing.assert_allclose(np.concatenate(parts), expected, **TOL)  # type: ignore[arg-type]
-                assert stepped.position == 4 + 1
+                np.testing.assert_allclose(np.concatenate(parts), expected[:4], **TOL)  # type: ignore[arg-type]
+                assert stepped.position == 4
                 with pytest.raises(InvalidRequest, match="features shape"):
                     stepped.step(features=np.zeros((2, info.input_size + 1), np.float32))
                 with pytest.raises(InvalidRequest, match="tokens"):
@@ -489,11 +491,19 @@ def test_feature_model(feature_model: Path) -> None:
         handle.stop()
 
 
-def test_deadline_exceeded(server: ServerThread) -> None:
-    with Client(server.address, timeout=1e-6) as client:
-        with pytest.raises(DeadlineExceeded) as caught:
-            client.model_info()
+def test_deadline_exceeded() -> None:
+    import socket
+
+    with socket.socket() as black_hole:  # accepts connections and never answers
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen()
+        target = f"127.0.0.1:{black_hole.getsockname()[1]}"
+        started = time.monotonic()
+        with Client(target, timeout=0.3) as client:
+            with pytest.raises(DeadlineExceeded) as caught:
+                client.model_info()
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
 
 
 def test_unreachable_server_is_unavailable_after_bounded_retries() -> None:

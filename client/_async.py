@@ -1,0 +1,554 @@
+"""The asyncio client: `AsyncClient`, `AsyncSession` and `AsyncGeneration`.
+
+The same behaviour as the synchronous client (see `_sync`), on `grpc.aio`: a
+session's steps travel on one `Step` call (`write` then `read`), every step
+carries `expected_step`, and a broken stream is replaced and the step resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from lstmserve.client import _wire
+from lstmserve.client._errors import LstmServeError, SessionNotFound, StepMismatch, from_rpc_error
+from lstmserve.client._sync import Tokens
+from lstmserve.client._types import (
+    Completion,
+    GeneratedToken,
+    ModelInfo,
+    OutputKind,
+    RetryPolicy,
+    SessionInfo,
+    StepOutput,
+    as_features,
+    as_token_list,
+)
+from lstmserve.client._wire import StreamFailure
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class _AsyncStream:
+    """One `Step` call on a grpc.aio channel."""
+
+    def __init__(self, stub: pb_grpc.LstmServeStub, metadata: tuple[tuple[str, Any], ...]) -> None:
+        self.call: Any = stub.Step(metadata=metadata)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the call has not ended."""
+        return not self.call.done()
+
+    async def send(self, request: pb.StepRequest) -> None:
+        """Writes a request; StreamFailure if the call has ended."""
+        try:
+            await self.call.write(request)
+        except asyncio.CancelledError:
+            raise self._cancelled() from None
+        except grpc.RpcError as error:
+            raise StreamFailure.from_rpc(error) from None
+        except asyncio.InvalidStateError:
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the step stream has ended") from None
+
+    async def recv(self, timeout: float | None) -> pb.StepResponse:
+        """The next response; StreamFailure when the call ends (or `timeout` passes first)."""
+        try:
+            response = await asyncio.wait_for(self.call.read(), timeout)
+        except TimeoutError:
+            self.call.cancel()
+            raise StreamFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out", timed_out=True) from None
+        except asyncio.CancelledError:
+            raise self._cancelled() from None
+        except grpc.RpcError as error:
+            raise StreamFailure.from_rpc(error) from None
+        if response is grpc.aio.EOF:
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the server ended the step stream")
+        return response  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Ends the call."""
+        self.call.cancel()
+
+    def _cancelled(self) -> BaseException:
+        """What a CancelledError from grpc.aio means.
+
+        grpc.aio raises CancelledError for a locally cancelled call: that is a broken
+        stream, unless our own task is the one being cancelled.
+        """
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return asyncio.CancelledError()
+        return StreamFailure(grpc.StatusCode.CANCELLED, "the step stream was cancelled")
+
+
+class AsyncClient:
+    """An asyncio client of an lstmserve server; owns its channel (use `async with` or `await close()`).
+
+    Many sessions may run concurrently on one client, one task each (a session's
+    own calls are serialized by a lock). Retries and reattachment as in `Client`.
+
+    Args:
+        target: "host:port" of the server.
+        timeout: seconds each call (and each step's response) may take; None waits forever.
+        credentials: `grpc.ChannelCredentials` for a TLS channel; None uses plaintext.
+        metadata: (key, value) pairs sent with every call.
+        retry: how transient failures are retried (default `RetryPolicy()`).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata = _wire.normalize_metadata(metadata)
+        options = list(_wire.CHANNEL_OPTIONS)
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = pb_grpc.LstmServeStub(self._channel)  # type: ignore[no-untyped-call]
+        self._sessions: weakref.WeakSet[AsyncSession] = weakref.WeakSet()
+        self._info: ModelInfo | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Ends every session's stream and closes the channel. Server sessions stay until closed or expired."""
+        if self._closed:
+            return
+        self._closed = True
+        for session in list(self._sessions):
+            session._drop_stream()
+        await self._channel.close()
+
+    async def model_info(self) -> ModelInfo:
+        """What the server serves (kind, vocabulary, sizes, steppable, provider, limits)."""
+        info = _wire.model_info(await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        self._info = info
+        return info
+
+    async def infer(self, tokens: Tokens | None = None, *, features: Any = None) -> np.ndarray:
+        """Logits float32 [positions, output_size] of a whole sequence from zero state, without a session."""
+        if (tokens is None) == (features is None):
+            raise ValueError("pass exactly one of tokens or features")
+        request = pb.InferRequest()
+        if tokens is not None:
+            request.tokens.extend(await self._token_ids(tokens))
+        else:
+            request.features.CopyFrom(_wire.encode_features(as_features(features)))
+        reply: pb.InferResponse = await self._unary(self._stub.Infer, request)
+        return _wire.decode_logits(reply.logits)
+
+    def session(self, resume: str | None = None, *, close_on_exit: bool | None = None) -> AsyncSession:
+        """A new session, or the live session `resume`; opened by `await` or `async with`.
+
+        `s = await client.session()` or `async with client.session() as s:`. On
+        leaving `async with`, a new session is closed on the server, a resumed one
+        only detached, unless `close_on_exit` says otherwise.
+        """
+        session = AsyncSession(self, resume, close_on_exit=close_on_exit)
+        self._sessions.add(session)
+        return session
+
+    # ---- internals -------------------------------------------------------
+    async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        """Calls a unary RPC, retrying UNAVAILABLE."""
+        attempts = self.retry.max_attempts
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt))
+            try:
+                return await method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
+                    continue
+                raise from_rpc_error(error) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _get_session(self, session_id: str) -> SessionInfo:
+        return _wire.session_info(await self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
+
+    async def _token_ids(self, tokens: Tokens) -> list[int]:
+        if isinstance(tokens, str):
+            info = self._info if self._info is not None else await self.model_info()
+            ids = info.vocabulary.encode(tokens)
+            if not ids:
+                raise ValueError("the text is empty: a step needs at least one token")
+            return ids
+        return as_token_list(tokens)
+
+
+class AsyncSession:
+    """One server-side session for asyncio; get one from `AsyncClient.session()` and `await` it (or `async with`).
+
+    Args:
+        client: the client it belongs to.
+        resume: the id of a live session to reattach to; None creates a new one.
+        close_on_exit: whether leaving `async with` closes the session on the server
+            (default: yes for a new session, no for a resumed one).
+    """
+
+    def __init__(self, client: AsyncClient, resume: str | None = None, *, close_on_exit: bool | None = None) -> None:
+        self._client = client
+        self._resume = resume
+        self._id: str | None = None
+        self._step: int | None = None
+        self.close_on_exit = close_on_exit if close_on_exit is not None else resume is None
+        self._stream: _AsyncStream | None = None
+        self._generation: AsyncGeneration | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self.open().__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.close_on_exit:
+            await self.close()
+        else:
+            await self.detach()
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self._id!r}, step={self._step})"
+
+    async def open(self) -> AsyncSession:
+        """Creates (or resumes) the session on the server; a no-op once open. Returns self.
+
+        Raises:
+            SessionNotFound: the session to resume is unknown, closed or expired.
+            ServerBusy: the server's max_sessions is reached.
+        """
+        async with self._lock:
+            if self._id is None:
+                if self._resume is not None:
+                    info = await self._client._get_session(self._resume)
+                else:
+                    reply = await self._client._unary(self._client._stub.CreateSession, pb.CreateSessionRequest())
+                    info = _wire.session_info(reply)
+                self._id, self._step = info.id, info.step
+        return self
+
+    @property
+    def id(self) -> str:
+        """The session id; `session(resume=id)` (on any client) reattaches to it."""
+        if self._id is None:
+            raise RuntimeError("the session is not open yet: `await` it or use `async with`")
+        return self._id
+
+    @property
+    def position(self) -> int | None:
+        """The step counter as this client last saw it (None before opening or right after an interrupted call)."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+        return self._closed
+
+    async def step(
+        self,
+        tokens: Tokens | None = None,
+        *,
+        features: Any = None,
+        output: OutputKind = "logits",
+        k: int = 5,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> StepOutput:
+        """Feeds tokens or feature rows and returns what `output` asks for; see `Session.step`."""
+        if (tokens is None) == (features is None):
+            raise ValueError("pass exactly one of tokens or features")
+        sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
+        request = _wire.step_request(
+            tokens=await self._client._token_ids(tokens) if tokens is not None else None,
+            features=as_features(features) if features is not None else None,
+            output=output,
+            k=k,
+            sample=sample,
+        )
+        await self.open()
+        async with self._lock:
+            self._check_open()
+            await self._settle()
+            response = await self._exchange(request)
+        return _wire.step_output(response, output)
+
+    async def generate(
+        self,
+        prompt: Tokens,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> AsyncGeneration:
+        """Feeds `prompt`, then streams up to `max_tokens` generated tokens: `async for t in await s.generate(...)`.
+
+        Same semantics as `Session.generate`.
+        """
+        sample = _wire.sampling(temperature, top_k, top_p, seed)
+        request = _wire.generate_request(await self._client._token_ids(prompt), max_tokens, sample, stop)
+        await self.open()
+        return AsyncGeneration(self, request)
+
+    async def complete(
+        self,
+        prompt: Tokens,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Completion:
+        """Runs `generate` to the end and returns the whole text, tokens and finish reason."""
+        generation = await self.generate(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+        )
+        tokens = [item.token async for item in generation]
+        assert generation.finish_reason is not None
+        return Completion(
+            text=generation.text, tokens=tuple(tokens), finish_reason=generation.finish_reason, step=generation.step
+        )
+
+    async def reset(self) -> SessionInfo:
+        """Returns the session to zero state and step 0."""
+        await self.open()
+        async with self._lock:
+            self._check_open()
+            await self._settle(resync=False)
+            reply = await self._client._unary(self._client._stub.ResetSession, pb.SessionRef(session_id=self.id))
+            info = _wire.session_info(reply)
+            self._step = info.step
+            return info
+
+    async def info(self) -> SessionInfo:
+        """The session as the server sees it (step counter, idle time, time to expiry)."""
+        await self.open()
+        return await self._client._get_session(self.id)
+
+    async def close(self) -> None:
+        """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""
+        if self._id is None:
+            self._closed = True
+            return
+        async with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._generation is not None:
+                self._generation._abandon()
+            self._drop_stream()
+            try:
+                await self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self._id))
+            except SessionNotFound:
+                pass
+
+    async def detach(self) -> None:
+        """Ends this object's stream but keeps the server session (resume it later by `id`)."""
+        async with self._lock:
+            if self._generation is not None:
+                self._generation._abandon()
+                self._step = None
+            self._drop_stream()
+
+    # ---- internals -------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"session {self._id!r} is closed")
+
+    def _ensure_stream(self) -> _AsyncStream:
+        if self._stream is None or not self._stream.alive:
+            self._drop_stream()
+            self._stream = _AsyncStream(self._client._stub, self._client._metadata)
+        return self._stream
+
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    async def _settle(self, *, resync: bool = True) -> None:
+        """Finishes an unfinished generation and learns the step counter if it is unknown."""
+        generation = self._generation
+        if generation is not None and not generation._done:
+            try:
+                await generation._drain()
+            except LstmServeError:
+                pass  # the step counter is re-read below
+        if resync and self._step is None:
+            self._step = (await self._client._get_session(self.id)).step
+
+    async def _exchange(self, request: pb.StepRequest) -> pb.StepResponse:
+        """Sends a one-response request; after a transient stream failure resends it on a new stream."""
+        request.session_id = self.id
+        assert self._step is not None
+        request.expected_step = self._step
+        retry = self._client.retry
+        failure: StreamFailure | None = None
+        for attempt in range(retry.max_attempts):
+            if attempt:
+                await asyncio.sleep(retry.delay(attempt))
+            stream = self._ensure_stream()
+            try:
+                await stream.send(request)
+                response = await stream.recv(self._client.timeout)
+            except StreamFailure as error:
+                self._drop_stream()
+                failure = error
+                if error.retryable:
+                    continue
+                break
+            except BaseException:  # interrupted (KeyboardInterrupt, task cancelled): a response may be pending
+                self._drop_stream()
+                self._step = None
+                raise
+            self._step = int(response.step)
+            return response
+        assert failure is not None
+        exc = failure.error(self._client.timeout)
+        if failure.timed_out or failure.retryable or isinstance(exc, StepMismatch):
+            self._step = None
+        raise exc
+
+    async def _start_generation(self, generation: AsyncGeneration) -> None:
+        self._check_open()
+        await self._settle()
+        request = generation._request
+        request.session_id = self.id
+        assert self._step is not None
+        request.expected_step = self._step
+        self._step = None  # known again when the generation finishes
+        self._generation = generation
+        stream = self._ensure_stream()
+        generation._stream = stream
+        try:
+            await stream.send(request)
+        except StreamFailure as failure:
+            generation._done = True
+            self._generation = None
+            self._drop_stream()
+            raise failure.error(self._client.timeout) from None
+
+
+class AsyncGeneration(AsyncIterator[GeneratedToken]):
+    """The tokens of one `AsyncSession.generate` call as they are produced (an async iterator).
+
+    After the last token, `finish_reason` is "length" or "stop" and `step` is the
+    session's step counter. `text` is the text so far.
+    """
+
+    def __init__(self, session: AsyncSession, request: pb.StepRequest) -> None:
+        self._session = session
+        self._request = request
+        self._stream: _AsyncStream | None = None
+        self._started = False
+        self._done = False
+        self._superseded = False
+        self._tokens: list[GeneratedToken] = []
+        self.finish_reason: str | None = None
+        self.step: int = -1
+
+    def __aiter__(self) -> AsyncGeneration:
+        return self
+
+    async def __anext__(self) -> GeneratedToken:
+        async with self._session._lock:
+            if self._superseded:
+                raise RuntimeError("this generation was ended early by another call on its session")
+            if self._done:
+                raise StopAsyncIteration
+            if not self._started:
+                self._started = True
+                try:
+                    await self._session._start_generation(self)
+                except BaseException:
+                    self._done = True
+                    raise
+            item = await self._read()
+            if item is None:
+                raise StopAsyncIteration
+            return item
+
+    @property
+    def tokens(self) -> list[GeneratedToken]:
+        """The tokens received so far."""
+        return list(self._tokens)
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(item.text for item in self._tokens)
+
+    async def _read(self) -> GeneratedToken | None:
+        assert self._stream is not None
+        session = self._session
+        try:
+            response = await self._stream.recv(session._client.timeout)
+        except StreamFailure as failure:
+            self._done = True
+            session._generation = None
+            session._drop_stream()
+            raise failure.error(session._client.timeout) from None
+        except BaseException:  # interrupted: the rest of the generation cannot be read in order any more
+            self._done = True
+            session._generation = None
+            session._drop_stream()
+            raise
+        if response.finished:
+            self._done = True
+            self.finish_reason = response.finish_reason
+            self.step = int(response.step)
+            session._step = self.step
+            session._generation = None
+            return None
+        item = _wire.generated_token(response)
+        self._tokens.append(item)
+        return item
+
+    async def _drain(self) -> None:
+        if not self._started:
+            self._done = True
+            self._session._generation = None
+            return
+        self._superseded = True
+        while not self._done:
+            await self._read()
+
+    def _abandon(self) -> None:
+        self._done = True
+        self._superseded = self._started
+        self._session._generation = None

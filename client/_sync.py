@@ -1,0 +1,579 @@
+"""The synchronous client: `Client`, `Session` and `Generation`.
+
+A session's steps travel on one bidirectional `Step` stream, fed from a queue
+(sync gRPC reads the request iterator on its own thread). Every step carries
+`expected_step`, so when the stream breaks (UNAVAILABLE, CANCELLED, INTERNAL)
+the session opens a new stream with its id and resends the same request: the
+server either applies it or, if it already had, answers from its stored copy.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeAlias, TypeVar
+
+import grpc
+import numpy as np
+
+from lstmserve.client import _wire
+from lstmserve.client._errors import LstmServeError, SessionNotFound, StepMismatch, from_rpc_error
+from lstmserve.client._types import (
+    Completion,
+    GeneratedToken,
+    ModelInfo,
+    OutputKind,
+    RetryPolicy,
+    SessionInfo,
+    StepOutput,
+    as_features,
+    as_token_list,
+)
+from lstmserve.client._wire import StreamFailure
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+_CLOSE = object()  # ends a stream's request iterator (half-close)
+Tokens: TypeAlias = int | Sequence[int] | np.ndarray | str
+
+
+class _Stream:
+    """One `Step` call. Requests go through a queue that gRPC's own thread reads."""
+
+    def __init__(self, stub: pb_grpc.LstmServeStub, metadata: tuple[tuple[str, Any], ...]) -> None:
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.call: Any = stub.Step(iter(self._requests.get, _CLOSE), metadata=metadata)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the call has not ended (a cancelled or failed call is done)."""
+        return not self.call.done()
+
+    def send(self, request: pb.StepRequest) -> None:
+        """Queues a request for gRPC's sending thread."""
+        self._requests.put(request)
+
+    def recv(self, timeout: float | None) -> pb.StepResponse:
+        """The next response; StreamFailure when the call ends (or `timeout` passes first)."""
+        expired = threading.Event()
+        timer = None
+        if timeout is not None:
+
+            def expire() -> None:
+                expired.set()
+                self.call.cancel()
+
+            timer = threading.Timer(timeout, expire)
+            timer.daemon = True
+            timer.start()
+        try:
+            return next(self.call)  # type: ignore[no-any-return]
+        except StopIteration:
+            raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the server ended the step stream") from None
+        except grpc.RpcError as error:
+            raise StreamFailure.from_rpc(error, timed_out=expired.is_set()) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def close(self) -> None:
+        """Ends the call and frees gRPC's sending thread (which waits on the queue)."""
+        self._requests.put(_CLOSE)
+        self.call.cancel()
+
+
+class Client:
+    """A synchronous client of an lstmserve server; owns its channel (use `with` or call `close()`).
+
+    Methods may be called from several threads at once; each `Session` belongs to
+    one thread at a time (its methods are serialized by a lock).
+
+    Retries (bounded by `retry`, with backoff): unary calls (model_info, infer,
+    session info, reset and close, resuming a session) are retried on UNAVAILABLE;
+    they are idempotent, and close treats NOT_FOUND as done. Creating a session is
+    retried on UNAVAILABLE too: such a request almost always never reached the
+    server, and in the rare case it did, the unused session expires by the server's
+    TTL. A step whose stream breaks (UNAVAILABLE, CANCELLED, INTERNAL) is resent on
+    a new stream with the same `expected_step`, so it is applied exactly once (see
+    `Session.step`); a generation is not resent (see `Session.generate`).
+
+    Args:
+        target: "host:port" of the server.
+        timeout: seconds each call (and each step's response) may take; None waits forever.
+        credentials: `grpc.ChannelCredentials` for a TLS channel; None uses plaintext.
+        metadata: (key, value) pairs sent with every call.
+        retry: how transient failures are retried (default `RetryPolicy()`).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str | bytes]] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self._metadata = _wire.normalize_metadata(metadata)
+        options = list(_wire.CHANNEL_OPTIONS)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.LstmServeStub(self._channel)  # type: ignore[no-untyped-call]
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._sessions_lock = threading.Lock()
+        self._info: ModelInfo | None = None
+        self._closed = False
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends every session's stream and closes the channel. Server sessions stay until closed or expired."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session._drop_stream()
+        self._channel.close()
+
+    def model_info(self) -> ModelInfo:
+        """What the server serves (kind, vocabulary, sizes, steppable, provider, limits)."""
+        info = _wire.model_info(self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest()))
+        self._info = info
+        return info
+
+    def infer(self, tokens: Tokens | None = None, *, features: Any = None) -> np.ndarray:
+        """Logits float32 [positions, output_size] of a whole sequence from zero state, without a session.
+
+        The only way to run a bidirectional model.
+        """
+        request = pb.InferRequest()
+        if (tokens is None) == (features is None):
+            raise ValueError("pass exactly one of tokens or features")
+        if tokens is not None:
+            request.tokens.extend(self._token_ids(tokens))
+        else:
+            request.features.CopyFrom(_wire.encode_features(as_features(features)))
+        reply: pb.InferResponse = self._unary(self._stub.Infer, request)
+        return _wire.decode_logits(reply.logits)
+
+    def session(self, resume: str | None = None, *, close_on_exit: bool | None = None) -> Session:
+        """A new session (zero state), or the live session `resume` (its state and step counter).
+
+        Use it as a context manager: on exit a new session is closed on the server,
+        a resumed one only detached (its stream ended) so it can be resumed again,
+        unless `close_on_exit` says otherwise.
+
+        Raises:
+            SessionNotFound: `resume` is unknown, closed or expired.
+            ServerBusy: the server's max_sessions is reached.
+            NotSteppable: the model is bidirectional.
+        """
+        if resume is not None:
+            info = self._get_session(resume)
+            session = Session(self, info.id, info.step, close_on_exit=bool(close_on_exit))
+        else:
+            info = _wire.session_info(self._unary(self._stub.CreateSession, pb.CreateSessionRequest()))
+            session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
+        with self._sessions_lock:
+            self._sessions.add(session)
+        return session
+
+    # ---- internals -------------------------------------------------------
+    def _unary(self, method: Callable[..., T], request: Any) -> T:
+        """Calls a unary RPC, retrying UNAVAILABLE."""
+        attempts = self.retry.max_attempts
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.retry.delay(attempt))
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                code = error.code()
+                if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
+                    continue
+                raise from_rpc_error(error) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get_session(self, session_id: str) -> SessionInfo:
+        return _wire.session_info(self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
+
+    def _cached_info(self) -> ModelInfo:
+        return self._info if self._info is not None else self.model_info()
+
+    def _token_ids(self, tokens: Tokens) -> list[int]:
+        if isinstance(tokens, str):
+            ids = self._cached_info().vocabulary.encode(tokens)
+            if not ids:
+                raise ValueError("the text is empty: a step needs at least one token")
+            return ids
+        return as_token_list(tokens)
+
+
+class Session:
+    """One server-side session: its LSTM state carries from step to step. Get one from `Client.session()`.
+
+    Its methods are serialized by a lock; use a session from one thread at a time
+    and several sessions for parallelism.
+
+    Args:
+        client: the client it belongs to.
+        session_id: the server's id.
+        step: the step counter the session is at.
+        close_on_exit: whether leaving `with` closes the session on the server (else only detaches).
+    """
+
+    def __init__(self, client: Client, session_id: str, step: int, *, close_on_exit: bool = True) -> None:
+        self._client = client
+        self._id = session_id
+        self._step: int | None = step  # None: unknown (after an interrupted call), read from the server
+        self.close_on_exit = close_on_exit
+        self._stream: _Stream | None = None
+        self._generation: Generation | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.close_on_exit:
+            self.close()
+        else:
+            self.detach()
+
+    def __del__(self) -> None:
+        try:
+            self._drop_stream()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        return f"Session(id={self._id!r}, step={self._step})"
+
+    @property
+    def id(self) -> str:
+        """The session id; `Client.session(resume=id)` (on any client) reattaches to it."""
+        return self._id
+
+    @property
+    def position(self) -> int | None:
+        """The step counter as this client last saw it (None right after an interrupted call)."""
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close()` was called."""
+        return self._closed
+
+    def step(
+        self,
+        tokens: Tokens | None = None,
+        *,
+        features: Any = None,
+        output: OutputKind = "logits",
+        k: int = 5,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> StepOutput:
+        """Feeds tokens (token models) or feature rows (feature models) and returns what `output` asks for.
+
+        Args:
+            tokens: a token id, a sequence of ids, or a str encoded with the model's vocabulary.
+            features: float32 [positions, input_size] (or one row [input_size]).
+            output: "logits" (float32 [positions, output_size]), "topk" (`k` best ids and
+                log-probabilities per position), "sample" (one token drawn from the last
+                position with temperature/top_k/top_p/seed), or "none" (just the counter).
+
+        Exactly once: the request carries the expected step counter, so a step whose
+        stream broke is resent on a new stream without being applied twice.
+
+        Raises:
+            InvalidRequest: a bad value (the session is unchanged and stays usable).
+            SessionNotFound: the session is closed or expired.
+            NotSteppable: the model is bidirectional.
+        """
+        if (tokens is None) == (features is None):
+            raise ValueError("pass exactly one of tokens or features")
+        sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
+        request = _wire.step_request(
+            tokens=self._client._token_ids(tokens) if tokens is not None else None,
+            features=as_features(features) if features is not None else None,
+            output=output,
+            k=k,
+            sample=sample,
+        )
+        with self._lock:
+            self._check_open()
+            self._settle()
+            response = self._exchange(request)
+        return _wire.step_output(response, output)
+
+    def generate(
+        self,
+        prompt: Tokens,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Generation:
+        """Feeds `prompt`, then streams up to `max_tokens` tokens generated by the server.
+
+        Returns an iterator of `GeneratedToken`; the request is sent when iteration
+        starts. Text matching a `stop` string is not returned. The session consumes
+        the prompt and every generated token, so later steps continue from the end.
+        Another call on this session before the generation is finished first reads
+        (and discards) the rest of it.
+
+        A generation is not resent after its stream breaks (the server does not make
+        generation exactly-once): the error is raised and the session re-reads its
+        step counter from the server before its next call.
+        """
+        sample = _wire.sampling(temperature, top_k, top_p, seed)
+        request = _wire.generate_request(self._client._token_ids(prompt), max_tokens, sample, stop)
+        return Generation(self, request)
+
+    def complete(
+        self,
+        prompt: Tokens,
+        *,
+        max_tokens: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> Completion:
+        """Runs `generate` to the end and returns the whole text, tokens and finish reason."""
+        generation = self.generate(
+            prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
+        )
+        tokens = [item.token for item in generation]
+        assert generation.finish_reason is not None
+        return Completion(
+            text=generation.text, tokens=tuple(tokens), finish_reason=generation.finish_reason, step=generation.step
+        )
+
+    def reset(self) -> SessionInfo:
+        """Returns the session to zero state and step 0."""
+        with self._lock:
+            self._check_open()
+            self._settle(resync=False)
+            reply = self._client._unary(self._client._stub.ResetSession, pb.SessionRef(session_id=self._id))
+            info = _wire.session_info(reply)
+            self._step = info.step
+            return info
+
+    def info(self) -> SessionInfo:
+        """The session as the server sees it (step counter, idle time, time to expiry)."""
+        info = self._client._get_session(self._id)
+        return info
+
+    def close(self) -> None:
+        """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._generation is not None:
+                self._generation._abandon()
+            self._drop_stream()
+            try:
+                self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self._id))
+            except SessionNotFound:
+                pass
+
+    def detach(self) -> None:
+        """Ends this object's stream but keeps the server session (resume it later by `id`)."""
+        with self._lock:
+            if self._generation is not None:
+                self._generation._abandon()
+                self._step = None
+            self._drop_stream()
+
+    # ---- internals -------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"session {self._id!r} is closed")
+
+    def _ensure_stream(self) -> _Stream:
+        if self._stream is None or not self._stream.alive:
+            self._drop_stream()
+            self._stream = _Stream(self._client._stub, self._client._metadata)
+        return self._stream
+
+    def _drop_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    def _settle(self, *, resync: bool = True) -> None:
+        """Finishes an unfinished generation and learns the step counter if it is unknown."""
+        generation = self._generation
+        if generation is not None and not generation._done:
+            try:
+                generation._drain()
+            except LstmServeError:
+                pass  # the step counter is re-read below
+        if resync and self._step is None:
+            self._step = self._client._get_session(self._id).step
+
+    def _exchange(self, request: pb.StepRequest) -> pb.StepResponse:
+        """Sends a one-response request; after a transient stream failure resends it on a new stream."""
+        request.session_id = self._id
+        assert self._step is not None
+        request.expected_step = self._step
+        retry = self._client.retry
+        failure: StreamFailure | None = None
+        for attempt in range(retry.max_attempts):
+            if attempt:
+                time.sleep(retry.delay(attempt))
+            stream = self._ensure_stream()
+            stream.send(request)
+            try:
+                response = stream.recv(self._client.timeout)
+            except StreamFailure as error:
+                self._drop_stream()  # the server ended the stream; the next call opens a new one
+                failure = error
+                if error.retryable:
+                    continue
+                break
+            except BaseException:  # interrupted (KeyboardInterrupt, task cancelled): a response may be pending
+                self._drop_stream()
+                self._step = None
+                raise
+            self._step = int(response.step)
+            return response
+        assert failure is not None
+        exc = failure.error(self._client.timeout)
+        if failure.timed_out or failure.retryable or isinstance(exc, StepMismatch):
+            self._step = None  # the request may or may not have been applied
+        raise exc
+
+    def _start_generation(self, generation: Generation) -> None:
+        self._check_open()
+        self._settle()
+        request = generation._request
+        request.session_id = self._id
+        assert self._step is not None
+        request.expected_step = self._step
+        self._step = None  # known again when the generation finishes
+        self._generation = generation
+        stream = self._ensure_stream()  # a stream found broken is replaced before sending: safe
+        stream.send(request)
+        generation._stream = stream
+
+
+class Generation(Iterator[GeneratedToken]):
+    """The tokens of one `Session.generate` call as they are produced.
+
+    After the last token, `finish_reason` is "length" or "stop" and `step` is the
+    session's step counter. `text` is the text so far.
+    """
+
+    def __init__(self, session: Session, request: pb.StepRequest) -> None:
+        self._session = session
+        self._request = request
+        self._stream: _Stream | None = None
+        self._started = False
+        self._done = False
+        self._superseded = False
+        self._tokens: list[GeneratedToken] = []
+        self.finish_reason: str | None = None
+        self.step: int = -1
+
+    def __iter__(self) -> Generation:
+        return self
+
+    def __next__(self) -> GeneratedToken:
+        with self._session._lock:
+            if self._superseded:
+                raise RuntimeError("this generation was ended early by another call on its session")
+            if self._done:
+                raise StopIteration
+            if not self._started:
+                self._started = True
+                try:
+                    self._session._start_generation(self)
+                except BaseException:
+                    self._done = True
+                    raise
+            item = self._read()
+            if item is None:
+                raise StopIteration
+            return item
+
+    @property
+    def tokens(self) -> list[GeneratedToken]:
+        """The tokens received so far."""
+        return list(self._tokens)
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(item.text for item in self._tokens)
+
+    def _read(self) -> GeneratedToken | None:
+        """The next token, or None after the final response."""
+        assert self._stream is not None
+        session = self._session
+        try:
+            response = self._stream.recv(session._client.timeout)
+        except StreamFailure as failure:
+            self._done = True
+            session._generation = None
+            session._drop_stream()
+            raise failure.error(session._client.timeout) from None
+        except BaseException:  # interrupted: the rest of the generation cannot be read in order any more
+            self._done = True
+            session._generation = None
+            session._drop_stream()
+            raise
+        if response.finished:
+            self._done = True
+            self.finish_reason = response.finish_reason
+            self.step = int(response.step)
+            session._step = self.step
+            session._generation = None
+            return None
+        item = _wire.generated_token(response)
+        self._tokens.append(item)
+        return item
+
+    def _drain(self) -> None:
+        """Reads the rest of the generation (another call on the session needs the stream)."""
+        if not self._started:
+            self._done = True
+            self._session._generation = None
+            return
+        self._superseded = True
+        while not self._done:
+            self._read()
+
+    def _abandon(self) -> None:
+        """Forgets the generation (its stream is being dropped)."""
+        self._done = True
+        self._superseded = self._started
+        self._session._generation = None

@@ -1,0 +1,203 @@
+"""Protobuf <-> plain values, request building and channel settings, shared by the sync and async clients.
+
+The only client module (with `_sync` and `_async`, which send what it builds) that knows protobuf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from lstmserve.client._errors import DeadlineExceeded, LstmServeError, error_for
+from lstmserve.client._types import (
+    GeneratedToken,
+    ModelInfo,
+    OutputKind,
+    SessionInfo,
+    StepOutput,
+    Vocabulary,
+)
+from lstmserve.v1 import lstmserve_pb2 as pb
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+
+# Codes after which a step is resent on a new stream (safe: every step carries expected_step).
+STREAM_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
+# Codes after which an idempotent unary call is retried.
+UNARY_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+_OUTPUTS: dict[str, int] = {
+    "logits": pb.OUTPUT_LOGITS,
+    "topk": pb.OUTPUT_TOPK,
+    "sample": pb.OUTPUT_SAMPLE,
+    "none": pb.OUTPUT_NONE,
+}
+
+
+def normalize_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str | bytes], ...]:
+    """Call metadata as a tuple of (key, value) pairs; keys are lowercased as gRPC requires."""
+    return tuple((str(key).lower(), value) for key, value in (metadata or ()))
+
+
+def model_info(message: pb.ModelInfo) -> ModelInfo:
+    """A ModelInfo message as a plain ModelInfo."""
+    return ModelInfo(
+        kind=message.kind,
+        vocabulary=Vocabulary(tuple(message.vocabulary)),
+        input_size=message.input_size,
+        hidden_size=message.hidden_size,
+        num_layers=message.num_layers,
+        num_directions=message.num_directions,
+        proj_size=message.proj_size,
+        output_size=message.output_size,
+        steppable=message.steppable,
+        provider=message.provider,
+        fingerprint=message.fingerprint,
+        head=message.head,
+        max_tokens_per_request=message.max_tokens_per_request,
+        max_generate_tokens=message.max_generate_tokens,
+        session_ttl_s=message.session_ttl_s,
+        max_sessions=message.max_sessions,
+    )
+
+
+def session_info(message: pb.SessionInfo) -> SessionInfo:
+    """A SessionInfo message as a plain SessionInfo."""
+    return SessionInfo(
+        id=message.session_id, step=message.step, idle_s=message.idle_s, expires_in_s=message.expires_in_s
+    )
+
+
+def encode_features(features: np.ndarray) -> pb.Tensor:
+    """float32 features as a Tensor (little-endian, row-major)."""
+    array = np.ascontiguousarray(features, dtype="<f4")
+    return pb.Tensor(shape=array.shape, data=array.tobytes())
+
+
+def decode_logits(tensor: pb.Tensor) -> np.ndarray:
+    """A float32 Tensor as a read-only numpy array of its shape."""
+    shape = tuple(int(d) for d in tensor.shape)
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+
+
+def sampling(temperature: float, top_k: int, top_p: float, seed: int | None) -> pb.Sampling:
+    """A Sampling message; ValueError for values the server would refuse."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    message = pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None:
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        message.seed = seed
+    return message
+
+
+def step_request(
+    *,
+    tokens: list[int] | None,
+    features: np.ndarray | None,
+    output: OutputKind,
+    k: int,
+    sample: pb.Sampling | None,
+) -> pb.StepRequest:
+    """A StepRequest for one step (session id and expected_step are set when it is sent)."""
+    if output not in _OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
+    request = pb.StepRequest(output=_OUTPUTS[output])  # type: ignore[arg-type]
+    if tokens is not None:
+        request.tokens.extend(tokens)
+    if features is not None:
+        request.features.CopyFrom(encode_features(features))
+    if output == "topk":
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        request.top_k = k
+    if sample is not None and output == "sample":
+        request.sampling.CopyFrom(sample)
+    return request
+
+
+def generate_request(prompt: list[int], max_tokens: int, sample: pb.Sampling, stop: Sequence[str]) -> pb.StepRequest:
+    """A StepRequest that feeds `prompt` and then generates."""
+    if not prompt:
+        raise ValueError("prompt is empty: generation needs at least one prompt token")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if isinstance(stop, str):
+        stop = (stop,)
+    return pb.StepRequest(
+        tokens=prompt, generate=pb.Generate(max_tokens=max_tokens, sampling=sample, stop=list(stop))
+    )
+
+
+def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
+    """The plain result of a step response, for the output kind that was asked for."""
+    logits = topk_ids = topk_logprobs = None
+    token = None
+    if output == "logits":
+        logits = decode_logits(response.logits)
+    elif output == "topk":
+        topk_ids = np.array([list(row.ids) for row in response.topk], dtype=np.int64)
+        topk_logprobs = np.array([list(row.logprobs) for row in response.topk], dtype=np.float32)
+    elif output == "sample":
+        token = int(response.token)
+    return StepOutput(
+        step=int(response.step),
+        batch_size=int(response.batch_size),
+        logits=logits,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        token=token,
+    )
+
+
+def generated_token(response: pb.StepResponse) -> GeneratedToken:
+    """A generation response (not the final one) as a GeneratedToken."""
+    return GeneratedToken(token=int(response.token), text=response.text)
+
+
+class StreamFailure(Exception):
+    """A step stream ended with an error (internal: the session decides whether to resend or raise).
+
+    Args:
+        code: the gRPC status code.
+        details: its message.
+        timed_out: the client cancelled the stream because its `timeout` passed.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, timed_out: bool = False) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.timed_out = timed_out
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError, *, timed_out: bool = False) -> StreamFailure:
+        """The failure of a gRPC call."""
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or str(error), timed_out=timed_out)
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the request may be resent on a new stream (transient, and not the client's own timeout)."""
+        return not self.timed_out and self.code in STREAM_RETRY_CODES
+
+    def error(self, timeout: float | None = None) -> LstmServeError:
+        """The public exception for this failure."""
+        if self.timed_out:
+            message = f"no response from the server within {timeout} s"
+            return DeadlineExceeded(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        return error_for(self.code, self.details)
