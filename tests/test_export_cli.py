@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lstmserve.export import cli as export_cli
 from lstmserve.export import read_spec
@@ -22,6 +23,15 @@ def _run(argv: list[str]) -> int:
     export_cli.add_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["export", *argv])
     return args.run(args)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and one thread is immune to CPU contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -19,6 +19,15 @@ from lstmserve.export.data import load_tokens, stdlib_corpus
 from lstmserve.metadata import METADATA_KEY, ModelSpec
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and one thread is immune to CPU contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tokens_export(tmp_path_factory: pytest.TempPathFactory):
     config = ExportConfig.tiny(num_layers=2, out=tmp_path_factory.mktemp("tokens") / "model")
