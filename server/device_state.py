@@ -24,8 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from lstmserve.metadata import StateSpec
-from lstmserve.server.errors import Overloaded
-from lstmserve.server.state import SessionState, StateStore
+from lstmserve.server.state import SessionState, SlotList, StateStore
 
 OPSET = 17
 
@@ -130,7 +129,7 @@ class DeviceStateStore:
         )
         self._pool_h = self._zeros((capacity, rows, h_width))
         self._pool_c = self._zeros((capacity, rows, c_width))
-        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._slots = SlotList(capacity)
         self._buffers: dict[int, DeviceStateBuffers] = {}
 
     def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
@@ -142,7 +141,7 @@ class DeviceStateStore:
     @property
     def in_use(self) -> int:
         """Number of allocated slots."""
-        return self.capacity - len(self._free)
+        return self._slots.in_use
 
     @property
     def bytes_per_session(self) -> int:
@@ -151,14 +150,12 @@ class DeviceStateStore:
 
     def allocate(self) -> int:
         """Takes a free slot (its state is zero); raises Overloaded when none is left."""
-        if not self._free:
-            raise Overloaded(f"all {self.capacity} session slots are in use (--max-sessions)")
-        return self._free.pop()
+        return self._slots.take()
 
     def release(self, slot: int) -> None:
         """Zeroes a slot and returns it to the free list."""
         self.reset(slot)
-        self._free.append(slot)
+        self._slots.give_back(slot)
 
     def reset(self, slot: int) -> None:
         """Sets a slot's state back to zeros."""

@@ -45,6 +45,29 @@ class SessionState:
     c: np.ndarray
 
 
+class SlotList:
+    """The free slot numbers of a pool, handed out lowest first so live state stays packed."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free: list[int] = list(range(capacity - 1, -1, -1))
+
+    @property
+    def in_use(self) -> int:
+        """Number of slots handed out."""
+        return self.capacity - len(self._free)
+
+    def take(self) -> int:
+        """A free slot; raises Overloaded when none is left."""
+        if not self._free:
+            raise Overloaded(f"all {self.capacity} session slots are in use (--max-sessions)")
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        """Makes a slot free again."""
+        self._free.append(slot)
+
+
 class StateStore:
     """Pools of h and c rows, one slot per session.
 
@@ -63,14 +86,13 @@ class StateStore:
         # np.zeros maps untouched pages lazily: memory grows with the slots in use.
         self._h = np.zeros((rows, capacity, h_width), dtype=np.float32)
         self._c = np.zeros((rows, capacity, c_width), dtype=np.float32)
-        # Lowest slots first, so live state stays packed at the start of the pools.
-        self._free: list[int] = list(range(capacity - 1, -1, -1))
+        self._slots = SlotList(capacity)
         self._buffers: dict[int, StateBuffers] = {}
 
     @property
     def in_use(self) -> int:
         """Number of allocated slots."""
-        return self.capacity - len(self._free)
+        return self._slots.in_use
 
     @property
     def bytes_per_session(self) -> int:
@@ -79,14 +101,12 @@ class StateStore:
 
     def allocate(self) -> int:
         """Takes a free slot (its state is zero); raises Overloaded when none is left."""
-        if not self._free:
-            raise Overloaded(f"all {self.capacity} session slots are in use (--max-sessions)")
-        return self._free.pop()
+        return self._slots.take()
 
     def release(self, slot: int) -> None:
         """Zeroes a slot and returns it to the free list."""
         self.reset(slot)
-        self._free.append(slot)
+        self._slots.give_back(slot)
 
     def reset(self, slot: int) -> None:
         """Sets a slot's state back to zeros."""
