@@ -14,6 +14,7 @@ from lstmserve.server.sampling import SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
 
 DEFAULT_TOP_K = 5
+OUTPUT_KINDS = frozenset(pb.OutputKind.values())
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
@@ -43,14 +44,12 @@ def decode_inputs(
     if spec.kind == "tokens":
         if has_features and features.shape:
             raise InvalidInput("this model takes tokens, but the request carries features")
-        array = np.asarray(token_list, dtype=np.int64)
-        _check_count(len(array), max_positions)
+        _check_count(len(token_list), max_positions)
         vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
-        bad = np.flatnonzero((array < 0) | (array >= vocab))
-        if bad.size:
-            index = int(bad[0])
-            raise InvalidInput(f"token id {int(array[index])} at position {index} is outside the vocabulary [0, {vocab})")
-        return array
+        for index, token in enumerate(token_list):
+            if not 0 <= token < vocab:
+                raise InvalidInput(f"token id {token} at position {index} is outside the vocabulary [0, {vocab})")
+        return np.array(token_list, dtype=np.int64)
     if token_list:
         raise InvalidInput("this model takes features, but the request carries tokens")
     array = decode_float_tensor(features, "features")
@@ -104,7 +103,7 @@ def step_outputs(response: pb.StepResponse, logits: np.ndarray, output: int, top
 
 def validate_output(output: int, top_k: int, spec: ModelSpec) -> None:
     """Rejects unknown output kinds, and sampling or top-k on a model without a vocabulary."""
-    if output not in pb.OutputKind.values():
+    if output not in OUTPUT_KINDS:
         raise InvalidInput(f"output {output} is not a known OutputKind")
     if output in (pb.OUTPUT_TOPK, pb.OUTPUT_SAMPLE) and spec.head == "regression":
         raise InvalidInput(f"output {pb.OutputKind.Name(output)} needs a classifier or language model head")

@@ -39,6 +39,12 @@ from lstmserve.server.state import SessionState
 log = logging.getLogger(__name__)
 
 
+# When the scheduler is idle, a step of at most this many positions runs at once on the
+# event loop (about 0.1 ms for the default model) instead of through the queue and the
+# worker thread: two event-loop hops and a thread hop cost more than that.
+INLINE_MAX_POSITIONS = 4
+
+
 @dataclass(frozen=True)
 class SchedulerLimits:
     """Bounds the scheduler enforces."""
@@ -83,6 +89,8 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         # Held while a batch computes; the idle sweeper takes it so it never frees a slot mid-batch.
         self._compute_lock = asyncio.Lock()
+        # The session whose step was the only one in the last compute (None after a real batch).
+        self._last_solo: Session | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -174,8 +182,40 @@ class Scheduler:
                     f"which is at step {projected}"
                 )
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
+        if self._idle_for(session) and len(inputs) <= INLINE_MAX_POSITIONS:
+            return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
         return result
+
+    def _idle_for(self, session: Session) -> bool:
+        """Whether this session is stepping alone: nothing queued or computing anywhere, and the last
+        compute was this session's alone. Under concurrent load the last batch held other
+        sessions, so steps go through the batcher and batches form."""
+        return self._last_solo is session and not (
+            self._ready or self._queued or self._compute_lock.locked() or session.busy
+        )
+
+    def _run_now(self, session: Session, work: _Work) -> StepResult:
+        """Runs one short step right here on the event loop (the idle fast path: no queue, no wake-ups).
+
+        Only called when the scheduler is idle, so ordering and the one-batch-at-a-time
+        rule hold exactly as if the batching loop had taken it alone.
+        """
+        assert work.inputs is not None
+        session.queued_positions += len(work.inputs)
+        session.in_flight = True
+        session.last_used = time.monotonic()
+        groups = [_Group(sessions=[session], works=[work])]
+        started = time.perf_counter()
+        try:
+            outputs = self._compute(groups)
+        except Exception:
+            session.in_flight = False
+            session.queued_positions -= len(work.inputs)
+            raise
+        self.metrics.compute_latency.observe(time.perf_counter() - started)
+        self._resolve(groups, outputs)
+        return work.future.result()  # type: ignore[no-any-return]
 
     def sweep_idle(self, now: float | None = None) -> int:
         """Closes sessions idle past the TTL; returns how many."""
@@ -193,6 +233,8 @@ class Scheduler:
         return asyncio.get_running_loop().create_future()
 
     def _drop(self, session: Session) -> None:
+        if self._last_solo is session:
+            self._last_solo = None
         while session.pending:  # requests queued behind a close: the session is gone
             work = session.pending.popleft()
             self._queued -= 1
@@ -301,7 +343,9 @@ class Scheduler:
 
     def _resolve(self, groups: list[_Group], outputs: list[np.ndarray]) -> None:
         now = time.perf_counter()
+        observe_latency = self.metrics.step_latency.observe
         batch_size = sum(len(g.works) for g in groups)
+        self._last_solo = groups[0].sessions[0] if batch_size == 1 else None
         self.metrics.batch_size.observe(batch_size)
         positions = 0
         for group, logits in zip(groups, outputs, strict=True):
@@ -321,7 +365,7 @@ class Scheduler:
                 session.last_result = result
                 session.in_flight = False
                 session.last_used = time.monotonic()
-                self.metrics.step_latency.observe(now - work.enqueued)
+                observe_latency(now - work.enqueued)
                 if not work.future.done():
                     work.future.set_result(result)
         self.metrics.steps.inc(batch_size)
