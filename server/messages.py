@@ -19,8 +19,15 @@ OUTPUT_KINDS = frozenset(pb.OutputKind.values())
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
     """A numpy array as a Tensor message (little-endian bytes, row-major)."""
-    array = np.ascontiguousarray(array)
-    return pb.Tensor(shape=array.shape, data=array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    tensor = pb.Tensor()
+    fill_tensor(tensor, array)
+    return tensor
+
+
+def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
+    """Writes an array into a Tensor field in place (no intermediate message)."""
+    tensor.shape.extend(array.shape)
+    tensor.data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -92,7 +99,7 @@ def decode_generate(message: pb.Generate, spec: ModelSpec, max_tokens: int) -> G
 def step_outputs(response: pb.StepResponse, logits: np.ndarray, output: int, top_k: int, sampled: int | None) -> None:
     """Fills the part of a response that the request's `output` kind asks for."""
     if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
-        response.logits.CopyFrom(encode_tensor(logits))
+        fill_tensor(response.logits, logits)
     elif output == pb.OUTPUT_TOPK:
         ids, logprobs = top_k_logprobs(logits, top_k or DEFAULT_TOP_K)
         for row_ids, row_logprobs in zip(ids, logprobs, strict=True):

@@ -254,8 +254,7 @@ class Scheduler:
             # Counted until the step is applied or dropped, so `expected_step` checks see it.
             session.queued_positions += len(work.inputs)
         session.last_used = time.monotonic()
-        self._queued += 1
-        self.metrics.queue_depth.set(self._queued)
+        self._queued += 1  # the queue_depth gauge is updated once per batch, in _collect
         if not session.in_flight:
             self._ready.setdefault(session.id, session)
         self._wakeup.set()

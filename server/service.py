@@ -234,7 +234,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         self.metrics.generated_tokens.inc(count)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _ParsedStep:
     """A validated StepRequest: its input (None for an opening request) and what to do with it."""
 

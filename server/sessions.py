@@ -13,7 +13,7 @@ import numpy as np
 from lstmserve.server.errors import SessionNotFound
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StepResult:
     """What one step request produced.
 
