@@ -44,6 +44,10 @@ def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
     p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads for the server and the compute ceiling (default 1)")
     p.add_argument("--series", default="server,unbatched,echo,onnxruntime,torch",
                    help="which series to run, comma-separated (default all)")  # fmt: skip
+    p.add_argument("--memory-sessions", type=int, default=0,
+                   help="also measure the RSS cost of this many idle sessions (e.g. 100000; default 0: skip)")  # fmt: skip
+    p.add_argument("--memory-settle-s", type=float, default=67.0,
+                   help="idle seconds before the settled RSS reading (past the 60 s replay window; default 67)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/bench-TIMESTAMP)")
     p.set_defaults(run=run_bench_command)
 
@@ -80,8 +84,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
         bar.set_description(label)
         bar.update(1)
 
-    rows = run_bench(config, tick)
+    rows = run_bench(config, tick) if args.levels else []
     bar.close()
+    memory = None
+    if args.memory_sessions > 0:
+        from dataclasses import asdict
+
+        from lstmserve.bench.memory import measure_idle_sessions
+
+        print(f"measuring {args.memory_sessions} idle sessions (settling {args.memory_settle_s:.0f} s)", file=sys.stderr)
+        memory = measure_idle_sessions(
+            args.model, args.memory_sessions, settle_s=args.memory_settle_s, intra_op_threads=args.intra_op_threads
+        )
     report = BenchReport(
         command="lstmserve " + shlex.join(args.argv),
         machine=machine_description(),
@@ -89,6 +103,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
         rows=rows,
     )
     report.checks = compare_to_targets(rows, config)
+    if memory is not None:
+        report.memory = asdict(memory)
+        report.checks[f"{memory.sessions} idle sessions: RSS growth / raw state bytes (target <= 1.25)"] = (
+            f"{memory.ratio_to_state_bytes:.2f}"
+        )
     out = args.out or Path("results") / time.strftime("bench-%Y%m%d-%H%M%S")
     paths = write(report, out)
     print(markdown_table(report))

@@ -33,6 +33,7 @@ class BenchReport:
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     checks: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -88,9 +89,12 @@ def write(report: BenchReport, out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md", "plot": out_dir / "results.png"}
     paths["json"].write_text(json.dumps(asdict(report), indent=2))
     checks = "".join(f"- {name}: {value}\n" for name, value in report.checks.items())
+    memory = "".join(f"- {name}: {value}\n" for name, value in (report.memory or {}).items())
     paths["markdown"].write_text(
-        f"Command: `{report.command}`\n\nMachine: {report.machine}\n\n{markdown_table(report)}\n"
+        f"Command: `{report.command}`\n\nMachine: {report.machine}\n\n{markdown_table(report) if report.rows else ''}\n"
+        + (f"Idle-session memory:\n\n{memory}\n" if memory else "")
         + (f"Checks against the targets:\n\n{checks}" if checks else "")
     )
-    plot(report, paths["plot"])
+    if report.rows:
+        plot(report, paths["plot"])
     return paths

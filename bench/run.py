@@ -21,6 +21,7 @@ SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
 SERIES_ECHO = "gRPC echo (transport ceiling)"
 SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
 SERIES_TORCH = "PyTorch eager in-process"
+SERIES_ORT_FORMED = "ONNX Runtime at the batch size lstmserve formed"
 ALL_SERIES = ("server", "unbatched", "echo", "onnxruntime", "torch")
 
 
@@ -115,6 +116,8 @@ def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
             )
             with ServerProcess(command) as server:
                 rows += _sweep(SERIES_SERVER, server, server.target, config, vocab, tick)
+        if config.mode == "generate":
+            rows += _formed_batch_ceiling(rows, config)
     if "unbatched" in config.series and not config.target:
         command = lstmserve_command(
             config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
@@ -139,6 +142,20 @@ def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
     return rows
 
 
+def _formed_batch_ceiling(rows: Sequence[Row], config: BenchConfig) -> list[Row]:
+    """The compute ceiling at the mean batch size the scheduler formed at each level (generation target)."""
+    formed = []
+    for row in rows:
+        if row.series != SERIES_SERVER or not row.mean_batch:
+            continue
+        batch = max(1, round(row.mean_batch))
+        steps_per_s, per_call = onnxruntime_steps_per_s(
+            config.model, batch, duration_s=min(config.duration_s, 2.0), intra_op_threads=config.intra_op_threads
+        )
+        formed.append(Row(series=SERIES_ORT_FORMED, level=row.level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch)))
+    return formed
+
+
 def compare_to_targets(rows: Sequence[Row], config: BenchConfig) -> dict[str, str]:
     """The issue's ratio targets, computed from this run's rows (where the needed series were measured)."""
     by = {(row.series, row.level): row for row in rows}
@@ -155,4 +172,10 @@ def compare_to_targets(rows: Sequence[Row], config: BenchConfig) -> dict[str, st
     if single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
         budget = echo_one.p50_ms + ort_one.p50_ms + 0.150
         checks[f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms"] = f"{single.p50_ms:.3f} vs {budget:.3f}"
+    formed = by.get((SERIES_ORT_FORMED, top))
+    if config.mode == "generate" and server and formed:
+        ratio = server.steps_per_s / formed.steps_per_s
+        checks[
+            f"{top} sessions generating: tokens/s / compute ceiling at the formed batch {formed.mean_batch:.0f} (target >= 0.50)"
+        ] = f"{ratio:.2f}"
     return checks

@@ -18,6 +18,7 @@ iteration.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
 import time
@@ -38,6 +39,10 @@ from lstmserve.server.state import SessionState
 
 log = logging.getLogger(__name__)
 
+
+# How long a session keeps its last result, to answer a resent request (`expected_step`)
+# after a broken stream. Idle sessions then drop it, so they cost little memory.
+REPLAY_WINDOW_S = 60.0
 
 # When the scheduler is idle, a step of at most this many positions runs at once on the
 # event loop (about 0.1 ms for the default model) instead of through the queue and the
@@ -218,8 +223,14 @@ class Scheduler:
         return work.future.result()  # type: ignore[no-any-return]
 
     def sweep_idle(self, now: float | None = None) -> int:
-        """Closes sessions idle past the TTL; returns how many."""
-        cutoff = (time.monotonic() if now is None else now) - self.limits.session_ttl_s
+        """Closes sessions idle past the TTL, and forgets stored results older than the replay window.
+
+        Returns how many sessions were closed.
+        """
+        now = time.monotonic() if now is None else now
+        if self.sessions.forget_results_before(now - REPLAY_WINDOW_S):
+            release_free_memory()
+        cutoff = now - self.limits.session_ttl_s
         expired = self.sessions.idle_since(cutoff)
         for session in expired:
             self._drop(session)
@@ -236,7 +247,7 @@ class Scheduler:
         if self._last_solo is session:
             self._last_solo = None
         while session.pending:  # requests queued behind a close: the session is gone
-            work = session.pending.popleft()
+            work = session.pending.pop(0)
             self._queued -= 1
             if not work.future.done():
                 work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
@@ -266,7 +277,7 @@ class Scheduler:
         while self._ready and len(taken) < self.limits.max_batch_size:
             _, session = self._ready.popitem(last=False)
             while session.pending:
-                work = session.pending.popleft()
+                work = session.pending.pop(0)
                 self._queued -= 1
                 if work.future.cancelled() and work.op is None:
                     session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
@@ -376,6 +387,27 @@ class Scheduler:
             await asyncio.sleep(interval)
             async with self._compute_lock:
                 self.sweep_idle()
+
+
+def release_free_memory() -> None:
+    """Asks glibc to hand freed heap pages back to the system (a no-op elsewhere).
+
+    Many small freed buffers (forgotten results) otherwise stay in the process's RSS.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +31,20 @@ class StepResult:
     input_digest: bytes
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
-    """One live session. Mutated only by the scheduler, on the event loop."""
+    """One live session. Mutated only by the scheduler, on the event loop.
+
+    Kept small (an idle session costs a few hundred bytes besides its state): slots, and
+    a plain list for the queue, which rarely holds more than one or two requests.
+    """
 
     id: str
     slot: int
     owner: str
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    pending: deque[Any] = field(default_factory=deque)
+    pending: list[Any] = field(default_factory=list)
     queued_positions: int = 0
     in_flight: bool = False
     last_result: StepResult | None = None
@@ -92,6 +95,15 @@ class SessionTable:
     def idle_since(self, cutoff: float) -> list[Session]:
         """Sessions with no work whose last use was before `cutoff` (monotonic seconds)."""
         return [s for s in self._sessions.values() if not s.busy and s.last_used < cutoff]
+
+    def forget_results_before(self, cutoff: float) -> int:
+        """Drops the stored last result of sessions idle since before `cutoff` (monotonic seconds); returns how many."""
+        forgotten = 0
+        for session in self._sessions.values():
+            if session.last_result is not None and not session.busy and session.last_used < cutoff:
+                session.last_result = None
+                forgotten += 1
+        return forgotten
 
     def all(self) -> list[Session]:
         """Every live session."""

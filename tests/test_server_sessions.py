@@ -184,3 +184,23 @@ def test_generation_checks_expected_step(server: ServerThread) -> None:
             stream.request(tokens=[1], expected_step=0, generate=pb.Generate(max_tokens=3))
         stream.close()
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_stored_result_is_forgotten_after_the_replay_window(token_model: Path) -> None:
+    from lstmserve.server.scheduler import REPLAY_WINDOW_S
+
+    handle = start_server(token_model)
+    try:
+        with handle.channel() as channel:
+            stream = SyncStream(channel)
+            stream.request(tokens=[1, 2], expected_step=0)
+            assert stream.request(tokens=[1, 2], expected_step=0).step == 2  # replayed within the window
+            scheduler = handle.server.scheduler
+            assert scheduler is not None
+            handle.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + REPLAY_WINDOW_S + 1))
+            with pytest.raises(grpc.RpcError) as error:
+                stream.request(tokens=[1, 2], expected_step=0)
+            stream.close()
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        handle.stop()
