@@ -260,6 +260,8 @@ class Scheduler:
     async def _enqueue(self, session: Session, work: _Work) -> Any:
         if self._queued >= self.limits.max_queue:
             raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
+        if session.pending is None:
+            session.pending = []
         session.pending.append(work)
         if work.inputs is not None:
             # Counted until the step is applied or dropped, so `expected_step` checks see it.
@@ -290,6 +292,8 @@ class Scheduler:
                 taken.append((session, work))
                 session.in_flight = True
                 break
+            if not session.pending:
+                session.pending = None  # idle sessions keep no empty list
         self.metrics.queue_depth.set(self._queued)
         return taken
 

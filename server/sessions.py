@@ -36,7 +36,7 @@ class Session:
     """One live session. Mutated only by the scheduler, on the event loop.
 
     Kept small (an idle session costs a few hundred bytes besides its state): slots, and
-    a plain list for the queue, which rarely holds more than one or two requests.
+    a queue list that exists only while requests are waiting (it rarely holds more than two).
     """
 
     id: str
@@ -44,7 +44,7 @@ class Session:
     owner: str
     step: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    pending: list[Any] = field(default_factory=list)
+    pending: list[Any] | None = None
     queued_positions: int = 0
     in_flight: bool = False
     last_result: StepResult | None = None
