@@ -20,7 +20,7 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
-def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
+def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Registers `bench`."""
     p = subparsers.add_parser(
         "bench",

@@ -114,7 +114,7 @@ async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
     return result
 
 
-def _process_main(spec: LoadSpec, seed_base: int, connection: "mp.connection.Connection") -> None:
+def _process_main(spec: LoadSpec, seed_base: int, connection: mp.connection.Connection) -> None:
     try:
         import uvloop
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
-from lstmserve.bench.report import BenchReport, Row
+from lstmserve.bench.report import Row
 from lstmserve.bench.servers import ServerProcess, echo_command, lstmserve_command
 
 SERIES_SERVER = "lstmserve"

@@ -17,7 +17,7 @@ EXIT_BAD_INPUT = 2
 EXIT_PARITY = 1
 
 
-def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
+def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Registers the `export` subcommand."""
     d = ExportConfig.__dataclass_fields__
     parser = subparsers.add_parser(

@@ -96,18 +96,18 @@ class ExportConfig:
         return int(self.input_size or 0)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ExportConfig":
+    def preset(cls, name: str, **overrides: Any) -> ExportConfig:
         """The named preset with `overrides` applied on top."""
         if name not in PRESETS:
             raise ExportError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "ExportConfig":
+    def tiny(cls, **overrides: Any) -> ExportConfig:
         """A model that trains in a second or two, for tests and smoke runs."""
         return cls.preset("tiny", **overrides)
 
-    def replace(self, **changes: Any) -> "ExportConfig":
+    def replace(self, **changes: Any) -> ExportConfig:
         """A copy with `changes` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -44,7 +44,7 @@ class ModelConfig:
     proj_size: int
 
     @classmethod
-    def from_export(cls, config: ExportConfig, vocab_size: int) -> "ModelConfig":
+    def from_export(cls, config: ExportConfig, vocab_size: int) -> ModelConfig:
         """The architecture an export config asks for."""
         tokens = config.task == "tokens"
         return cls(

@@ -99,7 +99,7 @@ class ModelSpec:
         return json.dumps(data, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
+    def from_json(cls, text: str) -> ModelSpec:
         """Parses a spec written by `to_json`; raises ModelSpecError if it is not one."""
         try:
             data: dict[str, Any] = json.loads(text)

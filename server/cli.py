@@ -33,7 +33,7 @@ def _optional_port(text: str) -> int | None:
     return None if text.lower() in ("", "none", "off") else int(text)
 
 
-def add_parsers(subparsers: "argparse._SubParsersAction[Any]") -> None:
+def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Registers `serve`."""
     p = subparsers.add_parser(
         "serve",

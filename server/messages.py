@@ -44,7 +44,7 @@ def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
 
 
 def decode_inputs(
-    tokens: "list[int] | object", features: pb.Tensor, has_features: bool, spec: ModelSpec, max_positions: int
+    tokens: list[int] | object, features: pb.Tensor, has_features: bool, spec: ModelSpec, max_positions: int
 ) -> np.ndarray:
     """Validates a request's input; returns int64 tokens [positions] or float32 features [positions, width]."""
     token_list = list(tokens)  # type: ignore[call-overload]

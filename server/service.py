@@ -186,7 +186,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             return self.scheduler.get_session(session_id, owner)
         return self.scheduler.create_session(owner)
 
-    def _parse(self, request: pb.StepRequest, *, first: bool) -> "_ParsedStep":
+    def _parse(self, request: pb.StepRequest, *, first: bool) -> _ParsedStep:
         has_input = bool(request.tokens) or request.HasField("features")
         generate_params = None
         if request.HasField("generate"):
@@ -201,7 +201,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         expected = request.expected_step if request.HasField("expected_step") else None
         return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
 
-    async def _step(self, session: Session, request: pb.StepRequest, parsed: "_ParsedStep") -> pb.StepResponse:
+    async def _step(self, session: Session, request: pb.StepRequest, parsed: _ParsedStep) -> pb.StepResponse:
         assert parsed.inputs is not None
         result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
         response = pb.StepResponse(
@@ -212,7 +212,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         return response
 
     async def _generate(
-        self, session: Session, request: pb.StepRequest, parsed: "_ParsedStep"
+        self, session: Session, request: pb.StepRequest, parsed: _ParsedStep
     ) -> AsyncIterator[pb.StepResponse]:
         assert parsed.inputs is not None and parsed.generate is not None
         count = 0

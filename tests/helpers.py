@@ -81,7 +81,7 @@ def reference_logits(model_path: Path, inputs: np.ndarray) -> np.ndarray:
     return logits[0].numpy()
 
 
-def model_spec(model_path: Path) -> "ModelSpec":
+def model_spec(model_path: Path) -> ModelSpec:
     """The ModelSpec stored in an exported model."""
     import onnx
 
