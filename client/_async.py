@@ -247,6 +247,7 @@ class AsyncSession:
             ServerBusy: the server's max_sessions is reached.
         """
         async with self._lock:
+            self._check_open()
             if self._id is None:
                 if self._resume is not None:
                     info = await self._client._get_session(self._resume)
@@ -362,13 +363,12 @@ class AsyncSession:
 
     async def close(self) -> None:
         """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""
-        if self._id is None:
-            self._closed = True
-            return
-        async with self._lock:
+        async with self._lock:  # taken first: an open() in another task finishes before we look at the id
             if self._closed:
                 return
             self._closed = True
+            if self._id is None:
+                return
             if self._generation is not None:
                 self._generation._abandon()
             self._drop_stream()

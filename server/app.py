@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
 WARMUP_BATCH_SIZES = (1, 2, 4, 8)
+# After the work in progress is done, how long open (idle) streams get before they are cut.
+DRAIN_STREAM_GRACE_S = 1.0
 
 
 class LstmServer:
@@ -58,6 +60,7 @@ class LstmServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: object | None = None
         self.scheduler: Scheduler | None = None
+        self._service: LstmServeService | None = None
 
     async def start(self) -> int:
         """Warms the model up, starts listening and returns the bound gRPC port."""
@@ -82,9 +85,8 @@ class LstmServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ]
         )
-        pb_grpc.add_LstmServeServicer_to_server(
-            LstmServeService(self.scheduler, self.runner, config, self.metrics), server
-        )
+        self._service = LstmServeService(self.scheduler, self.runner, config, self.metrics)
+        pb_grpc.add_LstmServeServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -125,18 +127,26 @@ class LstmServer:
             scratch.scatter(slots, buffers)
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Stops taking sessions, reports NOT_SERVING, lets queued steps finish (within the grace), stops."""
+        """Stops taking sessions, reports NOT_SERVING, lets requests in progress (steps and whole
+        generations) finish within the grace period, then stops; streams still open then are cut."""
         grace = self.config.grace_s if grace_s is None else grace_s
         started = time.monotonic()
         await self.health.enter_graceful_shutdown()
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
             try:
-                await asyncio.wait_for(self.scheduler.wait_idle(), timeout=grace)
+                await asyncio.wait_for(self._work_done(), timeout=grace)
             except TimeoutError:
-                log.warning("grace period of %.1f s ended with steps still queued", grace)
+                log.warning("grace period of %.1f s ended with requests still in progress", grace)
         remaining = max(0.0, grace - (time.monotonic() - started))
-        await self.stop(min(remaining, 1.0))
+        await self.stop(min(remaining, DRAIN_STREAM_GRACE_S))
+
+    async def _work_done(self) -> None:
+        """Returns when no step request or generation is in progress or queued."""
+        while (self._service is not None and self._service.requests_in_progress) or (
+            self.scheduler is not None and not self.scheduler.is_idle()
+        ):
+            await asyncio.sleep(0.01)
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stops the gRPC server, the scheduler and the metrics endpoint."""

@@ -29,6 +29,13 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, type: Any, default: Any,
     parser.add_argument(flag, type=type, default=value, help=f"{help} (env {env}; default: %(default)s)")
 
 
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(text)
+    return level
+
+
 def _optional_port(text: str) -> int | None:
     return None if text.lower() in ("", "none", "off") else int(text)
 
@@ -64,7 +71,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="where session state lives: auto (GPU memory with CUDA, else host), host, or device",
     )
-    _add(p, "--log-level", type=str, default="INFO", help="logging level")
+    _add(p, "--log-level", type=_log_level, default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(run=run_serve)
 
     h = subparsers.add_parser(
@@ -86,7 +93,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from lstmserve.metadata import ModelSpecError
     from lstmserve.server.app import serve
     from lstmserve.server.config import ConfigError, ServerConfig
-    from lstmserve.server.runner import ProviderError
+    from lstmserve.server.runner import ModelLoadError, ProviderError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.model.is_file():
@@ -123,9 +130,10 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     try:
         asyncio.run(serve(config))
-    except (ModelSpecError, ProviderError, OSError) as error:
+    except (ModelSpecError, ModelLoadError, ProviderError, OSError) as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 1
+
     return 0
 
 

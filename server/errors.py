@@ -29,3 +29,7 @@ class StepMismatch(ServeError):
 
 class Draining(ServeError):
     """The server is shutting down and takes no new work (UNAVAILABLE)."""
+
+
+class ComputeFailed(ServeError):
+    """ONNX Runtime failed on the batch group that held this request (INTERNAL); its state is unchanged."""

@@ -5,6 +5,8 @@ Pure functions: no server state. The gRPC service is their only user.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from lstmserve.metadata import ModelSpec
@@ -35,7 +37,7 @@ def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}.shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    count = math.prod(shape) if shape else 0  # Python ints: a huge shape cannot overflow to a small count
     if len(tensor.data) != 4 * count:
         raise InvalidInput(
             f"{field}.data has {len(tensor.data)} bytes but shape {list(shape)} needs {4 * count} (float32)"

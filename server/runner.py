@@ -27,6 +27,10 @@ PROVIDER_NAMES = {
 }
 
 
+class ModelLoadError(ValueError):
+    """ONNX Runtime cannot load the model file."""
+
+
 class ProviderError(ValueError):
     """A requested execution provider is unknown or not available."""
 
@@ -90,9 +94,12 @@ class Runner:
         session_options.inter_op_num_threads = 1
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         provider_options = [{"device_id": str(options.device_id)} if p == "CUDAExecutionProvider" else {} for p in providers]
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options, providers=providers, provider_options=provider_options
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(model_path), sess_options=session_options, providers=providers, provider_options=provider_options
+            )
+        except Exception as exc:  # ONNX Runtime's load errors (InvalidProtobuf, Fail, ...) share no base class
+            raise ModelLoadError(f"cannot load {str(model_path)!r}: {exc}") from exc
         self.spec = read_spec(self.session, model_path)
         self.provider = self.session.get_providers()[0]
         self.providers = providers

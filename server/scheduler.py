@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from lstmserve.server.device_state import AnyStateStore
-from lstmserve.server.errors import Draining, Overloaded, SessionNotFound, StepMismatch
+from lstmserve.server.errors import ComputeFailed, Draining, Overloaded, SessionNotFound, StepMismatch
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sessions import Session, SessionTable, StepResult
@@ -96,6 +96,7 @@ class Scheduler:
         self._compute_lock = asyncio.Lock()
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
+        self._last_compute_end = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -108,10 +109,9 @@ class Scheduler:
         """Refuses new sessions from now on (draining); existing sessions keep working."""
         self._accepting = False
 
-    async def wait_idle(self) -> None:
-        """Returns when no request is queued or running."""
-        while self._queued or any(s.in_flight for s in self.sessions.all()):
-            await asyncio.sleep(0.005)
+    def is_idle(self) -> bool:
+        """Whether no request is queued or computing."""
+        return not (self._queued or self._compute_lock.locked() or any(s.in_flight for s in self.sessions.all()))
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
@@ -168,8 +168,14 @@ class Scheduler:
         already applied (same input, the session moved on by exactly its length)
         returns the stored result again instead of being applied twice.
         """
+        self._require_live(session)
         digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
         if expected_step is not None:
+            if expected_step != session.step + session.queued_positions and replay and session.busy:
+                # Maybe a resend of a step that is still queued or computing: wait for the
+                # session's earlier work to settle, then decide.
+                await self._enqueue(session, _Work(future=self._new_future(), op=lambda s: None))
+                self._require_live(session)
             projected = session.step + session.queued_positions
             last = session.last_result
             if expected_step != projected:
@@ -183,14 +189,19 @@ class Scheduler:
                 ):
                     return last
                 raise StepMismatch(
-                    f"expected_step {expected_step} does not match session {session.id!r}, "
-                    f"which is at step {projected}"
+                    f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
+                    f"{session.step} with {session.queued_positions} more positions queued"
                 )
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and len(inputs) <= INLINE_MAX_POSITIONS:
             return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
         return result
+
+    def _require_live(self, session: Session) -> None:
+        """Raises SessionNotFound if the session was closed or expired (e.g. during a generation)."""
+        if session not in self.sessions:
+            raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
 
     def _idle_for(self, session: Session) -> bool:
         """Whether this session is stepping alone: nothing queued or computing anywhere, and the last
@@ -212,13 +223,9 @@ class Scheduler:
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
         started = time.perf_counter()
-        try:
-            outputs = self._compute(groups)
-        except Exception:
-            session.in_flight = False
-            session.queued_positions -= len(work.inputs)
-            raise
-        self.metrics.compute_latency.observe(time.perf_counter() - started)
+        outputs = self._compute(groups)
+        self._last_compute_end = time.perf_counter()
+        self.metrics.compute_latency.observe(self._last_compute_end - started)
         self._resolve(groups, outputs)
         return work.future.result()  # type: ignore[no-any-return]
 
@@ -258,6 +265,7 @@ class Scheduler:
         self.metrics.active_sessions.set(len(self.sessions))
 
     async def _enqueue(self, session: Session, work: _Work) -> Any:
+        self._require_live(session)
         if self._queued >= self.limits.max_queue:
             raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
         if session.pending is None:
@@ -313,8 +321,10 @@ class Scheduler:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.limits.max_wait_us and len(self._ready) < self.limits.max_batch_size:
-                await asyncio.sleep(self.limits.max_wait_us / 1e6)
+            wait_s = self.limits.max_wait_us / 1e6
+            if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
+                # The server was idle: give the requests arriving right behind this one a chance.
+                await asyncio.sleep(wait_s)
             taken = self._collect()
             if not taken:
                 continue
@@ -323,15 +333,9 @@ class Scheduler:
             try:
                 async with self._compute_lock:
                     outputs = await loop.run_in_executor(self._executor, self._compute, groups)
-            except Exception as exc:  # the batch failed: every request in it gets the error
-                log.exception("batch of %d failed", len(taken))
-                for session, work in taken:
-                    session.in_flight = False
-                    session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
-                    if not work.future.done():
-                        work.future.set_exception(exc)
-                self._requeue(taken)
-                continue
+            except Exception as exc:  # the worker itself failed (e.g. shut down): fail this batch
+                outputs = [exc] * len(groups)
+            self._last_compute_end = time.perf_counter()
             self.metrics.compute_latency.observe(time.perf_counter() - started)
             self._resolve(groups, outputs)
             self._requeue(taken)
@@ -343,15 +347,24 @@ class Scheduler:
         if self._ready:
             self._wakeup.set()
 
-    def _compute(self, groups: list[_Group]) -> list[np.ndarray]:
-        """Runs on the worker thread: gather, run, scatter for each group."""
-        outputs = []
+    def _compute(self, groups: list[_Group]) -> list[np.ndarray | Exception]:
+        """Runs on the worker thread: gather, run, scatter for each group.
+
+        A group that fails leaves its sessions' state untouched (scatter never ran) and
+        returns its exception; the other groups are unaffected.
+        """
+        outputs: list[np.ndarray | Exception] = []
         for group in groups:
-            slots = np.fromiter((s.slot for s in group.sessions), dtype=np.int64, count=len(group.sessions))
-            inputs = np.stack([w.inputs for w in group.works])  # type: ignore[misc]
-            buffers = self.store.gather(slots)
-            logits = self.runner.run(inputs, buffers)
-            self.store.scatter(slots, buffers)
+            try:
+                slots = np.fromiter((s.slot for s in group.sessions), dtype=np.int64, count=len(group.sessions))
+                inputs = np.stack([w.inputs for w in group.works])  # type: ignore[misc]
+                buffers = self.store.gather(slots)
+                logits = self.runner.run(inputs, buffers)
+                self.store.scatter(slots, buffers)
+            except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
+                log.exception("a batch of %d session(s) failed", len(group.sessions))
+                outputs.append(exc)
+                continue
             outputs.append(logits)
         return outputs
 
@@ -363,6 +376,9 @@ class Scheduler:
         self.metrics.batch_size.observe(batch_size)
         positions = 0
         for group, logits in zip(groups, outputs, strict=True):
+            if isinstance(logits, Exception):
+                self._fail_group(group, logits)
+                continue
             for row, (session, work) in enumerate(zip(group.sessions, group.works, strict=True)):
                 assert work.inputs is not None
                 length = len(work.inputs)
@@ -384,6 +400,14 @@ class Scheduler:
                     work.future.set_result(result)
         self.metrics.steps.inc(batch_size)
         self.metrics.tokens.inc(positions)
+
+    def _fail_group(self, group: _Group, error: Exception) -> None:
+        """Fails exactly the requests of a group whose compute raised; their state is unchanged."""
+        for session, work in zip(group.sessions, group.works, strict=True):
+            session.in_flight = False
+            session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
+            if not work.future.done():
+                work.future.set_exception(ComputeFailed(f"computing the step failed: {error}"))
 
     async def _sweep_loop(self) -> None:
         interval = min(self.limits.session_ttl_s / 4, 5.0)

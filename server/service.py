@@ -20,6 +20,7 @@ from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import (
+    ComputeFailed,
     Draining,
     InvalidInput,
     NotSteppable,
@@ -46,6 +47,7 @@ STATUS_BY_ERROR: dict[type[ServeError], grpc.StatusCode] = {
     NotSteppable: grpc.StatusCode.FAILED_PRECONDITION,
     StepMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    ComputeFailed: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -63,6 +65,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         self.spec: ModelSpec = runner.spec
         self.config = config
         self.metrics = metrics
+        self.requests_in_progress = 0  # step requests (and generations) not answered yet; drain waits for 0
 
     # ---- helpers ---------------------------------------------------------
     async def _abort(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
@@ -160,6 +163,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         session: Session | None = None
         owner = self._owner(context)
         async for request in request_iterator:
+            self.requests_in_progress += 1
             try:
                 self._require_steppable()
                 parsed = self._parse(request, first=session is None)  # validate before any state changes
@@ -180,6 +184,8 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                     yield await self._step(session, request, parsed)
             except ServeError as error:
                 await self._abort(context, error)
+            finally:
+                self.requests_in_progress -= 1
 
     def _open(self, session_id: str, owner: str) -> Session:
         if session_id:

@@ -123,6 +123,14 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
         env={**os.environ, "LSTMSERVE_PORT": "eighty"},
     )
     assert env_bad.returncode != 0 and "LSTMSERVE_PORT='eighty'" in env_bad.stderr
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not an ONNX model")
+    broken = subprocess.run([LSTMSERVE, "serve", "--model", str(corrupt)], capture_output=True, text=True)
+    assert broken.returncode == 1 and "corrupt.onnx" in broken.stderr and "Traceback" not in broken.stderr
+    loud = subprocess.run(
+        [LSTMSERVE, "serve", "--model", str(token_model), "--log-level", "LOUD"], capture_output=True, text=True
+    )
+    assert loud.returncode == 2 and "LOUD" in loud.stderr and "Traceback" not in loud.stderr
     no_cuda = subprocess.run(
         [LSTMSERVE, "serve", "--model", str(token_model), "--providers", "cuda"], capture_output=True, text=True
     )
