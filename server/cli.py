@@ -56,7 +56,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--device-id", type=int, default=0, help="CUDA device index")
     _add(p, "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     _add(p, "--max-batch-size", type=int, default=256, help="most sessions stepped in one ONNX Runtime call")
-    _add(p, "--max-wait-us", type=int, default=0, help="when idle, wait this long for more requests before a batch")
+    _add(p, "--max-wait-us", type=int, default=0, help="after an idle spell, wait this long for more requests before the first batch")
     _add(p, "--max-sessions", type=int, default=10_000, help="most live sessions (size of the state pools)")
     _add(p, "--session-ttl-s", type=float, default=900.0, help="close a session after this many idle seconds")
     _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")

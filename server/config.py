@@ -25,8 +25,8 @@ class ServerConfig:
         device_id: CUDA device index.
         intra_op_threads: ONNX Runtime intra-op threads (0 = ONNX Runtime's default).
         max_batch_size: most sessions stepped in one ONNX Runtime call.
-        max_wait_us: how long the batcher waits for more requests after the first one
-            arrives when the server is idle (0 = run at once; batches still form while a step runs).
+        max_wait_us: after an idle spell, how long the batcher waits for more requests once
+            the first one arrives (0 = run at once; batches still form while a step runs).
         max_sessions: most live sessions; also the size of the state pools.
         session_ttl_s: a session idle this long is closed.
         max_tokens_per_request: most tokens (or feature rows) in one request.
