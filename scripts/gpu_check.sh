@@ -3,7 +3,8 @@
 #  1. ONNX Runtime offers the CUDA execution provider;
 #  2. the isolation tests pass with the CUDA provider and device-resident state
 #     (served logits vs PyTorch whole-sequence, max abs diff <= 1e-4; TF32 off for fp32 parity);
-#  3. a short stepping load runs against `lstmserve serve --providers cuda`, printing the provider.
+#  3. a short sweep of `lstmserve bench` runs against `lstmserve serve --providers cuda`
+#     (results under results/gpu-check), after `lstmserve info` prints the provider in use.
 # Usage: PYTHON=.venv/bin/python scripts/gpu_check.sh [MODEL_DIR]
 set -euo pipefail
 PY="${PYTHON:-python}"
@@ -30,6 +31,7 @@ trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "serving on" "$log" && break; sleep 0.1; done
 grep "serving on\|session state" "$log"
 port="$(sed -n 's/.*serving on [^:]*:\([0-9]*\).*/\1/p' "$log" | head -1)"
-"$PY" scripts/step_throughput.py --target "127.0.0.1:$port" --sessions 1 --steps 200
-"$PY" scripts/step_throughput.py --target "127.0.0.1:$port" --sessions 64 --steps 100
+"$PY" -m lstmserve.cli info --target "127.0.0.1:$port"
+"$PY" -m lstmserve.cli bench --model "$MODEL_DIR/model.onnx" --target "127.0.0.1:$port" --series server \
+  --levels 1,16,64,256 --duration-s 3 --out results/gpu-check
 kill -TERM $pid; wait $pid
