@@ -74,6 +74,7 @@ class LstmServer:
                 max_wait_us=config.max_wait_us,
                 max_queue=config.max_queue,
                 session_ttl_s=config.session_ttl_s,
+                max_inflight_per_session=config.max_inflight_per_session,
             ),
             self.metrics,
         )

@@ -62,6 +62,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")
     _add(p, "--max-generate-tokens", type=int, default=4096, help="most tokens one generation may ask for")
     _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
+    _add(p, "--max-inflight-per-session", type=int, default=64, help="most requests one session may have waiting")
     _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
     _add(p, "--grace-s", type=float, default=10.0, help="on SIGTERM, how long in-flight work may take")
     _add(
@@ -115,6 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_tokens_per_request=args.max_tokens_per_request,
             max_generate_tokens=args.max_generate_tokens,
             max_queue=args.max_queue,
+            max_inflight_per_session=args.max_inflight_per_session,
             max_message_bytes=args.max_message_bytes,
             grace_s=args.grace_s,
             state_placement=args.state_placement,

@@ -32,6 +32,8 @@ class ServerConfig:
         max_tokens_per_request: most tokens (or feature rows) in one request.
         max_generate_tokens: most tokens one generation request may ask for.
         max_queue: most requests waiting for the batcher; more gets RESOURCE_EXHAUSTED.
+        max_inflight_per_session: most requests one session may have waiting (pipelined on
+            its stream); more gets RESOURCE_EXHAUSTED, so one client cannot fill the queue.
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
@@ -52,6 +54,7 @@ class ServerConfig:
     max_tokens_per_request: int = 4096
     max_generate_tokens: int = 4096
     max_queue: int = 65_536
+    max_inflight_per_session: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
     grace_s: float = 10.0
     state_placement: str = "auto"
@@ -63,6 +66,7 @@ class ServerConfig:
             "max_tokens_per_request": self.max_tokens_per_request,
             "max_generate_tokens": self.max_generate_tokens,
             "max_queue": self.max_queue,
+            "max_inflight_per_session": self.max_inflight_per_session,
             "max_message_bytes": self.max_message_bytes,
         }
         for name, value in positive.items():

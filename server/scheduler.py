@@ -58,6 +58,7 @@ class SchedulerLimits:
     max_wait_us: int = 0
     max_queue: int = 65_536
     session_ttl_s: float = 900.0
+    max_inflight_per_session: int = 64
 
 
 @dataclass(eq=False)
@@ -268,6 +269,12 @@ class Scheduler:
         self._require_live(session)
         if self._queued >= self.limits.max_queue:
             raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
+        limit = self.limits.max_inflight_per_session
+        if work.inputs is not None and session.pending is not None and len(session.pending) >= limit:
+            raise Overloaded(
+                f"session {session.id!r} already has {len(session.pending)} requests waiting "
+                f"(--max-inflight-per-session={limit})"
+            )
         if session.pending is None:
             session.pending = []
         session.pending.append(work)

@@ -147,3 +147,50 @@ def test_a_step_for_a_closed_session_object_is_refused(token_model: Path) -> Non
         assert handle.call(scenario()) == "SessionNotFound"
     finally:
         handle.stop()
+
+
+def test_one_session_cannot_queue_more_than_its_inflight_limit(token_model: Path) -> None:
+    handle = start_server(token_model, max_inflight_per_session=2)
+    scheduler = handle.server.scheduler
+    assert scheduler is not None
+    try:
+
+        async def flood() -> list[object]:
+            import asyncio
+
+            session = scheduler.create_session()
+            other = scheduler.create_session()
+            steps = [scheduler.step(session, np.array([1], np.int64)) for _ in range(6)]
+            steps.append(scheduler.step(other, np.array([1], np.int64)))
+            results = await asyncio.gather(*steps, return_exceptions=True)
+            return [type(r).__name__ for r in results] + [session.step, other.step]
+
+        outcome = handle.call(flood())
+        # All seven requests arrive before the batcher runs: two fit the session's limit.
+        assert outcome[:7] == ["StepResult"] * 2 + ["Overloaded"] * 4 + ["StepResult"]
+        assert outcome[7:] == [2, 1]  # refused requests changed nothing; the other session is not refused
+    finally:
+        handle.stop()
+
+
+def test_a_step_whose_deadline_passed_while_queued_is_not_computed(token_model: Path) -> None:
+    handle = start_server(token_model, max_tokens_per_request=300_000, max_message_bytes=64 * 1024 * 1024)
+    big = np.random.default_rng(1).integers(0, 20, size=200_000).tolist()
+    try:
+        with handle.channel() as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            waiting = stub.CreateSession(pb.CreateSessionRequest()).session_id
+            blocker = SyncStream(channel)
+            blocker.send(tokens=big, output=pb.OUTPUT_NONE)  # keeps the worker busy for a while
+            time.sleep(0.01)
+            late = pb_grpc.LstmServeStub(channel).Step(
+                iter([pb.StepRequest(session_id=waiting, tokens=[1, 2, 3])]), timeout=0.005
+            )
+            with pytest.raises(grpc.RpcError) as error:
+                list(late)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert blocker.read().step == len(big)
+            time.sleep(0.05)
+            assert stub.GetSession(pb.SessionRef(session_id=waiting)).step == 0  # never computed
+    finally:
+        handle.stop()
