@@ -161,14 +161,19 @@ class AsyncClient:
         reply: pb.InferResponse = await self._unary(self._stub.Infer, request)
         return _wire.decode_logits(reply.logits)
 
-    def session(self, resume: str | None = None, *, close_on_exit: bool | None = None) -> AsyncSession:
-        """A new session, or the live session `resume`; opened by `await` or `async with`.
+    def session(
+        self, resume: str | None = None, *, restore: bytes | None = None, close_on_exit: bool | None = None
+    ) -> AsyncSession:
+        """A new session, the live session `resume`, or a new session from a snapshot blob
+        (`restore`); opened by `await` or `async with`.
 
         `s = await client.session()` or `async with client.session() as s:`. On
         leaving `async with`, a new session is closed on the server, a resumed one
         only detached, unless `close_on_exit` says otherwise.
         """
-        session = AsyncSession(self, resume, close_on_exit=close_on_exit)
+        if resume is not None and restore is not None:
+            raise ValueError("pass at most one of resume and restore")
+        session = AsyncSession(self, resume, restore=restore, close_on_exit=close_on_exit)
         self._sessions.add(session)
         return session
 
@@ -207,13 +212,22 @@ class AsyncSession:
     Args:
         client: the client it belongs to.
         resume: the id of a live session to reattach to; None creates a new one.
+        restore: a snapshot blob to create the new session from.
         close_on_exit: whether leaving `async with` closes the session on the server
             (default: yes for a new session, no for a resumed one).
     """
 
-    def __init__(self, client: AsyncClient, resume: str | None = None, *, close_on_exit: bool | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        resume: str | None = None,
+        *,
+        restore: bytes | None = None,
+        close_on_exit: bool | None = None,
+    ) -> None:
         self._client = client
         self._resume = resume
+        self._restore = restore
         self._id: str | None = None
         self._step: int | None = None
         self.close_on_exit = close_on_exit if close_on_exit is not None else resume is None
@@ -251,6 +265,11 @@ class AsyncSession:
             if self._id is None:
                 if self._resume is not None:
                     info = await self._client._get_session(self._resume)
+                elif self._restore is not None:
+                    reply = await self._client._unary(
+                        self._client._stub.RestoreSession, pb.RestoreSessionRequest(blob=self._restore)
+                    )
+                    info = _wire.session_info(reply)
                 else:
                     reply = await self._client._unary(self._client._stub.CreateSession, pb.CreateSessionRequest())
                     info = _wire.session_info(reply)
@@ -344,6 +363,19 @@ class AsyncSession:
         return Completion(
             text=generation.text, tokens=tuple(tokens), finish_reason=generation.finish_reason, step=generation.step
         )
+
+    async def snapshot(self) -> bytes:
+        """An opaque, versioned, integrity-checked copy of the session's state and step counter.
+
+        `client.session(restore=blob)` recreates the session on any server of the same model.
+        """
+        await self.open()
+        async with self._lock:
+            self._check_open()
+            await self._settle(resync=False)
+            reply = await self._client._unary(self._client._stub.SnapshotSession, pb.SessionRef(session_id=self.id))
+            self._step = int(reply.step)
+            return bytes(reply.blob)
 
     async def reset(self) -> SessionInfo:
         """Returns the session to zero state and step 0."""

@@ -172,8 +172,13 @@ class Client:
         reply: pb.InferResponse = self._unary(self._stub.Infer, request)
         return _wire.decode_logits(reply.logits)
 
-    def session(self, resume: str | None = None, *, close_on_exit: bool | None = None) -> Session:
-        """A new session (zero state), or the live session `resume` (its state and step counter).
+    def session(
+        self, resume: str | None = None, *, restore: bytes | None = None, close_on_exit: bool | None = None
+    ) -> Session:
+        """A new session (zero state), the live session `resume`, or a new session from a snapshot.
+
+        `restore` is a blob from `Session.snapshot()` (on this or another server of the same
+        model); the new session has the snapshot's state and step counter and a new id.
 
         Use it as a context manager: on exit a new session is closed on the server,
         a resumed one only detached (its stream ended) so it can be resumed again,
@@ -184,9 +189,15 @@ class Client:
             ServerBusy: the server's max_sessions is reached.
             NotSteppable: the model is bidirectional.
         """
+        if resume is not None and restore is not None:
+            raise ValueError("pass at most one of resume and restore")
         if resume is not None:
             info = self._get_session(resume)
             session = Session(self, info.id, info.step, close_on_exit=bool(close_on_exit))
+        elif restore is not None:
+            reply = self._unary(self._stub.RestoreSession, pb.RestoreSessionRequest(blob=restore))
+            info = _wire.session_info(reply)
+            session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
         else:
             info = _wire.session_info(self._unary(self._stub.CreateSession, pb.CreateSessionRequest()))
             session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
@@ -390,6 +401,18 @@ class Session:
         """The session as the server sees it (step counter, idle time, time to expiry)."""
         info = self._client._get_session(self._id)
         return info
+
+    def snapshot(self) -> bytes:
+        """An opaque, versioned, integrity-checked copy of the session's state and step counter.
+
+        `client.session(restore=blob)` recreates the session on any server of the same model.
+        """
+        with self._lock:
+            self._check_open()
+            self._settle(resync=False)
+            reply = self._client._unary(self._client._stub.SnapshotSession, pb.SessionRef(session_id=self._id))
+            self._step = int(reply.step)
+            return bytes(reply.blob)
 
     def close(self) -> None:
         """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""

@@ -36,6 +36,10 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _optional_port(text: str) -> int | None:
     return None if text.lower() in ("", "none", "off") else int(text)
 
@@ -72,6 +76,13 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="where session state lives: auto (GPU memory with CUDA, else host), host, or device",
     )
+    _add(
+        p,
+        "--snapshot-secret-file",
+        type=_optional_path,
+        default=None,
+        help="file whose contents key the HMAC that signs session snapshots (unset: a plain checksum)",
+    )
     _add(p, "--log-level", type=_log_level, default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(run=run_serve)
 
@@ -100,6 +111,20 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"lstmserve serve: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
+    secret = None
+    if args.snapshot_secret_file is not None:
+        try:
+            secret = args.snapshot_secret_file.read_bytes().strip()
+        except OSError as error:
+            print(f"lstmserve serve: error: cannot read --snapshot-secret-file: {error}", file=sys.stderr)
+            return 2
+        if len(secret) < 16:
+            print(
+                f"lstmserve serve: error: --snapshot-secret-file {str(args.snapshot_secret_file)!r} holds "
+                f"{len(secret)} bytes; use at least 16",
+                file=sys.stderr,
+            )
+            return 2
     try:
         config = ServerConfig(
             model=args.model,
@@ -120,6 +145,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_message_bytes=args.max_message_bytes,
             grace_s=args.grace_s,
             state_placement=args.state_placement,
+            snapshot_secret=secret,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

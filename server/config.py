@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -36,6 +36,7 @@ class ServerConfig:
             its stream); more gets RESOURCE_EXHAUSTED, so one client cannot fill the queue.
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
+        snapshot_secret: key for the HMAC that signs snapshots (None: a plain checksum).
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
             memory), "host", or "device" (ONNX Runtime buffers on the provider's device).
     """
@@ -58,6 +59,7 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     grace_s: float = 10.0
     state_placement: str = "auto"
+    snapshot_secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         positive = {

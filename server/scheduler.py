@@ -154,10 +154,23 @@ class Scheduler:
         session = self.sessions.get(session_id, owner)
         await self._enqueue(session, _Work(future=self._new_future(), op=self._drop))
 
-    async def read_state(self, session_id: str, owner: str = "") -> tuple[Session, SessionState]:
-        """A copy of a session's state, after its queued steps."""
+    async def read_state(self, session_id: str, owner: str = "") -> tuple[int, SessionState]:
+        """A session's step counter and a copy of its state, after its queued steps."""
         session = self.sessions.get(session_id, owner)
-        return await self._enqueue(session, _Work(future=self._new_future(), op=lambda s: (s, self.store.read(s.slot))))
+        return await self._enqueue(
+            session, _Work(future=self._new_future(), op=lambda s: (s.step, self.store.read(s.slot)))
+        )
+
+    async def restore_session(self, state: SessionState, step: int, owner: str = "") -> Session:
+        """Creates a session holding `state` at step counter `step`."""
+        session = self.create_session(owner)
+
+        def write(s: Session) -> Session:
+            self.store.write(s.slot, state)
+            s.step = step
+            return s
+
+        return await self._enqueue(session, _Work(future=self._new_future(), op=write))
 
     async def step(
         self, session: Session, inputs: np.ndarray, expected_step: int | None = None, *, replay: bool = True

@@ -34,6 +34,7 @@ from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
 from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -144,6 +145,31 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             await self._abort(context, error)
             raise
         return pb.CloseSessionResponse()
+
+    async def SnapshotSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionSnapshot:
+        try:
+            step, state = await self.scheduler.read_state(request.session_id, self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        blob = encode_snapshot(state, step, self.spec.fingerprint, self.config.snapshot_secret)
+        return pb.SessionSnapshot(blob=blob, step=step)
+
+    async def RestoreSession(self, request: pb.RestoreSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
+        spec = self.spec
+        try:
+            self._require_steppable()
+            state, step = decode_snapshot(
+                request.blob,
+                fingerprint=spec.fingerprint,
+                shape=(spec.state_rows, spec.h.width, spec.c.width),
+                secret=self.config.snapshot_secret,
+            )
+            session = await self.scheduler.restore_session(state, step, self._owner(context))
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return self._session_info(session)
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
         try:

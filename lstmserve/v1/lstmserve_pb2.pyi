@@ -116,6 +116,20 @@ class CloseSessionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SessionSnapshot(_message.Message):
+    __slots__ = ("blob", "step")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    step: int
+    def __init__(self, blob: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
+
+class RestoreSessionRequest(_message.Message):
+    __slots__ = ("blob",)
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    def __init__(self, blob: _Optional[bytes] = ...) -> None: ...
+
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "tokens", "features", "output", "top_k", "sampling", "generate", "expected_step")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

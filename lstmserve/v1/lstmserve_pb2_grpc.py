@@ -59,6 +59,16 @@ class LstmServeStub:
                 request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.SnapshotSession = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/SnapshotSession',
+                request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionSnapshot.FromString,
+                _registered_method=True)
+        self.RestoreSession = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/RestoreSession',
+                request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.RestoreSessionRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionInfo.FromString,
+                _registered_method=True)
         self.Step = channel.stream_stream(
                 '/lstmserve.v1.LstmServe/Step',
                 request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepRequest.SerializeToString,
@@ -109,6 +119,22 @@ class LstmServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SnapshotSession(self, request, context):
+        """An opaque, versioned, integrity-checked copy of a session's state and step
+        counter (taken after its queued steps), to restore on any server of the same model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSession(self, request, context):
+        """Creates a new session from a snapshot. INVALID_ARGUMENT for a truncated,
+        tampered or foreign blob, or one from another model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Step(self, request_iterator, context):
         """Stepwise inference. The first request opens a new session (empty
         session_id) or resumes one (session_id set); each request gets its
@@ -154,6 +180,16 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'SnapshotSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotSession,
+                    request_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionSnapshot.SerializeToString,
+            ),
+            'RestoreSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSession,
+                    request_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.RestoreSessionRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.SessionInfo.SerializeToString,
             ),
             'Step': grpc.stream_stream_rpc_method_handler(
                     servicer.Step,
@@ -301,6 +337,60 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/CloseSession',
             lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.SerializeToString,
             lstmserve_dot_v1_dot_lstmserve__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/SnapshotSession',
+            lstmserve_dot_v1_dot_lstmserve__pb2.SessionRef.SerializeToString,
+            lstmserve_dot_v1_dot_lstmserve__pb2.SessionSnapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/RestoreSession',
+            lstmserve_dot_v1_dot_lstmserve__pb2.RestoreSessionRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstmserve__pb2.SessionInfo.FromString,
             options,
             channel_credentials,
             insecure,
