@@ -26,6 +26,9 @@ class _CommandError(Exception):
     """A failure to report as one line on stderr."""
 
 
+API_KEY_ENV = "LSTMSERVE_API_KEY"
+
+
 def _add_target(parser: argparse.ArgumentParser) -> None:
     default = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
     parser.add_argument(
@@ -36,6 +39,12 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="seconds each call may take (default: no limit)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV) or None,
+        metavar="KEY",
+        help=f"API key sent as 'authorization: Bearer KEY' (env {API_KEY_ENV}; default: none)",
     )
 
 
@@ -180,7 +189,8 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], int]) 
     from lstmserve.client import Client, LstmServeError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
+        with Client(args.target, timeout=args.timeout, metadata=metadata) as client:
             return body(client)
     except LstmServeError as error:
         if error.code == grpc.StatusCode.UNAVAILABLE:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
@@ -79,7 +80,9 @@ class LstmServer:
             self.metrics,
         )
         self.scheduler.start()
+        interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
         server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", config.max_message_bytes),

@@ -78,6 +78,13 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     _add(
         p,
+        "--api-keys-file",
+        type=_optional_path,
+        default=None,
+        help="file of accepted API keys, one per line; calls then need 'authorization: Bearer KEY' (unset: open)",
+    )
+    _add(
+        p,
         "--snapshot-secret-file",
         type=_optional_path,
         default=None,
@@ -103,6 +110,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from lstmserve.metadata import ModelSpecError
+    from lstmserve.server.auth import ApiKeyError, load_api_keys
     from lstmserve.server.app import serve
     from lstmserve.server.config import ConfigError, ServerConfig
     from lstmserve.server.runner import ModelLoadError, ProviderError
@@ -111,6 +119,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"lstmserve serve: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
+    api_keys: frozenset[str] = frozenset()
+    if args.api_keys_file is not None:
+        try:
+            api_keys = load_api_keys(args.api_keys_file)
+        except ApiKeyError as error:
+            print(f"lstmserve serve: error: {error}", file=sys.stderr)
+            return 2
     secret = None
     if args.snapshot_secret_file is not None:
         try:
@@ -146,6 +161,7 @@ def run_serve(args: argparse.Namespace) -> int:
             grace_s=args.grace_s,
             state_placement=args.state_placement,
             snapshot_secret=secret,
+            api_keys=api_keys,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

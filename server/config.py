@@ -37,6 +37,7 @@ class ServerConfig:
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
         snapshot_secret: key for the HMAC that signs snapshots (None: a plain checksum).
+        api_keys: accepted API keys (`authorization: Bearer KEY`); empty: no authentication.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
             memory), "host", or "device" (ONNX Runtime buffers on the provider's device).
     """
@@ -60,6 +61,7 @@ class ServerConfig:
     grace_s: float = 10.0
     state_placement: str = "auto"
     snapshot_secret: bytes | None = field(default=None, repr=False)
+    api_keys: frozenset[str] = field(default=frozenset(), repr=False)
 
     def __post_init__(self) -> None:
         positive = {

@@ -18,6 +18,7 @@ import numpy as np
 
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
+from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import (
     ComputeFailed,
@@ -75,8 +76,10 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         await context.abort(code, str(error))
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
-        """Who the caller is; sessions belong to their creator (one owner until API keys exist)."""
-        return ""
+        """Who the caller is: a digest of its API key ("" without keys). Sessions belong to their creator."""
+        if not self.config.api_keys:
+            return ""
+        return owner_of(bearer_key(context.invocation_metadata()))
 
     def _session_info(self, session: Session) -> pb.SessionInfo:
         idle = time.monotonic() - session.last_used
