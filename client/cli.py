@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,6 +40,12 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="seconds each call may take (default: no limit)"
+    )
+    parser.add_argument(
+        "--tls-ca-file",
+        default=os.environ.get("LSTMSERVE_TLS_CA_FILE") or None,
+        metavar="PEM",
+        help="connect with TLS, verifying the server against this CA (env LSTMSERVE_TLS_CA_FILE)",
     )
     parser.add_argument(
         "--api-key",
@@ -190,7 +197,14 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], int]) 
 
     try:
         metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else None
-        with Client(args.target, timeout=args.timeout, metadata=metadata) as client:
+        credentials = None
+        if args.tls_ca_file:
+            try:
+                ca = Path(args.tls_ca_file).read_bytes()
+            except OSError as error:
+                return _fail(command, f"cannot read --tls-ca-file: {error}")
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        with Client(args.target, timeout=args.timeout, metadata=metadata, credentials=credentials) as client:
             return body(client)
     except LstmServeError as error:
         if error.code == grpc.StatusCode.UNAVAILABLE:

@@ -76,6 +76,15 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="where session state lives: auto (GPU memory with CUDA, else host), host, or device",
     )
+    _add(p, "--tls-cert-file", type=_optional_path, default=None, help="server certificate chain (PEM); enables TLS")
+    _add(p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file")
+    _add(
+        p,
+        "--tls-client-ca-file",
+        type=_optional_path,
+        default=None,
+        help="CA (PEM) that client certificates must be signed by; clients then need a certificate",
+    )
     _add(
         p,
         "--api-keys-file",
@@ -102,6 +111,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(h, "--target", type=str, default="127.0.0.1:50051", help="server address HOST:PORT")
     h.add_argument("--service", default="", help="service name to check ('' = the whole server)")
     h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.add_argument("--tls-ca-file", type=Path, default=None, help="CA (PEM) to verify a TLS server with")
     h.set_defaults(run=run_health)
 
 
@@ -112,13 +122,19 @@ def run_serve(args: argparse.Namespace) -> int:
     from lstmserve.metadata import ModelSpecError
     from lstmserve.server.auth import ApiKeyError, load_api_keys
     from lstmserve.server.app import serve
-    from lstmserve.server.config import ConfigError, ServerConfig
+    from lstmserve.server.config import ConfigError, ServerConfig, TlsFiles
     from lstmserve.server.runner import ModelLoadError, ProviderError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.model.is_file():
         print(f"lstmserve serve: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
+    tls = None
+    if args.tls_cert_file or args.tls_key_file or args.tls_client_ca_file:
+        if not (args.tls_cert_file and args.tls_key_file):
+            print("lstmserve serve: error: TLS needs both --tls-cert-file and --tls-key-file", file=sys.stderr)
+            return 2
+        tls = TlsFiles(cert=args.tls_cert_file, key=args.tls_key_file, client_ca=args.tls_client_ca_file)
     api_keys: frozenset[str] = frozenset()
     if args.api_keys_file is not None:
         try:
@@ -162,6 +178,7 @@ def run_serve(args: argparse.Namespace) -> int:
             state_placement=args.state_placement,
             snapshot_secret=secret,
             api_keys=api_keys,
+            tls=tls,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
@@ -174,7 +191,7 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     try:
         asyncio.run(serve(config))
-    except (ModelSpecError, ModelLoadError, ProviderError, OSError) as error:
+    except (ModelSpecError, ModelLoadError, ProviderError, ConfigError, OSError) as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 1
 
@@ -186,7 +203,13 @@ def run_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.target, options=[("grpc.so_reuseport", 0)]) as channel:
+    options = [("grpc.so_reuseport", 0)]
+    if args.tls_ca_file is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=args.tls_ca_file.read_bytes())
+        channel = grpc.secure_channel(args.target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target, options=options)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

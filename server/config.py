@@ -5,8 +5,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 
 STATE_PLACEMENTS = ("auto", "host", "device")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS: the server's certificate chain and key, and optionally the CA that
+    client certificates must be signed by (then a client certificate is required)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials from the files (ConfigError if one cannot be read)."""
+        try:
+            chain, key = self.cert.read_bytes(), self.key.read_bytes()
+            client_ca = self.client_ca.read_bytes() if self.client_ca else None
+        except OSError as error:
+            raise ConfigError(f"cannot read a TLS file: {error}") from error
+        return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
 class ConfigError(ValueError):
@@ -37,6 +58,7 @@ class ServerConfig:
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
         snapshot_secret: key for the HMAC that signs snapshots (None: a plain checksum).
+        tls: server certificate and key (and optionally a CA for client certificates); None: plaintext.
         api_keys: accepted API keys (`authorization: Bearer KEY`); empty: no authentication.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
             memory), "host", or "device" (ONNX Runtime buffers on the provider's device).
@@ -62,6 +84,7 @@ class ServerConfig:
     state_placement: str = "auto"
     snapshot_secret: bytes | None = field(default=None, repr=False)
     api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         positive = {
