@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import grpc
@@ -21,6 +22,9 @@ from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
+from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.persistence import StateDir
+from lstmserve.server.snapshot import encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner, RunnerOptions
@@ -62,6 +66,9 @@ class LstmServer:
         self._metrics_server: object | None = None
         self.scheduler: Scheduler | None = None
         self._service: LstmServeService | None = None
+        self.state_dir: StateDir | None = None
+        self._written_versions: dict[str, int] = {}  # session id -> state version last written to disk
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Warms the model up, starts listening and returns the bound gRPC port."""
@@ -80,6 +87,8 @@ class LstmServer:
             self.metrics,
         )
         self.scheduler.start()
+        if config.state_dir is not None:
+            await self._restore_from_disk(config.state_dir)
         interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -120,6 +129,59 @@ class LstmServer:
         )
         return self.port
 
+    async def _restore_from_disk(self, path: Path) -> None:
+        """Opens the state directory and brings back every session stored there, under its id and owner."""
+        assert self.scheduler is not None
+        spec = self.runner.spec
+        self.state_dir = StateDir(
+            path,
+            fingerprint=spec.fingerprint,
+            shape=(spec.state_rows, spec.h.width, spec.c.width),
+            secret=self.config.snapshot_secret,
+        )
+        stored = await asyncio.to_thread(self.state_dir.read_all)
+        for item in stored:
+            session = await self.scheduler.restore_session(item.state, item.step, item.owner, item.session_id)
+            self._written_versions[item.session_id] = session.version
+        state_dir = self.state_dir
+        self.scheduler.on_session_dropped = lambda session_id: self._forget_file(state_dir, session_id)
+        log.info("restored %d session(s) from %s", len(stored), path)
+        if self.config.checkpoint_interval_s:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(self.config.checkpoint_interval_s))
+
+    def _forget_file(self, state_dir: StateDir, session_id: str) -> None:
+        self._written_versions.pop(session_id, None)
+        state_dir.remove(session_id)
+
+    async def checkpoint(self) -> int:
+        """Writes every session whose state changed since it was last written; returns how many."""
+        if self.scheduler is None or self.state_dir is None:
+            return 0
+        written = 0
+        for session in self.scheduler.sessions.all():
+            if self._written_versions.get(session.id) == session.version and not session.busy:
+                continue
+            try:
+                step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
+            except SessionNotFound:
+                continue  # closed meanwhile
+            blob = encode_snapshot(state, step, self.runner.spec.fingerprint, self.config.snapshot_secret)
+            await asyncio.to_thread(self.state_dir.write, session.id, session.owner, blob)
+            if session in self.scheduler.sessions:
+                self._written_versions[session.id] = version
+            else:  # closed while its file was being written: the file must go too
+                self.state_dir.remove(session.id)
+            written += 1
+        return written
+
+    async def _checkpoint_loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.checkpoint()
+            except OSError:
+                log.exception("checkpoint to %s failed", self.config.state_dir)
+
     def _warm_up(self) -> None:
         """Runs a few batch sizes once on scratch buffers (no session state is touched)."""
         spec = self.runner.spec
@@ -146,6 +208,14 @@ class LstmServer:
                 await asyncio.wait_for(self._work_done(), timeout=grace)
             except TimeoutError:
                 log.warning("grace period of %.1f s ended with requests still in progress", grace)
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+        if self.scheduler is not None:
+            self.scheduler.freeze()  # nothing acknowledged after this point: the write below has it all
+            await self._work_done()
+        written = await self.checkpoint()
+        if self.state_dir is not None:
+            log.info("wrote %d session(s) to %s", written, self.state_dir.path)
         remaining = max(0.0, grace - (time.monotonic() - started))
         await self.stop(min(remaining, DRAIN_STREAM_GRACE_S))
 
@@ -157,7 +227,10 @@ class LstmServer:
             await asyncio.sleep(0.01)
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Stops the gRPC server, the scheduler and the metrics endpoint."""
+        """Stops the gRPC server, the scheduler and the metrics endpoint (writes nothing: see `drain`)."""
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            self._checkpoint_task = None
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None

@@ -76,6 +76,20 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="auto",
         help="where session state lives: auto (GPU memory with CUDA, else host), host, or device",
     )
+    _add(
+        p,
+        "--state-dir",
+        type=_optional_path,
+        default=None,
+        help="directory for session files: written on SIGTERM (and by checkpoints), read back at start",
+    )
+    _add(
+        p,
+        "--checkpoint-interval-s",
+        type=float,
+        default=0.0,
+        help="with --state-dir, write changed sessions this often, bounding what a crash loses (0: off)",
+    )
     _add(p, "--tls-cert-file", type=_optional_path, default=None, help="server certificate chain (PEM); enables TLS")
     _add(p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file")
     _add(
@@ -179,6 +193,8 @@ def run_serve(args: argparse.Namespace) -> int:
             snapshot_secret=secret,
             api_keys=api_keys,
             tls=tls,
+            state_dir=args.state_dir,
+            checkpoint_interval_s=args.checkpoint_interval_s,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

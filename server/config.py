@@ -58,6 +58,8 @@ class ServerConfig:
         max_message_bytes: largest gRPC message accepted or sent.
         grace_s: on SIGTERM, how long in-flight work may take before the server exits.
         snapshot_secret: key for the HMAC that signs snapshots (None: a plain checksum).
+        state_dir: where session files are written on drain (and by checkpoints) and read at start.
+        checkpoint_interval_s: with state_dir, write changed sessions this often (0: only on drain).
         tls: server certificate and key (and optionally a CA for client certificates); None: plaintext.
         api_keys: accepted API keys (`authorization: Bearer KEY`); empty: no authentication.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
@@ -85,6 +87,8 @@ class ServerConfig:
     snapshot_secret: bytes | None = field(default=None, repr=False)
     api_keys: frozenset[str] = field(default=frozenset(), repr=False)
     tls: TlsFiles | None = None
+    state_dir: Path | None = None
+    checkpoint_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -111,6 +115,10 @@ class ServerConfig:
             raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.grace_s < 0:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.checkpoint_interval_s < 0:
+            raise ConfigError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
+        if self.checkpoint_interval_s and self.state_dir is None:
+            raise ConfigError("checkpoint_interval_s needs a state_dir (--state-dir)")
         if self.state_placement not in STATE_PLACEMENTS:
             raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:

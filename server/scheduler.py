@@ -92,12 +92,15 @@ class Scheduler:
         self._ready: OrderedDict[str, Session] = OrderedDict()
         self._queued = 0
         self._accepting = True
+        self._frozen = False
         self._wakeup = asyncio.Event()
         # Held while a batch computes; the idle sweeper takes it so it never frees a slot mid-batch.
         self._compute_lock = asyncio.Lock()
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
         self._last_compute_end = 0.0
+        # Called with the id of every session that is closed or expires (e.g. to delete its file).
+        self.on_session_dropped: Callable[[str], None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -109,6 +112,11 @@ class Scheduler:
     def stop_accepting(self) -> None:
         """Refuses new sessions from now on (draining); existing sessions keep working."""
         self._accepting = False
+
+    def freeze(self) -> None:
+        """Refuses every further step (the last moment of a drain, before state is written)."""
+        self._accepting = False
+        self._frozen = True
 
     def is_idle(self) -> bool:
         """Whether no request is queued or computing."""
@@ -122,12 +130,12 @@ class Scheduler:
         self._executor.shutdown(wait=True)
 
     # ---- session operations (all run on the event loop) ------------------
-    def create_session(self, owner: str = "") -> Session:
-        """Creates a session with zero state."""
+    def create_session(self, owner: str = "", session_id: str | None = None) -> Session:
+        """Creates a session with zero state (under `session_id` when one is being restored)."""
         if not self._accepting:
             raise Draining("server is shutting down and takes no new sessions")
         slot = self.store.allocate()
-        session = self.sessions.add(slot, owner)
+        session = self.sessions.add(slot, owner, session_id)
         self.metrics.sessions_created.inc()
         self.metrics.active_sessions.set(len(self.sessions))
         return session
@@ -143,6 +151,7 @@ class Scheduler:
 
         def reset(s: Session) -> Session:
             self.store.reset(s.slot)
+            s.version += 1
             s.step = 0
             s.last_result = None
             return s
@@ -156,17 +165,25 @@ class Scheduler:
 
     async def read_state(self, session_id: str, owner: str = "") -> tuple[int, SessionState]:
         """A session's step counter and a copy of its state, after its queued steps."""
+        step, _, state = await self.read_versioned_state(session_id, owner)
+        return step, state
+
+    async def read_versioned_state(self, session_id: str, owner: str = "") -> tuple[int, int, SessionState]:
+        """A session's step counter, state version and a copy of its state, after its queued steps."""
         session = self.sessions.get(session_id, owner)
         return await self._enqueue(
-            session, _Work(future=self._new_future(), op=lambda s: (s.step, self.store.read(s.slot)))
+            session, _Work(future=self._new_future(), op=lambda s: (s.step, s.version, self.store.read(s.slot)))
         )
 
-    async def restore_session(self, state: SessionState, step: int, owner: str = "") -> Session:
-        """Creates a session holding `state` at step counter `step`."""
-        session = self.create_session(owner)
+    async def restore_session(
+        self, state: SessionState, step: int, owner: str = "", session_id: str | None = None
+    ) -> Session:
+        """Creates a session holding `state` at step counter `step` (under `session_id` if given)."""
+        session = self.create_session(owner, session_id)
 
         def write(s: Session) -> Session:
             self.store.write(s.slot, state)
+            s.version += 1
             s.step = step
             return s
 
@@ -183,6 +200,8 @@ class Scheduler:
         returns the stored result again instead of being applied twice.
         """
         self._require_live(session)
+        if self._frozen:
+            raise Draining("server is shutting down; resume this session when it is back")
         digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
         if expected_step is not None:
             if expected_step != session.step + session.queued_positions and replay and session.busy:
@@ -274,6 +293,8 @@ class Scheduler:
                 work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
         session.queued_positions = 0
         self.sessions.remove(session)
+        if self.on_session_dropped is not None:
+            self.on_session_dropped(session.id)
         self.store.release(session.slot)
         self._ready.pop(session.id, None)
         self.metrics.active_sessions.set(len(self.sessions))
@@ -411,6 +432,7 @@ class Scheduler:
                     input_digest=work.digest,
                 )
                 session.step = result.step
+                session.version += 1
                 session.queued_positions -= length
                 session.last_result = result
                 session.in_flight = False

@@ -48,6 +48,7 @@ class Session:
     queued_positions: int = 0
     in_flight: bool = False
     last_result: StepResult | None = None
+    version: int = 0  # bumped on every change of state (steps, reset, restore): what checkpoints compare
 
     @property
     def busy(self) -> bool:
@@ -72,11 +73,12 @@ class SessionTable:
     def __contains__(self, session: Session) -> bool:
         return self._sessions.get(session.id) is session
 
-    def add(self, slot: int, owner: str) -> Session:
-        """Registers a new session on a slot under a fresh id."""
-        session_id = new_session_id()
-        while session_id in self._sessions:  # 2**-128 odds, but never reuse a live id
+    def add(self, slot: int, owner: str, session_id: str | None = None) -> Session:
+        """Registers a new session on a slot under a fresh id (or a given one, when restoring from disk)."""
+        if session_id is None:
             session_id = new_session_id()
+            while session_id in self._sessions:  # 2**-128 odds, but never reuse a live id
+                session_id = new_session_id()
         session = Session(id=session_id, slot=slot, owner=owner)
         self._sessions[session_id] = session
         return session

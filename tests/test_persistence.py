@@ -1,0 +1,124 @@
+"""Sessions survive a restart: written on drain (SIGTERM) and by checkpoints, read back at start."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from conftest import start_server
+
+from lstmserve.client import Client
+
+LSTMSERVE = str(Path(sys.executable).with_name("lstmserve"))
+
+
+def _control_logits(address: str, tokens: list[int]) -> np.ndarray:
+    with Client(address) as client, client.session() as session:
+        logits = session.step(tokens).logits
+        assert logits is not None
+        return logits
+
+
+def test_drain_writes_sessions_and_a_restart_resumes_them_exactly(token_model: Path, tmp_path: Path) -> None:
+    first = start_server(token_model, state_dir=tmp_path)
+    with Client(first.address) as client:
+        kept = client.session()
+        kept.step([1, 2, 3])
+        closed = client.session()
+        closed.step([4])
+        closed.close()
+        reset = client.session()
+        reset.step([5, 6])
+        reset.reset()
+        ids = (kept.id, reset.id)
+        kept.detach()
+        reset.detach()
+    first.call(first.server.drain(grace_s=5))
+    first.loop.call_soon_threadsafe(first.loop.stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.session" for i in ids)
+
+    second = start_server(token_model, state_dir=tmp_path)
+    try:
+        expected = _control_logits(second.address, [1, 2, 3, 7])[3]
+        with Client(second.address) as client:
+            with client.session(resume=ids[0]) as resumed:
+                assert resumed.info().step == 3
+                np.testing.assert_array_equal(resumed.step([7]).logits[0], expected)
+            with client.session(resume=ids[1]) as was_reset:
+                assert was_reset.info().step == 0
+    finally:
+        second.stop()
+
+
+def test_corrupted_state_file_is_refused_and_the_others_restored(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    first = start_server(token_model, state_dir=tmp_path)
+    with Client(first.address) as client:
+        good, bad = client.session(), client.session()
+        good.step([1])
+        bad.step([2])
+        good_id, bad_id = good.id, bad.id
+        good.detach()
+        bad.detach()
+    first.call(first.server.drain(grace_s=5))
+    first.loop.call_soon_threadsafe(first.loop.stop)
+    bad_file = tmp_path / f"{bad_id}.session"
+    bad_file.write_bytes(bad_file.read_bytes()[:-10] + b"0123456789")
+
+    with caplog.at_level("ERROR"):
+        second = start_server(token_model, state_dir=tmp_path)
+    try:
+        assert any("refused" in r.message and bad_id in r.message for r in caplog.records)
+        assert (tmp_path / f"{bad_id}.corrupt").exists()
+        with Client(second.address) as client:
+            with client.session(resume=good_id) as restored:
+                assert restored.info().step == 1
+    finally:
+        second.stop()
+
+
+def _serve(model: Path, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", "--state-dir", str(state_dir), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ),
+    )
+    assert process.stdout is not None
+    match = re.search(r"serving on \S+:(\d+)", process.stdout.readline())
+    assert match, "server did not start"
+    return process, f"127.0.0.1:{match.group(1)}"
+
+
+def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tmp_path: Path) -> None:
+    process, address = _serve(token_model, tmp_path, "--checkpoint-interval-s", "0.2")
+    try:
+        with Client(address) as client:
+            session = client.session()
+            session.step([1, 2, 3])
+            session_id = session.id
+            time.sleep(0.6)  # at least one checkpoint after the acknowledged step
+            session.detach()
+        process.send_signal(signal.SIGKILL)  # a crash: no drain
+        process.wait(10)
+        process, address = _serve(token_model, tmp_path, "--checkpoint-interval-s", "0.2")
+        with Client(address) as client, client.session(resume=session_id) as resumed:
+            assert resumed.info().step == 3  # everything acknowledged before the last checkpoint is kept
+            resumed.step([4, 5])
+            resumed.detach()
+        process.send_signal(signal.SIGTERM)  # a drain writes the latest state
+        assert process.wait(15) == 0
+        process, address = _serve(token_model, tmp_path)
+        expected = _control_logits(address, [1, 2, 3, 4, 5, 6])[5]
+        with Client(address) as client, client.session(resume=session_id) as resumed:
+            assert resumed.info().step == 5
+            np.testing.assert_array_equal(resumed.step([6]).logits[0], expected)
+    finally:
+        if process.poll() is None:
+            process.kill()
