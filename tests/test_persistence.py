@@ -122,3 +122,63 @@ def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tm
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_sigterm_under_load_keeps_every_acknowledged_step(token_model: Path, tmp_path: Path) -> None:
+    import threading
+
+    import grpc
+    from helpers import SyncStream, logits_of
+
+    from lstmserve.v1 import lstmserve_pb2 as pb
+    from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+    process, address = _serve(token_model, tmp_path, "--grace-s", "5")
+    histories: dict[str, list[int]] = {}
+    pending: dict[str, list[int]] = {}
+    ready = threading.Barrier(9)
+
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
+            stream = SyncStream(channel)
+            session_id = stream.request().session_id
+            histories[session_id], pending[session_id] = [], []
+            ready.wait()
+            try:
+                while True:
+                    tokens = rng.integers(0, 10, size=int(rng.integers(1, 4))).tolist()
+                    pending[session_id] = tokens
+                    response = stream.request(tokens=tokens)
+                    histories[session_id] += tokens  # acknowledged
+                    pending[session_id] = []
+                    assert response.step == len(histories[session_id])
+            except grpc.RpcError:
+                pass  # the server went away
+
+    threads = [threading.Thread(target=load, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    for thread in threads:
+        thread.join(10)
+    process, address = _serve(token_model, tmp_path)
+    try:
+        with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            for session_id, acknowledged in histories.items():
+                assert acknowledged, "every session stepped before the drain"
+                step = stub.GetSession(pb.SessionRef(session_id=session_id)).step
+                # Every acknowledged step is kept; at most the one request in flight was applied too.
+                applied = acknowledged if step == len(acknowledged) else acknowledged + pending[session_id]
+                assert step == len(applied)
+                resumed = SyncStream(channel).request(session_id=session_id, tokens=[3])
+                whole = stub.Infer(pb.InferRequest(tokens=applied + [3])).logits
+                np.testing.assert_allclose(
+                    logits_of(resumed)[0], logits_of(pb.StepResponse(logits=whole))[-1], atol=1e-5
+                )
+    finally:
+        process.kill()
