@@ -278,7 +278,8 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"lstmserve: serving on {config.host}:{server.port} ({server.runner.provider})", flush=True)
+    metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
+    print(f"lstmserve: serving on {config.host}:{server.port} ({server.runner.provider}){metrics}", flush=True)
     await stop.wait()
     log.info("signal received: draining (grace %.1f s)", config.grace_s)
     await server.drain()

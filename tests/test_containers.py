@@ -766,7 +766,7 @@ def test_container_server_command_and_healthcheck_work(exported: tuple[Path, Scr
     try:
         line = read_line(server.stdout, timeout=60)
         assert line, f"no startup line; stderr: {server.stderr.read() if server.poll() is not None else ''}"
-        match = re.fullmatch(r"lstmserve: serving on (\S+):(\d+) \((\w+)\)\n", line)
+        match = re.fullmatch(r"lstmserve: serving on (\S+):(\d+) \((\w+)\)(?:, metrics on port \d+)?\n", line)
         assert match, line
         assert match.groups() == ("0.0.0.0", str(port), "CPUExecutionProvider")
 
