@@ -23,7 +23,7 @@ from prometheus_client import start_http_server
 from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import SessionNotFound
-from lstmserve.server.persistence import StateDir
+from lstmserve.server.persistence import DirectorySpill, StateDir
 from lstmserve.server.snapshot import encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
@@ -145,6 +145,11 @@ class LstmServer:
             self._written_versions[item.session_id] = session.version
         state_dir = self.state_dir
         self.scheduler.on_session_dropped = lambda session_id: self._forget_file(state_dir, session_id)
+        if self.config.spill_idle:
+            fingerprint, secret = spec.fingerprint, self.config.snapshot_secret
+            self.scheduler.spill = DirectorySpill(
+                state_dir, lambda state, step: encode_snapshot(state, step, fingerprint, secret)
+            )
         log.info("restored %d session(s) from %s", len(stored), path)
         if self.config.checkpoint_interval_s:
             self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(self.config.checkpoint_interval_s))

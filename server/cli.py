@@ -36,6 +36,13 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
+        raise ValueError(text)
+    return value in ("1", "true", "yes", "on")
+
+
 def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
@@ -89,6 +96,13 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         type=float,
         default=0.0,
         help="with --state-dir, write changed sessions this often, bounding what a crash loses (0: off)",
+    )
+    _add(
+        p,
+        "--spill-idle",
+        type=_flag,
+        default=False,
+        help="with --state-dir, write sessions idle past the TTL there instead of dropping them (true/false)",
     )
     _add(p, "--tls-cert-file", type=_optional_path, default=None, help="server certificate chain (PEM); enables TLS")
     _add(p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file")
@@ -195,6 +209,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tls=tls,
             state_dir=args.state_dir,
             checkpoint_interval_s=args.checkpoint_interval_s,
+            spill_idle=args.spill_idle,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

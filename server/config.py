@@ -60,6 +60,8 @@ class ServerConfig:
         snapshot_secret: key for the HMAC that signs snapshots (None: a plain checksum).
         state_dir: where session files are written on drain (and by checkpoints) and read at start.
         checkpoint_interval_s: with state_dir, write changed sessions this often (0: only on drain).
+        spill_idle: with state_dir, sessions idle past the TTL are written there instead of
+            dropped, and come back on their next request.
         tls: server certificate and key (and optionally a CA for client certificates); None: plaintext.
         api_keys: accepted API keys (`authorization: Bearer KEY`); empty: no authentication.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
@@ -89,6 +91,7 @@ class ServerConfig:
     tls: TlsFiles | None = None
     state_dir: Path | None = None
     checkpoint_interval_s: float = 0.0
+    spill_idle: bool = False
 
     def __post_init__(self) -> None:
         positive = {
@@ -119,6 +122,8 @@ class ServerConfig:
             raise ConfigError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
         if self.checkpoint_interval_s and self.state_dir is None:
             raise ConfigError("checkpoint_interval_s needs a state_dir (--state-dir)")
+        if self.spill_idle and self.state_dir is None:
+            raise ConfigError("spill_idle needs a state_dir (--state-dir)")
         if self.state_placement not in STATE_PLACEMENTS:
             raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:

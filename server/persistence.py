@@ -14,11 +14,13 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lstmserve.server.errors import InvalidInput
 from lstmserve.server.snapshot import decode_snapshot
+from lstmserve.server.sessions import Session
 from lstmserve.server.state import SessionState
 
 log = logging.getLogger(__name__)
@@ -111,3 +113,30 @@ class StateDir:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
+
+
+class DirectorySpill:
+    """The state directory as the scheduler's spill store (`--spill-idle`).
+
+    Args:
+        state_dir: where the files go.
+        encode: turns (state, step) into a snapshot blob.
+    """
+
+    def __init__(self, state_dir: StateDir, encode: Callable[[SessionState, int], bytes]) -> None:
+        self.state_dir = state_dir
+        self._encode = encode
+
+    def save(self, session: Session, state: SessionState) -> None:
+        """Writes the session's file (atomically)."""
+        self.state_dir.write(session.id, session.owner, self._encode(state, session.step))
+
+    def load(self, session_id: str) -> StoredSession | None:
+        """The spilled session, or None if there is no (valid) file for it."""
+        if session_id not in self.state_dir.session_ids():
+            return None
+        try:
+            return self.state_dir.read(session_id)
+        except (InvalidInput, ValueError, OSError) as error:
+            log.error("spilled session file for %s refused: %s", session_id, error)
+            return None

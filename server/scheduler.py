@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import ComputeFailed, Draining, Overloaded, SessionNotFound, StepMismatch
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
+from lstmserve.server.persistence import StoredSession
 from lstmserve.server.sessions import Session, SessionTable, StepResult
 from lstmserve.server.state import SessionState
 
@@ -59,6 +60,16 @@ class SchedulerLimits:
     max_queue: int = 65_536
     session_ttl_s: float = 900.0
     max_inflight_per_session: int = 64
+
+
+class SpillStore(Protocol):
+    """Keeps sessions that idled past the TTL, and gives them back by id."""
+
+    def save(self, session: Session, state: SessionState) -> None:
+        """Stores a session's state and step counter under its id and owner."""
+
+    def load(self, session_id: str) -> StoredSession | None:
+        """The stored session with this id, or None."""
 
 
 @dataclass(eq=False)
@@ -101,6 +112,8 @@ class Scheduler:
         self._last_compute_end = 0.0
         # Called with the id of every session that is closed or expires (e.g. to delete its file).
         self.on_session_dropped: Callable[[str], None] | None = None
+        # Where sessions idle past the TTL go instead of being dropped (--spill-idle).
+        self.spill: SpillStore | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -140,14 +153,22 @@ class Scheduler:
         self.metrics.active_sessions.set(len(self.sessions))
         return session
 
-    def get_session(self, session_id: str, owner: str = "") -> Session:
-        """The live session with this id (and owner); SessionNotFound otherwise."""
-        session = self.sessions.get(session_id, owner)
+    async def find_session(self, session_id: str, owner: str = "") -> Session:
+        """The live session with this id (and owner), brought back from the spill store if it was
+        spilled there; SessionNotFound otherwise."""
+        try:
+            return self.sessions.get(session_id, owner)
+        except SessionNotFound:
+            stored = self.spill.load(session_id) if self.spill is not None and self._accepting else None
+            if stored is None or stored.owner != owner:
+                raise
+        session = await self.restore_session(stored.state, stored.step, owner, session_id)
+        log.info("session %s brought back from the spill store at step %d", session_id, stored.step)
         return session
 
     async def reset_session(self, session_id: str, owner: str = "") -> Session:
         """Zeroes a session's state and step counter, after its queued steps."""
-        session = self.sessions.get(session_id, owner)
+        session = await self.find_session(session_id, owner)
 
         def reset(s: Session) -> Session:
             self.store.reset(s.slot)
@@ -160,7 +181,7 @@ class Scheduler:
 
     async def close_session(self, session_id: str, owner: str = "") -> None:
         """Frees a session's slot, after its queued steps."""
-        session = self.sessions.get(session_id, owner)
+        session = await self.find_session(session_id, owner)
         await self._enqueue(session, _Work(future=self._new_future(), op=self._drop))
 
     async def read_state(self, session_id: str, owner: str = "") -> tuple[int, SessionState]:
@@ -170,7 +191,7 @@ class Scheduler:
 
     async def read_versioned_state(self, session_id: str, owner: str = "") -> tuple[int, int, SessionState]:
         """A session's step counter, state version and a copy of its state, after its queued steps."""
-        session = self.sessions.get(session_id, owner)
+        session = await self.find_session(session_id, owner)
         return await self._enqueue(
             session, _Work(future=self._new_future(), op=lambda s: (s.step, s.version, self.store.read(s.slot)))
         )
@@ -273,17 +294,20 @@ class Scheduler:
         cutoff = now - self.limits.session_ttl_s
         expired = self.sessions.idle_since(cutoff)
         for session in expired:
-            self._drop(session)
+            if self.spill is not None:
+                self.spill.save(session, self.store.read(session.slot))
+            self._drop(session, spilled=self.spill is not None)
         if expired:
             self.metrics.evictions.inc(len(expired))
-            log.info("closed %d session(s) idle for more than %.0f s", len(expired), self.limits.session_ttl_s)
+            verb = "spilled" if self.spill is not None else "closed"
+            log.info("%s %d session(s) idle for more than %.0f s", verb, len(expired), self.limits.session_ttl_s)
         return len(expired)
 
     # ---- internals -------------------------------------------------------
     def _new_future(self) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().create_future()
 
-    def _drop(self, session: Session) -> None:
+    def _drop(self, session: Session, spilled: bool = False) -> None:
         if self._last_solo is session:
             self._last_solo = None
         while session.pending:  # requests queued behind a close: the session is gone
@@ -293,7 +317,7 @@ class Scheduler:
                 work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
         session.queued_positions = 0
         self.sessions.remove(session)
-        if self.on_session_dropped is not None:
+        if self.on_session_dropped is not None and not spilled:
             self.on_session_dropped(session.id)
         self.store.release(session.slot)
         self._ready.pop(session.id, None)

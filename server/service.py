@@ -127,7 +127,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
 
     async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
-            session = self.scheduler.get_session(request.session_id, self._owner(context))
+            session = await self.scheduler.find_session(request.session_id, self._owner(context))
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -197,7 +197,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 self._require_steppable()
                 parsed = self._parse(request, first=session is None)  # validate before any state changes
                 if session is None:
-                    session = self._open(request.session_id, owner)
+                    session = await self._open(request.session_id, owner)
                 elif request.session_id and request.session_id != session.id:
                     raise InvalidInput(
                         f"session_id {request.session_id!r} differs from this stream's session {session.id!r}"
@@ -216,9 +216,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             finally:
                 self.requests_in_progress -= 1
 
-    def _open(self, session_id: str, owner: str) -> Session:
+    async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
-            return self.scheduler.get_session(session_id, owner)
+            return await self.scheduler.find_session(session_id, owner)
         return self.scheduler.create_session(owner)
 
     def _parse(self, request: pb.StepRequest, *, first: bool) -> _ParsedStep:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import start_server
 
 from lstmserve.client import Client
@@ -182,3 +183,39 @@ def test_sigterm_under_load_keeps_every_acknowledged_step(token_model: Path, tmp
                 )
     finally:
         process.kill()
+
+
+def test_idle_sessions_are_spilled_and_come_back_exactly(token_model: Path, tmp_path: Path) -> None:
+    from lstmserve.client import SessionNotFound
+
+    handle = start_server(
+        token_model, state_dir=tmp_path, spill_idle=True, session_ttl_s=60.0, api_keys=frozenset({"k" * 20, "j" * 20})
+    )
+    owner_key, other_key = [("authorization", "Bearer " + "k" * 20)], [("authorization", "Bearer " + "j" * 20)]
+    try:
+        with Client(handle.address, metadata=owner_key) as client:
+            expected = _control_logits_with(client, [4, 2, 9, 1])[3]
+            session = client.session()
+            session.step([4, 2, 9])
+            session_id = session.id
+            session.detach()
+            scheduler = handle.server.scheduler
+            assert scheduler is not None
+            spilled = handle.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + 3600))  # hours later
+            assert spilled >= 1 and handle.server.store.in_use == 0
+            assert (tmp_path / f"{session_id}.session").exists()
+            with Client(handle.address, metadata=other_key) as stranger, pytest.raises(SessionNotFound):
+                stranger.session(resume=session_id)  # still another key's session
+            with client.session(resume=session_id, close_on_exit=True) as back:
+                assert back.info().step == 3
+                np.testing.assert_array_equal(back.step([1]).logits[0], expected)
+            assert not (tmp_path / f"{session_id}.session").exists()  # closed: its file is gone
+    finally:
+        handle.stop()
+
+
+def _control_logits_with(client: Client, tokens: list[int]) -> np.ndarray:
+    with client.session() as session:
+        logits = session.step(tokens).logits
+        assert logits is not None
+        return logits
