@@ -194,3 +194,26 @@ def test_a_step_whose_deadline_passed_while_queued_is_not_computed(token_model: 
             assert stub.GetSession(pb.SessionRef(session_id=waiting)).step == 0  # never computed
     finally:
         handle.stop()
+
+
+def test_a_full_queue_refuses_quickly_with_resource_exhausted(token_model: Path) -> None:
+    handle = start_server(token_model, max_queue=3)
+    scheduler = handle.server.scheduler
+    assert scheduler is not None
+    try:
+
+        async def burst() -> list[str]:
+            import asyncio
+
+            sessions = [scheduler.create_session() for _ in range(5)]
+            results = await asyncio.gather(
+                *(scheduler.step(s, np.array([1], np.int64)) for s in sessions), return_exceptions=True
+            )
+            return [type(r).__name__ for r in results]
+
+        started = time.monotonic()
+        names = handle.call(burst())
+        assert names == ["StepResult"] * 3 + ["Overloaded"] * 2
+        assert time.monotonic() - started < 2.0
+    finally:
+        handle.stop()
