@@ -12,7 +12,6 @@ import logging
 import signal
 import time
 from pathlib import Path
-from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -188,18 +187,20 @@ class LstmServer:
                 log.exception("checkpoint to %s failed", self.config.state_dir)
 
     def _warm_up(self) -> None:
-        """Runs a few batch sizes once on scratch buffers (no session state is touched)."""
+        """Runs a few batch sizes once through the real store, on slots taken and released again
+        (zeroed) before any session exists, so its buffers and row graphs are warm too."""
         spec = self.runner.spec
-        scratch = make_store(self.runner, replace(self.config, max_sessions=max(WARMUP_BATCH_SIZES)))
-        for size in WARMUP_BATCH_SIZES:
+        for size in (s for s in WARMUP_BATCH_SIZES if s <= self.store.capacity):
             if spec.kind == "tokens":
                 inputs = np.zeros((size, 1), np.int64)
             else:
                 inputs = np.zeros((size, 1, spec.input_size), np.float32)
-            slots = np.arange(size, dtype=np.int64)
-            buffers = scratch.gather(slots)
+            slots = np.array([self.store.allocate() for _ in range(size)], np.int64)
+            buffers = self.store.gather(slots)
             self.runner.run(inputs, buffers)
-            scratch.scatter(slots, buffers)
+            self.store.scatter(slots, buffers)
+            for slot in reversed(slots):  # back in order, so the lowest slot is handed out first
+                self.store.release(int(slot))
 
     async def drain(self, grace_s: float | None = None) -> None:
         """Stops taking sessions, reports NOT_SERVING, lets requests in progress (steps and whole

@@ -94,11 +94,6 @@ class StateStore:
         """Number of allocated slots."""
         return self._slots.in_use
 
-    @property
-    def bytes_per_session(self) -> int:
-        """Raw state bytes of one session (h and c)."""
-        return 4 * self.rows * (self.h_width + self.c_width)
-
     def allocate(self) -> int:
         """Takes a free slot (its state is zero); raises Overloaded when none is left."""
         return self._slots.take()
