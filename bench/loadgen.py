@@ -74,6 +74,7 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
                 request.output = pb.OUTPUT_NONE
                 request.generate.max_tokens = spec.generate_tokens
                 request.generate.sampling.temperature = 1.0
+                request.generate.coalesce = True
             sent = time.perf_counter()
             await call.write(request)
             while True:
@@ -81,10 +82,13 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
                 received = time.perf_counter()
                 if start <= sent and received <= end:
                     if spec.mode == "generate":
-                        if not response.finished:
+                        # A response carries the tokens made since the previous one: the latency
+                        # recorded is the time between responses.
+                        generated = len(response.tokens) if response.tokens else int(not response.finished)
+                        if generated:
                             result.latencies_s.append(received - sent)
-                            result.count += 1
-                            result.positions += 1
+                            result.count += generated
+                            result.positions += generated
                     else:
                         result.latencies_s.append(received - sent)
                         result.count += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -511,6 +512,7 @@ class AsyncGeneration(AsyncIterator[GeneratedToken]):
         self._done = False
         self._superseded = False
         self._tokens: list[GeneratedToken] = []
+        self._unread: deque[GeneratedToken] = deque()  # received in a multi-token response, not yet returned
         self.finish_reason: str | None = None
         self.step: int = -1
 
@@ -521,6 +523,8 @@ class AsyncGeneration(AsyncIterator[GeneratedToken]):
         async with self._session._lock:
             if self._superseded:
                 raise RuntimeError("this generation was ended early by another call on its session")
+            if self._unread:
+                return self._unread.popleft()
             if self._done:
                 raise StopAsyncIteration
             if not self._started:
@@ -560,16 +564,16 @@ class AsyncGeneration(AsyncIterator[GeneratedToken]):
             session._generation = None
             session._drop_stream()
             raise
+        items = _wire.generated_tokens(response)
+        self._tokens.extend(items)
+        self._unread.extend(items)
         if response.finished:
             self._done = True
             self.finish_reason = response.finish_reason
             self.step = int(response.step)
             session._step = self.step
             session._generation = None
-            return None
-        item = _wire.generated_token(response)
-        self._tokens.append(item)
-        return item
+        return self._unread.popleft() if self._unread else None
 
     async def _drain(self) -> None:
         if not self._started:

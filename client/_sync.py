@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias, TypeVar
@@ -524,6 +525,7 @@ class Generation(Iterator[GeneratedToken]):
         self._done = False
         self._superseded = False
         self._tokens: list[GeneratedToken] = []
+        self._unread: deque[GeneratedToken] = deque()  # received in a multi-token response, not yet returned
         self.finish_reason: str | None = None
         self.step: int = -1
 
@@ -534,6 +536,8 @@ class Generation(Iterator[GeneratedToken]):
         with self._session._lock:
             if self._superseded:
                 raise RuntimeError("this generation was ended early by another call on its session")
+            if self._unread:
+                return self._unread.popleft()
             if self._done:
                 raise StopIteration
             if not self._started:
@@ -574,16 +578,16 @@ class Generation(Iterator[GeneratedToken]):
             session._generation = None
             session._drop_stream()
             raise
+        items = _wire.generated_tokens(response)
+        self._tokens.extend(items)
+        self._unread.extend(items)
         if response.finished:
             self._done = True
             self.finish_reason = response.finish_reason
             self.step = int(response.step)
             session._step = self.step
             session._generation = None
-            return None
-        item = _wire.generated_token(response)
-        self._tokens.append(item)
-        return item
+        return self._unread.popleft() if self._unread else None
 
     def _drain(self) -> None:
         """Reads the rest of the generation (another call on the session needs the stream)."""

@@ -138,7 +138,7 @@ def generate_request(prompt: list[int], max_tokens: int, sample: pb.Sampling, st
     if isinstance(stop, str):
         stop = (stop,)
     return pb.StepRequest(
-        tokens=prompt, generate=pb.Generate(max_tokens=max_tokens, sampling=sample, stop=list(stop))
+        tokens=prompt, generate=pb.Generate(max_tokens=max_tokens, sampling=sample, stop=list(stop), coalesce=True)
     )
 
 
@@ -163,9 +163,15 @@ def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
     )
 
 
-def generated_token(response: pb.StepResponse) -> GeneratedToken:
-    """A generation response (not the final one) as a GeneratedToken."""
-    return GeneratedToken(token=int(response.token), text=response.text)
+def generated_tokens(response: pb.StepResponse) -> list[GeneratedToken]:
+    """The generated tokens a response carries: several with `Generate.coalesce`, else one (none in a
+    final response of the one-token-per-response form)."""
+    if response.tokens:
+        texts = list(response.texts) or [""] * len(response.tokens)
+        return [GeneratedToken(token=int(t), text=x) for t, x in zip(response.tokens, texts, strict=True)]
+    if response.finished:
+        return []
+    return [GeneratedToken(token=int(response.token), text=response.text)]
 
 
 class StreamFailure(Exception):

@@ -1,21 +1,28 @@
 """Server-side generation: feed the prompt, then sample and feed one token at a time.
 
-Each generated token is one more step request to the scheduler, so generating
-sessions are batched with every other session. The session consumes the prompt
-and every generated token (including a stop string's tokens), so a later step
-continues from the end of the generation.
+A generation runs inside the scheduler's batching loop: after each step of a
+generating session the scheduler samples the next token (for all generating rows
+of the batch at once) and queues it straight back, so a generated token costs no
+trip through the request's coroutine. The `Generation` object carries the tokens
+out to the coroutine that streams them, which sends whatever has accumulated.
+The session consumes the prompt and every generated token (including a stop
+string's tokens), so a later step continues from the end of the generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lstmserve.server.sampling import Sampler, SamplingParams
-from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.sessions import Session
+
+if TYPE_CHECKING:
+    from lstmserve.server.scheduler import Scheduler
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class StopMatcher:
 
     def push(self, token: int, text: str) -> list[tuple[int, str]]:
         """Adds a token; returns the (token, text) pairs that can be emitted now."""
+        if not self.stops:
+            return [(token, text)]
         self._held.append((token, text))
         held_text = "".join(t for _, t in self._held)
         cut = min((i for i in (held_text.find(s) for s in self.stops) if i >= 0), default=-1)
@@ -91,6 +100,48 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+class Generation:
+    """One running generation: what the scheduler needs to continue it, and the tokens it made so far.
+
+    The scheduler calls `consumed` after every step of the session, and sets `fed` to
+    the token it samples and queues next; the streaming coroutine calls `take`.
+    """
+
+    def __init__(self, params: GenerateParams, vocabulary: Sequence[str]) -> None:
+        self.max_tokens = params.max_tokens
+        self.sampler = Sampler(params.sampling)
+        self.fed: int | None = None  # the generated token the queued step feeds (None: the prompt)
+        self.finish_reason = ""
+        self._matcher = StopMatcher(params.stop)
+        self._vocabulary = vocabulary
+        self._count = 0
+        self._events: list[GeneratedToken] = []
+        self.changed = asyncio.Event()  # set when tokens are ready or the generation ended
+
+    def consumed(self, step: int, batch_size: int) -> bool:
+        """Records that the session's step ran (now at `step`); returns whether the generation is finished."""
+        token = self.fed
+        if token is None:  # the prompt was fed: the first token is still to be sampled
+            return False
+        self._count += 1
+        text = self._vocabulary[token] if token < len(self._vocabulary) else ""
+        released = self._matcher.push(token, text)
+        finished = self._matcher.stopped or self._count >= self.max_tokens
+        if finished:
+            self.finish_reason = "stop" if self._matcher.stopped else "length"
+            if not self._matcher.stopped:
+                released += self._matcher.flush()
+        if released:
+            self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
+            self.changed.set()
+        return finished
+
+    def take(self) -> list[GeneratedToken]:
+        """The tokens released since the last call."""
+        events, self._events = self._events, []
+        return events
+
+
 async def generate(
     scheduler: Scheduler,
     session: Session,
@@ -98,25 +149,31 @@ async def generate(
     params: GenerateParams,
     vocabulary: Sequence[str],
     expected_step: int | None = None,
-) -> AsyncIterator[GeneratedToken]:
-    """Feeds `prompt` and yields up to `params.max_tokens` generated tokens, the last with a finish reason.
+) -> AsyncIterator[list[GeneratedToken]]:
+    """Feeds `prompt` and yields the generated tokens in chunks, as they become ready.
 
-    With `expected_step`, the generation starts only if the session is at that step
-    (a generation is never replayed: a client that lost one reads the step counter).
+    Each chunk holds the tokens made since the previous one (one or more: under load
+    several accumulate while the previous chunk is being sent). The last event of the
+    last chunk has a finish reason and token -1. With `expected_step`, the generation
+    starts only if the session is at that step (a generation is never replayed: a
+    client that lost one reads the step counter). Closing this iterator early stops
+    the generation after its current step.
     """
-    sampler = Sampler(params.sampling)
-    matcher = StopMatcher(params.stop)
-    result = await scheduler.step(session, prompt, expected_step, replay=False)
-    for count in range(1, params.max_tokens + 1):
-        token = sampler.sample(result.logits[-1])
-        result = await scheduler.step(session, np.array([token], dtype=prompt.dtype))
-        text = vocabulary[token] if token < len(vocabulary) else ""
-        released = matcher.push(token, text)
-        last = matcher.stopped or count == params.max_tokens
-        if last and not matcher.stopped:
-            released += matcher.flush()
-        for token_out, text_out in released:
-            yield GeneratedToken(token_out, text_out, result.step, result.batch_size)
-        if last:
-            yield GeneratedToken(-1, "", result.step, result.batch_size, "stop" if matcher.stopped else "length")
-            return
+    generation = Generation(params, vocabulary)
+    running = asyncio.ensure_future(scheduler.generate(session, prompt, generation, expected_step))
+    running.add_done_callback(lambda _: generation.changed.set())
+    try:
+        while True:
+            await generation.changed.wait()
+            generation.changed.clear()
+            events = generation.take()
+            if running.done():
+                final = running.result()  # raises the generation's error, if any
+                events.append(GeneratedToken(-1, "", final.step, final.batch_size, generation.finish_reason))
+                yield events
+                return
+            if events:
+                yield events
+    finally:
+        if not running.done():
+            running.cancel()

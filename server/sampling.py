@@ -48,26 +48,53 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        self._rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(params.seed)
 
     def sample(self, logits: np.ndarray) -> int:
         """Picks one token id from a logits vector [vocab]."""
-        p = self.params
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
-        if 0 < p.top_k < scaled.shape[0]:
-            kth = np.partition(scaled, -p.top_k)[-p.top_k]
-            scaled = np.where(scaled < kth, -np.inf, scaled)
-        probs = np.exp(scaled - scaled.max())
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
-            cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]
-            filtered = np.zeros_like(probs)
-            filtered[keep] = probs[keep]
-            probs = filtered / filtered.sum()
-        cumulative = np.cumsum(probs)
-        index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
-        return min(index, probs.shape[0] - 1)
+        return int(sample_rows([self], logits[np.newaxis])[0])
+
+
+def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
+    """Picks one token per row of `logits` [rows, vocab], row i with `samplers[i]`.
+
+    Rows with the same temperature, top-k and top-p are sampled together in a few
+    vectorised numpy calls; each row still draws from its own sampler's generator,
+    so a seeded session gets the same tokens whatever else is in the batch.
+    """
+    picked = np.empty(len(samplers), dtype=np.int64)
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row, sampler in enumerate(samplers):
+        p = sampler.params
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    for (temperature, top_k, top_p), rows in groups.items():
+        if temperature == 0:
+            picked[rows] = np.argmax(logits[rows], axis=-1)
+            continue
+        draws = np.fromiter((samplers[row].rng.random() for row in rows), dtype=np.float64, count=len(rows))
+        picked[rows] = _draw(logits[rows], temperature, top_k, top_p, draws)
+    return picked
+
+
+def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
+    """Inverse-CDF sampling of one token per row, with uniform `draws` in [0, 1)."""
+    vocab = logits.shape[-1]
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < vocab:
+        kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k, np.newaxis]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        ranked = np.take_along_axis(probs, order, axis=-1)
+        cumulative = np.cumsum(ranked, axis=-1)
+        before = np.concatenate([np.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], axis=-1)  # mass ranked above
+        keep = np.zeros_like(probs, dtype=bool)
+        np.put_along_axis(keep, order, before < top_p, axis=-1)  # the smallest set reaching top_p
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    cumulative = np.cumsum(probs, axis=-1)
+    thresholds = draws * cumulative[:, -1]
+    index = (cumulative <= thresholds[:, np.newaxis]).sum(axis=-1)
+    return np.minimum(index, vocab - 1)

@@ -26,17 +26,21 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import ComputeFailed, Draining, Overloaded, SessionNotFound, StepMismatch
 from lstmserve.server.metrics import Metrics
-from lstmserve.server.runner import Runner
 from lstmserve.server.persistence import StoredSession
+from lstmserve.server.runner import Runner
+from lstmserve.server.sampling import sample_rows
 from lstmserve.server.sessions import Session, SessionTable, StepResult
 from lstmserve.server.state import SessionState
+
+if TYPE_CHECKING:
+    from lstmserve.server.generation import Generation
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +78,16 @@ class SpillStore(Protocol):
 
 @dataclass(eq=False)
 class _Work:
-    """One queued item of a session: a step (inputs set) or a lifecycle operation (op set)."""
+    """One queued item of a session: a step (inputs set) or a lifecycle operation (op set).
+
+    A step with a generation is queued again after it runs, with the next sampled token
+    as its input, until the generation finishes; only then is its future resolved.
+    """
 
     future: asyncio.Future[Any]
     inputs: np.ndarray | None = None
     op: Callable[[Session], Any] | None = None
+    generation: Generation | None = None
     digest: bytes = b""
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -249,6 +258,28 @@ class Scheduler:
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and len(inputs) <= INLINE_MAX_POSITIONS:
             return self._run_now(session, work)
+        result: StepResult = await self._enqueue(session, work)
+        return result
+
+    async def generate(
+        self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
+    ) -> StepResult:
+        """Feeds `prompt`, then samples and feeds tokens inside the batching loop until `generation` ends.
+
+        Tokens reach the caller through `generation` as they are made; the result is the
+        session's last step. With `expected_step`, it starts only if the session (with its
+        queued steps) is at that step; a generation is never replayed.
+        """
+        self._require_live(session)
+        if self._frozen:
+            raise Draining("server is shutting down; resume this session when it is back")
+        projected = session.step + session.queued_positions
+        if expected_step is not None and expected_step != projected:
+            raise StepMismatch(
+                f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
+                f"{session.step} with {session.queued_positions} more positions queued"
+            )
+        work = _Work(future=self._new_future(), inputs=prompt, generation=generation)
         result: StepResult = await self._enqueue(session, work)
         return result
 
@@ -440,32 +471,63 @@ class Scheduler:
         self._last_solo = groups[0].sessions[0] if batch_size == 1 else None
         self.metrics.batch_size.observe(batch_size)
         positions = 0
+        used = time.monotonic()
         for group, logits in zip(groups, outputs, strict=True):
             if isinstance(logits, Exception):
                 self._fail_group(group, logits)
                 continue
+            continuing: list[int] = []  # rows of generations that go on: their next token is sampled below
             for row, (session, work) in enumerate(zip(group.sessions, group.works, strict=True)):
                 assert work.inputs is not None
                 length = len(work.inputs)
                 positions += length
+                start_step = session.step
+                session.step += length
+                session.version += 1
+                session.queued_positions -= length
+                session.in_flight = False
+                session.last_used = used
+                observe_latency(now - work.enqueued)
+                generation = work.generation
+                if generation is not None and not generation.consumed(session.step, batch_size):
+                    if not work.future.done():  # done here means the client went away: stop
+                        continuing.append(row)
+                        continue
                 result = StepResult(
                     logits=logits[row].copy(),  # a copy: a view would pin the whole batch
-                    start_step=session.step,
-                    step=session.step + length,
+                    start_step=start_step,
+                    step=session.step,
                     batch_size=batch_size,
                     input_digest=work.digest,
                 )
-                session.step = result.step
-                session.version += 1
-                session.queued_positions -= length
-                session.last_result = result
-                session.in_flight = False
-                session.last_used = time.monotonic()
-                observe_latency(now - work.enqueued)
+                # A generation's last step is not a request the client can resend.
+                session.last_result = result if generation is None else None
                 if not work.future.done():
                     work.future.set_result(result)
+            if continuing:
+                self._continue_generations(group, continuing, logits[continuing, -1], now)
         self.metrics.steps.inc(batch_size)
         self.metrics.tokens.inc(positions)
+
+    def _continue_generations(self, group: _Group, rows: list[int], last_logits: np.ndarray, now: float) -> None:
+        """Samples the next token of each continuing generation (all rows at once) and queues it."""
+        works = [group.works[row] for row in rows]
+        tokens = sample_rows([w.generation.sampler for w in works], last_logits)  # type: ignore[union-attr]
+        for row, work, token in zip(rows, works, tokens.tolist(), strict=True):
+            session = group.sessions[row]
+            assert work.generation is not None and work.inputs is not None
+            if self._frozen:
+                work.future.set_exception(Draining("server is shutting down; resume this session when it is back"))
+                continue
+            work.generation.fed = token
+            work.inputs = np.array([token], dtype=work.inputs.dtype)
+            work.enqueued = now
+            # Behind anything queued meanwhile (a close ends the generation, as it would end a step).
+            if session.pending is None:
+                session.pending = []
+            session.pending.append(work)
+            session.queued_positions += 1
+            self._queued += 1
 
     def _fail_group(self, group: _Group, error: Exception) -> None:
         """Fails exactly the requests of a group whose compute raised; their state is unchanged."""

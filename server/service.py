@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import grpc
@@ -30,7 +31,7 @@ from lstmserve.server.errors import (
     SessionNotFound,
     StepMismatch,
 )
-from lstmserve.server.generation import GenerateParams, generate
+from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
@@ -251,22 +252,39 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         assert parsed.inputs is not None and parsed.generate is not None
         count = 0
-        events = generate(
+        coalesce = request.generate.coalesce
+        chunks = generate(
             self.scheduler, session, parsed.inputs, parsed.generate, self.spec.vocabulary, parsed.expected_step
         )
-        async for event in events:
-            response = pb.StepResponse(
-                session_id=session.id, request_id=request.request_id, step=event.step, batch_size=event.batch_size
-            )
-            if event.finish_reason:
-                response.finished = True
-                response.finish_reason = event.finish_reason
-            else:
-                response.token = event.token
-                response.text = event.text
-                count += 1
-            yield response
+        async with aclosing(chunks):  # a client that goes away stops the generation at once
+            async for chunk in chunks:
+                if coalesce:  # everything made since the last response, in one message
+                    yield self._generated_response(session, request, chunk)
+                    count += len(chunk) - (1 if chunk[-1].finish_reason else 0)
+                    continue
+                for event in chunk:
+                    yield self._generated_response(session, request, [event])
+                    count += 0 if event.finish_reason else 1
         self.metrics.generated_tokens.inc(count)
+
+    @staticmethod
+    def _generated_response(session: Session, request: pb.StepRequest, events: list[GeneratedToken]) -> pb.StepResponse:
+        """One response for generated tokens; the finish event, if present, is the last of `events`."""
+        last = events[-1]
+        response = pb.StepResponse(
+            session_id=session.id, request_id=request.request_id, step=last.step, batch_size=last.batch_size
+        )
+        if last.finish_reason:
+            response.finished = True
+            response.finish_reason = last.finish_reason
+            events = events[:-1]
+        if request.generate.coalesce:
+            response.tokens.extend(e.token for e in events)
+            response.texts.extend(e.text for e in events)
+        elif events:
+            response.token = events[0].token
+            response.text = events[0].text
+        return response
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import ServerThread
@@ -63,6 +65,44 @@ def test_stop_string_ends_generation_and_is_not_returned(server: ServerThread) -
     stopped_text = "".join(r.text for r in stopped if not r.finished)
     assert stopped[-1].finish_reason == "stop"
     assert stopped_text == text[: text.find(stop)]
+
+
+def _tokens_of(responses: list[pb.StepResponse]) -> tuple[list[int], str]:
+    """The generated tokens and text, from either response form."""
+    tokens: list[int] = []
+    text = ""
+    for response in responses:
+        if response.tokens:
+            tokens += list(response.tokens)
+            text += "".join(response.texts)
+        elif not response.finished:
+            tokens.append(response.token)
+            text += response.text
+    return tokens, text
+
+
+def test_concurrent_coalesced_generations_each_equal_their_solo_run(server: ServerThread) -> None:
+    """Generations batched together (sampled together, several tokens per response) get exactly the
+    tokens each would get alone, and the final response reports the step after every token."""
+    jobs = [([1 + i % 5, 2], pb.Sampling(temperature=1.0 if i % 3 else 0.0, top_k=i % 4 * 5, seed=i)) for i in range(16)]
+    solo = [_tokens_of(_generate(server, prompt, max_tokens=40, sampling=sampling)[0]) for prompt, sampling in jobs]
+    results: list[list[pb.StepResponse] | None] = [None] * len(jobs)
+
+    def run(index: int) -> None:
+        prompt, sampling = jobs[index]
+        results[index] = _generate(server, prompt, max_tokens=40, sampling=sampling, coalesce=True)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for (prompt, _), expected, responses in zip(jobs, solo, results, strict=True):
+        assert responses is not None
+        assert _tokens_of(responses) == expected
+        assert responses[-1].finished and responses[-1].finish_reason == "length"
+        assert responses[-1].step == len(prompt) + 40
+        assert sum(len(r.tokens) for r in responses) == 40 and all(r.token == 0 for r in responses)
 
 
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
