@@ -93,8 +93,10 @@ class ModelInfo(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_directions: _Optional[int] = ..., proj_size: _Optional[int] = ..., output_size: _Optional[int] = ..., steppable: _Optional[bool] = ..., provider: _Optional[str] = ..., fingerprint: _Optional[str] = ..., head: _Optional[str] = ..., max_tokens_per_request: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_sessions: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class SessionRef(_message.Message):
     __slots__ = ("session_id",)
@@ -127,10 +129,12 @@ class SessionSnapshot(_message.Message):
     def __init__(self, blob: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
 
 class RestoreSessionRequest(_message.Message):
-    __slots__ = ("blob",)
+    __slots__ = ("blob", "session_id")
     BLOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     blob: bytes
-    def __init__(self, blob: _Optional[bytes] = ...) -> None: ...
+    session_id: str
+    def __init__(self, blob: _Optional[bytes] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("session_id", "request_id", "tokens", "features", "output", "top_k", "sampling", "generate", "expected_step")
