@@ -186,13 +186,22 @@ class AsyncClient:
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                return await method(request, timeout=self.timeout, metadata=self._metadata)
+                return await method(request, timeout=self.timeout, metadata=_wire.call_metadata(self._metadata, request))
             except grpc.RpcError as error:
                 code = error.code()
                 if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
                     continue
                 raise from_rpc_error(error) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _create(self, method: Callable[..., Awaitable[Any]], request: Any) -> SessionInfo:
+        """Creates (or restores) a session under the id `request` proposes; see `Client._create`."""
+        try:
+            return _wire.session_info(await self._unary(method, request))
+        except LstmServeError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            return await self._get_session(request.session_id)
 
     async def _get_session(self, session_id: str) -> SessionInfo:
         return _wire.session_info(await self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
@@ -267,13 +276,11 @@ class AsyncSession:
                 if self._resume is not None:
                     info = await self._client._get_session(self._resume)
                 elif self._restore is not None:
-                    reply = await self._client._unary(
-                        self._client._stub.RestoreSession, pb.RestoreSessionRequest(blob=self._restore)
-                    )
-                    info = _wire.session_info(reply)
+                    request = pb.RestoreSessionRequest(blob=self._restore, session_id=_wire.new_session_id())
+                    info = await self._client._create(self._client._stub.RestoreSession, request)
                 else:
-                    reply = await self._client._unary(self._client._stub.CreateSession, pb.CreateSessionRequest())
-                    info = _wire.session_info(reply)
+                    request = pb.CreateSessionRequest(session_id=_wire.new_session_id())
+                    info = await self._client._create(self._client._stub.CreateSession, request)
                 self._id, self._step = info.id, info.step
         return self
 
@@ -426,7 +433,7 @@ class AsyncSession:
     def _ensure_stream(self) -> _AsyncStream:
         if self._stream is None or not self._stream.alive:
             self._drop_stream()
-            self._stream = _AsyncStream(self._client._stub, self._client._metadata)
+            self._stream = _AsyncStream(self._client._stub, _wire.with_session(self._client._metadata, self.id))
         return self._stream
 
     def _drop_stream(self) -> None:

@@ -178,6 +178,10 @@ class Client:
     ) -> Session:
         """A new session (zero state), the live session `resume`, or a new session from a snapshot.
 
+        A new session's id is proposed by this client (32 random hex digits), and every call of the
+        session carries it in the `lstmserve-session` metadata, so a proxy in front of several
+        replicas sends all of them, the creating call included, to the same replica.
+
         `restore` is a blob from `Session.snapshot()` (on this or another server of the same
         model); the new session has the snapshot's state and step counter and a new id.
 
@@ -196,11 +200,10 @@ class Client:
             info = self._get_session(resume)
             session = Session(self, info.id, info.step, close_on_exit=bool(close_on_exit))
         elif restore is not None:
-            reply = self._unary(self._stub.RestoreSession, pb.RestoreSessionRequest(blob=restore))
-            info = _wire.session_info(reply)
+            info = self._create(self._stub.RestoreSession, pb.RestoreSessionRequest(blob=restore, session_id=_wire.new_session_id()))
             session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
         else:
-            info = _wire.session_info(self._unary(self._stub.CreateSession, pb.CreateSessionRequest()))
+            info = self._create(self._stub.CreateSession, pb.CreateSessionRequest(session_id=_wire.new_session_id()))
             session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
         with self._sessions_lock:
             self._sessions.add(session)
@@ -214,13 +217,23 @@ class Client:
             if attempt:
                 time.sleep(self.retry.delay(attempt))
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return method(request, timeout=self.timeout, metadata=_wire.call_metadata(self._metadata, request))
             except grpc.RpcError as error:
                 code = error.code()
                 if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
                     continue
                 raise from_rpc_error(error) from None
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _create(self, method: Callable[..., Any], request: Any) -> SessionInfo:
+        """Creates (or restores) a session under the id `request` proposes. ALREADY_EXISTS means an
+        earlier attempt of this call created it and its answer was lost: that session is the one."""
+        try:
+            return _wire.session_info(self._unary(method, request))
+        except LstmServeError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            return self._get_session(request.session_id)
 
     def _get_session(self, session_id: str) -> SessionInfo:
         return _wire.session_info(self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
@@ -445,7 +458,7 @@ class Session:
     def _ensure_stream(self) -> _Stream:
         if self._stream is None or not self._stream.alive:
             self._drop_stream()
-            self._stream = _Stream(self._client._stub, self._client._metadata)
+            self._stream = _Stream(self._client._stub, _wire.with_session(self._client._metadata, self._id))
         return self._stream
 
     def _drop_stream(self) -> None:

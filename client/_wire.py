@@ -5,6 +5,7 @@ The only client module (with `_sync` and `_async`, which send what it builds) th
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
+# The call metadata that carries a session's id on every call of that session: a proxy in front of
+# several replicas (Envoy, ring hash) routes on it, so every call of a session reaches the same replica.
+SESSION_HEADER = "lstmserve-session"
+
 # Codes after which a step is resent on a new stream (safe: every step carries expected_step).
 STREAM_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
 # Codes after which an idempotent unary call is retried.
@@ -45,6 +50,21 @@ _OUTPUTS: dict[str, int] = {
 def normalize_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tuple[str, str | bytes], ...]:
     """Call metadata as a tuple of (key, value) pairs; keys are lowercased as gRPC requires."""
     return tuple((str(key).lower(), value) for key, value in (metadata or ()))
+
+
+def new_session_id() -> str:
+    """A session id for the client to propose: 128 random bits as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+def with_session(metadata: tuple[tuple[str, str | bytes], ...], session_id: str) -> tuple[tuple[str, str | bytes], ...]:
+    """`metadata` plus the session header (what every call of a session carries)."""
+    return (*metadata, (SESSION_HEADER, session_id)) if session_id else metadata
+
+
+def call_metadata(metadata: tuple[tuple[str, str | bytes], ...], request: Any) -> tuple[tuple[str, str | bytes], ...]:
+    """The metadata for a unary call: with the session header when the request names a session."""
+    return with_session(metadata, getattr(request, "session_id", ""))
 
 
 def model_info(message: pb.ModelInfo) -> ModelInfo:

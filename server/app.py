@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 import time
-from pathlib import Path
+from functools import partial
 
 import grpc
 import numpy as np
@@ -21,9 +21,11 @@ from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
-from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.handoff import HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
+from lstmserve.server.keeper import SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
-from lstmserve.server.snapshot import encode_snapshot
+from lstmserve.server.session_store import DirectoryStore, RedisStore
+from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner, RunnerOptions
@@ -65,9 +67,8 @@ class LstmServer:
         self._metrics_server: object | None = None
         self.scheduler: Scheduler | None = None
         self._service: LstmServeService | None = None
-        self.state_dir: StateDir | None = None
-        self._written_versions: dict[str, int] = {}  # session id -> state version last written to disk
-        self._checkpoint_task: asyncio.Task[None] | None = None
+        self.keeper: SessionKeeper | None = None  # with --state-dir or --session-store
+        self.cluster: Cluster | None = None  # with --session-store redis://...
 
     async def start(self) -> int:
         """Warms the model up, starts listening and returns the bound gRPC port."""
@@ -86,8 +87,7 @@ class LstmServer:
             self.metrics,
         )
         self.scheduler.start()
-        if config.state_dir is not None:
-            await self._restore_from_disk(config.state_dir)
+        await self._open_session_store()
         interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -97,7 +97,7 @@ class LstmServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ]
         )
-        self._service = LstmServeService(self.scheduler, self.runner, config, self.metrics)
+        self._service = LstmServeService(self.scheduler, self.runner, config, self.metrics, cluster=self.cluster)
         pb_grpc.add_LstmServeServicer_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -128,63 +128,54 @@ class LstmServer:
         )
         return self.port
 
-    async def _restore_from_disk(self, path: Path) -> None:
-        """Opens the state directory and brings back every session stored there, under its id and owner."""
+    async def _open_session_store(self) -> None:
+        """Opens the session store (Redis with --session-store, else the state directory, if set), brings
+        back the sessions it holds for this server, and starts checkpoints and spilling as configured."""
         assert self.scheduler is not None
-        spec = self.runner.spec
-        self.state_dir = StateDir(
-            path,
+        config, spec = self.config, self.runner.spec
+        encode = partial(encode_snapshot, fingerprint=spec.fingerprint, secret=config.snapshot_secret)
+        decode = partial(
+            decode_snapshot,
             fingerprint=spec.fingerprint,
             shape=(spec.state_rows, spec.h.width, spec.c.width),
-            secret=self.config.snapshot_secret,
+            secret=config.snapshot_secret,
         )
-        stored = await asyncio.to_thread(self.state_dir.read_all)
-        for item in stored:
-            session = await self.scheduler.restore_session(item.state, item.step, item.owner, item.session_id)
-            self._written_versions[item.session_id] = session.version
-        state_dir = self.state_dir
-        self.scheduler.on_session_dropped = lambda session_id: self._forget_file(state_dir, session_id)
-        if self.config.spill_idle:
-            fingerprint, secret = spec.fingerprint, self.config.snapshot_secret
-            self.scheduler.spill = DirectorySpill(
-                state_dir, lambda state, step: encode_snapshot(state, step, fingerprint, secret)
+        if config.session_store is not None:
+            store = RedisStore(
+                config.session_store,
+                new_replica_id(),
+                held_ttl_s=config.session_ttl_s + 60,
+                released_ttl_s=config.session_ttl_s,
+                heartbeat_ttl_s=HEARTBEAT_TTL_S,
             )
-        log.info("restored %d session(s) from %s", len(stored), path)
-        if self.config.checkpoint_interval_s:
-            self._checkpoint_task = asyncio.create_task(self._checkpoint_loop(self.config.checkpoint_interval_s))
+            self.cluster = Cluster(store, self.scheduler, self.metrics, encode, decode, config.session_ttl_s)
+            await self.cluster.start()
+            self.keeper = SessionKeeper(self.scheduler, self.cluster, encode, self.cluster.forget)
+            spill: DirectorySpill | RedisSpill = RedisSpill(self.cluster)
+        elif config.state_dir is not None:
+            state_dir = StateDir(
+                config.state_dir,
+                fingerprint=spec.fingerprint,
+                shape=(spec.state_rows, spec.h.width, spec.c.width),
+                secret=config.snapshot_secret,
+            )
+            directory = DirectoryStore(state_dir)
+            self.keeper = SessionKeeper(self.scheduler, directory, encode, directory.remove)
+            spill = DirectorySpill(state_dir, encode)
+        else:
+            return
+        restored = await self.keeper.restore_all()
+        self.scheduler.on_session_dropped = self.keeper.forget
+        if config.spill_idle:
+            self.scheduler.spill = spill
+        where = config.session_store or config.state_dir
+        log.info("session store %s: restored %d session(s)", where, restored)
+        if config.checkpoint_interval_s:
+            self.keeper.start(config.checkpoint_interval_s)
 
-    def _forget_file(self, state_dir: StateDir, session_id: str) -> None:
-        self._written_versions.pop(session_id, None)
-        state_dir.remove(session_id)
-
-    async def checkpoint(self) -> int:
+    async def checkpoint(self, *, release: bool = False) -> int:
         """Writes every session whose state changed since it was last written; returns how many."""
-        if self.scheduler is None or self.state_dir is None:
-            return 0
-        written = 0
-        for session in self.scheduler.sessions.all():
-            if self._written_versions.get(session.id) == session.version and not session.busy:
-                continue
-            try:
-                step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
-            except SessionNotFound:
-                continue  # closed meanwhile
-            blob = encode_snapshot(state, step, self.runner.spec.fingerprint, self.config.snapshot_secret)
-            await asyncio.to_thread(self.state_dir.write, session.id, session.owner, blob)
-            if session in self.scheduler.sessions:
-                self._written_versions[session.id] = version
-            else:  # closed while its file was being written: the file must go too
-                self.state_dir.remove(session.id)
-            written += 1
-        return written
-
-    async def _checkpoint_loop(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self.checkpoint()
-            except OSError:
-                log.exception("checkpoint to %s failed", self.config.state_dir)
+        return 0 if self.keeper is None else await self.keeper.checkpoint(release=release)
 
     def _warm_up(self) -> None:
         """Runs a few batch sizes once through the real store, on slots taken and released again
@@ -203,25 +194,34 @@ class LstmServer:
                 self.store.release(int(slot))
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Stops taking sessions, reports NOT_SERVING, lets requests in progress (steps and whole
-        generations) finish within the grace period, then stops; streams still open then are cut."""
+        """Reports NOT_SERVING (and serves on for --drain-delay-s), stops taking sessions, lets requests
+        in progress (steps and whole generations) finish within the grace period, writes the sessions to
+        the session store (with Redis: and releases them to the other replicas), then stops; streams
+        still open then are cut."""
         grace = self.config.grace_s if grace_s is None else grace_s
-        started = time.monotonic()
         await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay_s:  # NOT_SERVING, but serving as before while a proxy's health checks notice
+            await asyncio.sleep(self.config.drain_delay_s)
+        started = time.monotonic()
+        if self.cluster is not None:
+            self.cluster.draining = True  # sessions asked for from now on are not taken over here
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
             try:
                 await asyncio.wait_for(self._work_done(), timeout=grace)
             except TimeoutError:
                 log.warning("grace period of %.1f s ended with requests still in progress", grace)
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
+        if self.keeper is not None:
+            self.keeper.stop()
         if self.scheduler is not None:
             self.scheduler.freeze()  # nothing acknowledged after this point: the write below has it all
             await self._work_done()
-        written = await self.checkpoint()
-        if self.state_dir is not None:
-            log.info("wrote %d session(s) to %s", written, self.state_dir.path)
+        try:
+            written = await self.checkpoint(release=True)  # with Redis, every session is released too
+            if self.keeper is not None:
+                log.info("wrote %d session(s) to %s", written, self.config.session_store or self.config.state_dir)
+        except Exception:  # noqa: BLE001 - the sessions not written resume from their last checkpoint
+            log.exception("writing the sessions on drain failed")
         remaining = max(0.0, grace - (time.monotonic() - started))
         await self.stop(min(remaining, DRAIN_STREAM_GRACE_S))
 
@@ -234,12 +234,14 @@ class LstmServer:
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stops the gRPC server, the scheduler and the metrics endpoint (writes nothing: see `drain`)."""
-        if self._checkpoint_task is not None:
-            self._checkpoint_task.cancel()
-            self._checkpoint_task = None
+        if self.keeper is not None:
+            self.keeper.stop()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
         if self.scheduler is not None:
             await self.scheduler.close()
             self.scheduler = None

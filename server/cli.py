@@ -47,6 +47,10 @@ def _optional_path(text: str) -> Path | None:
     return Path(text) if text else None
 
 
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
 def _optional_port(text: str) -> int | None:
     return None if text.lower() in ("", "none", "off") else int(text)
 
@@ -103,6 +107,22 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         type=_flag,
         default=False,
         help="with --state-dir, write sessions idle past the TTL there instead of dropping them (true/false)",
+    )
+    _add(
+        p,
+        "--session-store",
+        type=_optional_str,
+        default=None,
+        help="redis://HOST:PORT/DB: share sessions with the other replicas using this Redis (written there on "
+        "drain and by checkpoints, taken over when asked for); replaces --state-dir",
+    )
+    _add(
+        p,
+        "--drain-delay-s",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, go on serving this long after reporting NOT_SERVING, so a proxy's health checks "
+        "take the server out first (behind Envoy: at least its health-check interval)",
     )
     _add(p, "--tls-cert-file", type=_optional_path, default=None, help="server certificate chain (PEM); enables TLS")
     _add(p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file")
@@ -210,6 +230,8 @@ def run_serve(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             checkpoint_interval_s=args.checkpoint_interval_s,
             spill_idle=args.spill_idle,
+            session_store=args.session_store,
+            drain_delay_s=args.drain_delay_s,
         )
     except ConfigError as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ import grpc
 
 
 STATE_PLACEMENTS = ("auto", "host", "device")
+SESSION_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class ServerConfig:
         checkpoint_interval_s: with state_dir, write changed sessions this often (0: only on drain).
         spill_idle: with state_dir, sessions idle past the TTL are written there instead of
             dropped, and come back on their next request.
+        session_store: a Redis URL (`redis://HOST:PORT/DB`): sessions are shared with the other
+            replicas using it (written there on drain, by checkpoints and when spilled, and taken
+            over when asked for); instead of state_dir.
+        drain_delay_s: on SIGTERM, how long to go on serving after reporting NOT_SERVING (so that a
+            proxy's health checks take the server out first), before the grace period starts.
         tls: server certificate and key (and optionally a CA for client certificates); None: plaintext.
         api_keys: accepted API keys (`authorization: Bearer KEY`); empty: no authentication.
         state_placement: where session state lives: "auto" (on the GPU with CUDA, else host
@@ -92,6 +98,8 @@ class ServerConfig:
     state_dir: Path | None = None
     checkpoint_interval_s: float = 0.0
     spill_idle: bool = False
+    session_store: str | None = None
+    drain_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -120,10 +128,18 @@ class ServerConfig:
             raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
         if self.checkpoint_interval_s < 0:
             raise ConfigError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
-        if self.checkpoint_interval_s and self.state_dir is None:
-            raise ConfigError("checkpoint_interval_s needs a state_dir (--state-dir)")
-        if self.spill_idle and self.state_dir is None:
-            raise ConfigError("spill_idle needs a state_dir (--state-dir)")
+        if self.session_store is not None:
+            if not self.session_store.startswith(SESSION_STORE_SCHEMES):
+                raise ConfigError(f"session_store must be a redis://HOST:PORT/DB URL, got {self.session_store!r}")
+            if self.state_dir is not None:
+                raise ConfigError("use either state_dir (--state-dir) or session_store (--session-store), not both")
+        kept = self.state_dir is not None or self.session_store is not None
+        if self.checkpoint_interval_s and not kept:
+            raise ConfigError("checkpoint_interval_s needs a state_dir (--state-dir) or a session_store (--session-store)")
+        if self.spill_idle and not kept:
+            raise ConfigError("spill_idle needs a state_dir (--state-dir) or a session_store (--session-store)")
+        if self.drain_delay_s < 0:
+            raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
         if self.state_placement not in STATE_PLACEMENTS:
             raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:

@@ -33,3 +33,13 @@ class Draining(ServeError):
 
 class ComputeFailed(ServeError):
     """ONNX Runtime failed on the batch group that held this request (INTERNAL); its state is unchanged."""
+
+
+class SessionExists(ServeError):
+    """A proposed session id is already taken (ALREADY_EXISTS)."""
+
+
+class SessionMoved(SessionNotFound):
+    """The session is (being) handed over to another replica (UNAVAILABLE): retry, and the proxy
+    sends the call to the replica that holds it now. A SessionNotFound to code that only asks
+    whether the session is here."""

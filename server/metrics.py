@@ -34,3 +34,13 @@ class Metrics:
         self.evictions = Counter("lstmserve_evictions", "Sessions closed because they idled past the TTL.", registry=r)
         self.sessions_created = Counter("lstmserve_sessions_created", "Sessions created.", registry=r)
         self.errors = Counter("lstmserve_errors", "Requests that failed, by gRPC status code.", ["code"], registry=r)
+        self.handoffs = Counter(
+            "lstmserve_handoffs", "Sessions this replica gave up to another one (written to the shared store).", registry=r
+        )
+        self.takeovers = Counter(
+            "lstmserve_takeovers",
+            "Sessions this replica took over from the shared store, by source: 'handoff' (a live replica gave "
+            "it up on request) or 'store' (it was there: drained, spilled, or its replica died).",
+            ["source"],
+            registry=r,
+        )

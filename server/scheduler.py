@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from lstmserve.server.device_state import AnyStateStore
-from lstmserve.server.errors import ComputeFailed, Draining, Overloaded, SessionNotFound, StepMismatch
+from lstmserve.server.errors import (
+    ComputeFailed,
+    Draining,
+    Overloaded,
+    SessionExists,
+    SessionMoved,
+    SessionNotFound,
+    StepMismatch,
+)
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.persistence import StoredSession
 from lstmserve.server.runner import Runner
@@ -123,6 +131,9 @@ class Scheduler:
         self.on_session_dropped: Callable[[str], None] | None = None
         # Where sessions idle past the TTL go instead of being dropped (--spill-idle).
         self.spill: SpillStore | None = None
+        # Asked with (id, owner) for a session that is not here: brings it here from another replica or
+        # a shared store and returns it, or returns None (several replicas: see handoff.py).
+        self.fetch_missing: Callable[[str, str], Awaitable[Session | None]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -156,6 +167,8 @@ class Scheduler:
         """Creates a session with zero state (under `session_id` when one is being restored)."""
         if not self._accepting:
             raise Draining("server is shutting down and takes no new sessions")
+        if session_id is not None and self.sessions.find(session_id) is not None:
+            raise SessionExists(f"session id {session_id!r} is already taken")
         slot = self.store.allocate()
         session = self.sessions.add(slot, owner, session_id)
         self.metrics.sessions_created.inc()
@@ -168,6 +181,9 @@ class Scheduler:
         try:
             return self.sessions.get(session_id, owner)
         except SessionNotFound:
+            fetched = await self.fetch_missing(session_id, owner) if self.fetch_missing is not None else None
+            if fetched is not None:
+                return fetched
             stored = self.spill.load(session_id) if self.spill is not None and self._accepting else None
             if stored is None or stored.owner != owner:
                 raise
@@ -192,6 +208,23 @@ class Scheduler:
         """Frees a session's slot, after its queued steps."""
         session = await self.find_session(session_id, owner)
         await self._enqueue(session, _Work(future=self._new_future(), op=self._drop))
+
+    async def hand_off(self, session_id: str) -> tuple[Session, SessionState] | None:
+        """Gives a session up to another replica: after its queued steps, takes a copy of its state and
+        drops it here without `on_session_dropped` (its stored copy stays); requests that still reach
+        it here get SessionMoved. Returns (session, state), or None if the session is not here."""
+        session = self.sessions.find(session_id)
+        if session is None:
+            return None
+
+        def take(s: Session) -> tuple[Session, SessionState]:
+            state = self.store.read(s.slot)
+            s.moved = True
+            self._drop(s, spilled=True)
+            return s, state
+
+        taken: tuple[Session, SessionState] = await self._enqueue(session, _Work(future=self._new_future(), op=take))
+        return taken
 
     async def read_state(self, session_id: str, owner: str = "") -> tuple[int, SessionState]:
         """A session's step counter and a copy of its state, after its queued steps."""
@@ -286,6 +319,8 @@ class Scheduler:
     def _require_live(self, session: Session) -> None:
         """Raises SessionNotFound if the session was closed or expired (e.g. during a generation)."""
         if session not in self.sessions:
+            if session.moved:
+                raise SessionMoved(f"session {session.id!r} moved to another replica; retry")
             raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
 
     def _idle_for(self, session: Session) -> bool:
@@ -345,7 +380,10 @@ class Scheduler:
             work = session.pending.pop(0)
             self._queued -= 1
             if not work.future.done():
-                work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
+                if session.moved:
+                    work.future.set_exception(SessionMoved(f"session {session.id!r} moved to another replica; retry"))
+                else:
+                    work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
         session.queued_positions = 0
         self.sessions.remove(session)
         if self.on_session_dropped is not None and not spilled:

@@ -28,16 +28,20 @@ from lstmserve.server.errors import (
     NotSteppable,
     Overloaded,
     ServeError,
+    SessionExists,
+    SessionMoved,
     SessionNotFound,
     StepMismatch,
 )
 from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
+from lstmserve.server.handoff import Cluster
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
-from lstmserve.server.sessions import Session
+from lstmserve.server.sessions import Session, check_proposed_id
+from lstmserve.server.state import SessionState
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -50,6 +54,8 @@ STATUS_BY_ERROR: dict[type[ServeError], grpc.StatusCode] = {
     NotSteppable: grpc.StatusCode.FAILED_PRECONDITION,
     StepMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    SessionExists: grpc.StatusCode.ALREADY_EXISTS,
+    SessionMoved: grpc.StatusCode.UNAVAILABLE,
     ComputeFailed: grpc.StatusCode.INTERNAL,
 }
 
@@ -60,10 +66,13 @@ def status_for(error: ServeError) -> grpc.StatusCode:
 
 
 class LstmServeService(pb_grpc.LstmServeServicer):
-    """Implements `lstmserve.v1.LstmServe` on top of the scheduler."""
+    """Implements `lstmserve.v1.LstmServe` on top of the scheduler (and, with several replicas, the cluster)."""
 
-    def __init__(self, scheduler: Scheduler, runner: Runner, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(
+        self, scheduler: Scheduler, runner: Runner, config: ServerConfig, metrics: Metrics, *, cluster: Cluster | None = None
+    ) -> None:
         self.scheduler = scheduler
+        self.cluster = cluster
         self.runner = runner
         self.spec: ModelSpec = runner.spec
         self.config = config
@@ -120,7 +129,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
             self._require_steppable()
-            session = self.scheduler.create_session(self._owner(context))
+            session = await self._new_session(self._owner(context), request.session_id)
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -169,7 +178,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 shape=(spec.state_rows, spec.h.width, spec.c.width),
                 secret=self.config.snapshot_secret,
             )
-            session = await self.scheduler.restore_session(state, step, self._owner(context))
+            session = await self._new_session(self._owner(context), request.session_id, (state, step))
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -204,6 +213,8 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                         f"session_id {request.session_id!r} differs from this stream's session {session.id!r}"
                     )
                 elif session not in self.scheduler.sessions:
+                    if session.moved:  # handed over to another replica: a new stream reaches it
+                        raise SessionMoved(f"session {session.id!r} moved to another replica; retry")
                     raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
                 if parsed.inputs is None:  # an opening request without input: report the session
                     yield pb.StepResponse(session_id=session.id, request_id=request.request_id, step=session.step)
@@ -220,7 +231,26 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
             return await self.scheduler.find_session(session_id, owner)
-        return self.scheduler.create_session(owner)
+        return await self._new_session(owner, "")
+
+    async def _new_session(
+        self, owner: str, proposed_id: str, restored: tuple[SessionState, int] | None = None
+    ) -> Session:
+        """A new session under the proposed id (ALREADY_EXISTS if taken) or a fresh one, with zero state
+        or the `restored` (state, step); recorded in the shared store when there are several replicas."""
+        session_id = check_proposed_id(proposed_id) if proposed_id else None
+
+        async def make(session_id: str | None) -> Session:
+            if restored is None:
+                return self.scheduler.create_session(owner, session_id)
+            return await self.scheduler.restore_session(restored[0], restored[1], owner, session_id)
+
+        if self.cluster is not None:
+            return await self.cluster.create(owner, session_id, make)
+        spill = self.scheduler.spill
+        if session_id is not None and spill is not None and spill.load(session_id) is not None:
+            raise SessionExists(f"session id {session_id!r} is already taken")
+        return await make(session_id)
 
     def _parse(self, request: pb.StepRequest, *, first: bool) -> _ParsedStep:
         has_input = bool(request.tokens) or request.HasField("features")

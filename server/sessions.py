@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -9,7 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.errors import InvalidInput, SessionNotFound
+
+# What a client may propose as a session id: long enough not to collide, safe as a file name and a header.
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class Session:
     in_flight: bool = False
     last_result: StepResult | None = None
     version: int = 0  # bumped on every change of state (steps, reset, restore): what checkpoints compare
+    moved: bool = False  # handed over to another replica: requests still arriving here are told to retry
 
     @property
     def busy(self) -> bool:
@@ -59,6 +64,20 @@ class Session:
 def new_session_id() -> str:
     """A fresh 128-bit random session id (32 hex characters)."""
     return secrets.token_hex(16)
+
+
+def is_session_id(text: str) -> bool:
+    """Whether `text` has the form of a session id (16 to 64 characters of A-Z a-z 0-9 _ -)."""
+    return SESSION_ID_PATTERN.fullmatch(text) is not None
+
+
+def check_proposed_id(text: str) -> str:
+    """A client-proposed session id, or InvalidInput naming what is wrong with it."""
+    if not is_session_id(text):
+        raise InvalidInput(
+            f"proposed session_id {text[:80]!r} must be 16 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        )
+    return text
 
 
 class SessionTable:
@@ -82,6 +101,10 @@ class SessionTable:
         session = Session(id=session_id, slot=slot, owner=owner)
         self._sessions[session_id] = session
         return session
+
+    def find(self, session_id: str) -> Session | None:
+        """The live session with this id, whoever owns it (for the server's own bookkeeping)."""
+        return self._sessions.get(session_id)
 
     def get(self, session_id: str, owner: str) -> Session:
         """Returns the live session with this id and owner, or raises SessionNotFound."""

@@ -1,0 +1,323 @@
+"""Several replicas, one Redis: each session lives on exactly one replica, and moves exactly.
+
+A proxy (Envoy, ring hash on the `lstmserve-session` header) sends every call of a session to
+one replica. When the replicas change (one drains, crashes, or a new one joins), calls of some
+sessions start arriving at another replica. That replica takes the session over:
+
+- Redis records which replica holds each session (`session:<id>` field `replica`), and every
+  replica keeps a heartbeat key alive. Creating a session records it (a proposed id that is taken
+  is ALREADY_EXISTS).
+- Asked for a session it does not hold, a replica claims it atomically: if no live replica holds
+  it (released on drain or spill, or its replica's heartbeat expired), the claim succeeds and the
+  session is restored from its last snapshot, under the same id and owner. If a live replica holds
+  it, that replica is asked (a Redis list per replica) to give it up: it finishes the session's
+  queued steps, writes the snapshot, drops the session and releases it; the new replica polls
+  until its claim succeeds, for at most HANDOFF_TIMEOUT_S, and otherwise answers UNAVAILABLE.
+- Requests that still reach the old replica (an open stream) get UNAVAILABLE: the client opens a
+  new stream, which the proxy sends to the new holder, and resends with `expected_step`.
+- Only the holder may write a session's snapshot, and a claim needs the holder gone, so a stale
+  copy is never restored while a newer one is live. A replica whose heartbeat lapsed (a long pause)
+  drops the sessions another replica took over meanwhile.
+
+Work on one session id (claim, give up, close, spill) runs one at a time, in the order it was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from lstmserve.server.errors import Draining, InvalidInput, ServeError, SessionExists, SessionMoved
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.persistence import StoredSession
+from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.session_store import RedisStore
+from lstmserve.server.sessions import Session, is_session_id, new_session_id
+from lstmserve.server.state import SessionState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+HEARTBEAT_INTERVAL_S = 0.5
+# A replica that has not refreshed its heartbeat for this long is taken for dead: its sessions can be claimed.
+HEARTBEAT_TTL_S = 2.0
+# How long a replica asked for a session waits for its holder to give it up (longer than HEARTBEAT_TTL_S,
+# so a holder that died is noticed within the wait).
+HANDOFF_TIMEOUT_S = 5.0
+HANDOFF_POLL_S = 0.01
+REQUEST_WAIT_S = 1.0
+
+
+def new_replica_id() -> str:
+    """A replica id unique to this process start: host name, process id and a random suffix."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class _PerKey:
+    """Runs coroutines one at a time per key, in the order they were submitted (submitting is synchronous)."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Task[Any]] = {}
+
+    def submit(self, key: str, factory: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
+        previous = self._tails.get(key)
+
+        async def run() -> T:
+            if previous is not None:
+                await asyncio.wait([previous])
+            return await factory()
+
+        task = asyncio.ensure_future(run())
+        self._tails[key] = task
+        task.add_done_callback(lambda done: self._tails.pop(key) if self._tails.get(key) is done else None)
+        return task
+
+    def busy(self, key: str) -> bool:
+        return key in self._tails
+
+
+class Cluster:
+    """This replica's part in a group of replicas that share sessions through Redis.
+
+    Args:
+        store: the Redis store (its `replica` is this replica's id).
+        scheduler: this replica's scheduler; `start` installs the hooks it calls.
+        metrics: handoff and takeover counters.
+        encode: (state, step) -> snapshot blob.
+        decode: snapshot blob -> (state, step); raises InvalidInput for a bad blob.
+        session_ttl_s: the sessions' idle TTL (how often held records are refreshed).
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        encode: Callable[[SessionState, int], bytes],
+        decode: Callable[[bytes], tuple[SessionState, int]],
+        session_ttl_s: float,
+    ) -> None:
+        self.store = store
+        self.replica = store.replica
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self._encode = encode
+        self._decode = decode
+        self._refresh_every_s = min(60.0, max(1.0, session_ttl_s / 4))
+        self.draining = False
+        self._per_key = _PerKey()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ---- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        """Registers this replica and starts answering handoff requests."""
+        await self.store.heartbeat(first=True)
+        self.scheduler.fetch_missing = self.fetch
+        self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._request_loop())]
+        log.info("replica %s sharing sessions through %s", self.replica, self.store.url)
+
+    async def stop(self) -> None:
+        """Stops the loops and removes this replica's heartbeat (call after the drain released its sessions)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        try:
+            await self.store.unregister()
+        except Exception:  # noqa: BLE001 - Redis gone: its heartbeat expires by itself
+            log.warning("could not unregister replica %s from Redis", self.replica)
+        await self.store.close()
+
+    # ---- sessions ----------------------------------------------------------
+    async def create(self, owner: str, session_id: str | None, make: Callable[[str], Awaitable[Session]]) -> Session:
+        """Records a new session (under `session_id`, or a fresh id) as held here, then `make`s it.
+
+        SessionExists if the id is taken anywhere; Draining while this replica drains.
+        """
+        if self.draining:
+            raise Draining("this replica is draining and takes no new sessions")
+        session_id = session_id or new_session_id()
+
+        async def run() -> Session:
+            if self.scheduler.sessions.find(session_id) is not None or not await self._redis(
+                self.store.create(session_id, owner)
+            ):
+                raise SessionExists(f"session id {session_id!r} is already taken")
+            try:
+                return await make(session_id)
+            except BaseException:
+                await self._redis(self.store.remove(session_id))
+                raise
+
+        return await asyncio.shield(self._per_key.submit(session_id, run))
+
+    async def fetch(self, session_id: str, owner: str) -> Session | None:
+        """The scheduler's `fetch_missing`: takes a session over from the shared store or from the
+        replica that holds it; None if there is no such session for this owner."""
+        if not is_session_id(session_id):
+            return None
+        if self.draining:
+            raise Draining("this replica is draining; retry and the proxy sends the call to another replica")
+        await asyncio.shield(self._per_key.submit(session_id, lambda: self._take_over(session_id, owner)))
+        session = self.scheduler.sessions.find(session_id)
+        return session if session is not None and session.owner == owner else None
+
+    async def _take_over(self, session_id: str, owner: str) -> None:
+        if self.scheduler.sessions.find(session_id) is not None:
+            return  # taken over (or created) by the request before this one
+        deadline = time.monotonic() + HANDOFF_TIMEOUT_S
+        asked = ""
+        while True:
+            claim = await self._redis(self.store.claim(session_id, owner))
+            if claim.outcome == "missing":
+                return
+            if claim.outcome == "claimed":
+                await self._restore(session_id, owner, claim.blob, "handoff" if asked else "store")
+                return
+            if claim.holder != asked:
+                await self._redis(self.store.ask(claim.holder, session_id))
+                asked = claim.holder
+            if time.monotonic() > deadline:
+                raise SessionMoved(f"session {session_id!r} is still held by replica {claim.holder}; retry")
+            await asyncio.sleep(HANDOFF_POLL_S)
+
+    async def _restore(self, session_id: str, owner: str, blob: bytes | None, source: str) -> None:
+        if blob is None:
+            log.warning("session %s had no snapshot when its replica stopped; it is lost", session_id)
+            await self._redis(self.store.remove(session_id))
+            return
+        try:
+            state, step = self._decode(blob)
+        except InvalidInput as error:
+            log.error("stored snapshot of session %s refused: %s; it is dropped", session_id, error)
+            await self._redis(self.store.remove(session_id))
+            return
+        try:
+            await self.scheduler.restore_session(state, step, owner, session_id)
+        except BaseException:
+            await self._redis(self.store.save(session_id, owner, b"", release=True))  # let another replica try
+            raise
+        self.metrics.takeovers.labels(source=source).inc()
+        log.info("session %s taken over from the %s at step %d", session_id, source, step)
+
+    async def _give(self, session_id: str) -> None:
+        """Gives a session up on another replica's request: queued steps finish, then it is written and released."""
+        taken = await self.scheduler.hand_off(session_id)
+        if taken is None:  # not live here (released already, or never restored): let the claimant take it
+            await self.store.save(session_id, "", b"", release=True)
+            return
+        session, state = taken
+        written = await self.store.save(session_id, session.owner, self._encode(state, session.step), release=True)
+        if written:
+            self.metrics.handoffs.inc()
+            log.info("session %s handed over at step %d", session_id, session.step)
+        else:
+            log.warning("session %s was no longer this replica's when it was handed over", session_id)
+
+    def forget(self, session_id: str) -> None:
+        """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted."""
+        self._spawn(self._per_key.submit(session_id, lambda: self.store.remove(session_id)))
+
+    def spill(self, session: Session, state: SessionState) -> None:
+        """Writes a session idle past the TTL and releases it (kept without expiry); any replica brings it back."""
+        blob = self._encode(state, session.step)
+        self._spawn(
+            self._per_key.submit(
+                session.id, lambda: self.store.save(session.id, session.owner, blob, release=True, keep=True)
+            )
+        )
+
+    async def save(self, session_id: str, owner: str, blob: bytes, *, release: bool = False) -> bool:
+        """Checkpoints and the drain: writes a held session's snapshot (and releases it)."""
+        return await self.store.save(session_id, owner, blob, release=release)
+
+    async def read_all(self) -> list[StoredSession]:
+        """Nothing at start: sessions are taken over when they are asked for."""
+        return []
+
+    # ---- loops ---------------------------------------------------------------
+    async def _request_loop(self) -> None:
+        while True:
+            try:
+                session_id = await self.store.next_request(REQUEST_WAIT_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis unreachable: try again shortly
+                log.exception("reading handoff requests failed")
+                await asyncio.sleep(REQUEST_WAIT_S)
+                continue
+            if session_id is not None and is_session_id(session_id):
+                self._spawn(self._per_key.submit(session_id, lambda sid=session_id: self._give(sid)))
+
+    async def _heartbeat_loop(self) -> None:
+        refreshed = time.monotonic()
+        while True:
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+            try:
+                if not await self.store.heartbeat():
+                    log.warning("replica %s missed its heartbeat; checking which sessions are still its own", self.replica)
+                    await self._drop_lost_sessions()
+                if time.monotonic() - refreshed > self._refresh_every_s:
+                    refreshed = time.monotonic()
+                    await self.store.refresh([s.id for s in self.scheduler.sessions.all()])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - Redis unreachable: sessions here keep working
+                log.exception("heartbeat to Redis failed")
+
+    async def _drop_lost_sessions(self) -> None:
+        """After a lapsed heartbeat: drops (as moved) every session another replica took over meanwhile."""
+        sessions = self.scheduler.sessions.all()
+        holders = await self.store.holders([s.id for s in sessions])
+        for session, holder in zip(sessions, holders, strict=True):
+            if holder != self.replica and not self._per_key.busy(session.id):
+                await self.scheduler.hand_off(session.id)
+                log.warning("session %s is held by %s now; dropped here", session.id, holder)
+
+    # ---- helpers -------------------------------------------------------------
+    def _spawn(self, task: asyncio.Task[Any]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session store operation failed: %s", task.exception())
+
+    @staticmethod
+    async def _redis(operation: Awaitable[T]) -> T:
+        """Awaits a Redis operation; a Redis failure becomes UNAVAILABLE (retryable) for the caller."""
+        try:
+            return await operation
+        except ServeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
+            raise SessionMoved(f"the shared session store is unavailable ({error}); retry") from error
+
+
+class RedisSpill:
+    """The scheduler's spill store (`--spill-idle`) on Redis: idle sessions are written and released.
+
+    Args:
+        cluster: this replica's cluster; `load` finds nothing, since `Cluster.fetch` brings sessions back.
+    """
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def save(self, session: Session, state: SessionState) -> None:
+        """Writes the session to Redis in the background (requests for it wait for the write)."""
+        self._cluster.spill(session, state)
+
+    def load(self, session_id: str) -> StoredSession | None:
+        """None: spilled sessions come back through `Cluster.fetch`."""
+        return None

@@ -1,0 +1,102 @@
+"""Keeps sessions outside the process: brings them back at start, checkpoints them, writes them on drain.
+
+Works on any `SessionStore` (the state directory or Redis). A session is written when its state
+changed since it was last written (`Session.version`); on drain every session is written or, when
+unchanged, only released (with Redis, so that other replicas may take it over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.session_store import SessionStore
+from lstmserve.server.state import SessionState
+
+log = logging.getLogger(__name__)
+
+
+class SessionKeeper:
+    """Checkpoints and drain writes of one server's sessions.
+
+    Args:
+        scheduler: the server's scheduler (its sessions and their state).
+        store: where the snapshots go.
+        encode: (state, step) -> snapshot blob.
+        remove: deletes a closed or expired session's stored copy.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: SessionStore,
+        encode: Callable[[SessionState, int], bytes],
+        remove: Callable[[str], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.store = store
+        self._encode = encode
+        self._remove = remove
+        self._written_versions: dict[str, int] = {}  # session id -> state version last written
+        self._task: asyncio.Task[None] | None = None
+
+    async def restore_all(self) -> int:
+        """Brings back every session the store holds for this server (the state directory), under its id
+        and owner; returns how many."""
+        stored = await self.store.read_all()
+        for item in stored:
+            session = await self.scheduler.restore_session(item.state, item.step, item.owner, item.session_id)
+            self._written_versions[item.session_id] = session.version
+        return len(stored)
+
+    def forget(self, session_id: str) -> None:
+        """The scheduler's `on_session_dropped`: a closed or expired session's stored copy goes."""
+        self._written_versions.pop(session_id, None)
+        self._remove(session_id)
+
+    async def checkpoint(self, *, release: bool = False) -> int:
+        """Writes every session whose state changed since it was last written; returns how many.
+
+        With `release` (the drain), every session is let go after its write, the unchanged ones too.
+        """
+        written = 0
+        for session in self.scheduler.sessions.all():
+            unchanged = self._written_versions.get(session.id) == session.version and not session.busy
+            if unchanged and not release:
+                continue
+            blob, version = b"", session.version  # an empty blob keeps the stored snapshot
+            if not unchanged:
+                try:
+                    step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
+                except SessionNotFound:
+                    continue  # closed or handed over meanwhile
+                blob = self._encode(state, step)
+            saved = await self.store.save(session.id, session.owner, blob, release=release)
+            if session in self.scheduler.sessions:
+                if saved:
+                    self._written_versions[session.id] = version
+            elif not session.moved:  # closed while it was being written: the copy must go too
+                self.forget(session.id)
+            written += 1 if blob else 0
+        return written
+
+    def start(self, interval_s: float) -> None:
+        """Checkpoints every `interval_s` seconds from now on."""
+        self._task = asyncio.create_task(self._loop(interval_s))
+
+    def stop(self) -> None:
+        """Stops the periodic checkpoints."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.checkpoint()
+            except Exception:  # noqa: BLE001 - a failed checkpoint is retried at the next interval
+                log.exception("checkpoint failed")

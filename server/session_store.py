@@ -1,0 +1,235 @@
+"""Where session snapshots live outside the process: the state directory (one server) or Redis (shared).
+
+Both backends keep the snapshot blobs of `snapshot.py` (versioned, SHA-256 or HMAC), with the
+session's id and owner (the digest of its creator's API key).
+
+- `DirectoryStore` (`--state-dir`): one file per session (see `persistence.py`), read back when
+  the server starts. For one server, or replicas that each have their own directory.
+- `RedisStore` (`--session-store redis://HOST:PORT/DB`): one hash per session, shared by every
+  replica, and the ownership records that keep a session on exactly one replica at a time (see
+  `handoff.py`). Sessions are not read at start: a replica takes one over when it is asked for it.
+
+Redis keys (all under `lstmserve:`):
+
+    session:<id>   hash: owner, replica (the replica holding it live; absent once released), blob
+    replica:<rid>  a live replica's heartbeat (expires when the replica stops refreshing it)
+    handoff:<rid>  list of session ids other replicas ask replica <rid> to give up
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from lstmserve.server.persistence import StateDir, StoredSession
+
+PREFIX = "lstmserve:"
+
+
+class SessionStore(Protocol):
+    """The operations the server's checkpoints and drain need from a backend."""
+
+    async def read_all(self) -> list[StoredSession]:
+        """Every session to bring back when the server starts."""
+        ...
+
+    async def save(self, session_id: str, owner: str, blob: bytes, *, release: bool = False) -> bool:
+        """Stores a session's snapshot (an empty blob keeps the stored one); with `release`, this
+        server lets go of the session. False if the session is no longer this server's."""
+        ...
+
+
+class DirectoryStore:
+    """The state directory as a session store.
+
+    Args:
+        state_dir: the directory and the checks its files must pass.
+    """
+
+    def __init__(self, state_dir: StateDir) -> None:
+        self.state_dir = state_dir
+
+    async def read_all(self) -> list[StoredSession]:
+        """Every valid session file (bad ones are moved aside)."""
+        return await asyncio.to_thread(self.state_dir.read_all)
+
+    async def save(self, session_id: str, owner: str, blob: bytes, *, release: bool = False) -> bool:
+        """Writes the session's file atomically (`release` changes nothing: one server owns the directory)."""
+        if blob:
+            await asyncio.to_thread(self.state_dir.write, session_id, owner, blob)
+        return True
+
+    def remove(self, session_id: str) -> None:
+        """Deletes a closed or expired session's file."""
+        self.state_dir.remove(session_id)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The answer to `RedisStore.claim`.
+
+    Args:
+        outcome: "claimed" (this replica holds the session now; `blob` is its last snapshot, None if
+            it never had one), "held" (live on replica `holder`), or "missing" (no such session for
+            this owner).
+    """
+
+    outcome: Literal["claimed", "held", "missing"]
+    holder: str = ""
+    blob: bytes | None = None
+
+
+# Each script runs atomically in Redis. KEYS[1] is the session's hash; ARGV[1] this replica's id.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'replica', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+# ARGV: me, owner, ttl_ms, replica key prefix. A holder whose heartbeat is gone counts as released.
+_CLAIM = """
+local fields = redis.call('HMGET', KEYS[1], 'owner', 'replica')
+local owner, holder = fields[1], fields[2]
+if not owner or owner ~= ARGV[2] then return {'missing'} end
+if holder and holder ~= ARGV[1] and redis.call('EXISTS', ARGV[4] .. holder) == 1 then
+  return {'held', holder}
+end
+redis.call('HSET', KEYS[1], 'replica', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local blob = redis.call('HGET', KEYS[1], 'blob')
+if not blob then return {'claimed'} end
+return {'claimed', '', blob}
+"""
+# ARGV: me, blob ('' keeps the stored one), release ('1' or '0'), ttl_ms (0: no expiry). Only the holder writes.
+_SAVE = """
+if redis.call('HGET', KEYS[1], 'replica') ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'blob', ARGV[2]) end
+if ARGV[3] == '1' then redis.call('HDEL', KEYS[1], 'replica') end
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
+return 1
+"""
+_REMOVE = """
+if redis.call('HGET', KEYS[1], 'replica') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+class RedisStore:
+    """Session snapshots and ownership records in Redis, for one replica.
+
+    Args:
+        url: `redis://HOST:PORT/DB` (or `rediss://`, `unix://`), as redis-py's `from_url` reads it.
+        replica: this replica's id (unique per process start).
+        held_ttl_s: how long a held session's record lives without being refreshed.
+        released_ttl_s: how long a released snapshot is kept (a session's idle TTL).
+        heartbeat_ttl_s: how long this replica counts as alive after its last heartbeat.
+    """
+
+    def __init__(
+        self, url: str, replica: str, *, held_ttl_s: float, released_ttl_s: float, heartbeat_ttl_s: float
+    ) -> None:
+        import redis.asyncio
+
+        self.url = url
+        self.replica = replica
+        self._redis: Any = redis.asyncio.from_url(url, decode_responses=False, health_check_interval=10)
+        self._held_ms = int(held_ttl_s * 1000)
+        self._released_ms = int(released_ttl_s * 1000)
+        self._heartbeat_ms = int(heartbeat_ttl_s * 1000)
+        self._create = self._redis.register_script(_CREATE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._save = self._redis.register_script(_SAVE)
+        self._remove = self._redis.register_script(_REMOVE)
+
+    @staticmethod
+    def key(session_id: str) -> str:
+        """The Redis key of a session's hash."""
+        return f"{PREFIX}session:{session_id}"
+
+    async def close(self) -> None:
+        """Closes the connections."""
+        await self._redis.aclose()
+
+    # ---- this replica ------------------------------------------------------
+    async def heartbeat(self, *, first: bool = False) -> bool:
+        """Marks this replica alive for `heartbeat_ttl_s`. False if the previous mark had already
+        expired (other replicas may have taken its sessions over meanwhile)."""
+        key = f"{PREFIX}replica:{self.replica}"
+        if first:
+            await self._redis.set(key, b"1", px=self._heartbeat_ms)
+            return True
+        if await self._redis.set(key, b"1", px=self._heartbeat_ms, xx=True):
+            return True
+        await self._redis.set(key, b"1", px=self._heartbeat_ms)
+        return False
+
+    async def unregister(self) -> None:
+        """Removes this replica's heartbeat and request list (it is stopping)."""
+        await self._redis.delete(f"{PREFIX}replica:{self.replica}", f"{PREFIX}handoff:{self.replica}")
+
+    async def next_request(self, timeout_s: float) -> str | None:
+        """The next session id another replica asked this one to give up, or None after `timeout_s`."""
+        item = await self._redis.blpop([f"{PREFIX}handoff:{self.replica}"], timeout=timeout_s)
+        return None if item is None else item[1].decode()
+
+    async def ask(self, holder: str, session_id: str) -> None:
+        """Asks replica `holder` to give session `session_id` up."""
+        key = f"{PREFIX}handoff:{holder}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, session_id.encode())
+            pipe.pexpire(key, max(self._heartbeat_ms * 10, 60_000))
+            await pipe.execute()
+
+    # ---- sessions ----------------------------------------------------------
+    async def create(self, session_id: str, owner: str) -> bool:
+        """Records a new session held by this replica; False if the id is taken."""
+        return bool(await self._create(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms]))
+
+    async def claim(self, session_id: str, owner: str) -> Claim:
+        """Takes a session over if no live replica holds it (see `Claim`)."""
+        reply = await self._claim(
+            keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms, f"{PREFIX}replica:"]
+        )
+        outcome = reply[0].decode()
+        if outcome == "held":
+            return Claim("held", holder=reply[1].decode())
+        if outcome == "claimed":
+            return Claim("claimed", blob=bytes(reply[2]) if len(reply) > 2 else None)
+        return Claim("missing")
+
+    async def read_all(self) -> list[StoredSession]:
+        """Nothing: replicas take sessions over one by one, when they are asked for them."""
+        return []
+
+    async def save(
+        self, session_id: str, owner: str, blob: bytes, *, release: bool = False, keep: bool = False
+    ) -> bool:
+        """Stores a session's snapshot if this replica holds it (an empty blob keeps the stored one).
+
+        With `release`, the session is let go (any replica may take it over); `keep` stores it without
+        expiry (spilled sessions), else it expires after the idle TTL once released.
+        """
+        ttl = 0 if keep else (self._released_ms if release else self._held_ms)
+        args = [self.replica, blob, b"1" if release else b"0", ttl]
+        return bool(await self._save(keys=[self.key(session_id)], args=args))
+
+    async def remove(self, session_id: str) -> bool:
+        """Deletes a closed or expired session held by this replica."""
+        return bool(await self._remove(keys=[self.key(session_id)], args=[self.replica]))
+
+    async def refresh(self, session_ids: list[str]) -> None:
+        """Extends the records of sessions held live here, so they never expire under them."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.pexpire(self.key(session_id), self._held_ms)
+            await pipe.execute()
+
+    async def holders(self, session_ids: list[str]) -> list[str | None]:
+        """The replica recorded as holding each session (None: released or unknown)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.hget(self.key(session_id), "replica")
+            replies = await pipe.execute()
+        return [None if r is None else r.decode() for r in replies]
