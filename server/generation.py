@@ -27,11 +27,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerateParams:
-    """A generation request: how many tokens at most, how to sample, where to stop."""
+    """A generation request: how many tokens at most, how to sample, where to stop, and whether
+    one response may carry several tokens."""
 
     max_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
+    coalesce: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,13 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+# With coalescing, a generation hands its tokens to the streaming coroutine in chunks sized so
+# that one batch of N generating sessions sends about this many responses: each response costs
+# the event loop tens of microseconds, so one response per token per session would make gRPC,
+# not the model, the limit. A session generating alone still gets every token at once.
+RESPONSES_PER_BATCH = 32
+
+
 class Generation:
     """One running generation: what the scheduler needs to continue it, and the tokens it made so far.
 
@@ -109,6 +118,7 @@ class Generation:
 
     def __init__(self, params: GenerateParams, vocabulary: Sequence[str]) -> None:
         self.max_tokens = params.max_tokens
+        self._coalesce = params.coalesce
         self.sampler = Sampler(params.sampling)
         self.fed: int | None = None  # the generated token the queued step feeds (None: the prompt)
         self.finish_reason = ""
@@ -116,6 +126,7 @@ class Generation:
         self._vocabulary = vocabulary
         self._count = 0
         self._events: list[GeneratedToken] = []
+        self._taken_any = False
         self.changed = asyncio.Event()  # set when tokens are ready or the generation ended
 
     def consumed(self, step: int, batch_size: int) -> bool:
@@ -133,12 +144,20 @@ class Generation:
                 released += self._matcher.flush()
         if released:
             self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
-            self.changed.set()
+            if self._ready_to_send(batch_size):
+                self.changed.set()
         return finished
+
+    def _ready_to_send(self, batch_size: int) -> bool:
+        """Whether the held tokens make a response now (the first token always does)."""
+        if not self._coalesce or not self._taken_any:
+            return True
+        return len(self._events) * RESPONSES_PER_BATCH >= batch_size
 
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""
         events, self._events = self._events, []
+        self._taken_any = self._taken_any or bool(events)
         return events
 
 

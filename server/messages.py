@@ -94,7 +94,10 @@ def decode_generate(message: pb.Generate, spec: ModelSpec, max_tokens: int) -> G
     if not 1 <= message.max_tokens <= max_tokens:
         raise InvalidInput(f"generate.max_tokens must be in [1, {max_tokens}], got {message.max_tokens}")
     return GenerateParams(
-        max_tokens=int(message.max_tokens), sampling=decode_sampling(message.sampling), stop=tuple(message.stop)
+        max_tokens=int(message.max_tokens),
+        sampling=decode_sampling(message.sampling),
+        stop=tuple(message.stop),
+        coalesce=message.coalesce,
     )
 
 

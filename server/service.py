@@ -282,7 +282,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         assert parsed.inputs is not None and parsed.generate is not None
         count = 0
-        coalesce = request.generate.coalesce
+        coalesce = parsed.generate.coalesce
         chunks = generate(
             self.scheduler, session, parsed.inputs, parsed.generate, self.spec.vocabulary, parsed.expected_step
         )
