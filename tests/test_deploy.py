@@ -386,7 +386,12 @@ def test_envoy_routes_sessions_by_the_client_header(path: Path) -> None:
     assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
     # gRPC to the replicas, health-checked with grpc.health.v1 for the whole server.
     http = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-    assert "http2_protocol_options" in http["explicit_http_config"]
+    http2 = http["explicit_http_config"]["http2_protocol_options"]
+    # No HTTP/2 keepalive pings more often than a gRPC server tolerates on a connection without data
+    # (5 minutes, then GOAWAY too_many_pings); dead hosts are found by TCP keepalive instead.
+    if "connection_keepalive" in http2:
+        assert duration_s(http2["connection_keepalive"]["interval"]) >= 300
+    assert cluster["upstream_connection_options"]["tcp_keepalive"]["keepalive_time"] <= 60
     [check] = cluster["health_checks"]
     assert check["grpc_health_check"] == {}
     assert duration_s(check["interval"]) <= 5 and duration_s(check["no_traffic_interval"]) <= 5
