@@ -168,12 +168,14 @@ def test_the_compose_validator_rejects_a_broken_scale_file(tmp_path: Path, empty
     assert result.returncode == 0, result.stderr
 
 
-def test_scale_compose_structure(empty_env_file: Path) -> None:
-    config = compose_config(SCALE, empty_env_file)
+@pytest.mark.parametrize("env_name", ["no .env", ".env.example"])
+def test_scale_compose_structure(env_name: str, empty_env_file: Path) -> None:
+    env_file = empty_env_file if env_name == "no .env" else ROOT / ".env.example"
+    config = compose_config(SCALE, env_file)
     services = config["services"]
     assert set(services) == {"export", "redis", "server", "envoy"}
     server, redis, envoy = services["server"], services["redis"], services["envoy"]
-    main = compose_config(("docker-compose.yml",), empty_env_file)["services"]
+    main = compose_config(("docker-compose.yml",), env_file)["services"]
 
     # The replicas are the main file's server (same image, build, settings, volume, drain) without host
     # ports (several replicas cannot publish one port), with the session store and checkpoints.
