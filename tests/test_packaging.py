@@ -18,18 +18,38 @@ def test_generated_proto_code_is_current(tmp_path: Path) -> None:
         check=True,
         env={**os.environ, "PYTHON": sys.executable},
     )
-    generated = sorted(p.name for p in (tmp_path / "lstmserve" / "v1").iterdir())
-    assert generated == ["lstmserve_pb2.py", "lstmserve_pb2.pyi", "lstmserve_pb2_grpc.py"]
-    for name in generated:
-        committed = ROOT / "lstmserve" / "v1" / name
-        assert filecmp.cmp(tmp_path / "lstmserve" / "v1" / name, committed, shallow=False), (
-            f"{committed} is stale: run `make proto`"
-        )
+    expected = {
+        "v1": ["lstmserve_pb2.py", "lstmserve_pb2.pyi", "lstmserve_pb2_grpc.py"],
+        "inference": [
+            "grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_grpc.py",
+            "model_config_pb2.py", "model_config_pb2.pyi",
+        ],
+    }
+    for package, names in expected.items():
+        generated = sorted(p.name for p in (tmp_path / "lstmserve" / package).iterdir())
+        assert generated == names
+        for name in generated:
+            committed = ROOT / "lstmserve" / package / name
+            assert filecmp.cmp(tmp_path / "lstmserve" / package / name, committed, shallow=False), (
+                f"{committed} is stale: run `make proto`"
+            )
 
 
 def test_generated_code_uses_package_qualified_imports() -> None:
     text = (ROOT / "lstmserve" / "v1" / "lstmserve_pb2_grpc.py").read_text()
     assert "from lstmserve.v1 import lstmserve_pb2" in text
+    text = (ROOT / "lstmserve" / "inference" / "grpc_service_pb2.py").read_text()
+    assert "from lstmserve.inference import model_config_pb2" in text
+
+
+def test_open_inference_protocol_messages_stay_out_of_the_default_pool() -> None:
+    """tritonclient registers the same `inference.*` names in protobuf's default pool."""
+    from google.protobuf import descriptor_pool
+
+    from lstmserve.inference import grpc_service_pb2
+
+    assert grpc_service_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
+    assert grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name == "inference.GRPCInferenceService"
 
 
 def test_wheel_installs_only_the_lstmserve_namespace(tmp_path: Path) -> None:
@@ -42,7 +62,7 @@ def test_wheel_installs_only_the_lstmserve_namespace(tmp_path: Path) -> None:
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"lstmserve"}
     for module in ("lstmserve/server/scheduler.py", "lstmserve/client/__init__.py", "lstmserve/export/__init__.py",
-                   "lstmserve/v1/lstmserve_pb2.py", "lstmserve/cli.py"):
+                   "lstmserve/v1/lstmserve_pb2.py", "lstmserve/inference/grpc_service_pb2.py", "lstmserve/cli.py"):
         assert module in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "lstmserve = lstmserve.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
