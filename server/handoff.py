@@ -180,8 +180,8 @@ class Cluster:
             claim = await self._redis(self.store.claim(session_id, owner))
             if claim.outcome == "missing":
                 return
-            if claim.outcome == "claimed":
-                await self._restore(session_id, owner, claim.blob, "handoff" if asked else "store")
+            if claim.outcome == "claimed":  # given up on request, or released earlier, or its replica died
+                await self._restore(session_id, owner, claim.blob, "handoff" if asked and not claim.holder else "store")
                 return
             if claim.holder != asked:
                 await self._redis(self.store.ask(claim.holder, session_id))

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.errors import ServeError
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.session_store import SessionStore
 from lstmserve.server.state import SessionState
@@ -71,8 +71,8 @@ class SessionKeeper:
             if not unchanged:
                 try:
                     step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
-                except SessionNotFound:
-                    continue  # closed or handed over meanwhile
+                except ServeError:
+                    continue  # closed or handed over meanwhile (a draining replica does not fetch it back)
                 blob = self._encode(state, step)
             saved = await self.store.save(session.id, session.owner, blob, release=release)
             if session in self.scheduler.sessions:

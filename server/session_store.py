@@ -73,6 +73,8 @@ class Claim:
         outcome: "claimed" (this replica holds the session now; `blob` is its last snapshot, None if
             it never had one), "held" (live on replica `holder`), or "missing" (no such session for
             this owner).
+        holder: for "held", the replica holding it; for "claimed", the replica recorded before whose
+            heartbeat had expired ("" if the session had been released).
     """
 
     outcome: Literal["claimed", "held", "missing"]
@@ -98,8 +100,9 @@ end
 redis.call('HSET', KEYS[1], 'replica', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 local blob = redis.call('HGET', KEYS[1], 'blob')
-if not blob then return {'claimed'} end
-return {'claimed', '', blob}
+local previous = holder or ''
+if not blob then return {'claimed', previous} end
+return {'claimed', previous, blob}
 """
 # ARGV: me, blob ('' keeps the stored one), release ('1' or '0'), ttl_ms (0: no expiry). Only the holder writes.
 _SAVE = """
@@ -196,7 +199,7 @@ class RedisStore:
         if outcome == "held":
             return Claim("held", holder=reply[1].decode())
         if outcome == "claimed":
-            return Claim("claimed", blob=bytes(reply[2]) if len(reply) > 2 else None)
+            return Claim("claimed", holder=reply[1].decode(), blob=bytes(reply[2]) if len(reply) > 2 else None)
         return Claim("missing")
 
     async def read_all(self) -> list[StoredSession]:
