@@ -62,6 +62,11 @@ REPLAY_WINDOW_S = 60.0
 # worker thread: two event-loop hops and a thread hop cost more than that.
 INLINE_MAX_POSITIONS = 4
 
+# The batching loop keeps two batches in flight once it has at least twice this many steps:
+# ONNX Runtime's cost per step is flat above about 64 rows (docs/benchmarks.md), so splitting
+# costs the model nothing and lets Python work overlap the compute.
+PIPELINE_MIN_BATCH = 64
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -101,6 +106,15 @@ class _Work:
 
 
 @dataclass(frozen=True)
+class _Batch:
+    """Steps handed to the worker thread together, and the future of their outputs (one per group)."""
+
+    taken: list[tuple[Session, _Work]]
+    groups: list[_Group]
+    outputs: asyncio.Future[list[np.ndarray | Exception]]
+
+
+@dataclass(frozen=True)
 class _Group:
     """Steps of the same length run as one ONNX Runtime call."""
 
@@ -122,8 +136,12 @@ class Scheduler:
         self._accepting = True
         self._frozen = False
         self._wakeup = asyncio.Event()
-        # Held while a batch computes; the idle sweeper takes it so it never frees a slot mid-batch.
-        self._compute_lock = asyncio.Lock()
+        # Batches handed to the worker thread and not resolved yet (at most two: see _batch_loop).
+        self._computing = 0
+        # Lifecycle operations queued; they run only when nothing computes.
+        self._ops_waiting = 0
+        # Set by the sweeper; the batching loop runs the sweep when nothing computes.
+        self._sweep_due = False
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
         self._last_compute_end = 0.0
@@ -153,7 +171,7 @@ class Scheduler:
 
     def is_idle(self) -> bool:
         """Whether no request is queued or computing."""
-        return not (self._queued or self._compute_lock.locked() or any(s.in_flight for s in self.sessions.all()))
+        return not (self._queued or self._computing or any(s.in_flight for s in self.sessions.all()))
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
@@ -328,7 +346,7 @@ class Scheduler:
         compute was this session's alone. Under concurrent load the last batch held other
         sessions, so steps go through the batcher and batches form."""
         return self._last_solo is session and not (
-            self._ready or self._queued or self._compute_lock.locked() or session.busy
+            self._ready or self._queued or self._computing or session.busy
         )
 
     def _run_now(self, session: Session, work: _Work) -> StepResult:
@@ -342,10 +360,8 @@ class Scheduler:
         session.in_flight = True
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
-        started = time.perf_counter()
         outputs = self._compute(groups)
         self._last_compute_end = time.perf_counter()
-        self.metrics.compute_latency.observe(self._last_compute_end - started)
         self._resolve(groups, outputs)
         return work.future.result()  # type: ignore[no-any-return]
 
@@ -379,6 +395,7 @@ class Scheduler:
         while session.pending:  # requests queued behind a close: the session is gone
             work = session.pending.pop(0)
             self._queued -= 1
+            self._ops_waiting -= work.op is not None
             if not work.future.done():
                 if session.moved:
                     work.future.set_exception(SessionMoved(f"session {session.id!r} moved to another replica; retry"))
@@ -405,6 +422,7 @@ class Scheduler:
         if session.pending is None:
             session.pending = []
         session.pending.append(work)
+        self._ops_waiting += work.op is not None
         if work.inputs is not None:
             # Counted until the step is applied or dropped, so `expected_step` checks see it.
             session.queued_positions += len(work.inputs)
@@ -423,6 +441,7 @@ class Scheduler:
             while session.pending:
                 work = session.pending.pop(0)
                 self._queued -= 1
+                self._ops_waiting -= work.op is not None
                 if work.future.cancelled() and work.op is None:
                     session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
                     continue  # the client gave up before the step ran
@@ -451,28 +470,77 @@ class Scheduler:
             work.future.set_result(result)
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Collects and computes batches, with up to two in flight (a pipeline).
+
+        While the worker thread computes one batch, the event loop resolves the batch
+        before it (sampling the next tokens of generations, answering requests) and
+        collects the next one, so Python and ONNX Runtime overlap instead of taking
+        turns. A large batch collected while nothing computes is split in two to start
+        the pipeline. Lifecycle operations and the idle sweep wait until nothing
+        computes, so they never touch state that a batch is using.
+        """
+        running: _Batch | None = None
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            wait_s = self.limits.max_wait_us / 1e6
-            if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
-                # The server was idle: give the requests arriving right behind this one a chance.
-                await asyncio.sleep(wait_s)
-            taken = self._collect()
-            if not taken:
-                continue
-            groups = _group_by_length(taken)
-            started = time.perf_counter()
-            try:
-                async with self._compute_lock:
-                    outputs = await loop.run_in_executor(self._executor, self._compute, groups)
-            except Exception as exc:  # the worker itself failed (e.g. shut down): fail this batch
-                outputs = [exc] * len(groups)
-            self._last_compute_end = time.perf_counter()
-            self.metrics.compute_latency.observe(time.perf_counter() - started)
-            self._resolve(groups, outputs)
-            self._requeue(taken)
+            if running is None:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                wait_s = self.limits.max_wait_us / 1e6
+                if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
+                    # The server was idle: give the requests arriving right behind this one a chance.
+                    await asyncio.sleep(wait_s)
+                if self._sweep_due:
+                    self._sweep_due = False
+                    self.sweep_idle()
+            following: _Batch | None = None
+            if running is None or not (self._ops_waiting or self._sweep_due):
+                taken = self._collect()
+                if running is None and len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
+                    await self._run_alone(taken)
+                    continue
+                if running is None and len(taken) >= 2 * PIPELINE_MIN_BATCH:
+                    half = len(taken) // 2
+                    running, taken = self._submit(taken[:half]), taken[half:]
+                if taken:
+                    following = self._submit(taken)
+            if running is not None:
+                await self._finish(running)
+            running = following
+
+    async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
+        """Runs one short step right here on the event loop: a thread hop costs more than the step.
+
+        Then yields to the other tasks once, so that a session generating alone streams its
+        tokens as they come instead of starving the event loop.
+        """
+        groups = _group_by_length(taken)
+        self._computing += 1
+        try:
+            outputs = self._compute(groups)
+        finally:
+            self._computing -= 1
+        self._last_compute_end = time.perf_counter()
+        self._resolve(groups, outputs)
+        self._requeue(taken)
+        await asyncio.sleep(0)
+
+    def _submit(self, taken: list[tuple[Session, _Work]]) -> _Batch:
+        """Hands a batch to the worker thread (which runs batches one after another, in order)."""
+        groups = _group_by_length(taken)
+        self._computing += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._compute, groups)
+        return _Batch(taken=taken, groups=groups, outputs=future)
+
+    async def _finish(self, batch: _Batch) -> None:
+        """Waits for a batch's compute, then resolves its requests and queues what follows them."""
+        try:
+            outputs = await batch.outputs
+        except Exception as exc:  # the worker itself failed (e.g. shut down): fail this batch
+            outputs = [exc] * len(batch.groups)
+        finally:
+            self._computing -= 1
+        self._last_compute_end = time.perf_counter()
+        self._resolve(batch.groups, outputs)
+        self._requeue(batch.taken)
 
     def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
         for session, _ in taken:
@@ -487,6 +555,7 @@ class Scheduler:
         A group that fails leaves its sessions' state untouched (scatter never ran) and
         returns its exception; the other groups are unaffected.
         """
+        started = time.perf_counter()
         outputs: list[np.ndarray | Exception] = []
         for group in groups:
             try:
@@ -500,6 +569,7 @@ class Scheduler:
                 outputs.append(exc)
                 continue
             outputs.append(logits)
+        self.metrics.compute_latency.observe(time.perf_counter() - started)
         return outputs
 
     def _resolve(self, groups: list[_Group], outputs: list[np.ndarray]) -> None:
@@ -579,9 +649,8 @@ class Scheduler:
         interval = min(self.limits.session_ttl_s / 4, 5.0)
         while True:
             await asyncio.sleep(interval)
-            async with self._compute_lock:
-                self.sweep_idle()
-
+            self._sweep_due = True  # the batching loop sweeps when nothing computes
+            self._wakeup.set()
 
 def release_free_memory() -> None:
     """Asks glibc to hand freed heap pages back to the system (a no-op elsewhere).

@@ -9,10 +9,12 @@ import pytest
 from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
+from lstmserve.server import scheduler as scheduler_module
 from lstmserve.server.errors import InvalidInput
 from lstmserve.server.generation import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 
 def _generate(server: ServerThread, prompt: list[int], **generate: object) -> tuple[list[pb.StepResponse], str]:
@@ -81,28 +83,55 @@ def _tokens_of(responses: list[pb.StepResponse]) -> tuple[list[int], str]:
     return tokens, text
 
 
-def test_concurrent_coalesced_generations_each_equal_their_solo_run(server: ServerThread) -> None:
-    """Generations batched together (sampled together, several tokens per response) get exactly the
-    tokens each would get alone, and the final response reports the step after every token."""
-    jobs = [([1 + i % 5, 2], pb.Sampling(temperature=1.0 if i % 3 else 0.0, top_k=i % 4 * 5, seed=i)) for i in range(16)]
-    solo = [_tokens_of(_generate(server, prompt, max_tokens=40, sampling=sampling)[0]) for prompt, sampling in jobs]
+def test_concurrent_coalesced_generations_each_equal_their_solo_run(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """160 generations batched together (sampled together, two batches in flight, several tokens
+    per response) get exactly the tokens each would get alone, while other sessions are reset and
+    closed in between; the final response reports the step after every token."""
+    monkeypatch.setattr(scheduler_module, "PIPELINE_MIN_BATCH", 8)  # the tiny model's batches pipeline too
+    kinds = [([1 + i % 5, 2], pb.Sampling(temperature=1.0 if i % 3 else 0.0, top_k=i % 4 * 5, seed=i)) for i in range(16)]
+    solo = [_tokens_of(_generate(server, prompt, max_tokens=40, sampling=sampling)[0]) for prompt, sampling in kinds]
+    jobs = [i % len(kinds) for i in range(160)]
     results: list[list[pb.StepResponse] | None] = [None] * len(jobs)
+    done = threading.Event()
+    bystander_errors: list[str] = []
 
     def run(index: int) -> None:
-        prompt, sampling = jobs[index]
+        prompt, sampling = kinds[jobs[index]]
         results[index] = _generate(server, prompt, max_tokens=40, sampling=sampling, coalesce=True)[0]
 
+    def bystander() -> None:  # lifecycle operations between the batches of the generations
+        with server.channel() as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            control = logits_of(SyncStream(channel).request(tokens=[3, 4]))
+            while not done.is_set():
+                stream = SyncStream(channel)
+                first = stream.request(tokens=[9])
+                stub.ResetSession(pb.SessionRef(session_id=first.session_id))
+                if not np.array_equal(logits_of(stream.request(tokens=[3, 4])), control):
+                    bystander_errors.append("a reset session did not start from zeros")
+                stub.CloseSession(pb.SessionRef(session_id=first.session_id))
+                stream.close()
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    side = threading.Thread(target=bystander)
+    side.start()
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(60)
-    for (prompt, _), expected, responses in zip(jobs, solo, results, strict=True):
+        thread.join(120)
+    done.set()
+    side.join(30)
+    assert not bystander_errors
+    for kind, responses in zip(jobs, results, strict=True):
         assert responses is not None
-        assert _tokens_of(responses) == expected
+        prompt, _ = kinds[kind]
+        assert _tokens_of(responses) == solo[kind]
         assert responses[-1].finished and responses[-1].finish_reason == "length"
         assert responses[-1].step == len(prompt) + 40
         assert sum(len(r.tokens) for r in responses) == 40 and all(r.token == 0 for r in responses)
+    assert max(r.batch_size for responses in results if responses for r in responses) > 1
 
 
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
