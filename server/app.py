@@ -1,8 +1,8 @@
 """Wiring: builds the runner, state store, scheduler and services into one gRPC server.
 
-`LstmServer` starts and stops everything: the gRPC port (lstmserve.v1,
-grpc.health.v1, server reflection), the Prometheus metrics endpoint, and the
-scheduler's loops. `serve` runs it until SIGTERM/SIGINT, then drains.
+`LstmServer` starts and stops everything: the gRPC port (lstmserve.v1, the Open
+Inference Protocol, grpc.health.v1, server reflection), the Prometheus metrics
+endpoint, and the scheduler's loops. `serve` runs it until SIGTERM/SIGINT, then drains.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
+from lstmserve.server.oip import InferenceService, add_inference_service
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.scheduler import Scheduler, SchedulerLimits
 from lstmserve.server.service import LstmServeService
@@ -67,6 +68,7 @@ class LstmServer:
         self._metrics_server: object | None = None
         self.scheduler: Scheduler | None = None
         self._service: LstmServeService | None = None
+        self._inference: InferenceService | None = None  # the Open Inference Protocol, same port
         self.keeper: SessionKeeper | None = None  # with --state-dir or --session-store
         self.cluster: Cluster | None = None  # with --session-store redis://...
 
@@ -99,6 +101,7 @@ class LstmServer:
         )
         self._service = LstmServeService(self.scheduler, self.runner, config, self.metrics, cluster=self.cluster)
         pb_grpc.add_LstmServeServicer_to_server(self._service, server)
+        self._inference = add_inference_service(server, self.scheduler, self.runner, config, self.metrics, self.health)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -227,8 +230,10 @@ class LstmServer:
 
     async def _work_done(self) -> None:
         """Returns when no step request or generation is in progress or queued."""
-        while (self._service is not None and self._service.requests_in_progress) or (
-            self.scheduler is not None and not self.scheduler.is_idle()
+        while (
+            (self._service is not None and self._service.requests_in_progress)
+            or (self._inference is not None and self._inference.requests_in_progress)
+            or (self.scheduler is not None and not self.scheduler.is_idle())
         ):
             await asyncio.sleep(0.01)
 

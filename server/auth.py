@@ -1,8 +1,9 @@
 """Optional API keys: `authorization: Bearer KEY` metadata, checked by a server interceptor.
 
-With `--api-keys-file`, every lstmserve.v1 call needs a listed key (health and reflection
-stay open, for probes). A session belongs to the key that created it: the owner is a
-digest of the key, and another key gets NOT_FOUND for that session id.
+With `--api-keys-file`, every lstmserve.v1 and Open Inference Protocol call needs a listed
+key (health, reflection, and the protocol's ServerLive and ServerReady stay open, for
+probes). A session (or sequence) belongs to the key that created it: the owner is a digest
+of the key, and another key gets NOT_FOUND for that session id.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any
 
 import grpc
 
-PROTECTED_PREFIX = "/lstmserve.v1.LstmServe/"
+PROTECTED_PREFIXES = ("/lstmserve.v1.LstmServe/", "/inference.GRPCInferenceService/")
+OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"})
 
 
 class ApiKeyError(ValueError):
@@ -48,7 +50,7 @@ def owner_of(key: str | None) -> str:
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses lstmserve.v1 calls without a valid key with UNAUTHENTICATED."""
+    """Refuses protected calls without a valid key with UNAUTHENTICATED."""
 
     def __init__(self, keys: frozenset[str]) -> None:
         self._keys = keys
@@ -62,7 +64,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if not method.startswith(PROTECTED_PREFIX) or self._valid(bearer_key(handler_call_details.invocation_metadata)):
+        protected = method.startswith(PROTECTED_PREFIXES) and method not in OPEN_METHODS
+        if not protected or self._valid(bearer_key(handler_call_details.invocation_metadata)):
             return await continuation(handler_call_details)
         return _refusal(await continuation(handler_call_details))
 

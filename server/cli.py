@@ -64,6 +64,13 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         "steps of many sessions batched into one ONNX Runtime call. Stops gracefully on SIGTERM.",
     )
     _add(p, "--model", type=Path, default=Path("models/default/model.onnx"), help="path to the exported model.onnx")
+    _add(
+        p,
+        "--model-name",
+        type=str,
+        default="",
+        help="the model's name on the Open Inference Protocol (KServe V2 / Triton); empty: the model file's folder name",
+    )
     _add(p, "--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     _add(p, "--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     _add(p, "--metrics-port", type=_optional_port, default=None, help="Prometheus metrics HTTP port ('off' disables)")
@@ -207,6 +214,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig(
             model=args.model,
+            model_name=args.model_name,
             host=args.host,
             port=args.port,
             metrics_port=args.metrics_port,

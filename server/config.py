@@ -41,6 +41,7 @@ class ServerConfig:
 
     Args:
         model: path to the exported `model.onnx`.
+        model_name: the model's name on the Open Inference Protocol ("": the model file's folder name).
         host, port: where gRPC listens (port 0 picks a free port).
         metrics_port: Prometheus HTTP port; None disables metrics, 0 picks a free port.
         providers: ONNX Runtime providers in order of preference ("auto" = CUDA if available, else CPU).
@@ -75,6 +76,7 @@ class ServerConfig:
     """
 
     model: Path
+    model_name: str = ""
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = None
@@ -144,3 +146,10 @@ class ServerConfig:
             raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:
             raise ConfigError("providers must name at least one provider")
+        if self.model_name.strip() != self.model_name or "/" in self.model_name:
+            raise ConfigError(f"model_name must have no slashes or surrounding spaces, got {self.model_name!r}")
+
+    @property
+    def served_model_name(self) -> str:
+        """The model's name on the Open Inference Protocol: model_name, else the model file's folder name."""
+        return self.model_name or self.model.absolute().parent.name or "model"

@@ -1,0 +1,596 @@
+"""The Open Inference Protocol (KServe V2 / Triton gRPC) driven by Triton's own client, tritonclient.
+
+Sequences interleaved (unary and streamed) get exactly the logits of their whole sequence run
+alone; errors name the bad value and change nothing; sequences end, expire and belong to their key.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from conftest import ServerThread, start_server
+from helpers import model_spec, reference_logits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2 as triton_pb
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from lstmserve.server.oip import SEQUENCE_PREFIX, sequence_session_id
+
+TOLERANCE = 1e-4
+KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-fedcba9876543210"
+
+
+@pytest.fixture(scope="module")
+def oip_server(token_model: Path) -> Iterator[ServerThread]:
+    handle = start_server(token_model, max_batch_size=16)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture()
+def client(oip_server: ServerThread) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(oip_server.address) as handle:
+        yield handle
+
+
+def name_of(handle: ServerThread) -> str:
+    return handle.server.config.served_model_name
+
+
+def tokens_input(tokens: np.ndarray | list[int], datatype: str = "INT64") -> triton.InferInput:
+    array = np.asarray(tokens, dtype=np.int64 if datatype == "INT64" else np.int32).reshape(1, -1)
+    tensor = triton.InferInput("tokens", list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def random_tokens(rng: np.random.Generator, length: int) -> np.ndarray:
+    return rng.integers(0, 40, size=length).astype(np.int64)
+
+
+def chunks(rng: np.random.Generator, length: int) -> list[tuple[int, int]]:
+    """Random [start, end) pieces covering 0..length, mostly single steps."""
+    bounds, start = [], 0
+    while start < length:
+        end = min(length, start + (1 if rng.random() < 0.6 else int(rng.integers(2, 6))))
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def active_sessions(handle: ServerThread) -> set[str]:
+    return handle.call_soon(lambda: {s.id for s in handle.server.scheduler.sessions.all()})
+
+
+def error_of(call: Any) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as caught:
+        call()
+    return caught.value
+
+
+# ---- the protocol modules ------------------------------------------------------------------------
+def test_lstmserve_and_tritonclient_protocol_modules_load_in_one_process() -> None:
+    """Both register `inference.*` messages: lstmserve's live in a pool of their own (either import order)."""
+    for first, second in (("lstmserve.server.app", "tritonclient.grpc"), ("tritonclient.grpc", "lstmserve.server.app")):
+        code = (
+            f"import {first}, {second}\n"
+            "from lstmserve.inference import grpc_service_pb2 as ours\n"
+            "from tritonclient.grpc import service_pb2 as theirs\n"
+            "request = ours.ModelInferRequest(model_name='m', raw_input_contents=[b'x'])\n"
+            "request.parameters['sequence_id'].string_param = 'a'\n"
+            "assert theirs.ModelInferRequest.FromString(request.SerializeToString()).parameters['sequence_id']"
+            ".string_param == 'a'\n"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- health, metadata, config, statistics ----------------------------------------------------------
+def test_health_and_metadata_describe_the_model(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    name, spec = name_of(oip_server), model_spec(oip_server.server.config.model)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    server = client.get_server_metadata()
+    assert server.name == "lstmserve" and "sequence" in server.extensions
+    metadata = client.get_model_metadata(name)
+    assert metadata.versions == ["1"]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("tokens", "INT64", [-1, -1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+        ("logits", "FP32", [-1, -1, spec.output_size])
+    ]
+    config = client.get_model_config(name).config
+    assert config.max_batch_size == 16
+    assert list(config.input[0].dims) == [-1] and list(config.output[0].dims) == [-1, spec.output_size]
+    assert config.sequence_batching.max_sequence_idle_microseconds == 900 * 1_000_000
+    assert config.parameters["vocabulary"].string_value.startswith('["')
+    assert client.get_model_config(name, as_json=True)["config"]["input"][0]["data_type"] == "TYPE_INT64"
+
+
+def test_unknown_models_are_not_found_and_other_rpcs_unimplemented(client: triton.InferenceServerClient) -> None:
+    for call in (lambda: client.get_model_metadata("nope"), lambda: client.get_model_config("nope")):
+        error = error_of(call)
+        assert error.status() == "StatusCode.NOT_FOUND" and "'nope'" in error.message()
+    assert error_of(lambda: client.infer("nope", [tokens_input([1])])).status() == "StatusCode.NOT_FOUND"
+    assert error_of(client.get_model_repository_index).status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_statistics_read_the_prometheus_counters(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    name = name_of(oip_server)
+    client.infer(name, [tokens_input([1, 2])], sequence_id=901, sequence_start=True, sequence_end=True)
+    error_of(lambda: client.infer(name, [tokens_input([1])], sequence_id=902))
+    (stats,) = client.get_inference_statistics(name).model_stats
+    value = oip_server.server.metrics.registry.get_sample_value
+    assert stats.inference_count == stats.inference_stats.success.count == value("lstmserve_steps_total") >= 1
+    assert stats.inference_stats.fail.count >= 1
+    assert stats.inference_stats.compute_infer.count == value("lstmserve_compute_seconds_count")
+    assert stats.inference_stats.success.ns > 0 and stats.last_inference > 0
+
+
+# ---- sequences --------------------------------------------------------------------------------------
+def test_interleaved_unary_sequences_match_each_whole_sequence(
+    oip_server: ServerThread, token_model: Path
+) -> None:
+    """12 sequences (int and string ids), each in random pieces from its own thread, batched together."""
+    name, rng = name_of(oip_server), np.random.default_rng(3)
+    sequences = {key: random_tokens(rng, int(rng.integers(8, 24))) for key in [*range(1, 7), *"abcdef"]}
+
+    def run(key: int | str) -> np.ndarray:
+        tokens, pieces = sequences[key], []
+        bounds = chunks(np.random.default_rng(list(sequences).index(key)), len(tokens))
+        with triton.InferenceServerClient(oip_server.address) as own:
+            for index, (start, end) in enumerate(bounds):
+                result = own.infer(
+                    name,
+                    [tokens_input(tokens[start:end])],
+                    sequence_id=key,
+                    sequence_start=index == 0,
+                    sequence_end=index == len(bounds) - 1,
+                )
+                pieces.append(result.as_numpy("logits")[0])
+        return np.concatenate(pieces)
+
+    value = oip_server.server.metrics.registry.get_sample_value
+    before = active_sessions(oip_server), value("lstmserve_batch_size_sum"), value("lstmserve_batch_size_count")
+    with ThreadPoolExecutor(len(sequences)) as pool:
+        served = dict(zip(sequences, pool.map(run, sequences), strict=True))
+    for key, tokens in sequences.items():
+        assert np.abs(served[key] - reference_logits(token_model, tokens)).max() <= TOLERANCE, key
+    assert active_sessions(oip_server) == before[0]  # sequence_end freed every one
+    rows, batches = value("lstmserve_batch_size_sum") - before[1], value("lstmserve_batch_size_count") - before[2]
+    assert rows > batches  # some batches held several sequences: the shared scheduler batched them
+
+
+def test_streamed_sequences_with_errors_keep_the_stream_open_and_stay_exact(
+    oip_server: ServerThread, token_model: Path
+) -> None:
+    """16 sequences pipelined on one stream; a bad request mid-sequence gets an error_message, nothing else."""
+    name, rng = name_of(oip_server), np.random.default_rng(5)
+    sequences = {key: random_tokens(rng, int(rng.integers(6, 16))) for key in [f"s{i}" for i in range(8)] + list(range(100, 108))}
+    plans = {key: chunks(rng, len(tokens)) for key, tokens in sequences.items()}
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    sent: dict[str, tuple[int | str, int]] = {}
+    with triton.InferenceServerClient(oip_server.address) as stream_client:
+        stream_client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for round_ in range(max(len(p) for p in plans.values())):
+            for key, plan in plans.items():
+                if round_ >= len(plan):
+                    continue
+                if key == "s3" and round_ == 1:  # out of vocabulary: refused, and s3 carries on unchanged
+                    stream_client.async_stream_infer(name, [tokens_input([10_000])], request_id="bad", sequence_id=key)
+                start, end = plan[round_]
+                request_id = f"{key}/{round_}"
+                sent[request_id] = (key, round_)
+                stream_client.async_stream_infer(
+                    name,
+                    [tokens_input(sequences[key][start:end])],
+                    request_id=request_id,
+                    sequence_id=key,
+                    sequence_start=round_ == 0,
+                    sequence_end=round_ == len(plan) - 1,
+                )
+        answers = [results.get(timeout=30) for _ in range(len(sent) + 1)]
+        stream_client.stop_stream()
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1 and "INVALID_ARGUMENT" in errors[0].message() and "10000" in errors[0].message()
+    pieces: dict[int | str, dict[int, np.ndarray]] = {key: {} for key in sequences}
+    for result, error in answers:
+        if error is None:
+            key, round_ = sent[result.get_response().id]
+            pieces[key][round_] = result.as_numpy("logits")[0]
+    for key, tokens in sequences.items():
+        served = np.concatenate([pieces[key][r] for r in range(len(plans[key]))])
+        assert np.abs(served - reference_logits(token_model, tokens)).max() <= TOLERANCE, key
+
+
+def test_sequence_end_frees_and_start_restarts(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    name = name_of(oip_server)
+    first = client.infer(name, [tokens_input([5, 6])], sequence_id=42, sequence_start=True).as_numpy("logits")
+    client.infer(name, [tokens_input([7])], sequence_id=42)
+    session_id = sequence_session_id("", 42)
+    assert session_id.startswith(SEQUENCE_PREFIX) and session_id in active_sessions(oip_server)
+    again = client.infer(name, [tokens_input([5, 6])], sequence_id=42, sequence_start=True).as_numpy("logits")
+    assert np.array_equal(first, again)  # a new start begins from zero state
+    client.infer(name, [tokens_input([7])], sequence_id=42, sequence_end=True)
+    assert session_id not in active_sessions(oip_server)
+    error = error_of(lambda: client.infer(name, [tokens_input([7])], sequence_id=42))
+    assert error.status() == "StatusCode.NOT_FOUND" and "sequence 42 is not active" in error.message()
+    assert "sequence_start" in error.message()
+
+
+def test_int_and_string_ids_are_different_sequences(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    name = name_of(oip_server)
+    client.infer(name, [tokens_input([3])], sequence_id=7, sequence_start=True)
+    error = error_of(lambda: client.infer(name, [tokens_input([3])], sequence_id="7"))
+    assert error.status() == "StatusCode.NOT_FOUND" and "'7'" in error.message()
+    client.infer(name, [tokens_input([3])], sequence_id=7, sequence_end=True)
+
+
+def test_idle_sequences_expire_with_the_session_ttl(token_model: Path) -> None:
+    handle = start_server(token_model, session_ttl_s=30.0)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            idle = client.get_model_config(name).config.sequence_batching.max_sequence_idle_microseconds
+            assert idle == 30 * 1_000_000
+            client.infer(name, [tokens_input([1])], sequence_id="idle", sequence_start=True)
+            handle.call_soon(lambda: handle.server.scheduler.sweep_idle(time.monotonic() + 31))
+            assert active_sessions(handle) == set()
+            error = error_of(lambda: client.infer(name, [tokens_input([1])], sequence_id="idle"))
+            assert error.status() == "StatusCode.NOT_FOUND" and "idle for more than 30 s" in error.message()
+    finally:
+        handle.stop()
+
+
+def test_last_position_only_and_stateless_requests(
+    oip_server: ServerThread, client: triton.InferenceServerClient, token_model: Path
+) -> None:
+    name, tokens = name_of(oip_server), np.array([4, 8, 15, 16, 23], np.int64)
+    expected = reference_logits(token_model, tokens)
+    last = client.infer(
+        name, [tokens_input(tokens)], sequence_id=77, sequence_start=True, sequence_end=True,
+        parameters={"last_position_only": True},
+    ).as_numpy("logits")
+    assert last.shape == (1, 1, expected.shape[1]) and np.abs(last[0, 0] - expected[-1]).max() <= TOLERANCE
+    # No sequence_id: whole sequences from zero state, a batch of them, nothing kept.
+    batch = triton.InferInput("tokens", [2, 5], "INT64")
+    batch.set_data_from_numpy(np.stack([tokens, tokens[::-1]]))
+    before = active_sessions(oip_server)
+    logits = client.infer(name, [batch]).as_numpy("logits")
+    assert np.abs(logits[0] - expected).max() <= TOLERANCE
+    assert np.abs(logits[1] - reference_logits(token_model, tokens[::-1].copy())).max() <= TOLERANCE
+    assert active_sessions(oip_server) == before
+
+
+def test_typed_contents_equal_raw_contents(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    """tritonclient sends raw bytes; Triton's typed `contents` (sent here with Triton's own messages) work too."""
+    name, tokens = name_of(oip_server), [9, 8, 7]
+    raw = client.infer(name, [tokens_input(tokens)], sequence_id=55, sequence_start=True, sequence_end=True)
+    request = triton_pb.ModelInferRequest(model_name=name, id="typed")
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, 3]).contents.int64_contents.extend(tokens)
+    request.parameters["sequence_id"].int64_param = 56
+    request.parameters["sequence_start"].bool_param = True
+    request.parameters["sequence_end"].bool_param = True
+    with oip_server.channel() as channel:
+        response = triton_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert response.id == "typed" and list(response.outputs[0].shape) == [1, 3, raw.as_numpy("logits").shape[2]]
+    typed = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tuple(response.outputs[0].shape))
+    assert np.array_equal(typed, raw.as_numpy("logits"))
+
+
+def test_feature_model_sequences(feature_model: Path) -> None:
+    spec, rng = model_spec(feature_model), np.random.default_rng(11)
+    features = rng.standard_normal((9, spec.input_size)).astype(np.float32)
+    handle = start_server(feature_model)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            assert client.get_model_metadata(name).inputs[0].shape == [-1, -1, spec.input_size]
+            pieces = []
+            for start, end, first, last in ((0, 4, True, False), (4, 5, False, False), (5, 9, False, True)):
+                tensor = triton.InferInput("features", [1, end - start, spec.input_size], "FP32")
+                tensor.set_data_from_numpy(features[np.newaxis, start:end])
+                result = client.infer(name, [tensor], sequence_id=1, sequence_start=first, sequence_end=last)
+                pieces.append(result.as_numpy("logits")[0])
+        assert np.abs(np.concatenate(pieces) - reference_logits(feature_model, features)).max() <= TOLERANCE
+    finally:
+        handle.stop()
+
+
+def test_bidirectional_model_runs_whole_sequences_only(bidirectional_model: Path) -> None:
+    handle = start_server(bidirectional_model)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            assert not client.get_model_config(name).config.HasField("sequence_batching")
+            logits = client.infer(name, [tokens_input([1, 2, 3])]).as_numpy("logits")
+            expected = reference_logits(bidirectional_model, np.array([1, 2, 3], np.int64))
+            assert np.abs(logits[0] - expected).max() <= TOLERANCE
+            error = error_of(lambda: client.infer(name, [tokens_input([1])], sequence_id=1, sequence_start=True))
+            assert error.status() == "StatusCode.FAILED_PRECONDITION" and "bidirectional" in error.message()
+    finally:
+        handle.stop()
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def _request(name: str, **parameters: Any) -> triton_pb.ModelInferRequest:
+    request = triton_pb.ModelInferRequest(model_name=name)
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, 2])
+    request.raw_input_contents.append(np.array([1, 2], "<i8").tobytes())
+    for key, value in {"sequence_id": 314, **parameters}.items():
+        field = {bool: "bool_param", int: "int64_param", str: "string_param", float: "double_param"}[type(value)]
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+def _bad_requests(name: str) -> list[tuple[str, triton_pb.ModelInferRequest, grpc.StatusCode, str]]:
+    cases: list[tuple[str, triton_pb.ModelInferRequest, grpc.StatusCode, str]] = []
+
+    def case(label: str, code: grpc.StatusCode, text: str, **parameters: Any) -> triton_pb.ModelInferRequest:
+        request = _request(name, **parameters)
+        request.id = label
+        cases.append((label, request, code, text))
+        return request
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    case("token", invalid, "token id 999").raw_input_contents[0] = np.array([1, 999], "<i8").tobytes()
+    case("datatype", invalid, "datatype 'INT32'").inputs[0].datatype = "INT32"
+    case("rank", invalid, "shape [2]").inputs[0].shape[:] = [2]
+    case("batch", invalid, "batch size 2").inputs[0].shape[:] = [2, 1]
+    case("bytes", invalid, "has 3 bytes").raw_input_contents[0] = b"abc"
+    case("name", invalid, "'token'").inputs[0].name = "token"
+    case("output", invalid, "'probs'").outputs.add(name="probs")
+    case("classification", invalid, "classification").outputs.add(name="logits").parameters["classification"].int64_param = 3
+    case("start type", invalid, "sequence_start must be a bool", sequence_start=1)
+    case("id type", invalid, "sequence_id must be", sequence_id=1.5)
+    request = case("both contents", invalid, "both raw_input_contents and contents.int64_contents")
+    request.inputs[0].contents.int64_contents.extend([1, 2])
+    request = case("typed field", invalid, "contents.int64_contents")
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.int_contents.extend([1, 2])
+    request = case("typed count", invalid, "has 1 values")
+    del request.raw_input_contents[:]
+    request.inputs[0].contents.int64_contents.append(1)
+    case("positions", invalid, "no positions").inputs[0].shape[:] = [1, 0]
+    case("too many", invalid, "max_tokens_per_request=4096").inputs[0].shape[:] = [1, 5000]
+    case("version", grpc.StatusCode.NOT_FOUND, "no version '2'").model_version = "2"
+    case("unknown sequence", grpc.StatusCode.NOT_FOUND, "sequence 'never' is not active", sequence_id="never")
+    start_without_id = _request(name, sequence_start=True)
+    start_without_id.id = "start without id"
+    del start_without_id.parameters["sequence_id"]
+    cases.append(("start without id", start_without_id, invalid, "need a non-zero"))
+    return cases
+
+
+def test_bad_requests_name_the_value_and_change_no_state(oip_server: ServerThread, token_model: Path) -> None:
+    """Each refused request gets its status (unary) or error_message (stream); the sequence carries on exactly."""
+    name = name_of(oip_server)
+    cases = _bad_requests(name)
+    with oip_server.channel() as channel, triton.InferenceServerClient(oip_server.address) as client:
+        stub = triton_grpc.GRPCInferenceServiceStub(channel)
+        client.infer(name, [tokens_input([1, 2])], sequence_id=314, sequence_start=True)
+        for label, request, code, text in cases:
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request)
+            assert error.value.code() == code, label
+            assert text in error.value.details(), (label, error.value.details())
+        good = _request(name)
+        good.id = "good"
+        streamed = list(stub.ModelStreamInfer(iter([request for _, request, _, _ in cases] + [good])))
+        answers = {response.infer_response.id: response for response in streamed}
+        assert len(answers) == len(cases) + 1
+        for label, _, code, text in cases:
+            assert answers[label].error_message.startswith(f"{code.name}: "), label
+            assert text in answers[label].error_message, label
+        assert not answers["good"].error_message  # the stream stayed open and the good request ran
+        assert streamed[-1].infer_response.id == "good"  # after every other request of its sequence
+        last = client.infer(name, [tokens_input([3])], sequence_id=314, sequence_end=True).as_numpy("logits")
+    expected = reference_logits(token_model, np.array([1, 2, 1, 2, 3], np.int64))
+    assert np.abs(last[0, 0] - expected[-1]).max() <= TOLERANCE
+
+
+# ---- API keys --------------------------------------------------------------------------------------
+def test_api_keys_guard_inference_and_own_sequences(token_model: Path) -> None:
+    handle = start_server(token_model, api_keys=frozenset({KEY_A, KEY_B}))
+    try:
+        key_a, key_b = {"authorization": f"Bearer {KEY_A}"}, {"authorization": f"Bearer {KEY_B}"}
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            assert client.is_server_live() and client.is_server_ready()  # probes stay open
+            for call in (lambda: client.get_model_metadata(name), lambda: client.infer(name, [tokens_input([1])])):
+                assert error_of(call).status() == "StatusCode.UNAUTHENTICATED"
+            a = client.infer(name, [tokens_input([1, 2])], sequence_id=1, sequence_start=True, headers=key_a)
+            error = error_of(lambda: client.infer(name, [tokens_input([3])], sequence_id=1, headers=key_b))
+            assert error.status() == "StatusCode.NOT_FOUND"  # key B cannot see key A's sequence 1
+            b = client.infer(name, [tokens_input([1, 2])], sequence_id=1, sequence_start=True, headers=key_b)
+            assert np.array_equal(a.as_numpy("logits"), b.as_numpy("logits"))  # independent, same id
+            assert sequence_session_id("", 1) not in active_sessions(handle)
+            assert len(active_sessions(handle)) == 2
+    finally:
+        handle.stop()
+
+
+def test_server_ready_follows_health_while_draining(token_model: Path) -> None:
+    handle = start_server(token_model)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            assert client.is_server_ready()
+            handle.call(handle.server.health.enter_graceful_shutdown())
+            assert client.is_server_live() and not client.is_server_ready()
+            assert not client.is_model_ready(name_of(handle))
+    finally:
+        handle.stop()
+
+
+def test_sequences_survive_a_restart_with_a_state_dir(token_model: Path, tmp_path: Path) -> None:
+    """A sequence's session id is derived from its id, so a restarted server finds it again."""
+    tokens = np.array([2, 4, 6, 8], np.int64)
+    first = start_server(token_model, state_dir=tmp_path)
+    name = name_of(first)
+    try:
+        with triton.InferenceServerClient(first.address) as client:
+            client.infer(name, [tokens_input(tokens[:3])], sequence_id="kept", sequence_start=True)
+        first.call(first.server.drain(grace_s=1.0))
+    finally:
+        first.stop()
+    second = start_server(token_model, state_dir=tmp_path)
+    try:
+        with triton.InferenceServerClient(second.address) as client:
+            logits = client.infer(name, [tokens_input(tokens[3:])], sequence_id="kept", sequence_end=True)
+        expected = reference_logits(token_model, tokens)
+        assert np.abs(logits.as_numpy("logits")[0, 0] - expected[-1]).max() <= TOLERANCE
+    finally:
+        second.stop()
+
+
+def test_stream_requests_of_one_sequence_run_in_order(oip_server: ServerThread, token_model: Path) -> None:
+    """Pipelined start, steps and end of one sequence on a stream: in order, then a new start of the same id."""
+    name, tokens = name_of(oip_server), np.arange(1, 13, dtype=np.int64)
+    done = threading.Event()
+    results: list[Any] = []
+
+    def callback(result: Any, error: Any) -> None:
+        results.append((result, error))
+        if len(results) == 14:
+            done.set()
+
+    with triton.InferenceServerClient(oip_server.address) as client:
+        client.start_stream(callback=callback)
+        for i, token in enumerate(tokens):
+            client.async_stream_infer(
+                name, [tokens_input([token])], request_id=str(i), sequence_id=600, sequence_start=i == 0,
+                sequence_end=i == len(tokens) - 1,
+            )
+        client.async_stream_infer(name, [tokens_input([1])], request_id="again", sequence_id=600, sequence_start=True,
+                                  sequence_end=True)
+        client.async_stream_infer(name, [tokens_input([1])], request_id="ended", sequence_id=600)
+        assert done.wait(30)
+        client.stop_stream()
+    errors = [error for _, error in results if error is not None]
+    assert len(errors) == 1 and "NOT_FOUND: sequence 600 is not active" in errors[0].message()
+    results = [(result, error) for result, error in results if error is None]
+    by_id = {result.get_response().id: result.as_numpy("logits")[0, 0] for result, _ in results}
+    expected = reference_logits(token_model, tokens)
+    assert np.abs(np.stack([by_id[str(i)] for i in range(len(tokens))]) - expected).max() <= TOLERANCE
+    assert np.abs(by_id["again"] - expected[0]).max() <= TOLERANCE
+
+
+def test_a_small_stream_window_holds_requests_back_without_losing_any(token_model: Path) -> None:
+    """With a window of 2 requests per stream, 40 pipelined requests of 4 sequences all come back exact."""
+    handle = start_server(token_model, max_batch_size=2, max_inflight_per_session=1)
+    rng = np.random.default_rng(9)
+    sequences = {key: random_tokens(rng, 10) for key in (1, 2, "x", "y")}
+    requests = []
+    for position in range(10):
+        for key, tokens in sequences.items():
+            request = triton_pb.ModelInferRequest(model_name=name_of(handle), id=f"{key}/{position}")
+            request.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
+            request.raw_input_contents.append(tokens[position : position + 1].astype("<i8").tobytes())
+            request.parameters["sequence_id"].string_param = str(key)
+            request.parameters["sequence_start"].bool_param = position == 0
+            requests.append(request)
+    try:
+        assert handle.server._inference is not None and handle.server._inference.stream_window == 2
+        with handle.channel() as channel:
+            answers = list(triton_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests)))
+    finally:
+        handle.stop()
+    assert [a.error_message for a in answers] == [""] * len(requests)
+    by_id = {a.infer_response.id: a.infer_response for a in answers}
+    for key, tokens in sequences.items():
+        rows = [np.frombuffer(by_id[f"{key}/{p}"].raw_output_contents[0], "<f4") for p in range(10)]
+        assert np.abs(np.stack(rows) - reference_logits(token_model, tokens)).max() <= TOLERANCE, key
+
+
+# ---- fuzzing -----------------------------------------------------------------------------------------
+FUZZ_CODES = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+PARAMETER_VALUES = st.one_of(
+    st.booleans().map(lambda v: ("bool_param", v)),
+    st.integers(-(2**63), 2**63 - 1).map(lambda v: ("int64_param", v)),
+    st.integers(0, 2**64 - 1).map(lambda v: ("uint64_param", v)),
+    st.text(max_size=8).map(lambda v: ("string_param", v)),
+    st.floats(allow_nan=True).map(lambda v: ("double_param", v)),
+)
+TENSORS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["tokens", "features", "", "logits"]),
+        "datatype": st.sampled_from(["INT64", "INT32", "FP32", "BYTES", ""]),
+        "shape": st.lists(st.integers(-3, 2**40), max_size=4) | st.lists(st.integers(0, 3), min_size=2, max_size=2),
+        "typed": st.none() | st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6),
+    }
+)
+
+
+@pytest.fixture(scope="module")
+def control_window() -> list[int]:
+    """The tokens fed so far to the fuzz test's control sequence."""
+    return []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    model=st.sampled_from(["tokens", "", "other"]),
+    version=st.sampled_from(["", "1", "2"]),
+    tensors=st.lists(TENSORS, max_size=2),
+    raw=st.lists(st.binary(max_size=48), max_size=2),
+    parameters=st.dictionaries(
+        st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "last_position_only", "priority", "x"]),
+        PARAMETER_VALUES,
+        max_size=4,
+    ),
+    outputs=st.lists(st.sampled_from(["logits", "probs"]), max_size=2),
+)
+def test_generated_requests_get_a_status_and_leave_other_sequences_exact(
+    oip_server: ServerThread,
+    client: triton.InferenceServerClient,
+    control_window: list[int],
+    model: str,
+    version: str,
+    tensors: list[dict[str, Any]],
+    raw: list[bytes],
+    parameters: dict[str, tuple[str, Any]],
+    outputs: list[str],
+) -> None:
+    name = name_of(oip_server)
+    request = triton_pb.ModelInferRequest(model_name=name if model == "tokens" else model, model_version=version)
+    for tensor in tensors:
+        added = request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+        if tensor["typed"] is not None:
+            added.contents.int64_contents.extend(tensor["typed"])
+    request.raw_input_contents.extend(raw)
+    for key, (field, value) in parameters.items():
+        setattr(request.parameters[key], field, value)
+    for output in outputs:
+        request.outputs.add(name=output)
+    with oip_server.channel() as channel:
+        try:
+            triton_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            code = error.code()
+    assert code in FUZZ_CODES
+    # A control sequence stepped alongside: each step equals the last position of its whole window.
+    token = len(control_window) % 7
+    control_window.append(token)
+    start = len(control_window) == 1
+    step = client.infer(name, [tokens_input([token])], sequence_id="control-sequence", sequence_start=start)
+    whole = client.infer(name, [tokens_input(control_window)]).as_numpy("logits")[0, -1]
+    np.testing.assert_allclose(step.as_numpy("logits")[0, 0], whole, atol=1e-5)
+
