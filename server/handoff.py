@@ -117,8 +117,12 @@ class Cluster:
 
     # ---- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        """Registers this replica and starts answering handoff requests."""
-        await self.store.heartbeat(first=True)
+        """Registers this replica and starts answering handoff requests (OSError if Redis cannot be reached)."""
+        try:
+            await self.store.heartbeat(first=True)
+        except Exception as error:  # noqa: BLE001 - redis-py's connection errors
+            await self.store.close()
+            raise OSError(f"cannot reach the session store {self.store.url}: {error}") from error
         self.scheduler.fetch_missing = self.fetch
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._request_loop())]
         log.info("replica %s sharing sessions through %s", self.replica, self.store.url)
@@ -251,8 +255,8 @@ class Cluster:
                 session_id = await self.store.next_request(REQUEST_WAIT_S)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - Redis unreachable: try again shortly
-                log.exception("reading handoff requests failed")
+            except Exception as error:  # noqa: BLE001 - Redis unreachable: try again shortly
+                log.warning("reading handoff requests from Redis failed: %s", error)
                 await asyncio.sleep(REQUEST_WAIT_S)
                 continue
             if session_id is not None and is_session_id(session_id):
@@ -271,8 +275,8 @@ class Cluster:
                     await self.store.refresh([s.id for s in self.scheduler.sessions.all()])
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - Redis unreachable: sessions here keep working
-                log.exception("heartbeat to Redis failed")
+            except Exception as error:  # noqa: BLE001 - Redis unreachable: sessions here keep working
+                log.warning("heartbeat to Redis failed: %s", error)
 
     async def _drop_lost_sessions(self) -> None:
         """After a lapsed heartbeat: drops (as moved) every session another replica took over meanwhile."""

@@ -1,0 +1,213 @@
+"""Client-proposed session ids, and sessions shared by servers through a real Redis (in-process servers).
+
+tests/test_scale_out.py runs the same machinery as separate processes behind Envoy; here two servers
+in this process share one redis-server, and the client talks to each directly, so every takeover and
+handoff is forced and checked step by step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from cluster import RedisServer
+from conftest import ServerThread, start_server
+
+from lstmserve.client import Client, RetryPolicy, SessionNotFound, Unavailable
+from lstmserve.client import _wire
+from lstmserve.server.config import ConfigError, ServerConfig
+from lstmserve.v1 import lstmserve_pb2 as pb
+from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+KEYS = frozenset({"k" * 20, "j" * 20})
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pair(token_model: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
+    """Two servers sharing sessions through Redis."""
+    redis_server.client.flushall()
+    first = start_server(token_model, session_store=redis_server.url)
+    second = start_server(token_model, session_store=redis_server.url)
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def control_logits(address: str, tokens: list[int], key: str | None = None) -> np.ndarray:
+    metadata = [("authorization", f"Bearer {key}")] if key else None
+    with Client(address, metadata=metadata) as client, client.session() as session:
+        logits = session.step(tokens).logits
+        assert logits is not None
+        return logits
+
+
+def create(channel: grpc.Channel, session_id: str, key: str | None = None) -> pb.SessionInfo:
+    header = [(_wire.SESSION_HEADER, session_id)] if session_id.isascii() else []  # gRPC metadata is ASCII
+    metadata = header + ([("authorization", f"Bearer {key}")] if key else [])
+    request = pb.CreateSessionRequest(session_id=session_id)
+    return pb_grpc.LstmServeStub(channel).CreateSession(request, metadata=metadata, timeout=10)
+
+
+def test_the_client_proposes_ids_and_the_server_checks_them(token_model: Path) -> None:
+    server = start_server(token_model, api_keys=KEYS)
+    try:
+        with Client(server.address, metadata=[("authorization", f"Bearer {'k' * 20}")]) as client:
+            session = client.session()
+            assert len(session.id) == 32 and int(session.id, 16) >= 0  # 128 random bits from the client
+            session.step([1, 2])
+            restored = client.session(restore=session.snapshot())
+            assert restored.id != session.id and restored.info().step == 2
+        with server.channel() as channel:
+            info = create(channel, "proposed-by-client-0001", "k" * 20)
+            assert info.session_id == "proposed-by-client-0001"
+            for taken, key in ((session.id, "k" * 20), (session.id, "j" * 20), (info.session_id, "k" * 20)):
+                with pytest.raises(grpc.RpcError) as error:
+                    create(channel, taken, key)
+                assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            for bad in ("short", "x" * 65, "has/slash-0123456789", "dots..0123456789ab", "ünïcode-0123456789"):
+                with pytest.raises(grpc.RpcError) as error:
+                    create(channel, bad, "k" * 20)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        # The id is bound to the key that created it: another key that knows (or guesses) it gets nothing.
+        with Client(server.address, metadata=[("authorization", f"Bearer {'j' * 20}")]) as other:
+            with pytest.raises(SessionNotFound):
+                other.session(resume=session.id)
+    finally:
+        server.stop()
+
+
+def test_every_call_of_a_session_carries_its_id() -> None:
+    metadata = (("authorization", "Bearer x"),)
+    assert _wire.call_metadata(metadata, pb.SessionRef(session_id="abc")) == (*metadata, ("lstmserve-session", "abc"))
+    assert _wire.call_metadata(metadata, pb.CreateSessionRequest(session_id="abc"))[-1] == ("lstmserve-session", "abc")
+    assert _wire.call_metadata(metadata, pb.GetModelInfoRequest()) == metadata
+    assert _wire.with_session(metadata, "s") == (*metadata, ("lstmserve-session", "s"))
+
+
+def test_a_session_moves_between_servers_exactly(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    first, second = pair
+    tokens = list(range(1, 13))
+    expected = control_logits(first.address, tokens)
+    with Client(first.address) as one, Client(second.address) as two:
+        clients = (one, two)
+        on_first = one.session()
+        session_id = on_first.id
+        for position, token in enumerate(tokens[:6]):
+            # Each step on the other server: it takes the session over from the one holding it (a handoff).
+            with clients[position % 2].session(resume=session_id) as handle:
+                output = handle.step([token])
+            assert output.step == position + 1
+            np.testing.assert_array_equal(output.logits[0], expected[position])
+        on_first = one.session(resume=session_id)
+        for position, token in enumerate(tokens[6:], start=6):
+            if position % 2:
+                # Taken over by the other server while this client's stream to the first is open: that stream
+                # answers UNAVAILABLE, the client resends on a new stream with expected_step, and the first
+                # server takes the session back. Every step applies exactly once.
+                assert two.session(resume=session_id).info().step == position
+            output = on_first.step([token])
+            assert output.step == position + 1
+            np.testing.assert_array_equal(output.logits[0], expected[position])
+        handoffs = sum(int(s.server.metrics.handoffs._value.get()) for s in pair)
+        # Five moves in the first six steps, one for the resume on the first server, then three times there and back.
+        assert handoffs == 5 + 1 + 3 * 2
+        assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
+        on_first.close()
+        with pytest.raises(SessionNotFound):
+            two.session(resume=session_id)
+    assert not redis_server.client.exists(f"lstmserve:session:{session_id}")  # closed: the record is gone
+
+
+def test_drain_releases_sessions_to_the_other_servers(token_model: Path, redis_server: RedisServer) -> None:
+    redis_server.client.flushall()
+    first = start_server(token_model, session_store=redis_server.url, api_keys=KEYS)
+    second = start_server(token_model, session_store=redis_server.url, api_keys=KEYS)
+    try:
+        expected = control_logits(first.address, [3, 4, 5, 6], "k" * 20)[3]
+        key = [("authorization", f"Bearer {'k' * 20}")]
+        with Client(first.address, metadata=key) as client:
+            session = client.session()
+            session.step([3, 4, 5])
+            session_id = session.id
+            session.detach()
+        first.call(first.server.drain(grace_s=5))
+        first.loop.call_soon_threadsafe(first.loop.stop)
+        assert redis_server.holder(session_id) is None  # written and released
+        with Client(second.address, metadata=[("authorization", f"Bearer {'j' * 20}")]) as other:
+            with pytest.raises(SessionNotFound):
+                other.session(resume=session_id)  # another key: nothing, and nothing taken over
+        assert redis_server.holder(session_id) is None
+        with Client(second.address, metadata=key) as client, client.session(resume=session_id) as resumed:
+            assert resumed.info().step == 3
+            np.testing.assert_array_equal(resumed.step([6]).logits[0], expected)
+        assert second.server.metrics.takeovers.labels(source="store")._value.get() == 1
+    finally:
+        second.stop()
+
+
+def test_spilled_sessions_come_back_on_any_server(token_model: Path, redis_server: RedisServer) -> None:
+    redis_server.client.flushall()
+    first = start_server(token_model, session_store=redis_server.url, spill_idle=True, session_ttl_s=60.0)
+    second = start_server(token_model, session_store=redis_server.url)
+    try:
+        expected = control_logits(first.address, [7, 8, 9])[2]
+        with Client(first.address) as client:
+            session = client.session()
+            session.step([7, 8])
+            session_id = session.id
+            session.detach()
+        scheduler = first.server.scheduler
+        assert scheduler is not None
+        assert first.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + 3600)) >= 1  # hours later
+        for _ in range(100):  # the spill is written in the background
+            if redis_server.holder(session_id) is None:
+                break
+            time.sleep(0.01)
+        key = f"lstmserve:session:{session_id}"
+        assert redis_server.holder(session_id) is None and redis_server.client.ttl(key) == -1  # kept, no expiry
+        with Client(second.address) as client, client.session(resume=session_id) as resumed:
+            assert resumed.info().step == 2
+            np.testing.assert_array_equal(resumed.step([9]).logits[0], expected)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_an_unreachable_store_is_a_clear_error_and_bad_settings_are_refused(token_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="either"):
+        ServerConfig(model=token_model, session_store="redis://127.0.0.1:1/0", state_dir=tmp_path)
+    with pytest.raises(ConfigError, match="redis://"):
+        ServerConfig(model=token_model, session_store="http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="drain_delay_s"):
+        ServerConfig(model=token_model, drain_delay_s=-1)
+    ServerConfig(model=token_model, session_store="redis://127.0.0.1:1/0", checkpoint_interval_s=1, spill_idle=True)
+    with pytest.raises(OSError, match="cannot reach the session store"):
+        start_server(token_model, session_store="redis://127.0.0.1:1/0")
+
+
+def test_a_server_that_is_draining_sends_requests_elsewhere(pair: tuple[ServerThread, ServerThread]) -> None:
+    first, second = pair
+    with Client(second.address) as client:
+        session = client.session()
+        session.step([1])
+        session.detach()
+        session_id = session.id
+    first.call_soon(lambda: setattr(first.server.cluster, "draining", True))
+    with Client(first.address, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(Unavailable):
+            client.session(resume=session_id)  # UNAVAILABLE (retry elsewhere), never NOT_FOUND
+        with pytest.raises(Unavailable):
+            client.session()
