@@ -112,6 +112,7 @@ class _Batch:
     taken: list[tuple[Session, _Work]]
     groups: list[_Group]
     outputs: asyncio.Future[list[np.ndarray | Exception]]
+    generating: bool  # mostly generations, whose next steps are ready as soon as it is resolved
 
 
 @dataclass(frozen=True)
@@ -470,14 +471,17 @@ class Scheduler:
             work.future.set_result(result)
 
     async def _batch_loop(self) -> None:
-        """Collects and computes batches, with up to two in flight (a pipeline).
+        """Collects and computes batches; generations run with up to two batches in flight.
 
-        While the worker thread computes one batch, the event loop resolves the batch
-        before it (sampling the next tokens of generations, answering requests) and
-        collects the next one, so Python and ONNX Runtime overlap instead of taking
-        turns. A large batch collected while nothing computes is split in two to start
-        the pipeline. Lifecycle operations and the idle sweep wait until nothing
-        computes, so they never touch state that a batch is using.
+        Generating sessions are ready again the moment their batch is resolved, so for
+        them the loop pipelines: while the worker thread computes one batch, the event
+        loop resolves the batch before it (sampling next tokens, sending them) and
+        collects the next, and Python and ONNX Runtime overlap instead of taking turns.
+        A large generating batch collected while nothing computes is split in two to
+        start the pipeline. Plain steps are not pipelined: their clients answer after a
+        round trip, and a second batch queued behind the running one would only add a
+        compute time to their latency. Lifecycle operations and the idle sweep wait until
+        nothing computes, so they never touch state that a batch is using.
         """
         running: _Batch | None = None
         while True:
@@ -492,12 +496,12 @@ class Scheduler:
                     self._sweep_due = False
                     self.sweep_idle()
             following: _Batch | None = None
-            if running is None or not (self._ops_waiting or self._sweep_due):
+            if running is None or (running.generating and not (self._ops_waiting or self._sweep_due)):
                 taken = self._collect()
                 if running is None and len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
                     await self._run_alone(taken)
                     continue
-                if running is None and len(taken) >= 2 * PIPELINE_MIN_BATCH:
+                if running is None and len(taken) >= 2 * PIPELINE_MIN_BATCH and _mostly_generating(taken):
                     half = len(taken) // 2
                     running, taken = self._submit(taken[:half]), taken[half:]
                 if taken:
@@ -528,7 +532,7 @@ class Scheduler:
         groups = _group_by_length(taken)
         self._computing += 1
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._compute, groups)
-        return _Batch(taken=taken, groups=groups, outputs=future)
+        return _Batch(taken=taken, groups=groups, outputs=future, generating=_mostly_generating(taken))
 
     async def _finish(self, batch: _Batch) -> None:
         """Waits for a batch's compute, then resolves its requests and queues what follows them."""
@@ -671,6 +675,11 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+
+
+def _mostly_generating(taken: list[tuple[Session, _Work]]) -> bool:
+    """Whether at least half the steps belong to generations (which continue at once when resolved)."""
+    return sum(work.generation is not None for _, work in taken) * 2 >= len(taken)
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
