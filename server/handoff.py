@@ -279,13 +279,13 @@ class Cluster:
                 log.warning("heartbeat to Redis failed: %s", error)
 
     async def _drop_lost_sessions(self) -> None:
-        """After a lapsed heartbeat: drops (as moved) every session another replica took over meanwhile."""
-        sessions = self.scheduler.sessions.all()
-        holders = await self.store.holders([s.id for s in sessions])
-        for session, holder in zip(sessions, holders, strict=True):
-            if holder != self.replica and not self._per_key.busy(session.id):
-                await self.scheduler.hand_off(session.id)
-                log.warning("session %s is held by %s now; dropped here", session.id, holder)
+        """After a lapsed heartbeat (a long pause, or Redis restarted empty): records every session live
+        here as this replica's again, and drops (as moved) those another replica took over meanwhile."""
+        for session in self.scheduler.sessions.all():
+            if self._per_key.busy(session.id) or await self.store.adopt(session.id, session.owner):
+                continue
+            await self.scheduler.hand_off(session.id)
+            log.warning("session %s was taken over by another replica meanwhile; dropped here", session.id)
 
     # ---- helpers -------------------------------------------------------------
     def _spawn(self, task: asyncio.Task[Any]) -> None:

@@ -112,6 +112,14 @@ if ARGV[3] == '1' then redis.call('HDEL', KEYS[1], 'replica') end
 if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 return 1
 """
+# ARGV: me, owner, ttl_ms. Records a live session as this replica's again, unless another replica holds it.
+_ADOPT = """
+local holder = redis.call('HGET', KEYS[1], 'replica')
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'replica', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 _REMOVE = """
 if redis.call('HGET', KEYS[1], 'replica') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -145,6 +153,7 @@ class RedisStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._save = self._redis.register_script(_SAVE)
         self._remove = self._redis.register_script(_REMOVE)
+        self._adopt = self._redis.register_script(_ADOPT)
 
     @staticmethod
     def key(session_id: str) -> str:
@@ -229,10 +238,7 @@ class RedisStore:
                 pipe.pexpire(self.key(session_id), self._held_ms)
             await pipe.execute()
 
-    async def holders(self, session_ids: list[str]) -> list[str | None]:
-        """The replica recorded as holding each session (None: released or unknown)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for session_id in session_ids:
-                pipe.hget(self.key(session_id), "replica")
-            replies = await pipe.execute()
-        return [None if r is None else r.decode() for r in replies]
+    async def adopt(self, session_id: str, owner: str) -> bool:
+        """Records a session live here as this replica's (again: after Redis lost it, or this replica's
+        heartbeat lapsed); False if another replica holds it now."""
+        return bool(await self._adopt(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms]))

@@ -211,3 +211,24 @@ def test_a_server_that_is_draining_sends_requests_elsewhere(pair: tuple[ServerTh
             client.session(resume=session_id)  # UNAVAILABLE (retry elsewhere), never NOT_FOUND
         with pytest.raises(Unavailable):
             client.session()
+
+
+def test_live_sessions_are_recorded_again_after_redis_lost_its_data(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    first, second = pair
+    expected = control_logits(first.address, [5, 6, 7])[2]
+    with Client(first.address) as client:
+        session = client.session()
+        session.step([5, 6])
+        session_id = session.id
+        session.detach()
+    redis_server.client.flushall()  # a Redis restarted without persistence: every record and heartbeat is gone
+    replica = first.server.cluster.replica  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5
+    while redis_server.holder(session_id) != replica and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert redis_server.holder(session_id) == replica  # the next heartbeat noticed, and recorded it again
+    with Client(second.address) as client, client.session(resume=session_id) as moved:
+        assert moved.info().step == 2  # handed over from the first server: nothing was lost
+        np.testing.assert_array_equal(moved.step([7]).logits[0], expected)
