@@ -264,19 +264,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise NotSteppable("this model is bidirectional and cannot keep sequences; send requests without sequence_id")
         session_id = sequence_session_id(owner, sequence.key)
         scheduler = self.scheduler
-        if sequence.start:
-            try:
-                scheduler.sessions.get(session_id, owner)
-            except SessionNotFound:
-                session = scheduler.create_session(owner, session_id)
-            else:  # a start on a live sequence begins it again from zero state
+        try:
+            session = await scheduler.find_session(session_id, owner)
+            if sequence.start:  # a start on a live sequence begins it again from zero state
                 session = await scheduler.reset_session(session_id, owner)
-        else:
-            try:
-                session = await scheduler.find_session(session_id, owner)
-            except SessionNotFound as error:
-                if type(error) is not SessionNotFound:  # a more specific reason (e.g. moved): keep it
-                    raise
+        except SessionNotFound as error:
+            if type(error) is not SessionNotFound:  # a more specific reason (e.g. moved): keep it
+                raise
+            if sequence.start:
+                session = scheduler.create_session(owner, session_id)
+            else:
                 raise SessionNotFound(
                     f"sequence {messages.show(sequence.key)} is not active (never started, ended, or idle for more "
                     f"than {self.config.session_ttl_s:g} s): send sequence_start=true to start it"
