@@ -145,7 +145,8 @@ def test_draining_a_replica_mid_stream_loses_no_step(
     serve(envoy, running, replicas)
     rng = np.random.default_rng(2)
     steps = 60
-    with Client(envoy.address, timeout=30) as client:
+    # The retry budget README recommends behind a proxy: enough to outlast Envoy's health check.
+    with Client(envoy.address, timeout=30, retry=RetryPolicy(max_attempts=8)) as client:
         sessions = [client.session() for _ in range(12)]
         holder_of_before = {s.id: holder_of(redis_server, s.id, running) for s in sessions}
         by_replica = {r.pid: [s for s in sessions if holder_of_before[s.id] is r] for r in running}
@@ -196,7 +197,7 @@ def test_killing_a_replica_resumes_its_sessions_from_the_last_checkpoint(
     running = start_replicas(token_model, redis_server.url, tmp_path, 3, "--checkpoint-interval-s", "1.0")
     serve(envoy, running, replicas)
     rng = np.random.default_rng(3)
-    with Client(envoy.address, timeout=30) as client:
+    with Client(envoy.address, timeout=30, retry=RetryPolicy(max_attempts=8)) as client:
         sessions = [client.session() for _ in range(12)]
         tokens = {s.id: rng.integers(0, 20, 12).tolist() for s in sessions}
         logits: dict[str, list[np.ndarray]] = {s.id: [] for s in sessions}
