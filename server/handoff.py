@@ -25,6 +25,7 @@ Work on one session id (claim, give up, close, spill) runs one at a time, in the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -50,7 +51,8 @@ HEARTBEAT_TTL_S = 2.0
 # How long a replica asked for a session waits for its holder to give it up (longer than HEARTBEAT_TTL_S,
 # so a holder that died is noticed within the wait).
 HANDOFF_TIMEOUT_S = 5.0
-HANDOFF_POLL_S = 0.01
+# The waiting replica polls its claim, from every 5 ms (a live holder gives up within milliseconds) to every 100 ms.
+HANDOFF_POLL_S = (0.005, 0.1)
 REQUEST_WAIT_S = 1.0
 
 
@@ -159,7 +161,8 @@ class Cluster:
             try:
                 return await make(session_id)
             except BaseException:
-                await self._redis(self.store.remove(session_id))
+                with contextlib.suppress(Exception):  # else the record expires with its TTL
+                    await self.store.remove(session_id)
                 raise
 
         return await asyncio.shield(self._per_key.submit(session_id, run))
@@ -180,6 +183,7 @@ class Cluster:
             return  # taken over (or created) by the request before this one
         deadline = time.monotonic() + HANDOFF_TIMEOUT_S
         asked = ""
+        poll_s, max_poll_s = HANDOFF_POLL_S
         while True:
             claim = await self._redis(self.store.claim(session_id, owner))
             if claim.outcome == "missing":
@@ -192,7 +196,8 @@ class Cluster:
                 asked = claim.holder
             if time.monotonic() > deadline:
                 raise SessionMoved(f"session {session_id!r} is still held by replica {claim.holder}; retry")
-            await asyncio.sleep(HANDOFF_POLL_S)
+            await asyncio.sleep(poll_s)
+            poll_s = min(max_poll_s, poll_s * 2)
 
     async def _restore(self, session_id: str, owner: str, blob: bytes | None, source: str) -> None:
         if blob is None:
@@ -208,7 +213,8 @@ class Cluster:
         try:
             await self.scheduler.restore_session(state, step, owner, session_id)
         except BaseException:
-            await self._redis(self.store.save(session_id, owner, b"", release=True))  # let another replica try
+            with contextlib.suppress(Exception):  # let another replica try
+                await self.store.save(session_id, owner, b"", release=True)
             raise
         self.metrics.takeovers.labels(source=source).inc()
         log.info("session %s taken over from the %s at step %d", session_id, source, step)
@@ -220,7 +226,12 @@ class Cluster:
             await self.store.save(session_id, "", b"", release=True)
             return
         session, state = taken
-        written = await self.store.save(session_id, session.owner, self._encode(state, session.step), release=True)
+        try:
+            written = await self.store.save(session_id, session.owner, self._encode(state, session.step), release=True)
+        except Exception:
+            # Redis failed: keep serving the session here (it is still recorded as this replica's).
+            await self.scheduler.restore_session(state, session.step, session.owner, session_id)
+            raise
         if written:
             self.metrics.handoffs.inc()
             log.info("session %s handed over at step %d", session_id, session.step)
