@@ -62,10 +62,6 @@ REPLAY_WINDOW_S = 60.0
 # worker thread: two event-loop hops and a thread hop cost more than that.
 INLINE_MAX_POSITIONS = 4
 
-# The batching loop keeps two batches in flight once it has at least twice this many steps:
-# ONNX Runtime's cost per step is flat above about 64 rows (docs/benchmarks.md), so splitting
-# costs the model nothing and lets Python work overlap the compute.
-PIPELINE_MIN_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -106,16 +102,6 @@ class _Work:
 
 
 @dataclass(frozen=True)
-class _Batch:
-    """Steps handed to the worker thread together, and the future of their outputs (one per group)."""
-
-    taken: list[tuple[Session, _Work]]
-    groups: list[_Group]
-    outputs: asyncio.Future[list[np.ndarray | Exception]]
-    generating: bool  # mostly generations, whose next steps are ready as soon as it is resolved
-
-
-@dataclass(frozen=True)
 class _Group:
     """Steps of the same length run as one ONNX Runtime call."""
 
@@ -137,11 +123,9 @@ class Scheduler:
         self._accepting = True
         self._frozen = False
         self._wakeup = asyncio.Event()
-        # Batches handed to the worker thread and not resolved yet (at most two: see _batch_loop).
+        # Batches being computed (0 or 1).
         self._computing = 0
-        # Lifecycle operations queued; they run only when nothing computes.
-        self._ops_waiting = 0
-        # Set by the sweeper; the batching loop runs the sweep when nothing computes.
+        # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
@@ -396,7 +380,6 @@ class Scheduler:
         while session.pending:  # requests queued behind a close: the session is gone
             work = session.pending.pop(0)
             self._queued -= 1
-            self._ops_waiting -= work.op is not None
             if not work.future.done():
                 if session.moved:
                     work.future.set_exception(SessionMoved(f"session {session.id!r} moved to another replica; retry"))
@@ -423,7 +406,6 @@ class Scheduler:
         if session.pending is None:
             session.pending = []
         session.pending.append(work)
-        self._ops_waiting += work.op is not None
         if work.inputs is not None:
             # Counted until the step is applied or dropped, so `expected_step` checks see it.
             session.queued_positions += len(work.inputs)
@@ -442,7 +424,6 @@ class Scheduler:
             while session.pending:
                 work = session.pending.pop(0)
                 self._queued -= 1
-                self._ops_waiting -= work.op is not None
                 if work.future.cancelled() and work.op is None:
                     session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
                     continue  # the client gave up before the step ran
@@ -471,44 +452,30 @@ class Scheduler:
             work.future.set_result(result)
 
     async def _batch_loop(self) -> None:
-        """Collects and computes batches; generations run with up to two batches in flight.
+        """Collects a batch, computes it on the worker thread, resolves it; and again.
 
-        Generating sessions are ready again the moment their batch is resolved, so for
-        them the loop pipelines: while the worker thread computes one batch, the event
-        loop resolves the batch before it (sampling next tokens, sending them) and
-        collects the next, and Python and ONNX Runtime overlap instead of taking turns.
-        A large generating batch collected while nothing computes is split in two to
-        start the pipeline. Plain steps are not pipelined: their clients answer after a
-        round trip, and a second batch queued behind the running one would only add a
-        compute time to their latency. Lifecycle operations and the idle sweep wait until
-        nothing computes, so they never touch state that a batch is using.
+        Requests that arrive while a batch computes form the next one. The idle sweep
+        runs between batches, so it never touches state that a batch is using.
+
+        Measured and dropped: keeping two batches in flight (splitting the generating
+        sessions into two halves so that Python work overlaps the compute) gave about
+        20% fewer generated tokens per second on the 2-core development machine.
         """
-        running: _Batch | None = None
         while True:
-            if running is None:
-                await self._wakeup.wait()
-                self._wakeup.clear()
-                wait_s = self.limits.max_wait_us / 1e6
-                if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
-                    # The server was idle: give the requests arriving right behind this one a chance.
-                    await asyncio.sleep(wait_s)
-                if self._sweep_due:
-                    self._sweep_due = False
-                    self.sweep_idle()
-            following: _Batch | None = None
-            if running is None or (running.generating and not (self._ops_waiting or self._sweep_due)):
-                taken = self._collect()
-                if running is None and len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
-                    await self._run_alone(taken)
-                    continue
-                if running is None and len(taken) >= 2 * PIPELINE_MIN_BATCH and _mostly_generating(taken):
-                    half = len(taken) // 2
-                    running, taken = self._submit(taken[:half]), taken[half:]
-                if taken:
-                    following = self._submit(taken)
-            if running is not None:
-                await self._finish(running)
-            running = following
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            wait_s = self.limits.max_wait_us / 1e6
+            if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
+                # The server was idle: give the requests arriving right behind this one a chance.
+                await asyncio.sleep(wait_s)
+            if self._sweep_due:
+                self._sweep_due = False
+                self.sweep_idle()
+            taken = self._collect()
+            if len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
+                await self._run_alone(taken)
+            elif taken:
+                await self._run_batch(taken)
 
     async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
         """Runs one short step right here on the event loop: a thread hop costs more than the step.
@@ -527,24 +494,19 @@ class Scheduler:
         self._requeue(taken)
         await asyncio.sleep(0)
 
-    def _submit(self, taken: list[tuple[Session, _Work]]) -> _Batch:
-        """Hands a batch to the worker thread (which runs batches one after another, in order)."""
+    async def _run_batch(self, taken: list[tuple[Session, _Work]]) -> None:
+        """Computes a batch on the worker thread, then resolves its requests and queues what follows them."""
         groups = _group_by_length(taken)
         self._computing += 1
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._compute, groups)
-        return _Batch(taken=taken, groups=groups, outputs=future, generating=_mostly_generating(taken))
-
-    async def _finish(self, batch: _Batch) -> None:
-        """Waits for a batch's compute, then resolves its requests and queues what follows them."""
         try:
-            outputs = await batch.outputs
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, groups)
         except Exception as exc:  # the worker itself failed (e.g. shut down): fail this batch
-            outputs = [exc] * len(batch.groups)
+            outputs = [exc] * len(groups)
         finally:
             self._computing -= 1
         self._last_compute_end = time.perf_counter()
-        self._resolve(batch.groups, outputs)
-        self._requeue(batch.taken)
+        self._resolve(groups, outputs)
+        self._requeue(taken)
 
     def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
         for session, _ in taken:
@@ -675,11 +637,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
-
-
-def _mostly_generating(taken: list[tuple[Session, _Work]]) -> bool:
-    """Whether at least half the steps belong to generations (which continue at once when resolved)."""
-    return sum(work.generation is not None for _, work in taken) * 2 >= len(taken)
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:

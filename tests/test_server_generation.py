@@ -9,7 +9,6 @@ import pytest
 from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
-from lstmserve.server import scheduler as scheduler_module
 from lstmserve.server.errors import InvalidInput
 from lstmserve.server.generation import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
@@ -83,13 +82,10 @@ def _tokens_of(responses: list[pb.StepResponse]) -> tuple[list[int], str]:
     return tokens, text
 
 
-def test_concurrent_coalesced_generations_each_equal_their_solo_run(
-    server: ServerThread, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """160 generations batched together (sampled together, two batches in flight, several tokens
-    per response) get exactly the tokens each would get alone, while other sessions are reset and
-    closed in between; the final response reports the step after every token."""
-    monkeypatch.setattr(scheduler_module, "PIPELINE_MIN_BATCH", 8)  # the tiny model's batches pipeline too
+def test_concurrent_coalesced_generations_each_equal_their_solo_run(server: ServerThread) -> None:
+    """160 generations batched together (sampled together, several tokens per response) get
+    exactly the tokens each would get alone, while other sessions are reset and closed in
+    between; the final response reports the step after every token."""
     kinds = [([1 + i % 5, 2], pb.Sampling(temperature=1.0 if i % 3 else 0.0, top_k=i % 4 * 5, seed=i)) for i in range(16)]
     solo = [_tokens_of(_generate(server, prompt, max_tokens=40, sampling=sampling)[0]) for prompt, sampling in kinds]
     jobs = [i % len(kinds) for i in range(160)]
