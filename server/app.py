@@ -101,7 +101,9 @@ class LstmServer:
         )
         self._service = LstmServeService(self.scheduler, self.runner, config, self.metrics, cluster=self.cluster)
         pb_grpc.add_LstmServeServicer_to_server(self._service, server)
-        self._inference = add_inference_service(server, self.scheduler, self.runner, config, self.metrics, self.health)
+        self._inference = add_inference_service(
+            server, self.scheduler, self.runner, config, self.metrics, self.health, self.cluster
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server

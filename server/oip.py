@@ -36,10 +36,12 @@ from lstmserve.server import oip_messages as messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import NotSteppable, ServeError, SessionNotFound
+from lstmserve.server.handoff import Cluster
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.service import status_for
+from lstmserve.server.sessions import SEQUENCE_ID_PREFIX, Session
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MODEL_VERSION = "1"
 PLATFORM = "lstmserve"
 EXTENSIONS = ("model_configuration", "sequence", "statistics")
-SEQUENCE_PREFIX = "oip-"
+SEQUENCE_PREFIX = SEQUENCE_ID_PREFIX
 
 
 class ModelNotFound(ServeError):
@@ -77,9 +79,16 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     """
 
     def __init__(
-        self, scheduler: Scheduler, runner: Runner, config: ServerConfig, metrics: Metrics, health: health.aio.HealthServicer
+        self,
+        scheduler: Scheduler,
+        runner: Runner,
+        config: ServerConfig,
+        metrics: Metrics,
+        health: health.aio.HealthServicer,
+        cluster: Cluster | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.cluster = cluster
         self.runner = runner
         self.spec: ModelSpec = runner.spec
         self.config = config
@@ -272,7 +281,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if type(error) is not SessionNotFound:  # a more specific reason (e.g. moved): keep it
                 raise
             if sequence.start:
-                session = scheduler.create_session(owner, session_id)
+                session = await self._create_session(owner, session_id)
             else:
                 raise SessionNotFound(
                     f"sequence {messages.show(sequence.key)} is not active (never started, ended, or idle for more "
@@ -283,6 +292,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             with contextlib.suppress(SessionNotFound):  # already gone (expired): nothing to free
                 await scheduler.close_session(session_id, owner)
         return result.logits
+
+
+    async def _create_session(self, owner: str, session_id: str) -> Session:
+        """A sequence's new session; with several replicas, recorded in the shared store like any session."""
+        if self.cluster is None:
+            return self.scheduler.create_session(owner, session_id)
+
+        async def make(new_id: str) -> Session:
+            return self.scheduler.create_session(owner, new_id)
+
+        return await self.cluster.create(owner, session_id, make)
 
 
 def _forget(tasks: dict[int | str, asyncio.Task[None]], key: int | str, task: asyncio.Task[None]) -> None:
@@ -370,8 +390,9 @@ def add_inference_service(
     config: ServerConfig,
     metrics: Metrics,
     health_servicer: health.aio.HealthServicer,
+    cluster: Cluster | None = None,
 ) -> InferenceService:
     """Registers `inference.GRPCInferenceService` on a server; returns the servicer."""
-    service = InferenceService(scheduler, runner, config, metrics, health_servicer)
+    service = InferenceService(scheduler, runner, config, metrics, health_servicer, cluster)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     return service

@@ -15,6 +15,10 @@ from lstmserve.server.errors import InvalidInput, SessionNotFound
 # What a client may propose as a session id: long enough not to collide, safe as a file name and a header.
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
+# Sessions of Open Inference Protocol sequences have ids with this prefix (server/oip.py);
+# clients may not propose such ids, so a sequence and a session can never collide.
+SEQUENCE_ID_PREFIX = "oip-"
+
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
@@ -77,6 +81,8 @@ def check_proposed_id(text: str) -> str:
         raise InvalidInput(
             f"proposed session_id {text[:80]!r} must be 16 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
         )
+    if text.startswith(SEQUENCE_ID_PREFIX):
+        raise InvalidInput(f"proposed session_id {text!r} may not start with {SEQUENCE_ID_PREFIX!r} (sequence ids)")
     return text
 
 

@@ -20,6 +20,7 @@ from conftest import ServerThread, start_server
 from lstmserve.client import Client, RetryPolicy, SessionNotFound, Unavailable
 from lstmserve.client import _wire
 from lstmserve.server.config import ConfigError, ServerConfig
+from lstmserve.server.sessions import SEQUENCE_ID_PREFIX
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -232,3 +233,31 @@ def test_live_sessions_are_recorded_again_after_redis_lost_its_data(
     with Client(second.address) as client, client.session(resume=session_id) as moved:
         assert moved.info().step == 2  # handed over from the first server: nothing was lost
         np.testing.assert_array_equal(moved.step([7]).logits[0], expected)
+
+
+def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """A Triton-client sequence is a shared session too: started on one server, continued on the other."""
+    import tritonclient.grpc as triton
+
+    first, second = pair
+    tokens = list(range(1, 9))
+    expected = control_logits(first.address, tokens)
+    name = first.server.config.served_model_name
+    with triton.InferenceServerClient(first.address) as one, triton.InferenceServerClient(second.address) as two:
+        for position, token in enumerate(tokens):
+            tensor = triton.InferInput("tokens", [1, 1], "INT64")
+            tensor.set_data_from_numpy(np.array([[token]], dtype=np.int64))
+            result = (one, two)[position % 2].infer(
+                name, [tensor], sequence_id=77, sequence_start=position == 0, sequence_end=position == len(tokens) - 1
+            )
+            np.testing.assert_allclose(result.as_numpy("logits")[0, 0], expected[position], atol=1e-6)
+            if position == 0:
+                session_id = next(iter(first.server.scheduler.sessions.all())).id
+                assert session_id.startswith(SEQUENCE_ID_PREFIX)
+                assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
+    assert not redis_server.client.exists(f"lstmserve:session:{session_id}")  # sequence_end: the record is gone
+    with first.channel() as channel, pytest.raises(grpc.RpcError) as error:
+        create(channel, SEQUENCE_ID_PREFIX + "0" * 32)  # nobody may propose a sequence's id
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
