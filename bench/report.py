@@ -63,12 +63,13 @@ def plot(report: BenchReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for series in dict.fromkeys(row.series for row in report.rows):
+    for index, series in enumerate(dict.fromkeys(row.series for row in report.rows)):
         rows = [row for row in report.rows if row.series == series]
         levels = [row.level for row in rows]
-        throughput.plot(levels, [row.steps_per_s for row in rows], marker="o", label=series)
+        colour = f"C{index}"  # the same colour for a series in both panels
+        throughput.plot(levels, [row.steps_per_s for row in rows], marker="o", label=series, color=colour)
         if any(row.p99_ms is not None for row in rows):
-            latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series)
+            latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series, color=colour)
     for axis, title, unit in ((throughput, "throughput", "steps/s"), (latency, "p99 step latency", "ms")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
