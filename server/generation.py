@@ -103,10 +103,10 @@ def _overlap(text: str, stop: str) -> int:
 
 
 # With coalescing, a generation hands its tokens to the streaming coroutine in chunks sized so
-# that one batch of N generating sessions sends about this many responses: each response costs
-# the event loop tens of microseconds, so one response per token per session would make gRPC,
-# not the model, the limit. A session generating alone still gets every token at once.
-RESPONSES_PER_BATCH = 32
+# that N generating sessions send about this many responses per token each makes: a response
+# costs the event loop tens of microseconds, so one response per token per session would make
+# gRPC, not the model, the limit. A session generating alone still gets every token at once.
+RESPONSES_PER_ROUND = 32
 
 
 class Generation:
@@ -129,8 +129,9 @@ class Generation:
         self._taken_any = False
         self.changed = asyncio.Event()  # set when tokens are ready or the generation ended
 
-    def consumed(self, step: int, batch_size: int) -> bool:
-        """Records that the session's step ran (now at `step`); returns whether the generation is finished."""
+    def consumed(self, step: int, batch_size: int, generating: int) -> bool:
+        """Records that the session's step ran (now at `step`, in a batch of `batch_size`, with
+        `generating` generations running in all); returns whether the generation is finished."""
         token = self.fed
         if token is None:  # the prompt was fed: the first token is still to be sampled
             return False
@@ -144,15 +145,15 @@ class Generation:
                 released += self._matcher.flush()
         if released:
             self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
-            if self._ready_to_send(batch_size):
+            if self._ready_to_send(generating):
                 self.changed.set()
         return finished
 
-    def _ready_to_send(self, batch_size: int) -> bool:
+    def _ready_to_send(self, generating: int) -> bool:
         """Whether the held tokens make a response now (the first token always does)."""
         if not self._coalesce or not self._taken_any:
             return True
-        return len(self._events) * RESPONSES_PER_BATCH >= batch_size
+        return len(self._events) * RESPONSES_PER_ROUND >= generating
 
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""

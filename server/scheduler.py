@@ -127,6 +127,8 @@ class Scheduler:
         self._computing = 0
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
+        # Generations running (their streams get tokens in chunks sized by this).
+        self._generating = 0
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
         self._last_compute_end = 0.0
@@ -316,7 +318,11 @@ class Scheduler:
                 f"{session.step} with {session.queued_positions} more positions queued"
             )
         work = _Work(future=self._new_future(), inputs=prompt, generation=generation)
-        result: StepResult = await self._enqueue(session, work)
+        self._generating += 1
+        try:
+            result: StepResult = await self._enqueue(session, work)
+        finally:
+            self._generating -= 1
         return result
 
     def _require_live(self, session: Session) -> None:
@@ -563,7 +569,7 @@ class Scheduler:
                 session.last_used = used
                 observe_latency(now - work.enqueued)
                 generation = work.generation
-                if generation is not None and not generation.consumed(session.step, batch_size):
+                if generation is not None and not generation.consumed(session.step, batch_size, self._generating):
                     if not work.future.done():  # done here means the client went away: stop
                         continuing.append(row)
                         continue
