@@ -464,8 +464,8 @@ class Scheduler:
         runs between batches, so it never touches state that a batch is using.
 
         Measured and dropped: keeping two batches in flight (splitting the generating
-        sessions into two halves so that Python work overlaps the compute) gave about
-        20% fewer generated tokens per second on the 2-core development machine.
+        sessions into two halves so that Python work overlaps the compute) gave no more
+        generated tokens per second on the 2-core development machine (docs/benchmarks.md).
         """
         while True:
             await self._wakeup.wait()
