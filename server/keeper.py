@@ -14,6 +14,7 @@ from collections.abc import Callable
 from lstmserve.server.errors import ServeError
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.session_store import SessionStore
+from lstmserve.server.sessions import Session
 from lstmserve.server.state import SessionState
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,10 @@ class SessionKeeper:
         self.store = store
         self._encode = encode
         self._remove = remove
-        self._written_versions: dict[str, int] = {}  # session id -> state version last written
+        # session id -> (the live session, its state version last written). Keyed on the Session object too:
+        # a session that left (handed over, spilled) and came back is a new object whose version restarts,
+        # so a version alone could match one written before it left and skip a write it needs.
+        self._written_versions: dict[str, tuple[Session, int]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def restore_all(self) -> int:
@@ -49,7 +53,7 @@ class SessionKeeper:
         stored = await self.store.read_all()
         for item in stored:
             session = await self.scheduler.restore_session(item.state, item.step, item.owner, item.session_id)
-            self._written_versions[item.session_id] = session.version
+            self._written_versions[item.session_id] = (session, session.version)
         return len(stored)
 
     def forget(self, session_id: str) -> None:
@@ -63,8 +67,11 @@ class SessionKeeper:
         With `release` (the drain), every session is let go after its write, the unchanged ones too.
         """
         written = 0
-        for session in self.scheduler.sessions.all():
-            unchanged = self._written_versions.get(session.id) == session.version and not session.busy
+        live = self.scheduler.sessions
+        # Sessions that left without being closed (handed over, spilled) are forgotten here.
+        self._written_versions = {key: entry for key, entry in self._written_versions.items() if entry[0] in live}
+        for session in live.all():
+            unchanged = self._written_versions.get(session.id) == (session, session.version) and not session.busy
             if unchanged and not release:
                 continue
             blob, version = b"", session.version  # an empty blob keeps the stored snapshot
@@ -77,7 +84,7 @@ class SessionKeeper:
             saved = await self.store.save(session.id, session.owner, blob, release=release)
             if session in self.scheduler.sessions:
                 if saved:
-                    self._written_versions[session.id] = version
+                    self._written_versions[session.id] = (session, version)
             elif not session.moved:  # closed while it was being written: the copy must go too
                 self.forget(session.id)
             written += 1 if blob else 0

@@ -261,3 +261,35 @@ def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
     with first.channel() as channel, pytest.raises(grpc.RpcError) as error:
         create(channel, SEQUENCE_ID_PREFIX + "0" * 32)  # nobody may propose a sequence's id
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_session_that_comes_back_is_written_again_on_drain(
+    token_model: Path, redis_server: RedisServer
+) -> None:
+    """A session that left a server and came back is a new session there: what the server wrote of it before
+    it left says nothing about its state now, so checkpoints and the drain write it again."""
+    redis_server.client.flushall()
+    first = start_server(token_model, session_store=redis_server.url)
+    second = start_server(token_model, session_store=redis_server.url)
+    try:
+        tokens = [1, 2, 3, 4]
+        expected = control_logits(first.address, [*tokens, 5])
+        with Client(first.address) as one, Client(second.address) as two:
+            session = one.session()
+            session.step([tokens[0]])
+            session.step([tokens[1]])
+            session_id = session.id
+            session.detach()
+            first.call(first.server.checkpoint())  # written at step 2
+            with two.session(resume=session_id) as moved:  # handed over to the second server
+                moved.step([tokens[2]])
+            with one.session(resume=session_id) as back:  # and back to the first
+                assert back.step([tokens[3]]).step == 4
+            first.call(first.server.checkpoint())
+        first.call(first.server.drain(grace_s=5))
+        first.loop.call_soon_threadsafe(first.loop.stop)
+        with Client(second.address) as client, client.session(resume=session_id) as resumed:
+            assert resumed.info().step == 4  # not the second server's copy at step 3
+            np.testing.assert_array_equal(resumed.step([5]).logits[0], expected[4])
+    finally:
+        second.stop()
