@@ -62,12 +62,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         protected = method.startswith(PROTECTED_PREFIXES) and method not in OPEN_METHODS
         if not protected or self._valid(bearer_key(handler_call_details.invocation_metadata)):
             return await continuation(handler_call_details)
-        return _refusal(await continuation(handler_call_details))
+        handler = await continuation(handler_call_details)
+        if handler is None:  # a method no servicer declares: UNIMPLEMENTED, key or not
+            return None
+        return _refusal(handler)
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

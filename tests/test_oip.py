@@ -421,6 +421,24 @@ def test_api_keys_guard_inference_and_own_sequences(token_model: Path) -> None:
         handle.stop()
 
 
+def test_undeclared_rpcs_answer_unimplemented_with_or_without_a_key(token_model: Path) -> None:
+    """The interceptor must not crash on a method no servicer declares (it used to: UNKNOWN, AttributeError)."""
+    handle = start_server(token_model, api_keys=frozenset({KEY_A}))
+    try:
+        with handle.channel() as channel:
+            stub = triton_grpc.GRPCInferenceServiceStub(channel)
+            for metadata in ((), (("authorization", f"Bearer {KEY_A}"),), (("authorization", "Bearer wrong"),)):
+                for call, request in (
+                    (stub.RepositoryIndex, triton_pb.RepositoryIndexRequest()),
+                    (stub.SystemSharedMemoryStatus, triton_pb.SystemSharedMemoryStatusRequest()),
+                ):
+                    with pytest.raises(grpc.RpcError) as error:
+                        call(request, metadata=metadata, timeout=10)
+                    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED, (metadata, error.value.details())
+    finally:
+        handle.stop()
+
+
 def test_server_ready_follows_health_while_draining(token_model: Path) -> None:
     handle = start_server(token_model)
     try:
