@@ -131,9 +131,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
             self._check_model(request.name, request.version)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        except ModelNotFound:  # as Triton: a model (or version) it does not serve is not ready, no error
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._serving())
 
     async def ServerMetadata(

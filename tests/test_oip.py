@@ -126,6 +126,14 @@ def test_unknown_models_are_not_found_and_other_rpcs_unimplemented(client: trito
     assert error_of(client.get_model_repository_index).status() == "StatusCode.UNIMPLEMENTED"
 
 
+def test_model_ready_is_false_for_unknown_models(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
+    """As Triton's ModelIsReady: an unknown model or version is not ready (OK status), not an error."""
+    name = name_of(oip_server)
+    assert client.is_model_ready(name) and client.is_model_ready(name, "1")
+    assert client.is_model_ready("nope") is False
+    assert client.is_model_ready(name, "2") is False
+
+
 def test_statistics_read_the_prometheus_counters(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
     name = name_of(oip_server)
     client.infer(name, [tokens_input([1, 2])], sequence_id=901, sequence_start=True, sequence_end=True)
