@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -36,9 +36,11 @@ class GenerateParams:
     coalesce: bool = False
 
 
-@dataclass(frozen=True)
-class GeneratedToken:
-    """One generated token and its text; `finish_reason` is set on the last event only."""
+class GeneratedToken(NamedTuple):
+    """One generated token and its text; `finish_reason` is set on the last event only.
+
+    A named tuple, not a dataclass: one is made per generated token, in the batching loop.
+    """
 
     token: int
     text: str
@@ -137,16 +139,20 @@ class Generation:
             return False
         self._count += 1
         text = self._vocabulary[token] if token < len(self._vocabulary) else ""
-        released = self._matcher.push(token, text)
-        finished = self._matcher.stopped or self._count >= self.max_tokens
-        if finished:
-            self.finish_reason = "stop" if self._matcher.stopped else "length"
-            if not self._matcher.stopped:
-                released += self._matcher.flush()
-        if released:
+        finished = self._count >= self.max_tokens
+        matcher = self._matcher
+        if not matcher.stops:  # the common case, kept short: it runs for every generated token
+            self._events.append(GeneratedToken(token, text, step, batch_size))
+        else:
+            released = matcher.push(token, text)
+            finished = finished or matcher.stopped
+            if finished and not matcher.stopped:
+                released += matcher.flush()
             self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
-            if self._ready_to_send(generating):
-                self.changed.set()
+        if finished:
+            self.finish_reason = "stop" if matcher.stopped else "length"
+        if self._events and self._ready_to_send(generating):
+            self.changed.set()
         return finished
 
     def _ready_to_send(self, generating: int) -> bool:

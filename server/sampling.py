@@ -49,6 +49,7 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.group = (params.temperature, params.top_k, params.top_p)  # rows with the same group sample together
 
     def sample(self, logits: np.ndarray) -> int:
         """Picks one token id from a logits vector [vocab]."""
@@ -65,8 +66,7 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     picked = np.empty(len(samplers), dtype=np.int64)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for row, sampler in enumerate(samplers):
-        p = sampler.params
-        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+        groups.setdefault(sampler.group, []).append(row)
     for (temperature, top_k, top_p), rows in groups.items():
         if temperature == 0:
             picked[rows] = np.argmax(logits[rows], axis=-1)

@@ -567,12 +567,13 @@ class Scheduler:
                 session.queued_positions -= length
                 session.in_flight = False
                 session.last_used = used
-                observe_latency(now - work.enqueued)
                 generation = work.generation
                 if generation is not None and not generation.consumed(session.step, batch_size, self._generating):
                     if not work.future.done():  # done here means the client went away: stop
                         continuing.append(row)
                         continue
+                # Step latency is a request's: from arrival to its answer (a generation's, to its end).
+                observe_latency(now - work.enqueued)
                 result = StepResult(
                     logits=logits[row].copy(),  # a copy: a view would pin the whole batch
                     start_step=start_step,
@@ -585,23 +586,24 @@ class Scheduler:
                 if not work.future.done():
                     work.future.set_result(result)
             if continuing:
-                self._continue_generations(group, continuing, logits[continuing, -1], now)
+                self._continue_generations(group, continuing, logits[continuing, -1])
         self.metrics.steps.inc(batch_size)
         self.metrics.tokens.inc(positions)
 
-    def _continue_generations(self, group: _Group, rows: list[int], last_logits: np.ndarray, now: float) -> None:
+    def _continue_generations(self, group: _Group, rows: list[int], last_logits: np.ndarray) -> None:
         """Samples the next token of each continuing generation (all rows at once) and queues it."""
         works = [group.works[row] for row in rows]
-        tokens = sample_rows([w.generation.sampler for w in works], last_logits)  # type: ignore[union-attr]
-        for row, work, token in zip(rows, works, tokens.tolist(), strict=True):
-            session = group.sessions[row]
-            assert work.generation is not None and work.inputs is not None
-            if self._frozen:
+        if self._frozen:
+            for work in works:
                 work.future.set_exception(Draining("server is shutting down; resume this session when it is back"))
-                continue
+            return
+        tokens = sample_rows([w.generation.sampler for w in works], last_logits)  # type: ignore[union-attr]
+        next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
+        for index, (row, work, token) in enumerate(zip(rows, works, tokens.tolist(), strict=True)):
+            session = group.sessions[row]
+            assert work.generation is not None
             work.generation.fed = token
-            work.inputs = np.array([token], dtype=work.inputs.dtype)
-            work.enqueued = now
+            work.inputs = next_inputs[index]  # a view: [1] token
             # Behind anything queued meanwhile (a close ends the generation, as it would end a step).
             if session.pending is None:
                 session.pending = []
@@ -646,6 +648,9 @@ _LIBC = _load_libc()
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
+    length = len(taken[0][1].inputs)  # type: ignore[arg-type]
+    if all(len(work.inputs) == length for _, work in taken):  # type: ignore[arg-type]  # the common case
+        return [_Group(sessions=[session for session, _ in taken], works=[work for _, work in taken])]
     groups: dict[int, _Group] = {}
     for session, work in taken:
         assert work.inputs is not None
