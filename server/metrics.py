@@ -24,7 +24,7 @@ class Metrics:
         )
         self.step_latency = Histogram(
             "lstmserve_step_latency_seconds",
-            "Time from a step request's arrival at the batcher to its result.",
+            "Time from a step request's arrival at the batcher to its result (a generation: to its last token).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
