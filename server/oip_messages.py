@@ -98,7 +98,8 @@ def sequence_key(request: pb.ModelInferRequest) -> int | str | None:
     if choice == "string_param":
         return parameter.string_param or None
     if choice in ("int64_param", "uint64_param"):
-        return getattr(parameter, choice) or None
+        # Triton's correlation id is a uint64 and it reads an int64 sequence_id as one: -1 is 2**64 - 1.
+        return getattr(parameter, choice) % 2**64 or None
     return None
 
 

@@ -245,6 +245,30 @@ def test_int_and_string_ids_are_different_sequences(oip_server: ServerThread, cl
     client.infer(name, [tokens_input([3])], sequence_id=7, sequence_end=True)
 
 
+def test_int64_and_uint64_ids_name_one_correlation_id(oip_server: ServerThread) -> None:
+    """Triton reads an int64 sequence_id as its uint64 correlation id: -1 (int64) is 2**64 - 1 (uint64)."""
+    name = name_of(oip_server)
+
+    def request(field: str, value: int, start: bool = False, end: bool = False) -> triton_pb.ModelInferRequest:
+        message = triton_pb.ModelInferRequest(model_name=name)
+        message.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])
+        message.raw_input_contents.append(np.array([3], "<i8").tobytes())
+        setattr(message.parameters["sequence_id"], field, value)
+        message.parameters["sequence_start"].bool_param = start
+        message.parameters["sequence_end"].bool_param = end
+        return message
+
+    with oip_server.channel() as channel:
+        stub = triton_grpc.GRPCInferenceServiceStub(channel)
+        for signed, unsigned in ((-1, 2**64 - 1), (-(2**63), 2**63), (8, 8)):
+            stub.ModelInfer(request("int64_param", signed, start=True))
+            stub.ModelInfer(request("uint64_param", unsigned))  # the same sequence: live
+            stub.ModelInfer(request("int64_param", signed, end=True))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.ModelInfer(request("uint64_param", unsigned))
+            assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_idle_sequences_expire_with_the_session_ttl(token_model: Path) -> None:
     handle = start_server(token_model, session_ttl_s=30.0)
     try:
