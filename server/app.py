@@ -42,6 +42,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServe"].full_name
 WARMUP_BATCH_SIZES = (1, 2, 4, 8)
 # After the work in progress is done, how long open (idle) streams get before they are cut.
 DRAIN_STREAM_GRACE_S = 1.0
+# The least time a drain keeps trying the session writes that failed (within the stop grace period
+# that docs/scaling.md asks for: delay + grace + the writes).
+DRAIN_WRITE_RETRY_S = 3.0
 
 
 class LstmServer:
@@ -178,9 +181,10 @@ class LstmServer:
         if config.checkpoint_interval_s:
             self.keeper.start(config.checkpoint_interval_s)
 
-    async def checkpoint(self, *, release: bool = False) -> int:
-        """Writes every session whose state changed since it was last written; returns how many."""
-        return 0 if self.keeper is None else await self.keeper.checkpoint(release=release)
+    async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
+        """Writes every session whose state changed since it was last written; returns how many (failed
+        writes are tried again for up to `retry_s` seconds)."""
+        return 0 if self.keeper is None else await self.keeper.checkpoint(release=release, retry_s=retry_s)
 
     def _warm_up(self) -> None:
         """Runs a few batch sizes once through the real store, on slots taken and released again
@@ -222,7 +226,10 @@ class LstmServer:
             self.scheduler.freeze()  # nothing acknowledged after this point: the write below has it all
             await self._work_done()
         try:
-            written = await self.checkpoint(release=True)  # with Redis, every session is released too
+            # With Redis, every session is released too. A failed write (a Redis blip) is tried again while
+            # the grace period lasts, and for a few seconds at least.
+            retry_s = max(DRAIN_WRITE_RETRY_S, grace - (time.monotonic() - started))
+            written = await self.checkpoint(release=True, retry_s=retry_s)
             if self.keeper is not None:
                 log.info("wrote %d session(s) to %s", written, self.config.session_store or self.config.state_dir)
         except Exception:  # noqa: BLE001 - the sessions not written resume from their last checkpoint

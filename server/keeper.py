@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from lstmserve.server.errors import ServeError
@@ -61,34 +62,58 @@ class SessionKeeper:
         self._written_versions.pop(session_id, None)
         self._remove(session_id)
 
-    async def checkpoint(self, *, release: bool = False) -> int:
+    async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
         """Writes every session whose state changed since it was last written; returns how many.
 
         With `release` (the drain), every session is let go after its write, the unchanged ones too.
+        A session whose write fails does not stop the others; failed writes are tried again (with
+        backoff) for up to `retry_s` seconds, and if some still fail, the last error is raised after
+        every other session was written.
         """
         written = 0
         live = self.scheduler.sessions
         # Sessions that left without being closed (handed over, spilled) are forgotten here.
         self._written_versions = {key: entry for key, entry in self._written_versions.items() if entry[0] in live}
-        for session in live.all():
-            unchanged = self._written_versions.get(session.id) == (session, session.version) and not session.busy
-            if unchanged and not release:
-                continue
-            blob, version = b"", session.version  # an empty blob keeps the stored snapshot
-            if not unchanged:
+        pending = live.all()
+        deadline = time.monotonic() + retry_s
+        delay_s = 0.05
+        while True:
+            failed: list[Session] = []
+            error: Exception | None = None
+            for session in pending:
                 try:
-                    step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
-                except ServeError:
-                    continue  # closed or handed over meanwhile (a draining replica does not fetch it back)
-                blob = self._encode(state, step)
-            saved = await self.store.save(session.id, session.owner, blob, release=release)
-            if session in self.scheduler.sessions:
-                if saved:
-                    self._written_versions[session.id] = (session, version)
-            elif not session.moved:  # closed while it was being written: the copy must go too
-                self.forget(session.id)
-            written += 1 if blob else 0
-        return written
+                    written += await self._write(session, release)
+                except Exception as exc:  # noqa: BLE001 - the store failed for this session: the others go on
+                    failed.append(session)
+                    error = exc
+            if error is None:
+                return written
+            if time.monotonic() + delay_s > deadline:
+                raise OSError(f"{len(failed)} session(s) were not written ({error})") from error
+            log.warning("writing %d session(s) failed (%s); trying again", len(failed), error)
+            await asyncio.sleep(delay_s)
+            delay_s = min(1.0, delay_s * 2)
+            pending = [session for session in failed if session in live]
+
+    async def _write(self, session: Session, release: bool) -> int:
+        """Writes one session if it changed (and releases it with `release`); returns 1 if a snapshot was written."""
+        unchanged = self._written_versions.get(session.id) == (session, session.version) and not session.busy
+        if unchanged and not release:
+            return 0
+        blob, version = b"", session.version  # an empty blob keeps the stored snapshot
+        if not unchanged:
+            try:
+                step, version, state = await self.scheduler.read_versioned_state(session.id, session.owner)
+            except ServeError:
+                return 0  # closed or handed over meanwhile (a draining replica does not fetch it back)
+            blob = self._encode(state, step)
+        saved = await self.store.save(session.id, session.owner, blob, release=release)
+        if session in self.scheduler.sessions:
+            if saved:
+                self._written_versions[session.id] = (session, version)
+        elif not session.moved:  # closed while it was being written: the copy must go too
+            self.forget(session.id)
+        return 1 if blob else 0
 
     def start(self, interval_s: float) -> None:
         """Checkpoints every `interval_s` seconds from now on."""

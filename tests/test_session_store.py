@@ -293,3 +293,40 @@ def test_a_session_that_comes_back_is_written_again_on_drain(
             np.testing.assert_array_equal(resumed.step([5]).logits[0], expected[4])
     finally:
         second.stop()
+
+
+def test_a_drain_writes_every_session_through_a_redis_error(token_model: Path, redis_server: RedisServer) -> None:
+    """One failed write while draining (a Redis blip) is tried again, and the other sessions are written too."""
+    import redis
+
+    redis_server.client.flushall()
+    first = start_server(token_model, session_store=redis_server.url)
+    second = start_server(token_model, session_store=redis_server.url)
+    try:
+        cluster = first.server.cluster
+        assert cluster is not None
+        ids = []
+        with Client(first.address) as client:
+            for tokens in ([1], [2, 3], [4, 5, 6]):
+                session = client.session()
+                session.step(tokens)
+                ids.append(session.id)
+                session.detach()
+        save = cluster.store.save
+        failures = [redis.exceptions.ConnectionError("Connection reset by peer")]
+
+        async def flaky_save(*args: object, **kwargs: object) -> bool:
+            if failures:
+                raise failures.pop()
+            return await save(*args, **kwargs)  # type: ignore[arg-type]
+
+        cluster.store.save = flaky_save  # type: ignore[method-assign]
+        first.call(first.server.drain(grace_s=5))
+        first.loop.call_soon_threadsafe(first.loop.stop)
+        assert not failures
+        assert [redis_server.holder(session_id) for session_id in ids] == [None] * 3  # written and released
+        with Client(second.address) as client:
+            for steps, session_id in zip((1, 2, 3), ids, strict=True):
+                assert client.session(resume=session_id).info().step == steps
+    finally:
+        second.stop()
