@@ -16,7 +16,6 @@ the session table, TTL expiry, state files and spilling need no second table.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ from lstmserve.metadata import ModelSpec
 from lstmserve.server import oip_messages as messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
-from lstmserve.server.errors import NotSteppable, ServeError, SessionNotFound
+from lstmserve.server.errors import NotSteppable, Overloaded, ServeError, SessionNotFound
 from lstmserve.server.handoff import Cluster
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
@@ -50,6 +49,8 @@ MODEL_VERSION = "1"
 PLATFORM = "lstmserve"
 EXTENSIONS = ("model_configuration", "sequence", "statistics")
 SEQUENCE_PREFIX = SEQUENCE_ID_PREFIX
+# Longest wait between tries to close an ended sequence while the request queue is full.
+CLOSE_RETRY_MAX_S = 0.05
 
 
 class ModelNotFound(ServeError):
@@ -287,11 +288,23 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     f"than {self.config.session_ttl_s:g} s): send sequence_start=true to start it"
                 ) from None
         result = await scheduler.step(session, call.inputs[0])
-        if sequence.end and session in scheduler.sessions:
-            with contextlib.suppress(SessionNotFound):  # already gone (expired): nothing to free
-                await scheduler.close_session(session_id, owner)
+        if sequence.end:
+            await self._close_after_step(session, owner)
         return result.logits
 
+    async def _close_after_step(self, session: Session, owner: str) -> None:
+        """Closes a sequence whose sequence_end step ran. The step changed its state, so the request
+        must not fail now: a full queue (Overloaded) is waited out instead of answered."""
+        delay_s = 0.001
+        while session in self.scheduler.sessions:
+            try:
+                await self.scheduler.close_session(session.id, owner)
+                return
+            except SessionNotFound:  # already gone (expired): nothing to free
+                return
+            except Overloaded:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, CLOSE_RETRY_MAX_S)
 
     async def _create_session(self, owner: str, session_id: str) -> Session:
         """A sequence's new session; with several replicas, recorded in the shared store like any session."""

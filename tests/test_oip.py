@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +236,32 @@ def test_sequence_end_frees_and_start_restarts(oip_server: ServerThread, client:
     error = error_of(lambda: client.infer(name, [tokens_input([7])], sequence_id=42))
     assert error.status() == "StatusCode.NOT_FOUND" and "sequence 42 is not active" in error.message()
     assert "sequence_start" in error.message()
+
+
+def test_sequence_end_answers_its_step_even_when_the_queue_fills_before_the_close(token_model: Path) -> None:
+    """The step of a sequence_end request ran: its logits come back and the sequence is closed, even if
+    the queue is full when the close is queued (it used to be RESOURCE_EXHAUSTED with the step applied)."""
+    handle = start_server(token_model)
+    scheduler = handle.server.scheduler
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            client.infer(name, [tokens_input([5, 6])], sequence_id=43, sequence_start=True)
+            client.infer(name, [tokens_input([7])], sequence_id=43)  # now the scheduler's last solo session
+            limits = scheduler.limits
+            handle.call_soon(lambda: setattr(scheduler, "limits", replace(limits, max_queue=0)))
+            with ThreadPoolExecutor(1) as pool:
+                ending = pool.submit(
+                    client.infer, name, [tokens_input([8])], sequence_id=43, sequence_end=True
+                )
+                time.sleep(0.3)  # the step runs inline; the close finds the queue full
+                handle.call_soon(lambda: setattr(scheduler, "limits", limits))
+                logits = ending.result(timeout=30).as_numpy("logits")
+            expected = reference_logits(token_model, np.array([5, 6, 7, 8], np.int64))
+            assert np.abs(logits[0, 0] - expected[-1]).max() <= TOLERANCE
+            assert sequence_session_id("", 43) not in active_sessions(handle)
+    finally:
+        handle.stop()
 
 
 def test_int_and_string_ids_are_different_sequences(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
