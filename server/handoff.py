@@ -54,6 +54,9 @@ HANDOFF_TIMEOUT_S = 5.0
 # The waiting replica polls its claim, from every 5 ms (a live holder gives up within milliseconds) to every 100 ms.
 HANDOFF_POLL_S = (0.005, 0.1)
 REQUEST_WAIT_S = 1.0
+# How long a replica keeps trying to write a session it gave up and cannot take back (it drains; `stop`
+# waits as long for it).
+GIVE_RETRY_S = 5.0
 
 
 def new_replica_id() -> str:
@@ -226,17 +229,42 @@ class Cluster:
             await self.store.save(session_id, "", b"", release=True)
             return
         session, state = taken
+        blob = self._encode(state, session.step)
         try:
-            written = await self.store.save(session_id, session.owner, self._encode(state, session.step), release=True)
-        except Exception:
-            # Redis failed: keep serving the session here (it is still recorded as this replica's).
-            await self.scheduler.restore_session(state, session.step, session.owner, session_id)
-            raise
+            written = await self.store.save(session_id, session.owner, blob, release=True)
+        except Exception as error:
+            # Redis failed: keep serving the session here (it is still recorded as this replica's), unless
+            # this replica drains (it takes no session back) or its slot was taken meanwhile; then the
+            # state exists nowhere else, so the write is tried again.
+            if not self.draining:
+                try:
+                    await self.scheduler.restore_session(state, session.step, session.owner, session_id)
+                except ServeError:
+                    pass
+                else:
+                    raise
+            log.warning("writing session %s for a handoff failed (%s); trying again", session_id, error)
+            written = await self._save_retrying(session_id, session.owner, blob)
         if written:
             self.metrics.handoffs.inc()
             log.info("session %s handed over at step %d", session_id, session.step)
         else:
             log.warning("session %s was no longer this replica's when it was handed over", session_id)
+
+    async def _save_retrying(self, session_id: str, owner: str, blob: bytes) -> bool:
+        """Writes and releases a session that lives nowhere else now, trying again with backoff for up to
+        GIVE_RETRY_S (a write whose answer was lost but which went through answers False: released already)."""
+        deadline = time.monotonic() + GIVE_RETRY_S
+        delay_s = 0.05
+        while True:
+            await asyncio.sleep(delay_s)
+            try:
+                return await self.store.save(session_id, owner, blob, release=True)
+            except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
+                if time.monotonic() + delay_s > deadline:
+                    log.error("session %s could not be written for its handoff and is lost: %s", session_id, error)
+                    raise
+            delay_s = min(1.0, delay_s * 2)
 
     def forget(self, session_id: str) -> None:
         """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted."""

@@ -330,3 +330,39 @@ def test_a_drain_writes_every_session_through_a_redis_error(token_model: Path, r
                 assert client.session(resume=session_id).info().step == steps
     finally:
         second.stop()
+
+
+def test_a_draining_server_hands_a_session_over_through_a_redis_error(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """A draining server cannot take a session back when writing it for a handoff fails: it writes it again."""
+    import redis
+
+    first, second = pair
+    cluster = first.server.cluster
+    scheduler = first.server.scheduler
+    assert cluster is not None and scheduler is not None
+    expected = control_logits(first.address, [1, 2, 3])[2]
+    with Client(first.address) as client:
+        session = client.session()
+        session.step([1, 2])
+        session_id = session.id
+        session.detach()
+    save = cluster.store.save
+    failures = [redis.exceptions.ConnectionError("Connection reset by peer")]
+
+    async def flaky_save(*args: object, **kwargs: object) -> bool:
+        if failures:
+            raise failures.pop()
+        return await save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def drain() -> None:  # what LstmServer.drain does first
+        cluster.draining = True
+        scheduler.stop_accepting()
+
+    cluster.store.save = flaky_save  # type: ignore[method-assign]
+    first.call_soon(drain)
+    with Client(second.address) as client, client.session(resume=session_id) as moved:
+        assert moved.info().step == 2
+        np.testing.assert_array_equal(moved.step([3]).logits[0], expected)
+    assert not failures
