@@ -144,7 +144,7 @@ def decode_infer(request: pb.ModelInferRequest, spec: ModelSpec, max_positions: 
     if tensor.datatype != expected.datatype:
         raise InvalidInput(f"input {expected.name!r} has datatype {show(tensor.datatype)}; this model takes {expected.datatype}")
     shape = tuple(int(d) for d in tensor.shape)
-    _check_shape(shape, expected, spec, max_positions, max_batch if sequence.key is None else 1)
+    _check_shape(shape, expected, spec, max_positions, max_batch, in_sequence=sequence.key is not None)
     array = _tensor_data(request, tensor, shape)
     if spec.kind == "tokens":
         vocab = len(spec.vocabulary) or spec.output_size
@@ -170,7 +170,8 @@ def _check_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> None:
 
 
 def _check_shape(
-    shape: tuple[int, ...], expected: TensorFormat, spec: ModelSpec, max_positions: int, max_batch: int
+    shape: tuple[int, ...], expected: TensorFormat, spec: ModelSpec, max_positions: int, max_batch: int, *,
+    in_sequence: bool,
 ) -> None:
     name = expected.name
     if len(shape) != len(expected.shape) or any(d < 0 for d in shape):
@@ -178,8 +179,10 @@ def _check_shape(
     batch, positions = shape[0], shape[1]
     if spec.kind == "features" and shape[2] != spec.input_size:
         raise InvalidInput(f"input {name!r} has {shape[2]} features per row; this model takes {spec.input_size}")
+    if in_sequence:
+        max_batch = 1
     if not 1 <= batch <= max_batch:
-        where = "a sequence request carries batch size 1" if max_batch == 1 else f"batch size must be 1..{max_batch}"
+        where = "a sequence request carries batch size 1" if in_sequence else f"batch size must be 1..{max_batch}"
         raise InvalidInput(f"input {name!r} has batch size {batch}: {where}")
     if positions == 0:
         raise InvalidInput(f"input {name!r} has no positions (shape {list(shape)})")

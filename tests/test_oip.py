@@ -332,6 +332,22 @@ def test_last_position_only_and_stateless_requests(
     assert active_sessions(oip_server) == before
 
 
+def test_batch_size_errors_say_which_limit(token_model: Path) -> None:
+    """With --max-batch-size 1, a stateless batch of 2 is refused for the batch limit, not as a sequence."""
+    handle = start_server(token_model, max_batch_size=1)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            batch = triton.InferInput("tokens", [2, 1], "INT64")
+            batch.set_data_from_numpy(np.array([[1], [2]], np.int64))
+            error = error_of(lambda: client.infer(name_of(handle), [batch]))
+            assert error.status() == "StatusCode.INVALID_ARGUMENT"
+            assert "batch size must be 1..1" in error.message() and "sequence" not in error.message()
+            error = error_of(lambda: client.infer(name_of(handle), [batch], sequence_id=3, sequence_start=True))
+            assert "a sequence request carries batch size 1" in error.message()
+    finally:
+        handle.stop()
+
+
 def test_typed_contents_equal_raw_contents(oip_server: ServerThread, client: triton.InferenceServerClient) -> None:
     """tritonclient sends raw bytes; Triton's typed `contents` (sent here with Triton's own messages) work too."""
     name, tokens = name_of(oip_server), [9, 8, 7]
