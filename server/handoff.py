@@ -16,8 +16,15 @@ sessions start arriving at another replica. That replica takes the session over:
 - Requests that still reach the old replica (an open stream) get UNAVAILABLE: the client opens a
   new stream, which the proxy sends to the new holder, and resends with `expected_step`.
 - Only the holder may write a session's snapshot, and a claim needs the holder gone, so a stale
-  copy is never restored while a newer one is live. A replica whose heartbeat lapsed (a long pause)
-  drops the sessions another replica took over meanwhile.
+  copy is never restored while a newer one is live.
+- Redis is the lease authority. A replica serves the sessions it holds (steps, reads, snapshots)
+  only while its lease lasts: LEASE_S after it sent its last heartbeat write that succeeded. That
+  heartbeat key lives HEARTBEAT_TTL_S from when Redis ran the write, so at least HEARTBEAT_TTL_S
+  after it was sent, and another replica can claim the sessions only once the key is gone: a
+  replica cut off from Redis stops serving LEASE_MARGIN_S before anyone can take its sessions, and
+  its sessions answer UNAVAILABLE meanwhile. When a heartbeat gets through again after the lease
+  lapsed (or Redis lost the key), the replica records its sessions as its own again and drops
+  (as moved) those another replica took over meanwhile, before it serves any of them.
 
 Work on one session id (claim, give up, close, spill) runs one at a time, in the order it was asked.
 """
@@ -48,6 +55,11 @@ T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 0.5
 # A replica that has not refreshed its heartbeat for this long is taken for dead: its sessions can be claimed.
 HEARTBEAT_TTL_S = 2.0
+# A replica serves its sessions for LEASE_S after sending its last heartbeat write that succeeded; the margin
+# covers what happens after the check (the answer leaving this process) and clock rate differences with Redis.
+# Three heartbeats fit in the lease: one slow or lost heartbeat does not interrupt serving.
+LEASE_MARGIN_S = 0.5
+LEASE_S = HEARTBEAT_TTL_S - LEASE_MARGIN_S
 # How long a replica asked for a session waits for its holder to give it up (longer than HEARTBEAT_TTL_S,
 # so a holder that died is noticed within the wait).
 HANDOFF_TIMEOUT_S = 5.0
@@ -116,6 +128,11 @@ class Cluster:
         self._decode = decode
         self._refresh_every_s = min(60.0, max(1.0, session_ttl_s / 4))
         self.draining = False
+        # This replica serves the sessions it holds until this time.monotonic() (0: not now, see `check_lease`).
+        self._lease_until = 0.0
+        # Set when the lease lapsed (or Redis lost the heartbeat key): the sessions held here must be checked
+        # against Redis (another replica may have taken some) before the lease is valid again.
+        self._unchecked = False
         self._per_key = _PerKey()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
@@ -123,11 +140,13 @@ class Cluster:
     # ---- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         """Registers this replica and starts answering handoff requests (OSError if Redis cannot be reached)."""
+        sent = time.monotonic()
         try:
             await self.store.heartbeat(first=True)
         except Exception as error:  # noqa: BLE001 - redis-py's connection errors
             await self.store.close()
             raise OSError(f"cannot reach the session store {self.store.url}: {error}") from error
+        self._lease_until = sent + LEASE_S
         self.scheduler.fetch_missing = self.fetch
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._request_loop())]
         log.info("replica %s sharing sessions through %s", self.replica, self.store.url)
@@ -146,19 +165,35 @@ class Cluster:
             log.warning("could not unregister replica %s from Redis", self.replica)
         await self.store.close()
 
+    # ---- the lease -----------------------------------------------------------
+    def lease_valid(self) -> bool:
+        """Whether this replica may serve the sessions it holds now (see `check_lease`)."""
+        return time.monotonic() < self._lease_until
+
+    def check_lease(self, session_id: str) -> None:
+        """Raises SessionMoved (UNAVAILABLE) unless this replica's lease is valid: its last heartbeat write
+        that succeeded was sent less than LEASE_S ago, and its sessions were checked since a lapse. Past
+        that, another replica may take the sessions over, so none is served here. One clock reading."""
+        if time.monotonic() >= self._lease_until:
+            raise SessionMoved(
+                f"session {session_id!r}: this replica lost contact with the session store and does not serve "
+                "its sessions until it is back (another replica may take them over); retry"
+            )
+
     # ---- sessions ----------------------------------------------------------
     async def create(self, owner: str, session_id: str | None, make: Callable[[str], Awaitable[Session]]) -> Session:
         """Records a new session (under `session_id`, or a fresh id) as held here, then `make`s it.
 
         SessionExists if the id is taken anywhere; Draining while this replica drains.
         """
-        if self.draining:
-            raise Draining("this replica is draining and takes no new sessions")
         session_id = session_id or new_session_id()
+        if self.draining:
+            raise Draining(f"session {session_id!r}: this replica is draining and takes no new sessions")
+        self.check_lease(session_id)  # recorded as held here, it could be claimed at once by another replica
 
         async def run() -> Session:
             if self.scheduler.sessions.find(session_id) is not None or not await self._redis(
-                self.store.create(session_id, owner)
+                self.store.create(session_id, owner), session_id
             ):
                 raise SessionExists(f"session id {session_id!r} is already taken")
             try:
@@ -176,7 +211,10 @@ class Cluster:
         if not is_session_id(session_id):
             return None
         if self.draining:
-            raise Draining("this replica is draining; retry and the proxy sends the call to another replica")
+            raise Draining(
+                f"session {session_id!r}: this replica is draining; retry and the proxy sends the call to another replica"
+            )
+        self.check_lease(session_id)
         await asyncio.shield(self._per_key.submit(session_id, lambda: self._take_over(session_id, owner)))
         session = self.scheduler.sessions.find(session_id)
         return session if session is not None and session.owner == owner else None
@@ -188,14 +226,14 @@ class Cluster:
         asked = ""
         poll_s, max_poll_s = HANDOFF_POLL_S
         while True:
-            claim = await self._redis(self.store.claim(session_id, owner))
+            claim = await self._redis(self.store.claim(session_id, owner), session_id)
             if claim.outcome == "missing":
                 return
             if claim.outcome == "claimed":  # given up on request, or released earlier, or its replica died
                 await self._restore(session_id, owner, claim.blob, "handoff" if asked and not claim.holder else "store")
                 return
             if claim.holder != asked:
-                await self._redis(self.store.ask(claim.holder, session_id))
+                await self._redis(self.store.ask(claim.holder, session_id), session_id)
                 asked = claim.holder
             if time.monotonic() > deadline:
                 raise SessionMoved(f"session {session_id!r} is still held by replica {claim.holder}; retry")
@@ -205,13 +243,13 @@ class Cluster:
     async def _restore(self, session_id: str, owner: str, blob: bytes | None, source: str) -> None:
         if blob is None:
             log.warning("session %s had no snapshot when its replica stopped; it is lost", session_id)
-            await self._redis(self.store.remove(session_id))
+            await self._redis(self.store.remove(session_id), session_id)
             return
         try:
             state, step = self._decode(blob)
         except InvalidInput as error:
             log.error("stored snapshot of session %s refused: %s; it is dropped", session_id, error)
-            await self._redis(self.store.remove(session_id))
+            await self._redis(self.store.remove(session_id), session_id)
             return
         try:
             await self.scheduler.restore_session(state, step, owner, session_id)
@@ -306,9 +344,7 @@ class Cluster:
         while True:
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
             try:
-                if not await self.store.heartbeat():
-                    log.warning("replica %s missed its heartbeat; checking which sessions are still its own", self.replica)
-                    await self._drop_lost_sessions()
+                await self._renew_lease()
                 if time.monotonic() - refreshed > self._refresh_every_s:
                     refreshed = time.monotonic()
                     await self.store.refresh([s.id for s in self.scheduler.sessions.all()])
@@ -317,14 +353,50 @@ class Cluster:
             except Exception as error:  # noqa: BLE001 - Redis unreachable: sessions here keep working
                 log.warning("heartbeat to Redis failed: %s", error)
 
-    async def _drop_lost_sessions(self) -> None:
-        """After a lapsed heartbeat (a long pause, or Redis restarted empty): records every session live
-        here as this replica's again, and drops (as moved) those another replica took over meanwhile."""
-        for session in self.scheduler.sessions.all():
-            if self._per_key.busy(session.id) or await self.store.adopt(session.id, session.owner):
+    async def _renew_lease(self) -> None:
+        """Writes the heartbeat and extends the lease to LEASE_S after the write was sent. After a lapse (the
+        lease ran out before this write, or Redis had lost the key) the sessions held here are checked first,
+        and the lease stays void until that is done; a Redis error leaves the lease to run out."""
+        sent = time.monotonic()
+        if sent >= self._lease_until and not self._unchecked:
+            self._unchecked = True
+            log.warning(
+                "replica %s got no heartbeat through to Redis for %.1f s: its sessions answer UNAVAILABLE until it "
+                "gets through and checks which are still its own",
+                self.replica,
+                LEASE_S,
+            )
+        if not self._unchecked and not await self.store.heartbeat():
+            self._unchecked = True
+            log.warning("replica %s missed its heartbeat; checking which sessions are still its own", self.replica)
+        if self._unchecked:
+            self._lease_until = 0.0  # nothing served while some sessions may be another replica's
+            await self.store.heartbeat(first=True)  # from here on, no other replica can claim this one's sessions
+            dropped = await self._drop_lost_sessions()
+            self._unchecked = False
+            log.warning(
+                "replica %s reached Redis again: %d session(s) taken over elsewhere were dropped, the others are served",
+                self.replica,
+                dropped,
+            )
+        # If the write took longer than the lease, the lease stays void, and the next write checks again.
+        self._lease_until = sent + LEASE_S
+
+    async def _drop_lost_sessions(self) -> int:
+        """After a lapsed lease (Redis out of reach, a long pause, or Redis restarted empty): records every
+        session live here as this replica's again, and drops (as moved) those another replica took over
+        meanwhile (held or released by it since); returns how many were dropped. Call with this replica's
+        heartbeat key written: from then on no other replica can claim the sessions it checks."""
+        sessions = [s for s in self.scheduler.sessions.all() if not self._per_key.busy(s.id)]
+        kept = await self.store.adopt_all([(s.id, s.owner) for s in sessions])
+        dropped = 0
+        for session, ours in zip(sessions, kept, strict=True):
+            if ours:
                 continue
             await self.scheduler.hand_off(session.id)
+            dropped += 1
             log.warning("session %s was taken over by another replica meanwhile; dropped here", session.id)
+        return dropped
 
     # ---- helpers -------------------------------------------------------------
     def _spawn(self, task: asyncio.Task[Any]) -> None:
@@ -337,14 +409,14 @@ class Cluster:
             log.error("session store operation failed: %s", task.exception())
 
     @staticmethod
-    async def _redis(operation: Awaitable[T]) -> T:
-        """Awaits a Redis operation; a Redis failure becomes UNAVAILABLE (retryable) for the caller."""
+    async def _redis(operation: Awaitable[T], session_id: str) -> T:
+        """Awaits a Redis operation for a session; a Redis failure becomes UNAVAILABLE (retryable) for the caller."""
         try:
             return await operation
         except ServeError:
             raise
         except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
-            raise SessionMoved(f"the shared session store is unavailable ({error}); retry") from error
+            raise SessionMoved(f"session {session_id!r}: the shared session store is unavailable ({error}); retry") from error
 
 
 class RedisSpill:

@@ -273,6 +273,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise NotSteppable("this model is bidirectional and cannot keep sequences; send requests without sequence_id")
         session_id = sequence_session_id(owner, sequence.key)
         scheduler = self.scheduler
+        if self.cluster is not None:
+            self.cluster.check_lease(session_id)  # with several replicas: UNAVAILABLE while the lease lapsed
         try:
             session = await scheduler.find_session(session_id, owner)
             if sequence.start:  # a start on a live sequence begins it again from zero state
@@ -288,6 +290,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     f"than {self.config.session_ttl_s:g} s): send sequence_start=true to start it"
                 ) from None
         result = await scheduler.step(session, call.inputs[0])
+        if self.cluster is not None:
+            self.cluster.check_lease(session_id)  # acknowledged only while no other replica can have taken it
         if sequence.end:
             await self._close_after_step(session, owner)
         return result.logits

@@ -100,6 +100,12 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             expires_in_s=max(0.0, self.config.session_ttl_s - idle),
         )
 
+    def _check_lease(self, session_id: str) -> None:
+        """With several replicas: UNAVAILABLE unless this replica may serve the sessions it holds now
+        (its lease from the session store is valid). One clock reading; nothing without a session store."""
+        if self.cluster is not None:
+            self.cluster.check_lease(session_id)
+
     def _require_steppable(self) -> None:
         if not self.spec.steppable:
             raise NotSteppable("this model is bidirectional and cannot be stepped; use Infer for whole sequences")
@@ -137,7 +143,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
 
     async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
+            self._check_lease(request.session_id)
             session = await self.scheduler.find_session(request.session_id, self._owner(context))
+            self._check_lease(session.id)
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -145,7 +153,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
 
     async def ResetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         try:
+            self._check_lease(request.session_id)
             session = await self.scheduler.reset_session(request.session_id, self._owner(context))
+            self._check_lease(session.id)
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -153,6 +163,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
 
     async def CloseSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
         try:
+            self._check_lease(request.session_id)
             await self.scheduler.close_session(request.session_id, self._owner(context))
         except ServeError as error:
             await self._abort(context, error)
@@ -161,7 +172,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
 
     async def SnapshotSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionSnapshot:
         try:
+            self._check_lease(request.session_id)
             step, state = await self.scheduler.read_state(request.session_id, self._owner(context))
+            self._check_lease(request.session_id)
         except ServeError as error:
             await self._abort(context, error)
             raise
@@ -216,6 +229,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                     if session.moved:  # handed over to another replica: a new stream reaches it
                         raise SessionMoved(f"session {session.id!r} moved to another replica; retry")
                     raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
+                self._check_lease(session.id)
                 if parsed.inputs is None:  # an opening request without input: report the session
                     yield pb.StepResponse(session_id=session.id, request_id=request.request_id, step=session.step)
                 elif parsed.generate is not None:
@@ -270,6 +284,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     async def _step(self, session: Session, request: pb.StepRequest, parsed: _ParsedStep) -> pb.StepResponse:
         assert parsed.inputs is not None
         result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
+        self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
         response = pb.StepResponse(
             session_id=session.id, request_id=request.request_id, step=result.step, batch_size=result.batch_size
         )
@@ -288,6 +303,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         )
         async with aclosing(chunks):  # a client that goes away stops the generation at once
             async for chunk in chunks:
+                self._check_lease(session.id)  # a lapse ends the generation: its stream answers UNAVAILABLE
                 if coalesce:  # everything made since the last response, in one message
                     yield self._generated_response(session, request, chunk)
                     count += len(chunk) - (1 if chunk[-1].finish_reason else 0)

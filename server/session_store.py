@@ -19,12 +19,21 @@ Redis keys (all under `lstmserve:`):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from lstmserve.server.persistence import StateDir, StoredSession
 
 PREFIX = "lstmserve:"
+# How long a Redis command (or connecting) may take before it fails, so that a silent network drop fails
+# takeovers, handoffs and drain writes instead of hanging them. Longer than the blocking wait for handoff
+# requests (handoff.REQUEST_WAIT_S, 1 s) plus Redis's lateness in ending it (up to 100 ms) and a round trip;
+# shorter than the wait of a takeover (handoff.HANDOFF_TIMEOUT_S, 5 s), so a hung claim fails within it. The
+# lease does not depend on it: it runs out at its time, however long a heartbeat write hangs.
+SOCKET_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_S = 2.0
+ADOPT_BATCH = 1000
 
 
 class SessionStore(Protocol):
@@ -112,10 +121,12 @@ if ARGV[3] == '1' then redis.call('HDEL', KEYS[1], 'replica') end
 if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) else redis.call('PERSIST', KEYS[1]) end
 return 1
 """
-# ARGV: me, owner, ttl_ms. Records a live session as this replica's again, unless another replica holds it.
+# ARGV: me, owner, ttl_ms. Records a live session as this replica's again: if its record says so, or is gone
+# (Redis lost it). A record held by another replica, or released (another replica took the session and let it go
+# since, or this replica's own release went through unanswered: then the stored snapshot is its state), is not.
 _ADOPT = """
-local holder = redis.call('HGET', KEYS[1], 'replica')
-if holder and holder ~= ARGV[1] then return 0 end
+local fields = redis.call('HMGET', KEYS[1], 'owner', 'replica')
+if fields[1] and fields[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'replica', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -142,10 +153,21 @@ class RedisStore:
         self, url: str, replica: str, *, held_ttl_s: float, released_ttl_s: float, heartbeat_ttl_s: float
     ) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.url = url
         self.replica = replica
-        self._redis: Any = redis.asyncio.from_url(url, decode_responses=False, health_check_interval=10)
+        self._redis: Any = redis.asyncio.from_url(
+            url,
+            decode_responses=False,
+            health_check_interval=10,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=CONNECT_TIMEOUT_S,
+            # No retries inside redis-py: its default (3, with backoff, around connecting too) made one operation on
+            # a silent Redis take 8 timeouts. The callers try again themselves (heartbeats, drain writes, clients).
+            retry=Retry(NoBackoff(), 0),
+        )
         self._held_ms = int(held_ttl_s * 1000)
         self._released_ms = int(released_ttl_s * 1000)
         self._heartbeat_ms = int(heartbeat_ttl_s * 1000)
@@ -166,16 +188,11 @@ class RedisStore:
 
     # ---- this replica ------------------------------------------------------
     async def heartbeat(self, *, first: bool = False) -> bool:
-        """Marks this replica alive for `heartbeat_ttl_s`. False if the previous mark had already
-        expired (other replicas may have taken its sessions over meanwhile)."""
+        """Marks this replica alive for `heartbeat_ttl_s` from when Redis runs the write. Without `first`, only
+        extends the previous mark: False (and nothing written) if it had expired, so other replicas may have
+        taken its sessions over meanwhile; `first` writes it in any case."""
         key = f"{PREFIX}replica:{self.replica}"
-        if first:
-            await self._redis.set(key, b"1", px=self._heartbeat_ms)
-            return True
-        if await self._redis.set(key, b"1", px=self._heartbeat_ms, xx=True):
-            return True
-        await self._redis.set(key, b"1", px=self._heartbeat_ms)
-        return False
+        return bool(await self._redis.set(key, b"1", px=self._heartbeat_ms, xx=not first))
 
     async def unregister(self) -> None:
         """Removes this replica's heartbeat and request list (it is stopping)."""
@@ -240,5 +257,16 @@ class RedisStore:
 
     async def adopt(self, session_id: str, owner: str) -> bool:
         """Records a session live here as this replica's (again: after Redis lost it, or this replica's
-        heartbeat lapsed); False if another replica holds it now."""
+        heartbeat lapsed); False if another replica holds it now, or its record was released meanwhile."""
         return bool(await self._adopt(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms]))
+
+    async def adopt_all(self, sessions: Iterable[tuple[str, str]]) -> list[bool]:
+        """`adopt` for each (session id, owner), pipelined (ADOPT_BATCH at a time); the answers in order."""
+        items = list(sessions)
+        answers: list[bool] = []
+        for start in range(0, len(items), ADOPT_BATCH):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for session_id, owner in items[start : start + ADOPT_BATCH]:
+                    await self._adopt(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms], client=pipe)
+                answers.extend(bool(answer) for answer in await pipe.execute())
+        return answers

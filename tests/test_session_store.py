@@ -8,7 +8,7 @@ handoff is forced and checked step by step.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -366,3 +366,142 @@ def test_a_draining_server_hands_a_session_over_through_a_redis_error(
         assert moved.info().step == 2
         np.testing.assert_array_equal(moved.step([3]).logits[0], expected)
     assert not failures
+
+
+def cut_off_from_redis(server: ServerThread) -> Callable[[], None]:
+    """Makes a server's heartbeat writes fail, as if it alone lost contact with Redis (the other
+    server still reaches it); returns the function that reconnects it."""
+    import redis
+
+    cluster = server.server.cluster
+    assert cluster is not None
+    heartbeat = cluster.store.heartbeat
+
+    async def failing_heartbeat(*args: object, **kwargs: object) -> bool:
+        raise redis.exceptions.ConnectionError("Connection timed out")
+
+    server.call_soon(lambda: setattr(cluster.store, "heartbeat", failing_heartbeat))
+    return lambda: server.call_soon(lambda: setattr(cluster.store, "heartbeat", heartbeat))
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_server_cut_off_from_redis_stops_serving_before_another_can_take_its_sessions(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """Split brain: the first server loses Redis (its heartbeat fails), the second takes its session over from
+    the last checkpoint once the heartbeat key expired. The first must have stopped acknowledging steps by
+    then (its lease lapsed), or the steps it acknowledges are lost while both serve the session."""
+    first, second = pair
+    cluster = first.server.cluster
+    assert cluster is not None
+    heartbeat_key = f"lstmserve:replica:{cluster.replica}"
+    once = RetryPolicy(max_attempts=1)
+    with Client(first.address, retry=once) as one, Client(second.address, retry=once) as two:
+        session = one.session()
+        session.step([1, 2])
+        first.call(first.server.checkpoint())  # written at step 2
+        session.step([3])  # acknowledged after the checkpoint: lost if the first server dies now
+        cut_off_from_redis(first)
+        acknowledged, stopped_by_lease = 3, False
+        try:
+            while redis_server.client.exists(heartbeat_key):  # the stream stays open on the first server
+                acknowledged = session.step([4]).step
+                time.sleep(0.02)
+        except Unavailable as error:  # the lease lapsed first: the steps stopped before the key expired
+            assert session.id in str(error) and "lost contact with the session store" in str(error)
+            stopped_by_lease = True
+        wait_for(lambda: not redis_server.client.exists(heartbeat_key), 5, "the heartbeat key to expire")
+        with two.session(resume=session.id) as taken:  # the second server takes it over from the checkpoint
+            assert taken.info().step == 2
+        assert redis_server.holder(session.id) == second.server.cluster.replica  # type: ignore[union-attr]
+        # Both would serve the session now: the first server acknowledging what the second never sees.
+        with pytest.raises(Unavailable) as error:
+            session.step([5])
+        assert session.id in str(error.value) and "lost contact with the session store" in str(error.value)
+        with pytest.raises(Unavailable):
+            one.session(resume=session.id).info()
+        assert stopped_by_lease and acknowledged >= 3
+
+
+def test_a_server_back_in_contact_with_redis_drops_what_was_taken_and_serves_the_rest(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """After the cut: sessions another server took over meanwhile (still held there, or released since) are
+    dropped as moved; the others are served on, exactly, with nothing lost."""
+    first, second = pair
+    cluster, scheduler = first.server.cluster, first.server.scheduler
+    assert cluster is not None and scheduler is not None
+    tokens = [1, 2, 3, 4, 5]
+    expected = control_logits(first.address, tokens)
+    once = RetryPolicy(max_attempts=1)
+    with Client(first.address, retry=once) as one, Client(second.address) as two:
+        taken, kept, released = one.session(), one.session(), one.session()
+        for session in (taken, kept, released):
+            session.step(tokens[:2])
+        first.call(first.server.checkpoint())  # all three written at step 2
+        kept.step([tokens[2]])  # only on the first server
+        reconnect = cut_off_from_redis(first)
+        wait_for(lambda: not first.call_soon(cluster.lease_valid), 5, "the first server's lease to lapse")
+        with pytest.raises(Unavailable, match="lost contact with the session store"):
+            kept.step([tokens[3]])
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        with two.session(resume=taken.id) as moved:  # taken over by the second server, from the checkpoint
+            assert moved.step([tokens[2]]).step == 3
+        # Taken over and let go again since (as a drain or a spill of the second server would).
+        redis_server.client.hdel(f"lstmserve:session:{released.id}", "replica")
+        reconnect()
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        assert first.call_soon(lambda: [scheduler.sessions.find(s.id) is not None for s in (taken, kept, released)]) == [
+            False,
+            True,
+            False,
+        ]
+        # Served on where it was: the step refused during the cut is resent, nothing was lost.
+        output = kept.step([tokens[3]])
+        assert output.step == 4
+        np.testing.assert_array_equal(output.logits[0], expected[3])
+        assert redis_server.holder(kept.id) == cluster.replica
+        with pytest.raises(Unavailable, match="moved to another replica"):
+            taken.step([tokens[3]])  # the old stream: the session is the second server's now
+        with one.session(resume=taken.id) as back:  # asked for again here: handed back with the second's steps
+            output = back.step([tokens[3]])
+            assert output.step == 4
+            np.testing.assert_array_equal(output.logits[0], expected[3])
+        assert redis_server.holder(released.id) is None
+        with one.session(resume=released.id) as restored:  # taken over from its stored snapshot, not the copy here
+            assert restored.info().step == 2
+
+
+def test_a_silent_redis_fails_store_operations_in_bounded_time() -> None:
+    """A Redis that accepts connections but never answers (a silent network drop) fails each operation after
+    the socket timeout, so takeovers and drain writes cannot hang on it."""
+    import asyncio
+    import socket
+
+    import redis
+
+    from lstmserve.server.session_store import SOCKET_TIMEOUT_S, RedisStore
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the kernel's backlog; nothing is ever read or answered
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+
+        async def claim() -> float:
+            store = RedisStore(url, "replica-x", held_ttl_s=60, released_ttl_s=60, heartbeat_ttl_s=2)
+            started = time.monotonic()
+            try:
+                with pytest.raises(redis.exceptions.TimeoutError):
+                    await store.claim("0" * 32, "")
+                return time.monotonic() - started
+            finally:
+                await store.close()
+
+        elapsed = asyncio.run(claim())
+    assert SOCKET_TIMEOUT_S <= elapsed < SOCKET_TIMEOUT_S + 1.0
