@@ -21,7 +21,7 @@ from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
-from lstmserve.server.handoff import HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
+from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
 from lstmserve.server.keeper import SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
 from lstmserve.server.session_store import DirectoryStore, RedisStore
@@ -155,6 +155,7 @@ class LstmServer:
                 held_ttl_s=config.session_ttl_s + 60,
                 released_ttl_s=config.session_ttl_s,
                 heartbeat_ttl_s=HEARTBEAT_TTL_S,
+                closed_ttl_s=config.session_ttl_s + CLOSED_MARGIN_S,
             )
             self.cluster = Cluster(store, self.scheduler, self.metrics, encode, decode, config.session_ttl_s)
             await self.cluster.start()

@@ -25,6 +25,13 @@ sessions start arriving at another replica. That replica takes the session over:
   its sessions answer UNAVAILABLE meanwhile. When a heartbeat gets through again after the lease
   lapsed (or Redis lost the key), the replica records its sessions as its own again and drops
   (as moved) those another replica took over meanwhile, before it serves any of them.
+- Closing a session (CloseSession, an Open Inference Protocol `sequence_end`, expiry past the idle
+  TTL) deletes its record and leaves a tombstone (`closed:<id>`) for CLOSED_MARGIN_S past the idle
+  TTL, so that "no record" after a lapse means "Redis lost it" only where there is no tombstone: a
+  replica back from a lapse drops (as moved) a copy of a session closed elsewhere meanwhile; the
+  client then gets NOT_FOUND. It adopts no copy idle past the TTL (it expires it instead), and a copy
+  is idle at least since another replica took the session over, so no tombstone it needs has
+  expired. Creating a session under a closed one's id replaces the tombstone (the id may be reused).
 
 Work on one session id (claim, give up, close, spill) runs one at a time, in the order it was asked.
 """
@@ -66,6 +73,11 @@ HANDOFF_TIMEOUT_S = 5.0
 # The waiting replica polls its claim, from every 5 ms (a live holder gives up within milliseconds) to every 100 ms.
 HANDOFF_POLL_S = (0.005, 0.1)
 REQUEST_WAIT_S = 1.0
+# A closed session's tombstone lives the idle TTL plus this. A replica back from a lapse adopts only copies used
+# within the idle TTL, and a copy of a session taken over elsewhere was last used before that takeover (its
+# lease had lapsed), so before the close that wrote the tombstone; the margin covers the time from the idle
+# check to the adopt running in Redis (pipelined batches, each under SOCKET_TIMEOUT_S) and clock rate differences.
+CLOSED_MARGIN_S = 60.0
 # How long a replica keeps trying to write a session it gave up and cannot take back (it drains; `stop`
 # waits as long for it).
 GIVE_RETRY_S = 5.0
@@ -126,6 +138,7 @@ class Cluster:
         self.metrics = metrics
         self._encode = encode
         self._decode = decode
+        self._session_ttl_s = session_ttl_s
         self._refresh_every_s = min(60.0, max(1.0, session_ttl_s / 4))
         self.draining = False
         # This replica serves the sessions it holds until this time.monotonic() (0: not now, see `check_lease`).
@@ -375,7 +388,8 @@ class Cluster:
             dropped = await self._drop_lost_sessions()
             self._unchecked = False
             log.warning(
-                "replica %s reached Redis again: %d session(s) taken over elsewhere were dropped, the others are served",
+                "replica %s reached Redis again: %d session(s) taken over or closed elsewhere (or expired) were dropped, "
+                "the others are served",
                 self.replica,
                 dropped,
             )
@@ -385,9 +399,14 @@ class Cluster:
     async def _drop_lost_sessions(self) -> int:
         """After a lapsed lease (Redis out of reach, a long pause, or Redis restarted empty): records every
         session live here as this replica's again, and drops (as moved) those another replica took over
-        meanwhile (held or released by it since); returns how many were dropped. Call with this replica's
-        heartbeat key written: from then on no other replica can claim the sessions it checks."""
-        sessions = [s for s in self.scheduler.sessions.all() if not self._per_key.busy(s.id)]
+        meanwhile (held or released by it since) or closed (a tombstone); returns how many were dropped. Call
+        with this replica's heartbeat key written: from then on no other replica can claim the sessions it checks.
+
+        Sessions idle past the TTL are not recorded again (their tombstone may be gone): they expire here as
+        the idle sweep would expire them (spilled, or closed), if their record is still this replica's."""
+        cutoff = time.monotonic() - self._session_ttl_s
+        checked = [s for s in self.scheduler.sessions.all() if not self._per_key.busy(s.id)]
+        sessions = [s for s in checked if s.last_used >= cutoff]
         kept = await self.store.adopt_all([(s.id, s.owner) for s in sessions])
         dropped = 0
         for session, ours in zip(sessions, kept, strict=True):
@@ -395,8 +414,27 @@ class Cluster:
                 continue
             await self.scheduler.hand_off(session.id)
             dropped += 1
-            log.warning("session %s was taken over by another replica meanwhile; dropped here", session.id)
+            log.warning("session %s was taken over or closed by another replica meanwhile; dropped here", session.id)
+        for session in checked:
+            if session.last_used < cutoff:
+                dropped += await self._expire(session.id)
         return dropped
+
+    async def _expire(self, session_id: str) -> int:
+        """Drops a session idle past the TTL that was not checked against Redis: spilled (with --spill-idle) or
+        closed if its record is still this replica's, else only dropped here. Returns 1 if it was dropped."""
+        taken = await self.scheduler.hand_off(session_id)
+        if taken is None:
+            return 0
+        session, state = taken
+        if self.scheduler.spill is not None:
+            blob = self._encode(state, session.step)
+            ours = await self.store.save(session_id, session.owner, blob, release=True, keep=True)
+        else:
+            ours = await self.store.remove(session_id)
+        outcome = ("spilled" if self.scheduler.spill is not None else "closed") if ours else "dropped here"
+        log.warning("session %s was idle past the TTL when this replica reached Redis again: %s", session_id, outcome)
+        return 1
 
     # ---- helpers -------------------------------------------------------------
     def _spawn(self, task: asyncio.Task[Any]) -> None:

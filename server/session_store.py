@@ -12,6 +12,8 @@ session's id and owner (the digest of its creator's API key).
 Redis keys (all under `lstmserve:`):
 
     session:<id>   hash: owner, replica (the replica holding it live; absent once released), blob
+    closed:<id>    tombstone of a closed (or expired) session, for `closed_ttl_s`: a replica that was cut off
+                   from Redis meanwhile drops its copy instead of recording it again (see `adopt`)
     replica:<rid>  a live replica's heartbeat (expires when the replica stops refreshing it)
     handoff:<rid>  list of session ids other replicas ask replica <rid> to give up
 """
@@ -91,9 +93,12 @@ class Claim:
     blob: bytes | None = None
 
 
-# Each script runs atomically in Redis. KEYS[1] is the session's hash; ARGV[1] this replica's id.
+# Each script runs atomically in Redis. KEYS[1] is the session's hash, KEYS[2] its tombstone; ARGV[1] this
+# replica's id. A new session under a closed session's id replaces the tombstone: its record (held, released, or
+# tombstoned again when it closes) is what keeps a stale copy of the old session from being adopted.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'replica', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -123,17 +128,21 @@ return 1
 """
 # ARGV: me, owner, ttl_ms. Records a live session as this replica's again: if its record says so, or is gone
 # (Redis lost it). A record held by another replica, or released (another replica took the session and let it go
-# since, or this replica's own release went through unanswered: then the stored snapshot is its state), is not.
+# since, or this replica's own release went through unanswered: then the stored snapshot is its state), is not;
+# nor is a session with a tombstone (closed elsewhere meanwhile: no record is not "lost" then).
 _ADOPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local fields = redis.call('HMGET', KEYS[1], 'owner', 'replica')
 if fields[1] and fields[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'replica', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
+# ARGV: me, tombstone ttl_ms. Deletes the record and leaves the tombstone.
 _REMOVE = """
 if redis.call('HGET', KEYS[1], 'replica') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 1
 """
 
@@ -147,10 +156,19 @@ class RedisStore:
         held_ttl_s: how long a held session's record lives without being refreshed.
         released_ttl_s: how long a released snapshot is kept (a session's idle TTL).
         heartbeat_ttl_s: how long this replica counts as alive after its last heartbeat.
+        closed_ttl_s: how long a closed session's tombstone lives; longer than a replica adopts a copy
+            after its last use (see `handoff.Cluster._drop_lost_sessions`). Defaults to released_ttl_s + 60.
     """
 
     def __init__(
-        self, url: str, replica: str, *, held_ttl_s: float, released_ttl_s: float, heartbeat_ttl_s: float
+        self,
+        url: str,
+        replica: str,
+        *,
+        held_ttl_s: float,
+        released_ttl_s: float,
+        heartbeat_ttl_s: float,
+        closed_ttl_s: float | None = None,
     ) -> None:
         import redis.asyncio
         from redis.asyncio.retry import Retry
@@ -171,6 +189,7 @@ class RedisStore:
         self._held_ms = int(held_ttl_s * 1000)
         self._released_ms = int(released_ttl_s * 1000)
         self._heartbeat_ms = int(heartbeat_ttl_s * 1000)
+        self._closed_ms = int((released_ttl_s + 60 if closed_ttl_s is None else closed_ttl_s) * 1000)
         self._create = self._redis.register_script(_CREATE)
         self._claim = self._redis.register_script(_CLAIM)
         self._save = self._redis.register_script(_SAVE)
@@ -181,6 +200,14 @@ class RedisStore:
     def key(session_id: str) -> str:
         """The Redis key of a session's hash."""
         return f"{PREFIX}session:{session_id}"
+
+    @staticmethod
+    def tombstone(session_id: str) -> str:
+        """The Redis key that says a session was closed (for a while)."""
+        return f"{PREFIX}closed:{session_id}"
+
+    def _keys(self, session_id: str) -> list[str]:
+        return [self.key(session_id), self.tombstone(session_id)]
 
     async def close(self) -> None:
         """Closes the connections."""
@@ -213,8 +240,9 @@ class RedisStore:
 
     # ---- sessions ----------------------------------------------------------
     async def create(self, session_id: str, owner: str) -> bool:
-        """Records a new session held by this replica; False if the id is taken."""
-        return bool(await self._create(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms]))
+        """Records a new session held by this replica (a closed session's id may be used again); False if the
+        id is taken."""
+        return bool(await self._create(keys=self._keys(session_id), args=[self.replica, owner, self._held_ms]))
 
     async def claim(self, session_id: str, owner: str) -> Claim:
         """Takes a session over if no live replica holds it (see `Claim`)."""
@@ -245,8 +273,8 @@ class RedisStore:
         return bool(await self._save(keys=[self.key(session_id)], args=args))
 
     async def remove(self, session_id: str) -> bool:
-        """Deletes a closed or expired session held by this replica."""
-        return bool(await self._remove(keys=[self.key(session_id)], args=[self.replica]))
+        """Deletes a closed or expired session held by this replica, leaving its tombstone for `closed_ttl_s`."""
+        return bool(await self._remove(keys=self._keys(session_id), args=[self.replica, self._closed_ms]))
 
     async def refresh(self, session_ids: list[str]) -> None:
         """Extends the records of sessions held live here, so they never expire under them."""
@@ -257,8 +285,9 @@ class RedisStore:
 
     async def adopt(self, session_id: str, owner: str) -> bool:
         """Records a session live here as this replica's (again: after Redis lost it, or this replica's
-        heartbeat lapsed); False if another replica holds it now, or its record was released meanwhile."""
-        return bool(await self._adopt(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms]))
+        heartbeat lapsed); False if another replica holds it now, or its record was released meanwhile, or it
+        was closed (its tombstone is there)."""
+        return bool(await self._adopt(keys=self._keys(session_id), args=[self.replica, owner, self._held_ms]))
 
     async def adopt_all(self, sessions: Iterable[tuple[str, str]]) -> list[bool]:
         """`adopt` for each (session id, owner), pipelined (ADOPT_BATCH at a time); the answers in order."""
@@ -267,6 +296,6 @@ class RedisStore:
         for start in range(0, len(items), ADOPT_BATCH):
             async with self._redis.pipeline(transaction=False) as pipe:
                 for session_id, owner in items[start : start + ADOPT_BATCH]:
-                    await self._adopt(keys=[self.key(session_id)], args=[self.replica, owner, self._held_ms], client=pipe)
+                    await self._adopt(keys=self._keys(session_id), args=[self.replica, owner, self._held_ms], client=pipe)
                 answers.extend(bool(answer) for answer in await pipe.execute())
         return answers

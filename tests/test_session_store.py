@@ -258,6 +258,12 @@ def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
                 assert session_id.startswith(SEQUENCE_ID_PREFIX)
                 assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
     assert not redis_server.client.exists(f"lstmserve:session:{session_id}")  # sequence_end: the record is gone
+    assert redis_server.client.exists(f"lstmserve:closed:{session_id}")  # and a tombstone says it was closed
+    with triton.InferenceServerClient(second.address) as two:  # the sequence id may start a new sequence
+        tensor = triton.InferInput("tokens", [1, 1], "INT64")
+        tensor.set_data_from_numpy(np.array([[tokens[0]]], dtype=np.int64))
+        result = two.infer(name, [tensor], sequence_id=77, sequence_start=True, sequence_end=True)
+        np.testing.assert_allclose(result.as_numpy("logits")[0, 0], expected[0], atol=1e-6)
     with first.channel() as channel, pytest.raises(grpc.RpcError) as error:
         create(channel, SEQUENCE_ID_PREFIX + "0" * 32)  # nobody may propose a sequence's id
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -476,6 +482,114 @@ def test_a_server_back_in_contact_with_redis_drops_what_was_taken_and_serves_the
         assert redis_server.holder(released.id) is None
         with one.session(resume=released.id) as restored:  # taken over from its stored snapshot, not the copy here
             assert restored.info().step == 2
+
+
+def test_a_session_closed_elsewhere_while_a_server_was_cut_off_stays_closed(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """The first server loses Redis; the second takes its session over and the client closes it there, so its
+    record is deleted. Back in contact, the first server must not take "no record" for "Redis lost its data"
+    and record its stale copy again: the session was closed, and stays closed (NOT_FOUND) everywhere."""
+    first, second = pair
+    cluster, scheduler = first.server.cluster, first.server.scheduler
+    assert cluster is not None and scheduler is not None
+    with Client(first.address, retry=RetryPolicy(max_attempts=1)) as one, Client(second.address) as two:
+        session = one.session()
+        session.step([1, 2])
+        session_id = session.id
+        session.detach()
+        first.call(first.server.checkpoint())  # written at step 2
+        reconnect = cut_off_from_redis(first)
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        moved = two.session(resume=session_id)  # taken over by the second server, from the checkpoint
+        assert moved.step([3]).step == 3
+        moved.close()  # closed there: its record is deleted (right after the answer)
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 5, "the record to go")
+        assert first.call_soon(lambda: scheduler.sessions.find(session_id) is not None)  # the stale copy
+        reconnect()
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        assert first.call_soon(lambda: scheduler.sessions.find(session_id) is None)  # dropped, not recorded again
+        assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
+        for client in (one, two):
+            with pytest.raises(SessionNotFound):
+                client.session(resume=session_id)
+        # A closed id may be used again: the client creates a new session under it (a fresh state, step 0).
+        with first.channel() as channel:
+            assert create(channel, session_id).step == 0
+        assert redis_server.holder(session_id) == cluster.replica
+        with one.session(resume=session_id) as again:
+            assert again.step([1]).step == 1
+
+
+def test_a_copy_idle_past_the_ttl_is_not_recorded_again_once_its_tombstone_is_gone(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """The tombstone's bound: a server back from a long cut (or pause) whose idle sweep has not run yet records
+    again only copies used within the TTL; an older one (its tombstone may have expired) is expired, not served."""
+    first, second = pair
+    cluster, scheduler = first.server.cluster, first.server.scheduler
+    assert cluster is not None and scheduler is not None
+    ttl_s = first.server.config.session_ttl_s
+    with Client(first.address) as one, Client(second.address) as two:
+        stale, kept = one.session(), one.session()
+        stale.step([1])
+        kept.step([1])
+        stale.detach()
+        kept.detach()
+        first.call(first.server.checkpoint())
+        reconnect = cut_off_from_redis(first)
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        two.session(resume=stale.id).close()  # taken over and closed by the second server
+        tombstone = f"lstmserve:closed:{stale.id}"
+        wait_for(lambda: bool(redis_server.client.exists(tombstone)), 5, "the tombstone")  # written after the answer
+        redis_server.client.delete(tombstone)  # expired: the cut lasted longer than it
+
+        def age() -> None:  # the copy here idle past the TTL, and the idle sweep not run yet
+            scheduler.sweep_idle = lambda now=None: 0  # type: ignore[method-assign]
+            found = scheduler.sessions.find(stale.id)
+            assert found is not None
+            found.last_used -= ttl_s + 1
+
+        first.call_soon(age)
+        reconnect()
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        assert first.call_soon(lambda: (scheduler.sessions.find(stale.id), scheduler.sessions.find(kept.id) is not None)) == (
+            None,
+            True,
+        )
+        assert not redis_server.client.exists(f"lstmserve:session:{stale.id}")
+        assert redis_server.holder(kept.id) == cluster.replica
+        with pytest.raises(SessionNotFound):
+            one.session(resume=stale.id)
+
+
+def test_a_closed_or_expired_session_leaves_a_tombstone_that_a_new_session_replaces(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """Closing, and expiry, leave a short-lived tombstone in Redis (so that a replica that was cut off drops its
+    copy); creating a session under the same id replaces it, and a tombstoned id is never adopted."""
+    first, _ = pair
+    cluster, scheduler = first.server.cluster, first.server.scheduler
+    assert cluster is not None and scheduler is not None
+    ttl_s = first.server.config.session_ttl_s
+    with Client(first.address) as client:
+        closed, expired = client.session(), client.session()
+        closed.step([1])
+        expired.step([1])
+        closed_id, expired_id = closed.id, expired.id
+        closed.close()
+        expired.detach()
+    first.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + ttl_s + 1))  # idle past the TTL: closed
+    for session_id in (closed_id, expired_id):
+        tombstone = f"lstmserve:closed:{session_id}"
+        wait_for(lambda key=tombstone: bool(redis_server.client.exists(key)), 5, "the tombstone")
+        assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
+        assert ttl_s < redis_server.client.ttl(tombstone) <= ttl_s + 60
+        assert not first.call(cluster.store.adopt(session_id, ""))  # never recorded again from a stale copy
+    with first.channel() as channel:
+        create(channel, closed_id)
+    assert not redis_server.client.exists(f"lstmserve:closed:{closed_id}")
+    assert redis_server.holder(closed_id) == cluster.replica
 
 
 def test_a_silent_redis_fails_store_operations_in_bounded_time() -> None:
