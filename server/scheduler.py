@@ -466,6 +466,8 @@ class Scheduler:
         Measured and dropped: keeping two batches in flight (splitting the generating
         sessions into two halves so that Python work overlaps the compute) gave no more
         generated tokens per second on the 2-core development machine (docs/benchmarks.md).
+        One batch at a time is also what lets the runner hand back single-position logits
+        in a buffer that its next run reuses (`Runner.run`): `_resolve` copies them first.
         """
         while True:
             await self._wakeup.wait()
