@@ -81,6 +81,9 @@ CLOSED_MARGIN_S = 60.0
 # How long a replica keeps trying to write a session it gave up and cannot take back (it drains; `stop`
 # waits as long for it).
 GIVE_RETRY_S = 5.0
+# How long a replica keeps trying to delete the record of a session closed here: a record left held by this
+# replica would let a later takeover restore the closed session from its last checkpoint.
+FORGET_RETRY_S = 30.0
 
 
 def new_replica_id() -> str:
@@ -318,8 +321,22 @@ class Cluster:
             delay_s = min(1.0, delay_s * 2)
 
     def forget(self, session_id: str) -> None:
-        """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted."""
-        self._spawn(self._per_key.submit(session_id, lambda: self.store.remove(session_id)))
+        """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted (and its
+        tombstone written), trying again with backoff through a Redis failure for up to FORGET_RETRY_S."""
+        self._spawn(self._per_key.submit(session_id, lambda: self._remove_retrying(session_id)))
+
+    async def _remove_retrying(self, session_id: str) -> bool:
+        deadline = time.monotonic() + FORGET_RETRY_S
+        delay_s = 0.05
+        while True:
+            try:
+                return await self.store.remove(session_id)
+            except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
+                if time.monotonic() + delay_s > deadline:
+                    log.error("the record of closed session %s could not be deleted: %s", session_id, error)
+                    raise
+            await asyncio.sleep(delay_s)
+            delay_s = min(1.0, delay_s * 2)
 
     def spill(self, session: Session, state: SessionState) -> None:
         """Writes a session idle past the TTL and releases it (kept without expiry); any replica brings it back."""

@@ -619,3 +619,32 @@ def test_a_silent_redis_fails_store_operations_in_bounded_time() -> None:
 
         elapsed = asyncio.run(claim())
     assert SOCKET_TIMEOUT_S <= elapsed < SOCKET_TIMEOUT_S + 1.0
+
+
+def test_closing_deletes_the_record_through_a_redis_error(
+    pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
+) -> None:
+    """A close whose record deletion meets a Redis blip deletes it on a later try: a record left held by the
+    closing server would let a takeover bring the closed session back from its checkpoint."""
+    import redis
+
+    first, _ = pair
+    cluster = first.server.cluster
+    assert cluster is not None
+    remove = cluster.store.remove
+    failures = [redis.exceptions.ConnectionError("Connection reset by peer")] * 2
+
+    async def flaky_remove(session_id: str) -> bool:
+        if failures:
+            raise failures.pop()
+        return await remove(session_id)
+
+    cluster.store.remove = flaky_remove  # type: ignore[method-assign]
+    with Client(first.address) as client:
+        session = client.session()
+        session.step([1, 2])
+        session_id = session.id
+        session.close()
+    wait_for(lambda: bool(redis_server.client.exists(f"lstmserve:closed:{session_id}")), 10, "the tombstone")
+    assert not failures
+    assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
