@@ -63,7 +63,6 @@ REPLAY_WINDOW_S = 60.0
 INLINE_MAX_POSITIONS = 4
 
 
-
 @dataclass(frozen=True)
 class SchedulerLimits:
     """Bounds the scheduler enforces."""
@@ -267,9 +266,7 @@ class Scheduler:
         already applied (same input, the session moved on by exactly its length)
         returns the stored result again instead of being applied twice.
         """
-        self._require_live(session)
-        if self._frozen:
-            raise Draining("server is shutting down; resume this session when it is back")
+        self._require_steppable(session)
         digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
         if expected_step is not None:
             if expected_step != session.step + session.queued_positions and replay and session.busy:
@@ -289,10 +286,7 @@ class Scheduler:
                     and last.input_digest == digest
                 ):
                     return last
-                raise StepMismatch(
-                    f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
-                    f"{session.step} with {session.queued_positions} more positions queued"
-                )
+                raise _mismatch(session, expected_step)
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and len(inputs) <= INLINE_MAX_POSITIONS:
             return self._run_now(session, work)
@@ -308,15 +302,9 @@ class Scheduler:
         session's last step. With `expected_step`, it starts only if the session (with its
         queued steps) is at that step; a generation is never replayed.
         """
-        self._require_live(session)
-        if self._frozen:
-            raise Draining("server is shutting down; resume this session when it is back")
-        projected = session.step + session.queued_positions
-        if expected_step is not None and expected_step != projected:
-            raise StepMismatch(
-                f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
-                f"{session.step} with {session.queued_positions} more positions queued"
-            )
+        self._require_steppable(session)
+        if expected_step is not None and expected_step != session.step + session.queued_positions:
+            raise _mismatch(session, expected_step)
         work = _Work(future=self._new_future(), inputs=prompt, generation=generation)
         self._generating += 1
         try:
@@ -324,6 +312,12 @@ class Scheduler:
         finally:
             self._generating -= 1
         return result
+
+    def _require_steppable(self, session: Session) -> None:
+        """Raises unless the session is live and the server still takes steps (not frozen by a drain)."""
+        self._require_live(session)
+        if self._frozen:
+            raise _draining()
 
     def _require_live(self, session: Session) -> None:
         """Raises SessionNotFound if the session was closed or expired (e.g. during a generation)."""
@@ -351,9 +345,7 @@ class Scheduler:
         session.in_flight = True
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
-        outputs = self._compute(groups)
-        self._last_compute_end = time.perf_counter()
-        self._resolve(groups, outputs)
+        self._finish(groups, self._compute(groups))
         return work.future.result()  # type: ignore[no-any-return]
 
     def sweep_idle(self, now: float | None = None) -> int:
@@ -492,13 +484,7 @@ class Scheduler:
         tokens as they come instead of starving the event loop.
         """
         groups = _group_by_length(taken)
-        self._computing += 1
-        try:
-            outputs = self._compute(groups)
-        finally:
-            self._computing -= 1
-        self._last_compute_end = time.perf_counter()
-        self._resolve(groups, outputs)
+        self._finish(groups, self._compute(groups))
         self._requeue(taken)
         await asyncio.sleep(0)
 
@@ -512,9 +498,13 @@ class Scheduler:
             outputs = [exc] * len(groups)
         finally:
             self._computing -= 1
+        self._finish(groups, outputs)
+        self._requeue(taken)
+
+    def _finish(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
+        """Notes when the compute ended and resolves its requests."""
         self._last_compute_end = time.perf_counter()
         self._resolve(groups, outputs)
-        self._requeue(taken)
 
     def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
         for session, _ in taken:
@@ -546,7 +536,7 @@ class Scheduler:
         self.metrics.compute_latency.observe(time.perf_counter() - started)
         return outputs
 
-    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray]) -> None:
+    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
         now = time.perf_counter()
         observe_latency = self.metrics.step_latency.observe
         batch_size = sum(len(g.works) for g in groups)
@@ -597,7 +587,7 @@ class Scheduler:
         works = [group.works[row] for row in rows]
         if self._frozen:
             for work in works:
-                work.future.set_exception(Draining("server is shutting down; resume this session when it is back"))
+                work.future.set_exception(_draining())
             return
         tokens = sample_rows([w.generation.sampler for w in works], last_logits)  # type: ignore[union-attr]
         next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
@@ -628,6 +618,7 @@ class Scheduler:
             self._sweep_due = True  # the batching loop sweeps when nothing computes
             self._wakeup.set()
 
+
 def release_free_memory() -> None:
     """Asks glibc to hand freed heap pages back to the system (a no-op elsewhere).
 
@@ -647,6 +638,17 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
+
+
+def _draining() -> Draining:
+    return Draining("server is shutting down; resume this session when it is back")
+
+
+def _mismatch(session: Session, expected_step: int) -> StepMismatch:
+    return StepMismatch(
+        f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
+        f"{session.step} with {session.queued_positions} more positions queued"
+    )
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
