@@ -126,13 +126,9 @@ class Runner:
         """
         if inputs.shape[1] == 1:
             return self._run_single_position(inputs, state)
-        spec = self.spec
-        logits = np.empty((inputs.shape[0], inputs.shape[1], spec.output_size), dtype=np.float32)
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(spec.input_name, np.ascontiguousarray(inputs, dtype=self._input_dtype))
-        binding.bind_output(spec.output_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        state.bind(binding, spec.h, spec.c)
-        self.session.run_with_iobinding(binding)
+        inputs = np.ascontiguousarray(inputs, dtype=self._input_dtype)
+        logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
+        self.session.run_with_iobinding(self._bind(inputs, logits, state))
         return logits
 
     def _run_single_position(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
@@ -147,15 +143,15 @@ class Runner:
             self._step_bindings.clear()
         cached = self._step_bindings.get(batch)
         if cached is None or cached[0] is not state:
-            cached = (state, self._bind_single_position(batch, state))
+            cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state))
             self._step_bindings[batch] = cached
         self._step_inputs[:batch] = inputs
         self.session.run_with_iobinding(cached[1])
         return self._step_logits[:batch]
 
-    def _bind_single_position(self, batch: int, state: BindableState) -> ort.IOBinding:
+    def _bind(self, inputs: np.ndarray, logits: np.ndarray, state: BindableState) -> ort.IOBinding:
+        """An IO binding of the model's input, logits and state to these contiguous buffers (no copies)."""
         spec = self.spec
-        inputs, logits = self._step_inputs[:batch], self._step_logits[:batch]
         binding = self.session.io_binding()
         binding.bind_input(spec.input_name, "cpu", 0, self._input_dtype, list(inputs.shape), inputs.ctypes.data)
         binding.bind_output(spec.output_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
