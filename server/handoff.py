@@ -86,6 +86,29 @@ GIVE_RETRY_S = 5.0
 FORGET_RETRY_S = 30.0
 
 
+def check_lease(cluster: Cluster | None, session_id: str) -> None:
+    """With several replicas: UNAVAILABLE unless this replica may serve the sessions it holds now (its
+    lease from the session store is valid). One clock reading; nothing without a session store."""
+    if cluster is not None:
+        cluster.check_lease(session_id)
+
+
+async def _retry(attempt: Callable[[], Awaitable[T]], retry_s: float, failure: str) -> T:
+    """Tries a Redis operation that just failed again, with backoff (50 ms doubling to 1 s), for up to
+    `retry_s`; past that, logs `failure` and raises the last error."""
+    deadline = time.monotonic() + retry_s
+    delay_s = 0.05
+    while True:
+        await asyncio.sleep(delay_s)
+        try:
+            return await attempt()
+        except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
+            if time.monotonic() + delay_s > deadline:
+                log.error("%s: %s", failure, error)
+                raise
+        delay_s = min(1.0, delay_s * 2)
+
+
 def new_replica_id() -> str:
     """A replica id unique to this process start: host name, process id and a random suffix."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -298,45 +321,31 @@ class Cluster:
                 else:
                     raise
             log.warning("writing session %s for a handoff failed (%s); trying again", session_id, error)
-            written = await self._save_retrying(session_id, session.owner, blob)
+            written = await _retry(
+                lambda: self.store.save(session_id, session.owner, blob, release=True),
+                GIVE_RETRY_S,
+                f"session {session_id} could not be written for its handoff and is lost",
+            )
         if written:
             self.metrics.handoffs.inc()
             log.info("session %s handed over at step %d", session_id, session.step)
         else:
             log.warning("session %s was no longer this replica's when it was handed over", session_id)
 
-    async def _save_retrying(self, session_id: str, owner: str, blob: bytes) -> bool:
-        """Writes and releases a session that lives nowhere else now, trying again with backoff for up to
-        GIVE_RETRY_S (a write whose answer was lost but which went through answers False: released already)."""
-        deadline = time.monotonic() + GIVE_RETRY_S
-        delay_s = 0.05
-        while True:
-            await asyncio.sleep(delay_s)
-            try:
-                return await self.store.save(session_id, owner, blob, release=True)
-            except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
-                if time.monotonic() + delay_s > deadline:
-                    log.error("session %s could not be written for its handoff and is lost: %s", session_id, error)
-                    raise
-            delay_s = min(1.0, delay_s * 2)
-
     def forget(self, session_id: str) -> None:
         """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted (and its
         tombstone written), trying again with backoff through a Redis failure for up to FORGET_RETRY_S."""
-        self._spawn(self._per_key.submit(session_id, lambda: self._remove_retrying(session_id)))
+        self._spawn(self._per_key.submit(session_id, lambda: self._remove(session_id)))
 
-    async def _remove_retrying(self, session_id: str) -> bool:
-        deadline = time.monotonic() + FORGET_RETRY_S
-        delay_s = 0.05
-        while True:
-            try:
-                return await self.store.remove(session_id)
-            except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
-                if time.monotonic() + delay_s > deadline:
-                    log.error("the record of closed session %s could not be deleted: %s", session_id, error)
-                    raise
-            await asyncio.sleep(delay_s)
-            delay_s = min(1.0, delay_s * 2)
+    async def _remove(self, session_id: str) -> bool:
+        try:
+            return await self.store.remove(session_id)
+        except Exception:  # noqa: BLE001 - redis-py's connection and timeout errors
+            return await _retry(
+                lambda: self.store.remove(session_id),
+                FORGET_RETRY_S,
+                f"the record of closed session {session_id} could not be deleted",
+            )
 
     def spill(self, session: Session, state: SessionState) -> None:
         """Writes a session idle past the TTL and releases it (kept without expiry); any replica brings it back."""

@@ -35,11 +35,11 @@ from lstmserve.server import oip_messages as messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import NotSteppable, Overloaded, ServeError, SessionNotFound
-from lstmserve.server.handoff import Cluster
+from lstmserve.server.handoff import Cluster, check_lease
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.scheduler import Scheduler
-from lstmserve.server.service import status_for
+from lstmserve.server.service import new_session, status_for
 from lstmserve.server.sessions import SEQUENCE_ID_PREFIX, Session
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise NotSteppable("this model is bidirectional and cannot keep sequences; send requests without sequence_id")
         session_id = sequence_session_id(owner, sequence.key)
         scheduler = self.scheduler
-        if self.cluster is not None:
-            self.cluster.check_lease(session_id)  # with several replicas: UNAVAILABLE while the lease lapsed
+        check_lease(self.cluster, session_id)  # with several replicas: UNAVAILABLE while the lease lapsed
         try:
             session = await scheduler.find_session(session_id, owner)
             if sequence.start:  # a start on a live sequence begins it again from zero state
@@ -283,15 +282,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if type(error) is not SessionNotFound:  # a more specific reason (e.g. moved): keep it
                 raise
             if sequence.start:
-                session = await self._create_session(owner, session_id)
+                session = await new_session(scheduler, self.cluster, owner, session_id)
             else:
                 raise SessionNotFound(
                     f"sequence {messages.show(sequence.key)} is not active (never started, ended, or idle for more "
                     f"than {self.config.session_ttl_s:g} s): send sequence_start=true to start it"
                 ) from None
         result = await scheduler.step(session, call.inputs[0])
-        if self.cluster is not None:
-            self.cluster.check_lease(session_id)  # acknowledged only while no other replica can have taken it
+        check_lease(self.cluster, session_id)  # acknowledged only while no other replica can have taken it
         if sequence.end:
             await self._close_after_step(session, owner)
         return result.logits
@@ -309,16 +307,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             except Overloaded:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, CLOSE_RETRY_MAX_S)
-
-    async def _create_session(self, owner: str, session_id: str) -> Session:
-        """A sequence's new session; with several replicas, recorded in the shared store like any session."""
-        if self.cluster is None:
-            return self.scheduler.create_session(owner, session_id)
-
-        async def make(new_id: str) -> Session:
-            return self.scheduler.create_session(owner, new_id)
-
-        return await self.cluster.create(owner, session_id, make)
 
 
 def _forget(tasks: dict[int | str, asyncio.Task[None]], key: int | str, task: asyncio.Task[None]) -> None:

@@ -34,7 +34,7 @@ from lstmserve.server.errors import (
     StepMismatch,
 )
 from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
-from lstmserve.server.handoff import Cluster
+from lstmserve.server.handoff import Cluster, check_lease
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
@@ -101,10 +101,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         )
 
     def _check_lease(self, session_id: str) -> None:
-        """With several replicas: UNAVAILABLE unless this replica may serve the sessions it holds now
-        (its lease from the session store is valid). One clock reading; nothing without a session store."""
-        if self.cluster is not None:
-            self.cluster.check_lease(session_id)
+        check_lease(self.cluster, session_id)
 
     def _require_steppable(self) -> None:
         if not self.spec.steppable:
@@ -250,21 +247,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     async def _new_session(
         self, owner: str, proposed_id: str, restored: tuple[SessionState, int] | None = None
     ) -> Session:
-        """A new session under the proposed id (ALREADY_EXISTS if taken) or a fresh one, with zero state
-        or the `restored` (state, step); recorded in the shared store when there are several replicas."""
+        """A new session under the client's proposed id (checked first) or a fresh one (see `new_session`)."""
         session_id = check_proposed_id(proposed_id) if proposed_id else None
-
-        async def make(session_id: str | None) -> Session:
-            if restored is None:
-                return self.scheduler.create_session(owner, session_id)
-            return await self.scheduler.restore_session(restored[0], restored[1], owner, session_id)
-
-        if self.cluster is not None:
-            return await self.cluster.create(owner, session_id, make)
-        spill = self.scheduler.spill
-        if session_id is not None and spill is not None and spill.load(session_id) is not None:
-            raise SessionExists(f"session id {session_id!r} is already taken")
-        return await make(session_id)
+        return await new_session(self.scheduler, self.cluster, owner, session_id, restored)
 
     def _parse(self, request: pb.StepRequest, *, first: bool) -> _ParsedStep:
         has_input = bool(request.tokens) or request.HasField("features")
@@ -305,17 +290,20 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             async for chunk in chunks:
                 self._check_lease(session.id)  # a lapse ends the generation: its stream answers UNAVAILABLE
                 if coalesce:  # everything made since the last response, in one message
-                    yield self._generated_response(session, request, chunk)
+                    yield self._generated_response(session, request, chunk, coalesce=True)
                     count += len(chunk) - (1 if chunk[-1].finish_reason else 0)
                     continue
                 for event in chunk:
-                    yield self._generated_response(session, request, [event])
+                    yield self._generated_response(session, request, [event], coalesce=False)
                     count += 0 if event.finish_reason else 1
         self.metrics.generated_tokens.inc(count)
 
     @staticmethod
-    def _generated_response(session: Session, request: pb.StepRequest, events: list[GeneratedToken]) -> pb.StepResponse:
-        """One response for generated tokens; the finish event, if present, is the last of `events`."""
+    def _generated_response(
+        session: Session, request: pb.StepRequest, events: list[GeneratedToken], *, coalesce: bool
+    ) -> pb.StepResponse:
+        """One response for generated tokens (several only if `coalesce`); the finish event, if present,
+        is the last of `events`."""
         last = events[-1]
         response = pb.StepResponse(
             session_id=session.id, request_id=request.request_id, step=last.step, batch_size=last.batch_size
@@ -324,13 +312,36 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             response.finished = True
             response.finish_reason = last.finish_reason
             events = events[:-1]
-        if request.generate.coalesce:
+        if coalesce:
             response.tokens.extend(e.token for e in events)
             response.texts.extend(e.text for e in events)
         elif events:
             response.token = events[0].token
             response.text = events[0].text
         return response
+
+
+async def new_session(
+    scheduler: Scheduler,
+    cluster: Cluster | None,
+    owner: str,
+    session_id: str | None,
+    restored: tuple[SessionState, int] | None = None,
+) -> Session:
+    """A new session under `session_id` (ALREADY_EXISTS if taken) or a fresh id, with zero state or the
+    `restored` (state, step); recorded in the shared store when there are several replicas."""
+
+    async def make(new_id: str | None) -> Session:
+        if restored is None:
+            return scheduler.create_session(owner, new_id)
+        return await scheduler.restore_session(restored[0], restored[1], owner, new_id)
+
+    if cluster is not None:
+        return await cluster.create(owner, session_id, make)
+    spill = scheduler.spill
+    if session_id is not None and spill is not None and spill.load(session_id) is not None:
+        raise SessionExists(f"session id {session_id!r} is already taken")
+    return await make(session_id)
 
 
 @dataclass(frozen=True, slots=True)
