@@ -455,9 +455,12 @@ class Scheduler:
         Requests that arrive while a batch computes form the next one. The idle sweep
         runs between batches, so it never touches state that a batch is using.
 
-        Measured and dropped: keeping two batches in flight (splitting the generating
-        sessions into two halves so that Python work overlaps the compute) gave no more
-        generated tokens per second on the 2-core development machine (docs/benchmarks.md).
+        Measured three times and dropped: keeping two batches in flight (two buffer lanes,
+        ready sessions split in halves so that Python work overlaps the compute). The last try,
+        with only the model call on the worker, raised the scheduler's own generation rate by a
+        third (scripts/scheduler_generation_loop.py) but gave no gain through gRPC on the 2-core
+        development machine, where the streams, not the batching loop, are the limit
+        (docs/benchmarks.md).
         One batch at a time is also what lets the runner hand back single-position logits
         in a buffer that its next run reuses (`Runner.run`): `_resolve` copies them first.
         """
