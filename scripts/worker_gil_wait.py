@@ -1,7 +1,7 @@
 """How much a busy event-loop thread slows batch work on a worker thread of the same process.
 
-Usage: .venv/bin/python scripts/worker_gil_wait.py [MODEL] [BATCH]
-(default models/default/model.onnx, 256). Times `BATCH`-row batches on a worker thread in three
+Usage: .venv/bin/python scripts/worker_gil_wait.py [MODEL] [BATCH] [SWITCH_INTERVAL_MS]
+(default models/default/model.onnx, 256, and Python's default switch interval). Times `BATCH`-row batches on a worker thread in three
 settings: alone; while the main thread runs Python without pause (as a busy event loop does);
 and while a separate process does the same (no shared GIL). The batch work is measured both as
 the scheduler once did it on the worker (gather, ONNX Runtime, scatter) and as it does now (only
@@ -80,4 +80,6 @@ def main(model: Path, batch: int) -> None:
 
 if __name__ == "__main__":
     model_path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("models/default/model.onnx")
+    if len(sys.argv) > 3:
+        sys.setswitchinterval(float(sys.argv[3]) / 1e3)
     main(model_path, int(sys.argv[2]) if len(sys.argv) > 2 else 256)
