@@ -28,9 +28,6 @@ from lstmserve.server.state import SessionState, SlotList, StateStore
 
 OPSET = 17
 
-# The lane of the buffers that read and write use: they run between the batches' lanes (0 and up).
-_OPS_LANE = -1
-
 
 @dataclass(frozen=True)
 class DeviceStateBuffers:
@@ -133,7 +130,7 @@ class DeviceStateStore:
         self._pool_h = self._zeros((capacity, rows, h_width))
         self._pool_c = self._zeros((capacity, rows, c_width))
         self._slots = SlotList(capacity)
-        self._buffers: dict[tuple[int, int], DeviceStateBuffers] = {}
+        self._buffers: dict[int, DeviceStateBuffers] = {}
 
     def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, self.device_id)
@@ -166,33 +163,32 @@ class DeviceStateStore:
 
     def read(self, slot: int) -> SessionState:
         """Copies one slot's state to the host."""
-        buffers = self.buffers(1, _OPS_LANE)
+        buffers = self.buffers(1)
         self._run_gather(np.array([slot], np.int64), buffers)
         return SessionState(h=buffers.h0.numpy().copy(), c=buffers.c0.numpy().copy())
 
     def write(self, slot: int, state: SessionState) -> None:
         """Overwrites one slot's state from host arrays."""
-        buffers = self.buffers(1, _OPS_LANE)
+        buffers = self.buffers(1)
         buffers.hn.update_inplace(np.ascontiguousarray(state.h, np.float32))
         buffers.cn.update_inplace(np.ascontiguousarray(state.c, np.float32))
         self.scatter(np.array([slot], np.int64), buffers)
 
-    def buffers(self, batch_size: int, lane: int = 0) -> DeviceStateBuffers:
-        """The reusable device buffers for a batch of this size in this lane
-        (batches that may compute at the same time use different lanes)."""
-        buffers = self._buffers.get((lane, batch_size))
+    def buffers(self, batch_size: int) -> DeviceStateBuffers:
+        """The reusable device buffers for a batch of this size."""
+        buffers = self._buffers.get(batch_size)
         if buffers is None:
             h_shape = (self.rows, batch_size, self.h_width)
             c_shape = (self.rows, batch_size, self.c_width)
             buffers = DeviceStateBuffers(
                 h0=self._empty(h_shape), c0=self._empty(c_shape), hn=self._empty(h_shape), cn=self._empty(c_shape)
             )
-            self._buffers[lane, batch_size] = buffers
+            self._buffers[batch_size] = buffers
         return buffers
 
-    def gather(self, slots: np.ndarray, lane: int = 0) -> DeviceStateBuffers:
+    def gather(self, slots: np.ndarray) -> DeviceStateBuffers:
         """Gathers the slots' rows into the batch's h0/c0 device buffers."""
-        buffers = self.buffers(len(slots), lane)
+        buffers = self.buffers(len(slots))
         self._run_gather(slots, buffers)
         return buffers
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -77,15 +77,6 @@ class RunnerOptions:
     intra_op_threads: int = 0
 
 
-@dataclass
-class _StepLane:
-    """One lane's buffers for single-position batches, and its IO bindings per batch size."""
-
-    inputs: np.ndarray
-    logits: np.ndarray
-    bindings: dict[int, tuple[BindableState, ort.IOBinding]] = field(default_factory=dict)
-
-
 class Runner:
     """Runs the exported model on batches: inputs plus initial state in, logits and new state out.
 
@@ -115,50 +106,48 @@ class Runner:
         self.provider_options = provider_options
         self.device_id = options.device_id
         self._input_dtype = np.int64 if self.spec.kind == "tokens" else np.float32
-        # For single-position batches (see _run_single_position): buffers and bindings per lane.
-        self._position_shape = (1,) if self.spec.kind == "tokens" else (1, self.spec.input_size)
-        self._lanes: dict[int, _StepLane] = {}
+        # For single-position batches (see _run_single_position).
+        position = (1,) if self.spec.kind == "tokens" else (1, self.spec.input_size)
+        self._step_inputs = np.empty((0, *position), dtype=self._input_dtype)
+        self._step_logits = np.empty((0, 1, self.spec.output_size), dtype=np.float32)
+        self._step_bindings: dict[int, tuple[BindableState, ort.IOBinding]] = {}
         log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
 
-    def run(self, inputs: np.ndarray, state: BindableState, lane: int = 0) -> np.ndarray:
+    def run(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
         """Runs one batch.
 
         Args:
             inputs: int64 tokens [batch, time] or float32 features [batch, time, input_size].
             state: buffers whose h0/c0 hold the initial state and whose hn/cn receive the new
                 state, on the host (`StateBuffers`) or the device (`DeviceStateBuffers`).
-            lane: batches that may run at the same time use different lanes.
         Returns:
             float32 logits [batch, time, output_size]. For single-position batches this is a
-            buffer that the lane's next single-position run overwrites: copy what you keep.
+            buffer that the next single-position run overwrites: copy what you keep.
         """
         if inputs.shape[1] == 1:
-            return self._run_single_position(inputs, state, lane)
+            return self._run_single_position(inputs, state)
         inputs = np.ascontiguousarray(inputs, dtype=self._input_dtype)
         logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
         self.session.run_with_iobinding(self._bind(inputs, logits, state))
         return logits
 
-    def _run_single_position(self, inputs: np.ndarray, state: BindableState, lane: int) -> np.ndarray:
-        """Single steps, the hot path: an IO binding kept per lane and batch size (binding anew costs
-        about 30 microseconds, a quarter of a batch-1 step), over input and logits buffers sized for
-        the lane's largest batch so far; the state stores hand out the same buffers per lane and size."""
+    def _run_single_position(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
+        """Single steps, the hot path: an IO binding kept per batch size (binding anew costs about
+        30 microseconds, a quarter of a batch-1 step), over input and logits buffers sized for the
+        largest batch so far; the state stores hand out the same buffers per batch size."""
         batch = inputs.shape[0]
-        buffers = self._lanes.get(lane)
-        if buffers is None or buffers.inputs.shape[0] < batch:  # grow; bindings over the old buffers go
+        if self._step_inputs.shape[0] < batch:  # grow the shared buffers; bindings over the old ones go
             capacity = 1 << (batch - 1).bit_length()
-            buffers = _StepLane(
-                inputs=np.empty((capacity, *self._position_shape), dtype=self._input_dtype),
-                logits=np.empty((capacity, 1, self.spec.output_size), dtype=np.float32),
-            )
-            self._lanes[lane] = buffers
-        cached = buffers.bindings.get(batch)
+            self._step_inputs = np.empty((capacity, *self._step_inputs.shape[1:]), dtype=self._input_dtype)
+            self._step_logits = np.empty((capacity, 1, self.spec.output_size), dtype=np.float32)
+            self._step_bindings.clear()
+        cached = self._step_bindings.get(batch)
         if cached is None or cached[0] is not state:
-            cached = (state, self._bind(buffers.inputs[:batch], buffers.logits[:batch], state))
-            buffers.bindings[batch] = cached
-        buffers.inputs[:batch] = inputs
+            cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state))
+            self._step_bindings[batch] = cached
+        self._step_inputs[:batch] = inputs
         self.session.run_with_iobinding(cached[1])
-        return buffers.logits[:batch]
+        return self._step_logits[:batch]
 
     def _bind(self, inputs: np.ndarray, logits: np.ndarray, state: BindableState) -> ort.IOBinding:
         """An IO binding of the model's input, logits and state to these contiguous buffers (no copies)."""

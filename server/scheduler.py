@@ -4,11 +4,9 @@ Each iteration takes at most one pending request per session (so a session's
 requests run in order), groups the taken steps by length, runs each group as
 one batch (gather state, ONNX Runtime on a worker thread, scatter state), and
 resolves each request. Requests that arrive while a batch runs form the next
-batch; two batches can be in flight (LANES), so that one batch's model call
-overlaps the Python that resolves the other. Session lifecycle operations
-(create, reset, close) go through the same per-session queues, so they are
-ordered with that session's steps and never touch state that a running batch
-uses.
+batch. Session lifecycle operations (create, reset, close) go through the same
+per-session queues, so they are ordered with that session's steps and never
+touch state that a running batch uses.
 
 Grouping by length: the model has no per-row sequence lengths (a `sequence_lens`
 input would block CUDA graphs and costs a CPU copy), so rows of one call must
@@ -63,14 +61,6 @@ REPLAY_WINDOW_S = 60.0
 # event loop (about 0.1 ms for the default model) instead of through the queue and the
 # worker thread: two event-loop hops and a thread hop cost more than that.
 INLINE_MAX_POSITIONS = 4
-
-# Batches computing at once. While one batch runs ONNX Runtime on the worker thread, the event loop
-# resolves the other and forms its successor, so the model call and the Python around it overlap.
-LANES = 2
-
-# With no batch computing and at least this many sessions ready, the batch takes half of them and the
-# other half forms the second batch at once: the two lanes then stay busy in turn.
-SPLIT_MIN_READY = 32
 
 
 @dataclass(frozen=True)
@@ -132,10 +122,8 @@ class Scheduler:
         self._accepting = True
         self._frozen = False
         self._wakeup = asyncio.Event()
-        # Batches being computed (0 to LANES), and the lanes (buffer sets) not in use.
+        # Batches being computed (0 or 1).
         self._computing = 0
-        self._free_lanes = list(range(LANES - 1, -1, -1))
-        self._batches: set[asyncio.Task[None]] = set()
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
         # Generations running (their streams get tokens in chunks sized by this).
@@ -173,10 +161,9 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
-        tasks = [*self._tasks, *self._batches]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     # ---- session operations (all run on the event loop) ------------------
@@ -427,10 +414,10 @@ class Scheduler:
         self._wakeup.set()
         return await work.future
 
-    def _collect(self, limit: int) -> list[tuple[Session, _Work]]:
-        """Takes at most one step per ready session (at most `limit` in all), running lifecycle ops inline."""
+    def _collect(self) -> list[tuple[Session, _Work]]:
+        """Takes at most one step per ready session, running lifecycle ops inline."""
         taken: list[tuple[Session, _Work]] = []
-        while self._ready and len(taken) < limit:
+        while self._ready and len(taken) < self.limits.max_batch_size:
             _, session = self._ready.popitem(last=False)
             while session.pending:
                 work = session.pending.pop(0)
@@ -463,45 +450,35 @@ class Scheduler:
             work.future.set_result(result)
 
     async def _batch_loop(self) -> None:
-        """Collects a batch and starts computing it in a free lane; and again.
+        """Collects a batch, computes it on the worker thread, resolves it; and again.
 
-        Requests that arrive while batches compute form the next one. Up to LANES batches
-        compute at once; each session has at most one step in them (it is ready again only
-        once its step is resolved), so a session's steps still run in order.
+        Requests that arrive while a batch computes form the next one. The idle sweep
+        runs between batches, so it never touches state that a batch is using.
+
+        Measured three times and dropped: keeping two batches in flight (two buffer lanes,
+        ready sessions split in halves so that Python work overlaps the compute). The last try,
+        with only the model call on the worker, raised the scheduler's own generation rate by a
+        third (scripts/scheduler_generation_loop.py) but gave no gain through gRPC on the 2-core
+        development machine, where the streams, not the batching loop, are the limit
+        (docs/benchmarks.md).
+        One batch at a time is also what lets the runner hand back single-position logits
+        in a buffer that its next run reuses (`Runner.run`): `_resolve` copies them first.
         """
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if not self._free_lanes:
-                continue  # a finishing batch wakes the loop
             wait_s = self.limits.max_wait_us / 1e6
-            if wait_s and not self._computing and time.perf_counter() - self._last_compute_end > wait_s:
+            if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
                 # The server was idle: give the requests arriving right behind this one a chance.
                 await asyncio.sleep(wait_s)
-            if self._sweep_due:  # only idle sessions are swept: none is in a computing batch
+            if self._sweep_due:
                 self._sweep_due = False
                 self.sweep_idle()
-            limit = self.limits.max_batch_size
-            if not self._computing and len(self._ready) >= SPLIT_MIN_READY:
-                limit = min(limit, (len(self._ready) + 1) // 2)
-            taken = self._collect(limit)
-            if not taken:
-                continue
-            if not self._computing and len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
+            taken = self._collect()
+            if len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
                 await self._run_alone(taken)
-                continue
-            lane = self._free_lanes.pop()
-            self._computing += 1
-            batch = asyncio.create_task(self._run_batch(taken, lane))
-            self._batches.add(batch)
-            batch.add_done_callback(self._batch_done)
-            if self._ready:
-                self._wakeup.set()  # the other lane may take the rest
-
-    def _batch_done(self, batch: asyncio.Task[None]) -> None:
-        self._batches.discard(batch)
-        if not batch.cancelled() and batch.exception() is not None:
-            log.error("a batch task failed", exc_info=batch.exception())
+            elif taken:
+                await self._run_batch(taken)
 
     async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
         """Runs one short step right here on the event loop: a thread hop costs more than the step.
@@ -514,18 +491,17 @@ class Scheduler:
         self._requeue(taken)
         await asyncio.sleep(0)
 
-    async def _run_batch(self, taken: list[tuple[Session, _Work]], lane: int) -> None:
-        """Computes a batch in `lane` (ONNX Runtime on the worker thread), then resolves its requests
-        and queues what follows them."""
+    async def _run_batch(self, taken: list[tuple[Session, _Work]]) -> None:
+        """Computes a batch (ONNX Runtime on the worker thread), then resolves its requests and queues
+        what follows them."""
         groups = _group_by_length(taken)
+        self._computing += 1
         try:
-            outputs = await self._compute_offloaded(groups, lane)
-            self._finish(groups, outputs)
-            self._requeue(taken)
+            outputs = await self._compute_offloaded(groups)
         finally:
             self._computing -= 1
-            self._free_lanes.append(lane)
-            self._wakeup.set()
+        self._finish(groups, outputs)
+        self._requeue(taken)
 
     def _finish(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
         """Notes when the compute ended and resolves its requests."""
@@ -559,43 +535,37 @@ class Scheduler:
         self.metrics.compute_latency.observe(time.perf_counter() - started)
         return outputs
 
-    async def _compute_offloaded(self, groups: list[_Group], lane: int) -> list[np.ndarray | Exception]:
-        """As `_compute`, but ONNX Runtime runs on the worker thread while the event loop serves streams
-        and the other lane's batch.
+    async def _compute_offloaded(self, groups: list[_Group]) -> list[np.ndarray | Exception]:
+        """As `_compute`, but ONNX Runtime runs on the worker thread while the event loop serves streams.
 
         Only the model call leaves the loop: gather and scatter (a fraction of a millisecond for
         a full batch) stay on it. On the worker they would take the GIL several times each, and
-        every time wait for the busy event loop to give it up (up to `sys.getswitchinterval()`;
-        scripts/worker_gil_wait.py measures it). The compute metric counts gather, model call and
-        scatter, not the wait for the worker while it runs the other lane's batch.
+        every time wait for the busy event loop to give it up (up to `sys.getswitchinterval()`):
+        measured at 256 generating sessions, that made them 20 times slower than the model call.
         """
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        busy_s = 0.0
         outputs: list[np.ndarray | Exception] = []
         for group in groups:
             try:
-                started = time.perf_counter()
-                slots, inputs, buffers = self._gather(group, lane)
-                gathered = time.perf_counter()
-                logits, model_s = await loop.run_in_executor(self._executor, _timed_run, self.runner, inputs, buffers, lane)
-                scattering = time.perf_counter()
+                slots, inputs, buffers = self._gather(group)
+                logits = await loop.run_in_executor(self._executor, self.runner.run, inputs, buffers)
                 self.store.scatter(slots, buffers)
-                busy_s += (gathered - started) + model_s + (time.perf_counter() - scattering)
             except Exception as exc:  # noqa: BLE001 - as in _compute (also: the worker was shut down)
                 outputs.append(_group_failed(group, exc))
                 continue
             outputs.append(logits)
-        self.metrics.compute_latency.observe(busy_s)
+        self.metrics.compute_latency.observe(time.perf_counter() - started)
         return outputs
 
-    def _gather(self, group: _Group, lane: int = 0) -> tuple[np.ndarray, np.ndarray, BindableState]:
+    def _gather(self, group: _Group) -> tuple[np.ndarray, np.ndarray, BindableState]:
         """The group's slots, its inputs as one array, and its sessions' state gathered into batch buffers."""
         slots = np.fromiter((s.slot for s in group.sessions), dtype=np.int64, count=len(group.sessions))
         first = group.works[0].inputs
         assert first is not None
         # One concatenate, not np.stack: a quarter of the time for a batch of single tokens.
         inputs = np.concatenate([w.inputs for w in group.works]).reshape(len(group.works), *first.shape)  # type: ignore[misc]
-        return slots, inputs, self.store.gather(slots, lane)
+        return slots, inputs, self.store.gather(slots)
 
     def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
         now = time.perf_counter()
@@ -676,7 +646,7 @@ class Scheduler:
         interval = min(self.limits.session_ttl_s / 4, 5.0)
         while True:
             await asyncio.sleep(interval)
-            self._sweep_due = True  # the batching loop sweeps before it forms its next batch
+            self._sweep_due = True  # the batching loop sweeps when nothing computes
             self._wakeup.set()
 
 
@@ -699,13 +669,6 @@ def _load_libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _load_libc()
-
-
-def _timed_run(runner: Runner, inputs: np.ndarray, buffers: BindableState, lane: int) -> tuple[np.ndarray, float]:
-    """Runs on the worker thread: the model call, and how long it took."""
-    started = time.perf_counter()
-    logits = runner.run(inputs, buffers, lane)
-    return logits, time.perf_counter() - started
 
 
 def _group_failed(group: _Group, error: Exception) -> Exception:

@@ -87,7 +87,7 @@ class StateStore:
         self._h = np.zeros((rows, capacity, h_width), dtype=np.float32)
         self._c = np.zeros((rows, capacity, c_width), dtype=np.float32)
         self._slots = SlotList(capacity)
-        self._buffers: dict[tuple[int, int], StateBuffers] = {}
+        self._buffers: dict[int, StateBuffers] = {}
 
     @property
     def in_use(self) -> int:
@@ -117,10 +117,9 @@ class StateStore:
         self._h[:, slot : slot + 1, :] = state.h
         self._c[:, slot : slot + 1, :] = state.c
 
-    def buffers(self, batch_size: int, lane: int = 0) -> StateBuffers:
-        """The reusable contiguous buffers for a batch of this size in this lane
-        (batches that may compute at the same time use different lanes)."""
-        buffers = self._buffers.get((lane, batch_size))
+    def buffers(self, batch_size: int) -> StateBuffers:
+        """The reusable contiguous buffers for a batch of this size."""
+        buffers = self._buffers.get(batch_size)
         if buffers is None:
             h_shape = (self.rows, batch_size, self.h_width)
             c_shape = (self.rows, batch_size, self.c_width)
@@ -130,12 +129,12 @@ class StateStore:
                 hn=np.empty(h_shape, np.float32),
                 cn=np.empty(c_shape, np.float32),
             )
-            self._buffers[lane, batch_size] = buffers
+            self._buffers[batch_size] = buffers
         return buffers
 
-    def gather(self, slots: np.ndarray, lane: int = 0) -> StateBuffers:
+    def gather(self, slots: np.ndarray) -> StateBuffers:
         """Copies the slots' rows into the batch's input buffers h0 and c0 (in slot order)."""
-        buffers = self.buffers(len(slots), lane)
+        buffers = self.buffers(len(slots))
         np.take(self._h, slots, axis=1, out=buffers.h0)
         np.take(self._c, slots, axis=1, out=buffers.c0)
         return buffers
