@@ -455,12 +455,12 @@ class Scheduler:
         Requests that arrive while a batch computes form the next one. The idle sweep
         runs between batches, so it never touches state that a batch is using.
 
-        Measured three times and dropped: keeping two batches in flight (two buffer lanes,
-        ready sessions split in halves so that Python work overlaps the compute). The last try,
-        with only the model call on the worker, raised the scheduler's own generation rate by a
-        third (scripts/scheduler_generation_loop.py) but gave no gain through gRPC on the 2-core
-        development machine, where the streams, not the batching loop, are the limit
-        (docs/benchmarks.md).
+        Measured four times and dropped: keeping two batches in flight (two buffer lanes,
+        ready sessions split in halves so that Python work overlaps the compute). The last two
+        tries, with only the model call on the worker, raised the scheduler's own generation rate
+        by a third (scripts/scheduler_generation_loop.py) but gave no steady gain through gRPC on
+        the 2-core development machine, where the streams and the machine they share are the
+        limit, and the varied batch sizes grew the buffers kept per size (docs/benchmarks.md).
         One batch at a time is also what lets the runner hand back single-position logits
         in a buffer that its next run reuses (`Runner.run`): `_resolve` copies them first.
         """
