@@ -3,8 +3,10 @@
 `StateStore` holds h and c for every slot in two float32 pools shaped
 [state_rows, capacity, width]. A session owns one slot; a batch gathers its
 sessions' rows into contiguous buffers, the runner writes the new state into
-output buffers, and `scatter` copies them back. Buffers are cached per batch
-size, so steady-state stepping allocates no state memory.
+output buffers, and `scatter` copies them back. Batch buffers are views of four
+flat arrays sized for the largest batch so far, so steady-state stepping
+allocates no state memory, and the buffers cost one largest batch's worth however
+many batch sizes the batcher forms.
 
 Only the scheduler touches the store, and never from two threads at once.
 """
@@ -87,6 +89,10 @@ class StateStore:
         self._h = np.zeros((rows, capacity, h_width), dtype=np.float32)
         self._c = np.zeros((rows, capacity, c_width), dtype=np.float32)
         self._slots = SlotList(capacity)
+        # Batch buffers: h0, c0, hn, cn as flat arrays for `_batch_capacity` rows, and per batch size
+        # contiguous views of their beginnings (see `buffers`).
+        self._batch_capacity = 0
+        self._flat: tuple[np.ndarray, ...] = ()
         self._buffers: dict[int, StateBuffers] = {}
 
     @property
@@ -118,17 +124,24 @@ class StateStore:
         self._c[:, slot : slot + 1, :] = state.c
 
     def buffers(self, batch_size: int) -> StateBuffers:
-        """The reusable contiguous buffers for a batch of this size."""
+        """Contiguous buffers for a batch of this size: views of the start of four flat arrays.
+
+        Views of one size overlap those of every other size (one batch at a time uses them).
+        A buffer set of its own per size would cost 4 x rows x size x width floats each: about
+        260 MB for the default model once the batcher has formed every size from 1 to 256.
+        """
         buffers = self._buffers.get(batch_size)
         if buffers is None:
-            h_shape = (self.rows, batch_size, self.h_width)
-            c_shape = (self.rows, batch_size, self.c_width)
-            buffers = StateBuffers(
-                h0=np.empty(h_shape, np.float32),
-                c0=np.empty(c_shape, np.float32),
-                hn=np.empty(h_shape, np.float32),
-                cn=np.empty(c_shape, np.float32),
+            widths = (self.h_width, self.c_width, self.h_width, self.c_width)
+            if batch_size > self._batch_capacity:  # grow to the next power of two; the old views go
+                self._batch_capacity = 1 << (batch_size - 1).bit_length()
+                self._flat = tuple(np.empty(self.rows * self._batch_capacity * w, np.float32) for w in widths)
+                self._buffers.clear()
+            h0, c0, hn, cn = (
+                flat[: self.rows * batch_size * w].reshape(self.rows, batch_size, w)
+                for flat, w in zip(self._flat, widths, strict=True)
             )
+            buffers = StateBuffers(h0=h0, c0=c0, hn=hn, cn=cn)
             self._buffers[batch_size] = buffers
         return buffers
 

@@ -59,3 +59,31 @@ def test_store_round_trip_gather_scatter_reset(store: StateStore | DeviceStateSt
         store.allocate()
     with pytest.raises(Overloaded, match=f"all {CAPACITY} session slots"):
         store.allocate()
+
+
+def test_host_batch_buffers_of_every_size_share_one_largest_set() -> None:
+    """Buffers for batch sizes 1 to 100 cost one 128-row set (the next power of two), not one set
+    per size; and gather/scatter through them still move exactly the batch's rows."""
+    store = StateStore(ROWS, H, C, 100)
+    rng = np.random.default_rng(1)
+    slots = np.array([store.allocate() for _ in range(100)], np.int64)
+    for slot in slots:
+        store.write(int(slot), _random_state(rng))
+    expected = {int(slot): store.read(int(slot)) for slot in slots}
+    for size in range(1, 101):
+        chosen = rng.choice(slots, size=size, replace=False)
+        batch = store.gather(chosen)
+        np.testing.assert_array_equal(batch.h0, np.concatenate([expected[int(s)].h for s in chosen], axis=1))
+        batch.hn[...] = batch.h0 + 1.0
+        batch.cn[...] = batch.c0 - 1.0
+        store.scatter(chosen, batch)
+        for column, slot in enumerate(chosen):
+            expected[int(slot)] = SessionState(
+                h=batch.h0[:, column : column + 1] + 1.0, c=batch.c0[:, column : column + 1] - 1.0
+            )
+    for slot in slots:
+        np.testing.assert_array_equal(store.read(int(slot)).h, expected[int(slot)].h)
+        np.testing.assert_array_equal(store.read(int(slot)).c, expected[int(slot)].c)
+    owners = {id(array.base) for size in range(1, 101) for array in vars(store.buffers(size)).values()}
+    assert len(owners) == 4  # h0, c0, hn, cn: one flat array each, for all sizes
+    assert store.buffers(100).h0.base.nbytes == ROWS * 128 * H * 4
