@@ -8,7 +8,9 @@ ONNX graphs, run by ONNX Runtime on the same device, move rows:
   as both input and output so that the CUDA kernel updates it in place (it skips
   its input-to-output copy when both are the same buffer).
 The runner binds h0/c0/hn/cn as device buffers, so only the token ids go to the
-device and only the logits come back. The same code runs on the CPU provider,
+device and only the logits come back. As in `StateStore`, the batch buffers of
+every size are the start of four flat device buffers sized for the largest batch
+(bound by pointer and shape), so device memory holds one largest batch's worth. The same code runs on the CPU provider,
 which is how the tests check it without a GPU (there the scatter copies the pool).
 
 Only the scheduler touches the store, from one thread at a time.
@@ -16,6 +18,7 @@ Only the scheduler touches the store, from one thread at a time.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,20 +33,42 @@ OPSET = 17
 
 
 @dataclass(frozen=True)
+class DeviceTensor:
+    """A contiguous float32 tensor of `shape` at the start of a device buffer (`memory`, kept alive here)."""
+
+    memory: ort.OrtValue
+    shape: tuple[int, ...]
+    device: str
+    device_id: int
+
+    def bind_input(self, binding: ort.IOBinding, name: str) -> None:
+        """Binds this tensor as the input `name` (by pointer: no copy)."""
+        binding.bind_input(name, self.device, self.device_id, np.float32, list(self.shape), self.memory.data_ptr())
+
+    def bind_output(self, binding: ort.IOBinding, name: str) -> None:
+        """Binds this tensor as the output `name`, which the run writes in place."""
+        binding.bind_output(name, self.device, self.device_id, np.float32, list(self.shape), self.memory.data_ptr())
+
+    def to_host(self) -> np.ndarray:
+        """A host copy of the tensor."""
+        return self.memory.numpy().reshape(-1)[: math.prod(self.shape)].reshape(self.shape).copy()
+
+
+@dataclass(frozen=True)
 class DeviceStateBuffers:
     """Device buffers for one batch size: h0/c0 (gathered) and hn/cn (written by the model)."""
 
-    h0: ort.OrtValue
-    c0: ort.OrtValue
-    hn: ort.OrtValue
-    cn: ort.OrtValue
+    h0: DeviceTensor
+    c0: DeviceTensor
+    hn: DeviceTensor
+    cn: DeviceTensor
 
     def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None:
         """Binds the four buffers to the model's state inputs and outputs."""
-        binding.bind_ortvalue_input(h.input_name, self.h0)
-        binding.bind_ortvalue_input(c.input_name, self.c0)
-        binding.bind_ortvalue_output(h.output_name, self.hn)
-        binding.bind_ortvalue_output(c.output_name, self.cn)
+        self.h0.bind_input(binding, h.input_name)
+        self.c0.bind_input(binding, c.input_name)
+        self.hn.bind_output(binding, h.output_name)
+        self.cn.bind_output(binding, c.output_name)
 
 
 def _gather_graph() -> onnx.ModelProto:
@@ -130,13 +155,23 @@ class DeviceStateStore:
         self._pool_h = self._zeros((capacity, rows, h_width))
         self._pool_c = self._zeros((capacity, rows, c_width))
         self._slots = SlotList(capacity)
+        # Batch buffers as in StateStore: flat device buffers for `_batch_capacity` rows, and per batch
+        # size tensors at their start. Reading and writing one slot use exactly sized buffers of their own.
+        self._batch_capacity = 0
+        self._flat: tuple[ort.OrtValue, ...] = ()
         self._buffers: dict[int, DeviceStateBuffers] = {}
+        self._single = DeviceStateBuffers(
+            *(self._tensor(self._empty((rows, 1, w)), (rows, 1, w)) for w in (h_width, c_width, h_width, c_width))
+        )
 
     def _zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), self.device, self.device_id)
 
     def _empty(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, self.device, self.device_id)
+
+    def _tensor(self, memory: ort.OrtValue, shape: tuple[int, ...]) -> DeviceTensor:
+        return DeviceTensor(memory=memory, shape=shape, device=self.device, device_id=self.device_id)
 
     @property
     def in_use(self) -> int:
@@ -163,25 +198,29 @@ class DeviceStateStore:
 
     def read(self, slot: int) -> SessionState:
         """Copies one slot's state to the host."""
-        buffers = self.buffers(1)
+        buffers = self._single
         self._run_gather(np.array([slot], np.int64), buffers)
-        return SessionState(h=buffers.h0.numpy().copy(), c=buffers.c0.numpy().copy())
+        return SessionState(h=buffers.h0.to_host(), c=buffers.c0.to_host())
 
     def write(self, slot: int, state: SessionState) -> None:
         """Overwrites one slot's state from host arrays."""
-        buffers = self.buffers(1)
-        buffers.hn.update_inplace(np.ascontiguousarray(state.h, np.float32))
-        buffers.cn.update_inplace(np.ascontiguousarray(state.c, np.float32))
+        buffers = self._single
+        buffers.hn.memory.update_inplace(np.ascontiguousarray(state.h, np.float32))
+        buffers.cn.memory.update_inplace(np.ascontiguousarray(state.c, np.float32))
         self.scatter(np.array([slot], np.int64), buffers)
 
     def buffers(self, batch_size: int) -> DeviceStateBuffers:
-        """The reusable device buffers for a batch of this size."""
+        """Device buffers for a batch of this size: tensors at the start of four flat device buffers
+        (those of one size overlap those of every other size: one batch at a time uses them)."""
         buffers = self._buffers.get(batch_size)
         if buffers is None:
-            h_shape = (self.rows, batch_size, self.h_width)
-            c_shape = (self.rows, batch_size, self.c_width)
+            widths = (self.h_width, self.c_width, self.h_width, self.c_width)
+            if batch_size > self._batch_capacity:  # grow to the next power of two; the old tensors go
+                self._batch_capacity = 1 << (batch_size - 1).bit_length()
+                self._flat = tuple(self._empty((self.rows * self._batch_capacity * w,)) for w in widths)
+                self._buffers.clear()
             buffers = DeviceStateBuffers(
-                h0=self._empty(h_shape), c0=self._empty(c_shape), hn=self._empty(h_shape), cn=self._empty(c_shape)
+                *(self._tensor(flat, (self.rows, batch_size, w)) for flat, w in zip(self._flat, widths, strict=True))
             )
             self._buffers[batch_size] = buffers
         return buffers
@@ -197,8 +236,8 @@ class DeviceStateStore:
         binding.bind_ortvalue_input("pool_h", self._pool_h)
         binding.bind_ortvalue_input("pool_c", self._pool_c)
         binding.bind_cpu_input("slots", np.ascontiguousarray(slots, np.int64))
-        binding.bind_ortvalue_output("h0", buffers.h0)
-        binding.bind_ortvalue_output("c0", buffers.c0)
+        buffers.h0.bind_output(binding, "h0")
+        buffers.c0.bind_output(binding, "c0")
         self._gather.run_with_iobinding(binding)
 
     def scatter(self, slots: np.ndarray, buffers: DeviceStateBuffers) -> None:
@@ -207,8 +246,8 @@ class DeviceStateStore:
         binding.bind_ortvalue_input("pool_h", self._pool_h)
         binding.bind_ortvalue_input("pool_c", self._pool_c)
         binding.bind_cpu_input("slots", np.ascontiguousarray(slots, np.int64))
-        binding.bind_ortvalue_input("hn", buffers.hn)
-        binding.bind_ortvalue_input("cn", buffers.cn)
+        buffers.hn.bind_input(binding, "hn")
+        buffers.cn.bind_input(binding, "cn")
         binding.bind_ortvalue_output("pool_h_out", self._pool_h)
         binding.bind_ortvalue_output("pool_c_out", self._pool_c)
         self._scatter.run_with_iobinding(binding)

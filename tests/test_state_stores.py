@@ -35,16 +35,18 @@ def test_store_round_trip_gather_scatter_reset(store: StateStore | DeviceStateSt
         store.write(slot, state)
     order = np.array([2, 0, 3], np.int64)
     batch = store.gather(order)
-    h0 = batch.h0 if isinstance(batch.h0, np.ndarray) else batch.h0.numpy()
+    h0 = batch.h0 if isinstance(batch.h0, np.ndarray) else batch.h0.to_host()
     np.testing.assert_array_equal(h0, np.concatenate([states[s].h for s in order], axis=1))
     new_h = rng.standard_normal((ROWS, 3, H)).astype(np.float32)
     new_c = rng.standard_normal((ROWS, 3, C)).astype(np.float32)
     if isinstance(batch.hn, np.ndarray):
         batch.hn[...] = new_h
         batch.cn[...] = new_c
-    else:
-        batch.hn.update_inplace(new_h)
-        batch.cn.update_inplace(new_c)
+    else:  # the batch's tensors are the start of flat device buffers
+        for tensor, values in ((batch.hn, new_h), (batch.cn, new_c)):
+            flat = tensor.memory.numpy().copy()
+            flat[: values.size] = values.ravel()
+            tensor.memory.update_inplace(flat)
     store.scatter(order, batch)
     for column, slot in enumerate(order):
         np.testing.assert_array_equal(store.read(int(slot)).h[:, 0], new_h[:, column])
@@ -87,3 +89,15 @@ def test_host_batch_buffers_of_every_size_share_one_largest_set() -> None:
     owners = {id(array.base) for size in range(1, 101) for array in vars(store.buffers(size)).values()}
     assert len(owners) == 4  # h0, c0, hn, cn: one flat array each, for all sizes
     assert store.buffers(100).h0.base.nbytes == ROWS * 128 * H * 4
+
+
+def test_device_batch_buffers_of_every_size_are_the_start_of_one_largest_set() -> None:
+    store = DeviceStateStore(ROWS, H, C, 100, providers=["CPUExecutionProvider"], provider_options=[{}], device="cpu")
+    largest = store.buffers(100)
+    assert largest.h0.memory.shape() == [ROWS * 128 * H]  # the next power of two
+    for size in range(1, 101):
+        buffers = store.buffers(size)
+        assert buffers.h0.shape == (ROWS, size, H) and buffers.cn.shape == (ROWS, size, C)
+        assert all(
+            getattr(buffers, name).memory is getattr(largest, name).memory for name in ("h0", "c0", "hn", "cn")
+        )
