@@ -541,7 +541,8 @@ class Scheduler:
         Only the model call leaves the loop: gather and scatter (a fraction of a millisecond for
         a full batch) stay on it. On the worker they would take the GIL several times each, and
         every time wait for the busy event loop to give it up (up to `sys.getswitchinterval()`):
-        measured at 256 generating sessions, that made them 20 times slower than the model call.
+        `scripts/worker_gil_wait.py` measured a 256-row gather, model call and scatter at 53 ms on a
+        worker beside a busy thread, against 5.3 ms alone.
         """
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
