@@ -10,8 +10,9 @@ ONNX graphs, run by ONNX Runtime on the same device, move rows:
 The runner binds h0/c0/hn/cn as device buffers, so only the token ids go to the
 device and only the logits come back. As in `StateStore`, the batch buffers of
 every size are the start of four flat device buffers sized for the largest batch
-(bound by pointer and shape), so device memory holds one largest batch's worth. The same code runs on the CPU provider,
-which is how the tests check it without a GPU (there the scatter copies the pool).
+(bound by pointer and shape), so device memory holds one largest batch's worth.
+The same code runs on the CPU provider, which is how the tests check it without
+a GPU (there the scatter copies the pool).
 
 Only the scheduler touches the store, from one thread at a time.
 """
