@@ -88,12 +88,17 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
 
 def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
     """Inverse-CDF sampling of one token per row, with uniform `draws` in [0, 1)."""
+    # In place where the arithmetic allows it (the same operations in the same order as the textbook
+    # version, so the same tokens): a batch of 256 rows runs this once per generated token of each.
     vocab = logits.shape[-1]
-    scaled = logits.astype(np.float64) / temperature
+    scaled = logits.astype(np.float64)
+    if temperature != 1.0:
+        scaled /= temperature
     if 0 < top_k < vocab:
         kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k, np.newaxis]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        np.copyto(scaled, -np.inf, where=scaled < kth)
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled, out=scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p < 1.0:
         order = np.argsort(-probs, axis=-1, kind="stable")
@@ -104,7 +109,7 @@ def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draw
         np.put_along_axis(keep, order, before < top_p, axis=-1)  # the smallest set reaching top_p
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    cumulative = np.cumsum(probs, axis=-1)
+    cumulative = np.cumsum(probs, axis=-1, out=probs)
     thresholds = draws * cumulative[:, -1]
-    index = (cumulative <= thresholds[:, np.newaxis]).sum(axis=-1)
+    index = np.count_nonzero(cumulative <= thresholds[:, np.newaxis], axis=-1)
     return np.minimum(index, vocab - 1)
