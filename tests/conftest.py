@@ -106,3 +106,11 @@ def server(token_model: Path) -> Iterator[ServerThread]:
     handle = start_server(token_model)
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="module")
+def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty Docker Compose --env-file: every variable takes the default the compose file gives it."""
+    path = tmp_path_factory.mktemp("compose") / "empty.env"
+    path.write_text("")
+    return path

