@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from cluster import RedisServer
 
 from lstmserve.server.app import LstmServer
 from lstmserve.server.config import ServerConfig
@@ -114,3 +115,11 @@ def empty_env_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("compose") / "empty.env"
     path.write_text("")
     return path
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A throwaway redis-server for one test module (the session store's tests and the scale-out tests)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

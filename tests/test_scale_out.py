@@ -36,13 +36,6 @@ pytestmark = pytest.mark.slow
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def envoy(redis_server: RedisServer, tmp_path: Path) -> Iterator[Envoy]:
     redis_server.client.flushall()

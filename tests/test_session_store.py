@@ -27,13 +27,6 @@ from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 KEYS = frozenset({"k" * 20, "j" * 20})
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def pair(token_model: Path, redis_server: RedisServer) -> Iterator[tuple[ServerThread, ServerThread]]:
     """Two servers sharing sessions through Redis."""
@@ -303,7 +296,6 @@ def test_a_session_that_comes_back_is_written_again_on_drain(
 
 def test_a_drain_writes_every_session_through_a_redis_error(token_model: Path, redis_server: RedisServer) -> None:
     """One failed write while draining (a Redis blip) is tried again, and the other sessions are written too."""
-    import redis
 
     redis_server.client.flushall()
     first = start_server(token_model, session_store=redis_server.url)
@@ -318,15 +310,7 @@ def test_a_drain_writes_every_session_through_a_redis_error(token_model: Path, r
                 session.step(tokens)
                 ids.append(session.id)
                 session.detach()
-        save = cluster.store.save
-        failures = [redis.exceptions.ConnectionError("Connection reset by peer")]
-
-        async def flaky_save(*args: object, **kwargs: object) -> bool:
-            if failures:
-                raise failures.pop()
-            return await save(*args, **kwargs)  # type: ignore[arg-type]
-
-        cluster.store.save = flaky_save  # type: ignore[method-assign]
+        failures = fail_next_calls(cluster.store, "save")
         first.call(first.server.drain(grace_s=5))
         first.loop.call_soon_threadsafe(first.loop.stop)
         assert not failures
@@ -342,7 +326,6 @@ def test_a_draining_server_hands_a_session_over_through_a_redis_error(
     pair: tuple[ServerThread, ServerThread], redis_server: RedisServer
 ) -> None:
     """A draining server cannot take a session back when writing it for a handoff fails: it writes it again."""
-    import redis
 
     first, second = pair
     cluster = first.server.cluster
@@ -354,24 +337,34 @@ def test_a_draining_server_hands_a_session_over_through_a_redis_error(
         session.step([1, 2])
         session_id = session.id
         session.detach()
-    save = cluster.store.save
-    failures = [redis.exceptions.ConnectionError("Connection reset by peer")]
-
-    async def flaky_save(*args: object, **kwargs: object) -> bool:
-        if failures:
-            raise failures.pop()
-        return await save(*args, **kwargs)  # type: ignore[arg-type]
 
     def drain() -> None:  # what LstmServer.drain does first
         cluster.draining = True
         scheduler.stop_accepting()
 
-    cluster.store.save = flaky_save  # type: ignore[method-assign]
+    failures = fail_next_calls(cluster.store, "save")
     first.call_soon(drain)
     with Client(second.address) as client, client.session(resume=session_id) as moved:
         assert moved.info().step == 2
         np.testing.assert_array_equal(moved.step([3]).logits[0], expected)
     assert not failures
+
+
+def fail_next_calls(store: object, method: str, times: int = 1) -> list[Exception]:
+    """Makes the next `times` calls of the store's async `method` fail as in a Redis blip (connection
+    reset), then lets calls through; returns the failures still to come (empty once all happened)."""
+    import redis
+
+    call = getattr(store, method)
+    failures: list[Exception] = [redis.exceptions.ConnectionError("Connection reset by peer")] * times
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await call(*args, **kwargs)
+
+    setattr(store, method, flaky)
+    return failures
 
 
 def cut_off_from_redis(server: ServerThread) -> Callable[[], None]:
@@ -626,20 +619,10 @@ def test_closing_deletes_the_record_through_a_redis_error(
 ) -> None:
     """A close whose record deletion meets a Redis blip deletes it on a later try: a record left held by the
     closing server would let a takeover bring the closed session back from its checkpoint."""
-    import redis
-
     first, _ = pair
     cluster = first.server.cluster
     assert cluster is not None
-    remove = cluster.store.remove
-    failures = [redis.exceptions.ConnectionError("Connection reset by peer")] * 2
-
-    async def flaky_remove(session_id: str) -> bool:
-        if failures:
-            raise failures.pop()
-        return await remove(session_id)
-
-    cluster.store.remove = flaky_remove  # type: ignore[method-assign]
+    failures = fail_next_calls(cluster.store, "remove", times=2)
     with Client(first.address) as client:
         session = client.session()
         session.step([1, 2])
