@@ -1,6 +1,6 @@
 """The transport ceiling: a minimal gRPC server that answers `Step` with same-sized messages and no model.
 
-It speaks `lstmserve.v1.LstmServe.Step` and `CreateSession` (everything else is UNIMPLEMENTED), so the
+It speaks `lstmserve.v1.LstmServe.Step`, `CreateSession` and `CloseSession` (everything else is UNIMPLEMENTED), so the
 benchmark drives it with the same load generator and the same message sizes:
 logits of [positions, output_size] float32, top-k rows, or a sampled token, and one
 response per token for generation requests.
@@ -36,6 +36,10 @@ class EchoService(pb_grpc.LstmServeServicer):
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         """The load generator opens each session as the client library does (its proposed id, nothing kept)."""
         return pb.SessionInfo(session_id=request.session_id)
+
+    async def CloseSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        """The load generator closes each session after its run; there is nothing to free."""
+        return pb.CloseSessionResponse()
 
     async def Step(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext

@@ -115,6 +115,12 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
     except grpc.aio.AioRpcError:
         result.errors += 1
         call.cancel()
+    # After the measured window: a server the benchmark only targets (--target) keeps running, and would
+    # otherwise hold every run's sessions until they idle out and refuse new ones at --max-sessions.
+    try:
+        await stub.CloseSession(pb.SessionRef(session_id=session_id), metadata=metadata)
+    except grpc.aio.AioRpcError:
+        pass  # already gone (e.g. the stream failed with it); the count above reports real errors
 
 
 async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
+from lstmserve.bench.loadgen import LoadSpec, run_load
 from lstmserve.cli import main
+from conftest import start_server
 
 
 def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -63,3 +66,18 @@ def test_bench_through_envoy_with_several_replicas(token_model: Path, tmp_path: 
     assert set(rows) == {"lstmserve", "lstmserve x1 behind Envoy", "lstmserve x2 behind Envoy"}
     assert all(row["steps_per_s"] > 0 and row["errors"] == 0 for row in rows.values())
     assert "4 sessions: 2 replicas / 1 replica behind Envoy, throughput" in report["checks"]
+
+
+@pytest.mark.parametrize("mode", ["step", "generate"])
+def test_load_against_a_target_closes_its_sessions(token_model: Path, mode: str) -> None:
+    """`lstmserve bench --target` must not leave its sessions on a server that keeps running."""
+    handle = start_server(token_model, max_sessions=8)
+    try:
+        for _ in range(3):  # more sessions in all than --max-sessions: each run frees its own
+            spec = LoadSpec(target=handle.address, sessions=4, mode=mode, warmup_s=0.1, duration_s=0.3, generate_tokens=3)
+            result = asyncio.run(run_load(spec))
+            assert result.errors == 0
+            assert result.count > 0
+            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+    finally:
+        handle.stop()
