@@ -133,33 +133,34 @@ class Generation:
 
     def consumed(self, step: int, batch_size: int, generating: int) -> bool:
         """Records that the session's step ran (now at `step`, in a batch of `batch_size`, with
-        `generating` generations running in all); returns whether the generation is finished."""
+        `generating` generations running in all); returns whether the generation is finished.
+
+        Runs for every generated token, in the batching loop: kept to plain attribute work.
+        """
         token = self.fed
         if token is None:  # the prompt was fed: the first token is still to be sampled
             return False
         self._count += 1
-        text = self._vocabulary[token] if token < len(self._vocabulary) else ""
+        vocabulary = self._vocabulary
+        text = vocabulary[token] if token < len(vocabulary) else ""
         finished = self._count >= self.max_tokens
+        events = self._events
         matcher = self._matcher
-        if not matcher.stops:  # the common case, kept short: it runs for every generated token
-            self._events.append(GeneratedToken(token, text, step, batch_size))
+        if not matcher.stops:  # the common case
+            events.append(GeneratedToken(token, text, step, batch_size))
         else:
             released = matcher.push(token, text)
             finished = finished or matcher.stopped
             if finished and not matcher.stopped:
                 released += matcher.flush()
-            self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
+            events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
         if finished:
             self.finish_reason = "stop" if matcher.stopped else "length"
-        if self._events and self._ready_to_send(generating):
+        # The held tokens make a response now if not coalescing, if they are the first, or if they are
+        # enough (see RESPONSES_PER_ROUND).
+        if events and (not self._coalesce or not self._taken_any or len(events) * RESPONSES_PER_ROUND >= generating):
             self.changed.set()
         return finished
-
-    def _ready_to_send(self, generating: int) -> bool:
-        """Whether the held tokens make a response now (the first token always does)."""
-        if not self._coalesce or not self._taken_any:
-            return True
-        return len(self._events) * RESPONSES_PER_ROUND >= generating
 
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""

@@ -69,6 +69,12 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     vectorised numpy calls; a seeded row still draws from its own sampler's generator,
     so a seeded session gets the same tokens whatever else is in the batch.
     """
+    temperature, top_k, top_p = samplers[0].group
+    if all(s.group == samplers[0].group and s.rng is None for s in samplers):
+        # The common case, one kind of unseeded request: what the loop below does for one group.
+        if temperature == 0:
+            return np.argmax(logits, axis=-1)
+        return _draw(logits, temperature, top_k, top_p, _SHARED_RNG.random(len(samplers)))
     picked = np.empty(len(samplers), dtype=np.int64)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for row, sampler in enumerate(samplers):

@@ -24,6 +24,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from itertools import count
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -569,31 +570,37 @@ class Scheduler:
         return slots, inputs, self.store.gather(slots)
 
     def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
+        """Advances every row's session, answers finished requests and queues continuing generations.
+
+        Runs once per row of every batch (for a 256-session generation, 256 times per generated
+        token of each), so the loop keeps to plain attribute updates.
+        """
         now = time.perf_counter()
         observe_latency = self.metrics.step_latency.observe
         batch_size = sum(len(g.works) for g in groups)
         self._last_solo = groups[0].sessions[0] if batch_size == 1 else None
         self.metrics.batch_size.observe(batch_size)
+        generating = self._generating
         positions = 0
         used = time.monotonic()
         for group, logits in zip(groups, outputs, strict=True):
             if isinstance(logits, Exception):
                 self._fail_group(group, logits)
                 continue
+            length = logits.shape[1]  # every row of a group has this many positions
+            positions += length * len(group.works)
             continuing: list[int] = []  # rows of generations that go on: their next token is sampled below
-            for row, (session, work) in enumerate(zip(group.sessions, group.works, strict=True)):
-                assert work.inputs is not None
-                length = len(work.inputs)
-                positions += length
+            for row, session, work in zip(count(), group.sessions, group.works):
                 start_step = session.step
-                session.step += length
+                step = session.step = start_step + length
                 session.version += 1
                 session.queued_positions -= length
                 session.in_flight = False
                 session.last_used = used
                 generation = work.generation
-                if generation is not None and not generation.consumed(session.step, batch_size, self._generating):
-                    if not work.future.done():  # done here means the client went away: stop
+                # A generation goes on unless it finished or its client went away (its future is then done).
+                if generation is not None and not generation.consumed(step, batch_size, generating):
+                    if not work.future.done():
                         continuing.append(row)
                         continue
                 # Step latency is a request's: from arrival to its answer (a generation's, to its end).
@@ -601,7 +608,7 @@ class Scheduler:
                 result = StepResult(
                     logits=logits[row].copy(),  # a copy: a view would pin the whole batch
                     start_step=start_step,
-                    step=session.step,
+                    step=step,
                     batch_size=batch_size,
                     input_digest=work.digest,
                 )
@@ -621,19 +628,22 @@ class Scheduler:
             for work in works:
                 work.future.set_exception(_draining())
             return
-        tokens = sample_rows([w.generation.sampler for w in works], last_logits)  # type: ignore[union-attr]
+        generations: list[Generation] = [w.generation for w in works]  # type: ignore[misc]
+        tokens = sample_rows([g.sampler for g in generations], last_logits)
         next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
-        for index, (row, work, token) in enumerate(zip(rows, works, tokens.tolist(), strict=True)):
-            session = group.sessions[row]
-            assert work.generation is not None
-            work.generation.fed = token
-            work.inputs = next_inputs[index]  # a view: [1] token
+        sessions = group.sessions
+        # Iterating next_inputs gives each row a [1] view of its token.
+        for row, work, generation, token, inputs in zip(rows, works, generations, tokens.tolist(), next_inputs):
+            generation.fed = token
+            work.inputs = inputs
             # Behind anything queued meanwhile (a close ends the generation, as it would end a step).
+            session = sessions[row]
             if session.pending is None:
-                session.pending = []
-            session.pending.append(work)
+                session.pending = [work]
+            else:
+                session.pending.append(work)
             session.queued_positions += 1
-            self._queued += 1
+        self._queued += len(works)
 
     def _fail_group(self, group: _Group, error: Exception) -> None:
         """Fails exactly the requests of a group whose compute raised; their state is unchanged."""

@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lstmserve.server import sampling
 from lstmserve.server.sampling import Sampler, SamplingParams, sample_rows
 
 
@@ -38,6 +39,38 @@ params_strategy = st.builds(
     top_p=st.sampled_from([1.0, 0.9, 0.3]),
     seed=st.integers(0, 2**32 - 1),
 )
+
+
+unseeded_strategy = st.builds(
+    SamplingParams,
+    temperature=st.sampled_from([0.0, 1.0, 1.7]),
+    top_k=st.sampled_from([0, 3]),
+    top_p=st.sampled_from([1.0, 0.9]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    params=st.one_of(
+        st.lists(unseeded_strategy, min_size=1, max_size=12),  # mixed kinds of request
+        st.tuples(unseeded_strategy, st.integers(1, 12)).map(lambda pair: [pair[0]] * pair[1]),  # one kind
+    ),
+    data_seed=st.integers(0, 2**32 - 1),
+)
+def test_unseeded_rows_draw_from_the_shared_generator_kind_by_kind(params: list[SamplingParams], data_seed: int) -> None:
+    """Unseeded rows take their draws from the shared generator: one per row, rows of one kind of request
+    (temperature, top-k, top-p) in row order, kinds in order of first appearance, none for greedy rows."""
+    logits = np.random.default_rng(data_seed).normal(scale=3.0, size=(len(params), 40)).astype(np.float32)
+    replay = np.random.Generator(np.random.PCG64())
+    replay.bit_generator.state = sampling._SHARED_RNG.bit_generator.state
+    batched = sample_rows([Sampler(p) for p in params], logits)
+    kinds: dict[tuple[float, int, float], list[int]] = {}
+    for row, p in enumerate(params):
+        kinds.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    for rows in kinds.values():
+        draws = replay.random(len(rows)) if params[rows[0]].temperature else np.zeros(len(rows))
+        for row, draw in zip(rows, draws, strict=True):
+            assert batched[row] == reference_sample(params[row], logits[row], draw), (row, params[row])
 
 
 @settings(max_examples=60, deadline=None)
