@@ -111,6 +111,38 @@ def _overlap(text: str, stop: str) -> int:
 RESPONSES_PER_ROUND = 32
 
 
+class Wakeup:
+    """Wakes one waiting coroutine: `set` makes the next (or the current) `wait` return, once.
+
+    asyncio.Event does the same, but looks the running loop up on every wait, and on Python 3.11
+    that is a getpid system call: once per response of every generation (`py-spy record --native`
+    of the server under `lstmserve bench --mode generate` showed 3% of the event loop's time in it).
+    This one is bound to the loop it is made on.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        """Wakes the waiting coroutine, or the next one to wait."""
+        self._is_set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Returns once `set` was called since the last wait returned."""
+        if not self._is_set:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self._is_set = False
+
+
 class Generation:
     """One running generation: what the scheduler needs to continue it, and the tokens it made so far.
 
@@ -129,7 +161,7 @@ class Generation:
         self._count = 0
         self._events: list[GeneratedToken] = []
         self._taken_any = False
-        self.changed = asyncio.Event()  # set when tokens are ready or the generation ended
+        self.changed = Wakeup()  # set when tokens are ready or the generation ended
 
     def consumed(self, step: int, batch_size: int, generating: int) -> bool:
         """Records that the session's step ran (now at `step`, in a batch of `batch_size`, with
@@ -192,7 +224,6 @@ async def generate(
     try:
         while True:
             await generation.changed.wait()
-            generation.changed.clear()
             events = generation.take()
             if running.done():
                 final = running.result()  # raises the generation's error, if any

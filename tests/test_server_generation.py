@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.generation import StopMatcher
+from lstmserve.server.generation import StopMatcher, Wakeup
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -199,3 +200,25 @@ def test_stop_matcher_releases_text_before_the_stop_string() -> None:
     assert matcher.push(3, "d") == [(2, "x")]  # the part of the straddling token before the stop string
     assert matcher.stopped
     assert matcher.flush() == []
+
+
+def test_wakeup_wakes_its_waiter_once_per_set() -> None:
+    async def scenario() -> None:
+        wakeup = Wakeup()
+        wakeup.set()
+        wakeup.set()
+        await asyncio.wait_for(wakeup.wait(), 1)  # set before the wait: returns at once
+        waiting = asyncio.ensure_future(wakeup.wait())  # both sets were used up by that one wait
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        wakeup.set()
+        await asyncio.wait_for(waiting, 1)
+        cancelled = asyncio.ensure_future(wakeup.wait())
+        await asyncio.sleep(0)
+        cancelled.cancel()  # a cancelled waiter leaves the next wait working
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        wakeup.set()
+        await asyncio.wait_for(wakeup.wait(), 1)
+
+    asyncio.run(scenario())
