@@ -85,6 +85,7 @@ class LstmServer:
             SchedulerLimits(
                 max_batch_size=config.max_batch_size,
                 max_wait_us=config.max_wait_us,
+                idle_spin_us=config.idle_spin_us,
                 max_queue=config.max_queue,
                 session_ttl_s=config.session_ttl_s,
                 max_inflight_per_session=config.max_inflight_per_session,

@@ -92,6 +92,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     _add(p, "--max-batch-size", type=int, default=256, help="most sessions stepped in one ONNX Runtime call")
     _add(p, "--max-wait-us", type=int, default=0, help="after an idle spell, wait this long for more requests before the first batch")
+    _add(p, "--idle-spin-us", type=int, default=500,
+         help="after a step of a session stepping alone, keep polling this long instead of sleeping (0 = off)")  # fmt: skip
     _add(p, "--max-sessions", type=int, default=10_000, help="most live sessions (size of the state pools)")
     _add(p, "--session-ttl-s", type=float, default=900.0, help="close a session after this many idle seconds")
     _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")
@@ -236,6 +238,7 @@ def run_serve(args: argparse.Namespace) -> int:
             intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size,
             max_wait_us=args.max_wait_us,
+            idle_spin_us=args.idle_spin_us,
             max_sessions=args.max_sessions,
             session_ttl_s=args.session_ttl_s,
             max_tokens_per_request=args.max_tokens_per_request,

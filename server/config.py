@@ -10,6 +10,8 @@ import grpc
 
 STATE_PLACEMENTS = ("auto", "host", "device")
 SESSION_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+# Polling longer than this after a step cannot help a client whose next step comes later still.
+MAX_IDLE_SPIN_US = 100_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class ServerConfig:
         max_batch_size: most sessions stepped in one ONNX Runtime call.
         max_wait_us: after an idle spell, how long the batcher waits for more requests once
             the first one arrives (0 = run at once; batches still form while a step runs).
+        idle_spin_us: after a step of a session stepping alone, how long the event loop keeps
+            polling instead of sleeping, so that the session's next step finds the core awake
+            (0 = sleep at once; see Scheduler._keep_awake).
         max_sessions: most live sessions; also the size of the state pools.
         session_ttl_s: a session idle this long is closed.
         max_tokens_per_request: most tokens (or feature rows) in one request.
@@ -85,6 +90,7 @@ class ServerConfig:
     intra_op_threads: int = 0
     max_batch_size: int = 256
     max_wait_us: int = 0
+    idle_spin_us: int = 500
     max_sessions: int = 10_000
     session_ttl_s: float = 900.0
     max_tokens_per_request: int = 4096
@@ -124,6 +130,8 @@ class ServerConfig:
             raise ConfigError(f"session_ttl_s must be positive, got {self.session_ttl_s}")
         if self.max_wait_us < 0:
             raise ConfigError(f"max_wait_us must be >= 0, got {self.max_wait_us}")
+        if not 0 <= self.idle_spin_us <= MAX_IDLE_SPIN_US:
+            raise ConfigError(f"idle_spin_us must be in 0..{MAX_IDLE_SPIN_US}, got {self.idle_spin_us}")
         if self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.grace_s < 0:

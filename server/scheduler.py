@@ -73,6 +73,7 @@ class SchedulerLimits:
     max_queue: int = 65_536
     session_ttl_s: float = 900.0
     max_inflight_per_session: int = 64
+    idle_spin_us: int = 500
 
 
 class SpillStore(Protocol):
@@ -144,6 +145,9 @@ class Scheduler:
         # system call on Python 3.11, and every step makes a future (4% of the event loop's time in
         # `py-spy record --native` of the server under `lstmserve bench --levels 256`).
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Keeps the event loop polling after a step of a session stepping alone (see _keep_awake).
+        self._spinner: asyncio.Task[None] | None = None
+        self._spin_until = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -------------------------------------------------------
@@ -167,9 +171,10 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
-        for task in self._tasks:
+        tasks = self._tasks + ([self._spinner] if self._spinner is not None else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     # ---- session operations (all run on the event loop) ------------------
@@ -352,7 +357,31 @@ class Scheduler:
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
         self._finish(groups, self._compute(groups))
+        self._keep_awake()
         return work.future.result()  # type: ignore[no-any-return]
+
+    def _keep_awake(self) -> None:
+        """Keeps the event loop polling, instead of sleeping, for `idle_spin_us` after a step computed alone.
+
+        A client stepping alone sends its next step about one round trip after the answer. If
+        the server sleeps meanwhile, the core idles and that step's model call runs cold: a
+        batch-1 call took 65 us back to back but 134 us after 400 us asleep
+        (scripts/batch1_after_idle.py), and with the default model and a local client one session's
+        p50 step latency was about 0.15 ms lower with polling (docs/benchmarks.md). Polling costs CPU
+        only while steps keep coming within the window: none at rest, up to most of a core for
+        one session that steps without pause; under concurrent load the loop is busy anyway.
+        """
+        if not self.limits.idle_spin_us:
+            return
+        self._spin_until = time.perf_counter() + self.limits.idle_spin_us / 1e6
+        if self._spinner is None or self._spinner.done():
+            self._spinner = (self._loop or asyncio.get_running_loop()).create_task(self._spin())
+
+    async def _spin(self) -> None:
+        """Yields to the event loop until `_spin_until` (each step alone moves it on): while a
+        callback is ready, the loop polls for I/O without blocking."""
+        while time.perf_counter() < self._spin_until:
+            await asyncio.sleep(0)
 
     def sweep_idle(self, now: float | None = None) -> int:
         """Closes sessions idle past the TTL, and forgets stored results older than the replay window.
@@ -495,6 +524,7 @@ class Scheduler:
         groups = _group_by_length(taken)
         self._finish(groups, self._compute(groups))
         self._requeue(taken)
+        self._keep_awake()
         await asyncio.sleep(0)
 
     async def _run_batch(self, taken: list[tuple[Session, _Work]]) -> None:

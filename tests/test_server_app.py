@@ -116,6 +116,10 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
         [LSTMSERVE, "serve", "--model", str(token_model), "--max-batch-size", "0"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "max_batch_size must be at least 1, got 0" in bad.stderr
+    spin = subprocess.run(
+        [LSTMSERVE, "serve", "--model", str(token_model), "--idle-spin-us", "-5"], capture_output=True, text=True
+    )
+    assert spin.returncode != 0 and "idle_spin_us must be in 0..100000, got -5" in spin.stderr
     env_bad = subprocess.run(
         [LSTMSERVE, "serve", "--model", str(token_model)],
         capture_output=True,
@@ -139,6 +143,6 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
 
 def test_serve_help_lists_every_option() -> None:
     result = subprocess.run([LSTMSERVE, "serve", "--help"], capture_output=True, text=True)
-    for flag in ("--model", "--port", "--max-batch-size", "--max-wait-us", "--max-sessions", "--session-ttl-s",
+    for flag in ("--model", "--port", "--max-batch-size", "--max-wait-us", "--idle-spin-us", "--max-sessions", "--session-ttl-s",
                  "--providers", "--intra-op-threads", "--metrics-port", "LSTMSERVE_MAX_SESSIONS"):
         assert flag in result.stdout

@@ -204,3 +204,27 @@ def test_stored_result_is_forgotten_after_the_replay_window(token_model: Path) -
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("idle_spin_us", [0, 30_000])
+def test_a_session_stepping_alone_keeps_the_loop_polling_for_idle_spin_us(token_model: Path, idle_spin_us: int) -> None:
+    """After a step of a session stepping alone, the event loop keeps polling (a task that yields at once)
+    for --idle-spin-us, then sleeps again; 0 turns that off."""
+    handle = start_server(token_model, idle_spin_us=idle_spin_us)
+    try:
+        scheduler = handle.server.scheduler
+        assert scheduler is not None
+
+        def polling() -> bool:
+            return scheduler._spinner is not None and not scheduler._spinner.done()
+
+        with handle.channel() as channel:
+            stream = SyncStream(channel)
+            for _ in range(3):
+                assert stream.request(tokens=[1]).batch_size == 1
+                assert handle.call_soon(polling) == bool(idle_spin_us)
+            stream.close()
+        time.sleep(0.1)  # past the window: the loop sleeps again
+        assert not handle.call_soon(polling)
+    finally:
+        handle.stop()
