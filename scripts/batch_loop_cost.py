@@ -3,9 +3,10 @@
 Usage: .venv/bin/python scripts/batch_loop_cost.py [MODEL] [SESSIONS]
 (default models/default/model.onnx, 256). Runs the same load as scripts/scheduler_generation_loop.py
 (each session generates 32 tokens at temperature 1, again and again, for 6 s) with a timer around each
-part of a round that runs on the event loop: collecting the batch, gathering its state, scattering the
-new state, resolving the rows (sampling included) and queueing them again. Prints the mean time of each
-part per round of the batching loop and per row, and the mean batch size.
+part of a round that runs on the event loop: collecting the batch, gathering its state, resolving the
+rows (`_finish`, which includes `_continue_generations`: sampling the next tokens and queueing them)
+and queueing the sessions again. Prints the mean time of each part per round and per row, and the
+mean batch size.
 """
 
 from __future__ import annotations
@@ -42,18 +43,18 @@ def timed(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def count_rows(method: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(self: Scheduler, taken: list[Any]) -> Any:
+    def wrapper(self: Scheduler, group: Any) -> Any:
         global rows
-        rows += len(taken)
-        return method(self, taken)
+        rows += len(group.works)
+        return method(self, group)
 
     return wrapper
 
 
 if __name__ == "__main__":
+    Scheduler._gather = count_rows(Scheduler._gather)  # type: ignore[method-assign]
     for part in PARTS:
         setattr(Scheduler, part, timed(part, getattr(Scheduler, part)))
-    Scheduler._run_batch = count_rows(Scheduler._run_batch)  # type: ignore[method-assign]
     model = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("models/default/model.onnx")
     asyncio.run(generation_loop(model, int(sys.argv[2]) if len(sys.argv) > 2 else 256))
     rounds = calls["_gather"]

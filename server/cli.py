@@ -17,8 +17,8 @@ ENV_PREFIX = "LSTMSERVE_"
 # (5 ms) made a 5.5 ms batch take 11 ms, and 0.5 ms makes it 6 (scripts/worker_gil_wait.py).
 GIL_SWITCH_INTERVAL_S = 0.0005
 
-# Collect the youngest generation of cyclic garbage after this many new container objects, not Python's
-# default 700. Every step makes and frees futures, lists and messages: in a 256-session generation, 700
+# Collect the youngest generation of cyclic garbage once this many more container objects were made than
+# freed, not Python's default 700. Every step makes and frees futures, lists and messages: in a 256-session generation, 700
 # meant about 420 young and 37 middle collections in 6 s (about 130 ms in all), 10,000 meant one
 # (scripts/gc_cost.py, with the imports frozen as below; without that, the 3 or 4 full collections
 # in those 6 s each stopped every session for up to 20 ms instead of about 2).

@@ -114,7 +114,8 @@ RESPONSES_PER_ROUND = 32
 class Wakeup:
     """Wakes one waiting coroutine: `set` makes the next (or the current) `wait` return, once.
 
-    asyncio.Event does the same, but looks the running loop up on every wait, and on Python 3.11
+    It does what `wait()` then `clear()` on an asyncio.Event did here, but asyncio.Event looks the
+    running loop up on every wait, and on Python 3.11
     that is a getpid system call: once per response of every generation (`py-spy record --native`
     of the server under `lstmserve bench --mode generate` showed 3% of the event loop's time in it).
     This one is bound to the loop it is made on.
@@ -135,6 +136,7 @@ class Wakeup:
     async def wait(self) -> None:
         """Returns once `set` was called since the last wait returned."""
         if not self._is_set:
+            assert self._waiter is None, "a Wakeup has one waiter at a time"
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter

@@ -69,6 +69,8 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     vectorised numpy calls; a seeded row still draws from its own sampler's generator,
     so a seeded session gets the same tokens whatever else is in the batch.
     """
+    if not samplers:
+        return np.empty(0, dtype=np.int64)
     temperature, top_k, top_p = samplers[0].group
     if all(s.group == samplers[0].group and s.rng is None for s in samplers):
         # The common case, one kind of unseeded request: what the loop below does for one group.

@@ -176,6 +176,7 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._loop = None
 
     # ---- session operations (all run on the event loop) ------------------
     def create_session(self, owner: str = "", session_id: str | None = None) -> Session:
@@ -369,9 +370,11 @@ class Scheduler:
         (scripts/batch1_after_idle.py), and with the default model and a local client one session's
         p50 step latency was about 0.15 ms lower with polling (docs/benchmarks.md). Polling costs CPU
         only while steps keep coming within the window: none at rest, up to most of a core for
-        one session that steps without pause; under concurrent load the loop is busy anyway.
+        one session that steps without pause. Only when nothing else is waiting (not between the
+        tokens of a generation running alone, say), and any batch of several rows stops it: under
+        concurrent load the loop is busy anyway, and polling would only split its batches.
         """
-        if not self.limits.idle_spin_us:
+        if not self.limits.idle_spin_us or self._ready or self._queued or self._computing:
             return
         self._spin_until = time.perf_counter() + self.limits.idle_spin_us / 1e6
         if self._spinner is None or self._spinner.done():
@@ -531,6 +534,7 @@ class Scheduler:
         """Computes a batch (ONNX Runtime on the worker thread), then resolves its requests and queues
         what follows them."""
         groups = _group_by_length(taken)
+        self._spin_until = 0.0  # a batch: the loop is busy, stop polling (see _keep_awake)
         self._computing += 1
         try:
             outputs = await self._compute_offloaded(groups)
@@ -607,8 +611,8 @@ class Scheduler:
     def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
         """Advances every row's session, answers finished requests and queues continuing generations.
 
-        Runs once per row of every batch (for a 256-session generation, 256 times per generated
-        token of each), so the loop keeps to plain attribute updates.
+        Its inner loop runs once per row of every batch (for a 256-session generation, 256 times per
+        generated token of each), so it keeps to plain attribute updates.
         """
         now = time.perf_counter()
         observe_latency = self.metrics.step_latency.observe

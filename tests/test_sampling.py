@@ -71,6 +71,7 @@ def test_unseeded_rows_draw_from_the_shared_generator_kind_by_kind(params: list[
         draws = replay.random(len(rows)) if params[rows[0]].temperature else np.zeros(len(rows))
         for row, draw in zip(rows, draws, strict=True):
             assert batched[row] == reference_sample(params[row], logits[row], draw), (row, params[row])
+    assert sampling._SHARED_RNG.bit_generator.state == replay.bit_generator.state  # no draw more or less
 
 
 @settings(max_examples=60, deadline=None)
