@@ -368,7 +368,7 @@ class Scheduler:
         the server sleeps meanwhile, the core idles and that step's model call runs cold: a
         batch-1 call took 65 us back to back but 134 us after 400 us asleep
         (scripts/batch1_after_idle.py), and with the default model and a local client one session's
-        p50 step latency was about 0.15 ms lower with polling (docs/benchmarks.md). Polling costs CPU
+        p50 step latency was 0.07 to 0.2 ms lower with polling (docs/benchmarks.md). Polling costs CPU
         only while steps keep coming within the window: none at rest, up to most of a core for
         one session that steps without pause. Only when nothing else is waiting (not between the
         tokens of a generation running alone, say), and any batch of several rows stops it: under
