@@ -13,9 +13,12 @@ from typing import Any
 ENV_PREFIX = "LSTMSERVE_"
 
 # How long a thread may keep the GIL while another waits for it. The worker thread that runs ONNX
-# Runtime must take the GIL back after every call; while the event loop is busy, Python's default
-# (5 ms) made a 5.5 ms batch take 11 ms, and 0.5 ms makes it 6 (scripts/worker_gil_wait.py).
-GIL_SWITCH_INTERVAL_S = 0.0005
+# Runtime must take the GIL back after every call; while the event loop is busy, a 4.8 ms model call
+# on 256 rows took 10.5 ms with Python's default (5 ms), 5.6 with 0.5 ms and 5.1 with 0.1 ms
+# (scripts/worker_gil_wait.py). Only the worker waits for the GIL, once per batch, so a short
+# interval costs the loop little; 0.1 ms against 0.5 ms gave a 256-session generation 6% more tokens/s
+# (docs/benchmarks.md).
+GIL_SWITCH_INTERVAL_S = 0.0001
 
 # Collect the youngest generation of cyclic garbage once this many more container objects were made than
 # freed, not Python's default 700. Every step makes and frees futures, lists and messages: in a 256-session generation, 700
