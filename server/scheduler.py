@@ -381,9 +381,9 @@ class Scheduler:
             self._spinner = (self._loop or asyncio.get_running_loop()).create_task(self._spin())
 
     async def _spin(self) -> None:
-        """Yields to the event loop until `_spin_until` (each step alone moves it on): while a
-        callback is ready, the loop polls for I/O without blocking."""
-        while time.perf_counter() < self._spin_until:
+        """Yields to the event loop until `_spin_until` (each step alone moves it on), or until a batch
+        computes: while a callback is ready, the loop polls for I/O without blocking."""
+        while time.perf_counter() < self._spin_until and not self._computing:
             await asyncio.sleep(0)
 
     def sweep_idle(self, now: float | None = None) -> int:
@@ -534,7 +534,6 @@ class Scheduler:
         """Computes a batch (ONNX Runtime on the worker thread), then resolves its requests and queues
         what follows them."""
         groups = _group_by_length(taken)
-        self._spin_until = 0.0  # a batch: the loop is busy, stop polling (see _keep_awake)
         self._computing += 1
         try:
             outputs = await self._compute_offloaded(groups)
