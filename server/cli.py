@@ -21,8 +21,9 @@ ENV_PREFIX = "LSTMSERVE_"
 GIL_SWITCH_INTERVAL_S = 0.0001
 
 # Collect the youngest generation of cyclic garbage once this many more container objects were made than
-# freed, not Python's default 700. Every step makes and frees futures, lists and messages: in a 256-session generation, 700
-# meant about 420 young and 37 middle collections in 6 s (about 130 ms in all), 10,000 meant one
+# freed, not Python's default 700. Every step makes and frees futures, lists and messages: in a
+# 256-session generation, 700 meant about 420 young and 37 middle collections in 6 s (about 130 ms
+# in all), 10,000 meant one
 # (scripts/gc_cost.py, with the imports frozen as below; without that, the 3 or 4 full collections
 # in those 6 s each stopped every session for up to 20 ms instead of about 2).
 GC_YOUNG_THRESHOLD = 10_000

@@ -115,10 +115,9 @@ class Wakeup:
     """Wakes one waiting coroutine: `set` makes the next (or the current) `wait` return, once.
 
     It does what `wait()` then `clear()` on an asyncio.Event did here, but asyncio.Event looks the
-    running loop up on every wait, and on Python 3.11
-    that is a getpid system call: once per response of every generation (`py-spy record --native`
-    of the server under `lstmserve bench --mode generate` showed 3% of the event loop's time in it).
-    This one is bound to the loop it is made on.
+    running loop up on every wait, and on Python 3.11 that is a getpid system call: once per response
+    of every generation (`py-spy record --native` of the server under `lstmserve bench --mode generate`
+    showed 3% of the event loop's time in it). This one is bound to the loop it is made on.
     """
 
     def __init__(self) -> None:

@@ -71,8 +71,9 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     """
     if not samplers:
         return np.empty(0, dtype=np.int64)
-    temperature, top_k, top_p = samplers[0].group
-    if all(s.group == samplers[0].group and s.rng is None for s in samplers):
+    first = samplers[0].group
+    if all(s.group == first and s.rng is None for s in samplers):
+        temperature, top_k, top_p = first
         # The common case, one kind of unseeded request: what the loop below does for one group.
         if temperature == 0:
             return np.argmax(logits, axis=-1)
