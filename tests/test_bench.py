@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from lstmserve.bench.loadgen import LoadSpec, run_load
+from lstmserve.bench.report import Row
+from lstmserve.bench.run import median_rows
+from lstmserve.bench.targets import Check, summarize_checks
 from lstmserve.cli import main
 from conftest import start_server
 
@@ -41,6 +44,56 @@ def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, caps
     assert all(name in markdown for name in series)
     assert (out / "results.png").stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_repeats_report_the_median_round_and_the_range(token_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--series", "server,echo,onnxruntime", "--levels", "1,2",
+        "--duration-s", "0.3", "--warmup-s", "0.1", "--repeats", "2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["rounds"]) == 2
+    assert all(len(rows) == 3 * 2 for rows in report["rounds"])
+    for row in report["rows"]:
+        measured = sorted(r["steps_per_s"] for rows in report["rounds"] for r in rows
+                          if (r["series"], r["level"]) == (row["series"], row["level"]))  # fmt: skip
+        assert row["rounds"] == 2
+        assert row["steps_per_s"] == measured[0]  # the lower middle of two
+        assert (row["steps_per_s_min"], row["steps_per_s_max"]) == (measured[0], measured[1])
+    ratio = report["checks"]["2 sessions: lstmserve / echo throughput (target >= 0.80)"]
+    assert "the median of 2 rounds" in ratio and "target met in" in ratio
+    assert "range over rounds" in (out / "results.md").read_text()
+
+
+def test_bench_rejects_no_rounds(token_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", str(token_model), "--repeats", "0"]) == 2
+    assert "--repeats must be positive, got 0" in capsys.readouterr().err
+
+
+def test_median_rows_keeps_the_median_rounds_whole_row() -> None:
+    def row(steps: float, p50: float) -> Row:
+        return Row(series="lstmserve", level=4, steps_per_s=steps, p50_ms=p50)
+
+    combined = median_rows([[row(900, 5.0)], [row(1200, 3.0)], [row(1000, 4.0)]])
+    assert combined == [Row(series="lstmserve", level=4, steps_per_s=1000, p50_ms=4.0, rounds=3,
+                            steps_per_s_min=900, steps_per_s_max=1200)]  # fmt: skip
+    assert median_rows([[row(900, 5.0)], [row(1200, 3.0)]])[0].p50_ms == 5.0  # even: the lower middle
+
+
+def test_summarized_checks_count_the_rounds_that_met_the_target() -> None:
+    def rounds_of(values: list[float]) -> list[list[Check]]:
+        return [[Check("ratio", value, 0.8), Check("latency", value, 0.85, at_most=True, digits=3)] for value in values]
+
+    summary = summarize_checks(rounds_of([0.9, 0.75, 0.92]))
+    assert summary["ratio"] == "0.90, the median of 3 rounds [0.90 | 0.75 | 0.92], target met in 2 of 3"
+    assert summary["latency"].startswith("0.900 vs 0.850, the median of 3 rounds")
+    assert summary["latency"].endswith("target met in 1 of 3")
+    assert summarize_checks(rounds_of([0.9])) == {"ratio": "0.90", "latency": "0.900 vs 0.850"}
+    assert summarize_checks([[Check("replicas", 1.9, note="no target")]] * 2)["replicas"] == (
+        "1.90 (no target), the median of 2 rounds [1.90 (no target) | 1.90 (no target)]"
+    )
 
 
 def test_bench_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

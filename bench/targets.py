@@ -1,0 +1,122 @@
+"""The issue's targets, checked against the rows of one round, and summed up over several rounds."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lstmserve.bench.report import Row
+
+SERIES_SERVER = "lstmserve"
+SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
+SERIES_ECHO = "gRPC echo (transport ceiling)"
+SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
+SERIES_TORCH = "PyTorch eager in-process"
+SERIES_ORT_FORMED = "ONNX Runtime at the batch size lstmserve formed"
+
+# The 1-session budget on top of the echo server's p50 and one batch-1 model call.
+ONE_SESSION_SLACK_MS = 0.150
+
+
+def series_proxied(replicas: int) -> str:
+    """The series of `replicas` lstmserve replicas behind Envoy."""
+    return f"lstmserve x{replicas} behind Envoy"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One measured figure of a round, with the bound the issue sets for it (None where it sets none)."""
+
+    name: str
+    value: float
+    bound: float | None = None
+    at_most: bool = False  # the target is value <= bound (a latency), not value >= bound (a ratio)
+    digits: int = 2
+    note: str = ""  # what else the reader needs, e.g. the batch size the round formed
+
+    def met(self) -> bool | None:
+        """Whether the target is met (None: no target)."""
+        if self.bound is None:
+            return None
+        return self.value <= self.bound if self.at_most else self.value >= self.bound
+
+    def describe(self) -> str:
+        """The value; for a latency, also the round's budget it is compared with."""
+        text = f"{self.value:.{self.digits}f}"
+        if self.at_most and self.bound is not None:
+            text += f" vs {self.bound:.{self.digits}f}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, replicas: Sequence[int]) -> list[Check]:
+    """The issue's ratio targets, computed from one round's rows (where the needed series were measured)."""
+    by = {(row.series, row.level): row for row in rows}
+    checks: list[Check] = []
+    top, one = max(levels), min(levels)
+    server, echo, unbatched = by.get((SERIES_SERVER, top)), by.get((SERIES_ECHO, top)), by.get((SERIES_UNBATCHED, top))
+    if server and echo and echo.steps_per_s:
+        checks.append(
+            Check(f"{top} sessions: lstmserve / echo throughput (target >= 0.80)", server.steps_per_s / echo.steps_per_s, 0.80)
+        )
+    if server and unbatched and unbatched.steps_per_s:
+        checks.append(
+            Check(f"{top} sessions: lstmserve / unbatched throughput (target >= 5)", server.steps_per_s / unbatched.steps_per_s, 5.0)
+        )
+    single, echo_one, ort_one = by.get((SERIES_SERVER, one)), by.get((SERIES_ECHO, one)), by.get((SERIES_ORT, one))
+    if single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
+        budget = echo_one.p50_ms + ort_one.p50_ms + ONE_SESSION_SLACK_MS
+        checks.append(
+            Check(f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms", single.p50_ms, budget, at_most=True, digits=3)
+        )
+    one_replica = by.get((series_proxied(1), top))
+    for count in replicas:
+        several = by.get((series_proxied(count), top))
+        if one_replica and several and count > 1 and one_replica.steps_per_s:
+            checks.append(
+                Check(
+                    f"{top} sessions: {count} replicas / 1 replica behind Envoy, throughput",
+                    several.steps_per_s / one_replica.steps_per_s,
+                )
+            )
+    if one_replica and server and server.steps_per_s:
+        checks.append(
+            Check(
+                f"{top} sessions: 1 replica behind Envoy / lstmserve direct, throughput",
+                one_replica.steps_per_s / server.steps_per_s,
+            )
+        )
+    formed = by.get((SERIES_ORT_FORMED, top))
+    if mode == "generate" and server and formed and formed.steps_per_s:
+        checks.append(
+            Check(
+                f"{top} sessions generating: tokens/s / compute ceiling at the formed batch (target >= 0.50)",
+                server.steps_per_s / formed.steps_per_s,
+                0.50,
+                note=f"batch {formed.mean_batch:.0f}",
+            )
+        )
+    return checks
+
+
+def summarize_checks(rounds: Sequence[Sequence[Check]]) -> dict[str, str]:
+    """One line per check over every round: the value alone for one round; for several, the median
+    round's value, each round's, and in how many rounds the target was met."""
+    by_name: dict[str, list[Check]] = {}
+    for checks in rounds:
+        for check in checks:
+            by_name.setdefault(check.name, []).append(check)
+    summary: dict[str, str] = {}
+    for name, checks in by_name.items():
+        if len(checks) == 1:
+            summary[name] = checks[0].describe()
+            continue
+        median = statistics.median_low(check.value for check in checks)
+        middle = next(check for check in checks if check.value == median)
+        text = f"{middle.describe()}, the median of {len(checks)} rounds [{' | '.join(c.describe() for c in checks)}]"
+        met = [check.met() for check in checks]
+        if None not in met:
+            text += f", target met in {sum(bool(m) for m in met)} of {len(met)}"
+        summary[name] = text
+    return summary
+
