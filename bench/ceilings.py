@@ -34,8 +34,11 @@ def onnxruntime_steps_per_s(
     return _rate(call, batch_size, duration_s)
 
 
-def torch_steps_per_s(model: Path, batch_size: int, *, positions: int = 1, duration_s: float = 1.0) -> tuple[float, float]:
-    """Steps per second and seconds per call of PyTorch eager stepping from the exported checkpoint."""
+def torch_steps_per_s(
+    model: Path, batch_size: int, *, positions: int = 1, duration_s: float = 1.0, intra_op_threads: int = 0
+) -> tuple[float, float]:
+    """Steps per second and seconds per call of PyTorch eager stepping from the exported checkpoint,
+    on `intra_op_threads` threads as ONNX Runtime gets (0: PyTorch's default, one per core)."""
     import torch
 
     from lstmserve.export import load_checkpoint
@@ -54,7 +57,13 @@ def torch_steps_per_s(model: Path, batch_size: int, *, positions: int = 1, durat
             _, h, c = module(inputs, state[0], state[1])
         state[0], state[1] = h, c
 
-    return _rate(call, batch_size, duration_s)
+    threads = torch.get_num_threads()
+    if intra_op_threads > 0:
+        torch.set_num_threads(intra_op_threads)
+    try:
+        return _rate(call, batch_size, duration_s)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rate(call: Callable[[], None], batch_size: int, duration_s: float) -> tuple[float, float]:

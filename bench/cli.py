@@ -41,7 +41,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="tokens per request in prompt mode (default 16)")
     p.add_argument("--generate-tokens", type=int, default=32, help="tokens per generation in generate mode (default 32)")
     p.add_argument("--load-processes", type=int, default=1, help="load generator processes (default 1)")
-    p.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads for the server and the compute ceiling (default 1)")
+    p.add_argument("--intra-op-threads", type=int, default=1, help="threads for ONNX Runtime in the server and the compute ceiling, and for PyTorch eager (default 1)")
     p.add_argument("--series", default="server,unbatched,echo,onnxruntime,torch",
                    help="which series to run, comma-separated (default all)")  # fmt: skip
     p.add_argument("--memory-sessions", type=int, default=0,

@@ -186,8 +186,13 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
             continue
         for level in config.levels:
             tick(f"{label} @ batch {level}")
-            kwargs = {"intra_op_threads": config.intra_op_threads} if name == "onnxruntime" else {}
-            steps_per_s, per_call = measure(config.model, level, positions=positions, duration_s=min(config.duration_s, 2.0), **kwargs)  # type: ignore[operator]
+            steps_per_s, per_call = measure(
+                config.model,
+                level,
+                positions=positions,
+                duration_s=min(config.duration_s, 2.0),
+                intra_op_threads=config.intra_op_threads,  # the same threads for both, as for the server
+            )
             # steps_per_s counts requests (rows of `positions` tokens), as the load generator does.
             rows.append(Row(series=label, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(level)))
     return rows

@@ -134,3 +134,25 @@ def test_load_against_a_target_closes_its_sessions(token_model: Path, mode: str)
             assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
     finally:
         handle.stop()
+
+
+def test_pytorch_series_runs_on_the_threads_onnx_runtime_gets(token_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from lstmserve.bench import ceilings
+
+    seen: list[int] = []
+
+    def timed(call: object, batch_size: int, duration_s: float) -> tuple[float, float]:
+        seen.append(torch.get_num_threads())
+        return 1.0, 1.0
+
+    monkeypatch.setattr(ceilings, "_rate", timed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # PyTorch's default on a 2-core machine
+    try:
+        ceilings.torch_steps_per_s(token_model, 2, intra_op_threads=1)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # restored for whatever runs next in the process
+    finally:
+        torch.set_num_threads(before)
