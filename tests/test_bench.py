@@ -156,3 +156,19 @@ def test_pytorch_series_runs_on_the_threads_onnx_runtime_gets(token_model: Path,
         assert torch.get_num_threads() == 2  # restored for whatever runs next in the process
     finally:
         torch.set_num_threads(before)
+
+
+def test_step_targets_are_checked_only_for_single_token_steps() -> None:
+    from lstmserve.bench.targets import SERIES_ECHO, SERIES_ORT, SERIES_SERVER, compare_to_targets
+
+    rows = [
+        Row(series=series, level=level, steps_per_s=1000.0 * level, p50_ms=0.3)
+        for series in (SERIES_SERVER, SERIES_ECHO, SERIES_ORT)
+        for level in (1, 256)
+    ]
+    stepping = {check.name: check for check in compare_to_targets(rows, (1, 256), "step", ())}
+    assert stepping["256 sessions: lstmserve / echo throughput (target >= 0.80)"].met() is True
+    assert stepping["1 session: p50 ms vs echo p50 + compute + 0.150 ms"].bound == pytest.approx(0.75)
+    generating = compare_to_targets(rows, (1, 256), "generate", ())
+    # Between generated tokens, "p50" is the time between responses, not a step: no latency target.
+    assert [(check.name, check.met()) for check in generating] == [("256 sessions: lstmserve / echo throughput", None)]
