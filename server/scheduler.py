@@ -63,6 +63,12 @@ REPLAY_WINDOW_S = 60.0
 # worker thread: two event-loop hops and a thread hop cost more than that.
 INLINE_MAX_POSITIONS = 4
 
+# A longer step computed alone also runs on the event loop when the model's measured time per
+# position says it takes at most this long: the hops to the worker thread and back cost about as
+# much (one session sending 16-token requests to the default model: p50 1.21 to 1.31 ms through the
+# worker, 0.91 to 0.99 ms on the loop; docs/benchmarks.md). Longer ones leave the loop to the streams.
+INLINE_BUDGET_S = 0.001
+
 
 @dataclass(frozen=True)
 class SchedulerLimits:
@@ -133,6 +139,9 @@ class Scheduler:
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
         self._last_compute_end = 0.0
+        # Seconds per position of the last step longer than INLINE_MAX_POSITIONS that computed alone
+        # (None until one has): whether the next such step runs on the event loop (see _runs_inline).
+        self._lone_seconds_per_position: float | None = None
         # Called with the id of every session that is closed or expires (e.g. to delete its file).
         self.on_session_dropped: Callable[[str], None] | None = None
         # Where sessions idle past the TTL go instead of being dropped (--spill-idle).
@@ -300,7 +309,7 @@ class Scheduler:
                     return last
                 raise _mismatch(session, expected_step)
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
-        if self._idle_for(session) and len(inputs) <= INLINE_MAX_POSITIONS:
+        if self._idle_for(session) and self._runs_inline(len(inputs)):
             return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
         return result
@@ -345,6 +354,15 @@ class Scheduler:
         return self._last_solo is session and not (
             self._ready or self._queued or self._computing or session.busy
         )
+
+    def _runs_inline(self, positions: int) -> bool:
+        """Whether a step of this many positions that computes alone runs on the event loop: a short one
+        always, a longer one when the last such step's time per position says it takes at most
+        INLINE_BUDGET_S. Until a longer step has run (on the worker thread), longer ones go there."""
+        if positions <= INLINE_MAX_POSITIONS:
+            return True
+        rate = self._lone_seconds_per_position
+        return rate is not None and positions * rate <= INLINE_BUDGET_S
 
     def _run_now(self, session: Session, work: _Work) -> StepResult:
         """Runs one short step right here on the event loop (the idle fast path: no queue, no wake-ups).
@@ -513,13 +531,13 @@ class Scheduler:
                 self._sweep_due = False
                 self.sweep_idle()
             taken = self._collect()
-            if len(taken) == 1 and len(taken[0][1].inputs) <= INLINE_MAX_POSITIONS:  # type: ignore[arg-type]
+            if len(taken) == 1 and self._runs_inline(len(taken[0][1].inputs)):  # type: ignore[arg-type]
                 await self._run_alone(taken)
             elif taken:
                 await self._run_batch(taken)
 
     async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
-        """Runs one short step right here on the event loop: a thread hop costs more than the step.
+        """Runs one short step right here on the event loop: the thread hops would cost more (_runs_inline).
 
         Then yields to the other tasks once, so that a session generating alone streams its
         tokens as they come instead of starving the event loop.
@@ -565,7 +583,8 @@ class Scheduler:
         for group in groups:
             try:
                 slots, inputs, buffers = self._gather(group)
-                logits = self.runner.run(inputs, buffers)
+                logits, seconds = self._timed_run(inputs, buffers)
+                self._note_lone_run(group, inputs, seconds)
                 self.store.scatter(slots, buffers)
             except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
                 outputs.append(_group_failed(group, exc))
@@ -589,7 +608,8 @@ class Scheduler:
         for group in groups:
             try:
                 slots, inputs, buffers = self._gather(group)
-                logits = await loop.run_in_executor(self._executor, self.runner.run, inputs, buffers)
+                logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers)
+                self._note_lone_run(group, inputs, seconds)
                 self.store.scatter(slots, buffers)
             except Exception as exc:  # noqa: BLE001 - as in _compute (also: the worker was shut down)
                 outputs.append(_group_failed(group, exc))
@@ -597,6 +617,17 @@ class Scheduler:
             outputs.append(logits)
         self.metrics.compute_latency.observe(time.perf_counter() - started)
         return outputs
+
+    def _timed_run(self, inputs: np.ndarray, buffers: BindableState) -> tuple[np.ndarray, float]:
+        """The model call and its seconds, timed on the thread that runs it (so without the hops)."""
+        started = time.perf_counter()
+        logits = self.runner.run(inputs, buffers)
+        return logits, time.perf_counter() - started
+
+    def _note_lone_run(self, group: _Group, inputs: np.ndarray, seconds: float) -> None:
+        """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS computed alone."""
+        if len(group.works) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
+            self._lone_seconds_per_position = seconds / inputs.shape[1]
 
     def _gather(self, group: _Group) -> tuple[np.ndarray, np.ndarray, BindableState]:
         """The group's slots, its inputs as one array, and its sessions' state gathered into batch buffers."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,5 +227,41 @@ def test_a_session_stepping_alone_keeps_the_loop_polling_for_idle_spin_us(token_
             stream.close()
         time.sleep(0.1)  # past the window: the loop sleeps again
         assert not handle.call_soon(polling)
+    finally:
+        handle.stop()
+
+
+def test_a_longer_step_alone_runs_on_the_event_loop_once_its_measured_time_fits_the_budget(
+    token_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of more than INLINE_MAX_POSITIONS positions computed alone runs on the worker thread until one
+    has been timed there, then on the event loop while positions x measured time per position stays
+    within INLINE_BUDGET_S; short steps always run on the loop."""
+    from lstmserve.server import scheduler as scheduler_module
+
+    handle = start_server(token_model)
+    try:
+        scheduler = handle.server.scheduler
+        assert scheduler is not None
+        threads: list[str] = []
+        run = scheduler.runner.run
+
+        def recording_run(inputs: np.ndarray, state: object) -> np.ndarray:
+            threads.append(threading.current_thread().name)
+            return run(inputs, state)  # type: ignore[arg-type]
+
+        scheduler.runner.run = recording_run  # type: ignore[method-assign]
+        long_step = [1] * (scheduler_module.INLINE_MAX_POSITIONS + 8)
+        with handle.channel() as channel:
+            stream = SyncStream(channel)
+            for _ in range(3):
+                assert stream.request(tokens=long_step).batch_size == 1
+            assert threads[0].startswith("lstmserve-compute")  # not measured yet: the worker
+            assert threads[1:] == ["test-server", "test-server"]  # the tiny model's 12 positions fit 1 ms
+            monkeypatch.setattr(scheduler_module, "INLINE_BUDGET_S", 0.0)
+            stream.request(tokens=long_step)
+            stream.request(tokens=[1])
+            stream.close()
+        assert threads[3].startswith("lstmserve-compute") and threads[4] == "test-server"
     finally:
         handle.stop()
