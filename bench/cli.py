@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,6 @@ def run_bench_command(args: argparse.Namespace) -> int:
     bar.close()
     memory = None
     if args.memory_sessions > 0:
-        from dataclasses import asdict
-
         from lstmserve.bench.memory import measure_idle_sessions
 
         print(f"measuring {args.memory_sessions} idle sessions (settling {args.memory_settle_s:.0f} s)", file=sys.stderr)
@@ -115,9 +114,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
         rows=median_rows(rounds),
         rounds=rounds,
     )
-    report.checks = summarize_checks(
-        [compare_to_targets(rows, config.levels, config.mode, config.replicas) for rows in rounds]
-    )
+    checks = [compare_to_targets(rows, config.levels, config.mode, config.replicas) for rows in rounds]
+    report.checks = summarize_checks(checks)
+    report.check_rounds = [[{**asdict(check), "met": check.met()} for check in round_checks] for round_checks in checks]
     if memory is not None:
         report.memory = asdict(memory)
         report.checks[f"{memory.sessions} idle sessions: RSS growth / raw state bytes (target <= 1.25)"] = (

@@ -37,7 +37,14 @@ class BenchReport:
     rows: list[Row] = field(default_factory=list)  # with several rounds, each point's median round
     checks: dict[str, Any] = field(default_factory=dict)
     rounds: list[list[Row]] = field(default_factory=list)  # every round's own rows
+    check_rounds: list[list[dict[str, Any]]] = field(default_factory=list)  # every round's checks, as numbers
     memory: dict[str, Any] | None = None
+
+
+def middle_index(count: int, *, upper: bool = False) -> int:
+    """Where the median is among `count` sorted values: the middle one, or for an even count the lower
+    of the two middle ones (the upper with `upper`)."""
+    return count // 2 if upper else (count - 1) // 2
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -76,8 +83,8 @@ def plot(report: BenchReport, path: Path) -> None:
         colour = f"C{index}"  # the same colour for a series in both panels
         throughput.plot(levels, [row.steps_per_s for row in rows], marker="o", label=series, color=colour)
         if any(row.rounds > 1 for row in rows):  # the range over rounds, around the median round
-            low = [row.steps_per_s_min or row.steps_per_s for row in rows]
-            high = [row.steps_per_s_max or row.steps_per_s for row in rows]
+            low = [row.steps_per_s if row.steps_per_s_min is None else row.steps_per_s_min for row in rows]
+            high = [row.steps_per_s if row.steps_per_s_max is None else row.steps_per_s_max for row in rows]
             throughput.fill_between(levels, low, high, color=colour, alpha=0.15, linewidth=0)
         if any(row.p99_ms is not None for row in rows):
             latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series, color=colour)

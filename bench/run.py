@@ -14,7 +14,7 @@ import numpy as np
 
 from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
-from lstmserve.bench.report import Row
+from lstmserve.bench.report import Row, middle_index
 from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
 from lstmserve.bench.targets import (
     SERIES_ECHO,
@@ -118,7 +118,7 @@ def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
     rounds = []
     for index in range(config.repeats):
         prefix = f"round {index + 1}/{config.repeats}: " if config.repeats > 1 else ""
-        rounds.append(run_round(config, lambda label, prefix=prefix: tick(prefix + label)))
+        rounds.append(run_round(config, tick, label_prefix=prefix))
     return rounds
 
 
@@ -135,16 +135,21 @@ def median_rows(rounds: Sequence[Sequence[Row]]) -> list[Row]:
     combined = []
     for rows in by_point.values():
         ranked = sorted(rows, key=lambda row: row.steps_per_s)
-        middle = ranked[(len(ranked) - 1) // 2]
+        middle = ranked[middle_index(len(ranked))]
         combined.append(
             replace(middle, rounds=len(rows), steps_per_s_min=ranked[0].steps_per_s, steps_per_s_max=ranked[-1].steps_per_s)
         )
     return combined
 
 
-def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[Row]:
-    """Measures every requested series over the concurrency levels once; returns the rows."""
+def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None, label_prefix: str = "") -> list[Row]:
+    """Measures every requested series over the concurrency levels once; returns the rows.
+
+    `tick` gets a label per measured point (after `label_prefix`), for a progress display."""
     from lstmserve.server.runner import Runner, RunnerOptions
+
+    def progress(label: str) -> None:
+        tick(label_prefix + label)
 
     spec = Runner(config.model, RunnerOptions(providers=("cpu",))).spec
     vocab = max(1, len(spec.vocabulary))
@@ -153,13 +158,13 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
     rows: list[Row] = []
     if "server" in config.series:
         if config.target:
-            rows += _sweep(SERIES_SERVER, None, config.target, config, vocab, tick)
+            rows += _sweep(SERIES_SERVER, None, config.target, config, vocab, progress)
         else:
             command = lstmserve_command(
                 config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
             )
             with ServerProcess(command) as server:
-                rows += _sweep(SERIES_SERVER, server, server.target, config, vocab, tick)
+                rows += _sweep(SERIES_SERVER, server, server.target, config, vocab, progress)
         if config.mode == "generate":
             rows += _formed_batch_ceiling(rows, config)
     if "unbatched" in config.series and not config.target:
@@ -167,17 +172,17 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
             config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
         )
         with ServerProcess(command) as server:
-            rows += _sweep(SERIES_UNBATCHED, server, server.target, config, vocab, tick)
+            rows += _sweep(SERIES_UNBATCHED, server, server.target, config, vocab, progress)
     for count in config.replicas:
         from lstmserve.bench.proxy import ProxiedReplicas
 
         with ProxiedReplicas(
             config.model, count, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
         ) as proxied:
-            rows += _sweep(series_proxied(count), proxied, proxied.target, config, vocab, tick)
+            rows += _sweep(series_proxied(count), proxied, proxied.target, config, vocab, progress)
     if "echo" in config.series:
         with ServerProcess(echo_command(spec.output_size)) as server:
-            rows += _sweep(SERIES_ECHO, server, server.target, config, vocab, tick)
+            rows += _sweep(SERIES_ECHO, server, server.target, config, vocab, progress)
     for name, label, measure in (
         ("onnxruntime", SERIES_ORT, onnxruntime_steps_per_s),
         ("torch", SERIES_TORCH, torch_steps_per_s),
@@ -185,7 +190,7 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None)
         if name not in config.series:
             continue
         for level in config.levels:
-            tick(f"{label} @ batch {level}")
+            progress(f"{label} @ batch {level}")
             steps_per_s, per_call = measure(
                 config.model,
                 level,

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lstmserve.bench.report import Row
+from lstmserve.bench.report import Row, middle_index
 
 SERIES_SERVER = "lstmserve"
 SERIES_UNBATCHED = "lstmserve --max-batch-size 1"
@@ -77,7 +76,13 @@ def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, re
     if stepping and single and echo_one and ort_one and single.p50_ms and echo_one.p50_ms and ort_one.p50_ms:
         budget = echo_one.p50_ms + ort_one.p50_ms + ONE_SESSION_SLACK_MS
         checks.append(
-            Check(f"{one} session: p50 ms vs echo p50 + compute + 0.150 ms", single.p50_ms, budget, at_most=True, digits=3)
+            Check(
+                f"{one} session: p50 ms vs echo p50 + compute + {ONE_SESSION_SLACK_MS:.3f} ms",
+                single.p50_ms,
+                budget,
+                at_most=True,
+                digits=3,
+            )
         )
     one_replica = by.get((series_proxied(1), top))
     for count in replicas:
@@ -111,22 +116,28 @@ def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, re
 
 def summarize_checks(rounds: Sequence[Sequence[Check]]) -> dict[str, str]:
     """One line per check over every round: the value alone for one round; for several, the median
-    round's value, each round's, and in how many rounds the target was met."""
+    round's value, each round's, and in how many rounds the target was met.
+
+    Each round's check pairs series of that round, so the median check can come from another round
+    than a table row (rows are chosen point by point). For an even count the median is the middle
+    value nearer the target's wrong side: the lower for a ratio, the higher for a latency."""
     by_name: dict[str, list[Check]] = {}
     for checks in rounds:
         for check in checks:
             by_name.setdefault(check.name, []).append(check)
     summary: dict[str, str] = {}
     for name, checks in by_name.items():
-        if len(checks) == 1:
+        if len(rounds) == 1:
             summary[name] = checks[0].describe()
             continue
-        median = statistics.median_low(check.value for check in checks)
-        middle = next(check for check in checks if check.value == median)
+        ranked = sorted(checks, key=lambda check: check.value)
+        middle = ranked[middle_index(len(ranked), upper=checks[0].at_most)]
         text = f"{middle.describe()}, the median of {len(checks)} rounds [{' | '.join(c.describe() for c in checks)}]"
         met = [check.met() for check in checks]
         if None not in met:
             text += f", target met in {sum(bool(m) for m in met)} of {len(met)}"
+        if len(checks) < len(rounds):
+            text += f", not measured in {len(rounds) - len(checks)} of {len(rounds)} rounds"
         summary[name] = text
     return summary
 

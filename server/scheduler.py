@@ -64,9 +64,10 @@ REPLAY_WINDOW_S = 60.0
 INLINE_MAX_POSITIONS = 4
 
 # A longer step computed alone also runs on the event loop when the model's measured time per
-# position says it takes at most this long: the hops to the worker thread and back cost about as
-# much (one session sending 16-token requests to the default model: p50 1.21 to 1.31 ms through the
-# worker, 0.91 to 0.99 ms on the loop; docs/benchmarks.md). Longer ones leave the loop to the streams.
+# position says it takes at most this long: the longest a lone step may hold the loop, for a
+# saving of the hops to the worker thread and back (one session sending 16-token requests to the
+# default model: p50 0.928 to 1.003 ms on the loop against 1.195 to 1.269 through the worker;
+# docs/benchmarks.md). Longer steps run on the worker and leave the loop to the streams.
 INLINE_BUDGET_S = 0.001
 
 
@@ -139,7 +140,7 @@ class Scheduler:
         # The session whose step was the only one in the last compute (None after a real batch).
         self._last_solo: Session | None = None
         self._last_compute_end = 0.0
-        # Seconds per position of the last step longer than INLINE_MAX_POSITIONS that computed alone
+        # Seconds per position of the last step longer than INLINE_MAX_POSITIONS that was alone in its model call
         # (None until one has): whether the next such step runs on the event loop (see _runs_inline).
         self._lone_seconds_per_position: float | None = None
         # Called with the id of every session that is closed or expires (e.g. to delete its file).
@@ -365,7 +366,8 @@ class Scheduler:
         return rate is not None and positions * rate <= INLINE_BUDGET_S
 
     def _run_now(self, session: Session, work: _Work) -> StepResult:
-        """Runs one short step right here on the event loop (the idle fast path: no queue, no wake-ups).
+        """Runs one step right here on the event loop (the idle fast path: no queue, no wake-ups); only
+        for a step that `_runs_inline` expects to be short.
 
         Only called when the scheduler is idle, so ordering and the one-batch-at-a-time
         rule hold exactly as if the batching loop had taken it alone.
@@ -537,7 +539,8 @@ class Scheduler:
                 await self._run_batch(taken)
 
     async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
-        """Runs one short step right here on the event loop: the thread hops would cost more (_runs_inline).
+        """Runs one step right here on the event loop: for a step expected to be short (`_runs_inline`), the
+        thread hops would cost more than holding the loop.
 
         Then yields to the other tasks once, so that a session generating alone streams its
         tokens as they come instead of starving the event loop.
@@ -625,7 +628,8 @@ class Scheduler:
         return logits, time.perf_counter() - started
 
     def _note_lone_run(self, group: _Group, inputs: np.ndarray, seconds: float) -> None:
-        """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS computed alone."""
+        """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS that was the only row of
+        its model call (alone, or the one row of its length in a batch: either way a batch-1 call)."""
         if len(group.works) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
             self._lone_seconds_per_position = seconds / inputs.shape[1]
 

@@ -64,6 +64,13 @@ def test_bench_repeats_report_the_median_round_and_the_range(token_model: Path, 
         assert (row["steps_per_s_min"], row["steps_per_s_max"]) == (measured[0], measured[1])
     ratio = report["checks"]["2 sessions: lstmserve / echo throughput (target >= 0.80)"]
     assert "the median of 2 rounds" in ratio and "target met in" in ratio
+    by_round = [{c["name"]: c for c in checks} for checks in report["check_rounds"]]
+    for rows, checks in zip(report["rounds"], by_round, strict=True):  # each round's check from its own rows
+        server, echo = (next(r["steps_per_s"] for r in rows if (r["series"], r["level"]) == (s, 2))
+                        for s in ("lstmserve", "gRPC echo (transport ceiling)"))  # fmt: skip
+        check = checks["2 sessions: lstmserve / echo throughput (target >= 0.80)"]
+        assert check["value"] == pytest.approx(server / echo)
+        assert check["met"] == (server / echo >= 0.8)
     assert "range over rounds" in (out / "results.md").read_text()
 
 
@@ -91,6 +98,10 @@ def test_summarized_checks_count_the_rounds_that_met_the_target() -> None:
     assert summary["latency"].startswith("0.900 vs 0.850, the median of 3 rounds")
     assert summary["latency"].endswith("target met in 1 of 3")
     assert summarize_checks(rounds_of([0.9])) == {"ratio": "0.90", "latency": "0.900 vs 0.850"}
+    even = summarize_checks(rounds_of([0.9, 0.8]))  # the middle value on the target's wrong side
+    assert even["ratio"].startswith("0.80, ") and even["latency"].startswith("0.900 vs 0.850, ")
+    missing = summarize_checks([[Check("ratio", 0.9, 0.8)], []])
+    assert missing["ratio"].endswith("target met in 1 of 1, not measured in 1 of 2 rounds")
     assert summarize_checks([[Check("replicas", 1.9, note="no target")]] * 2)["replicas"] == (
         "1.90 (no target), the median of 2 rounds [1.90 (no target) | 1.90 (no target)]"
     )
