@@ -310,7 +310,7 @@ class Scheduler:
                     return last
                 raise _mismatch(session, expected_step)
         work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
-        if self._idle_for(session) and self._runs_inline(len(inputs)):
+        if self._idle_for(session) and self._runs_inline(len(inputs), others_waiting=False):
             return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
         return result
@@ -356,14 +356,16 @@ class Scheduler:
             self._ready or self._queued or self._computing or session.busy
         )
 
-    def _runs_inline(self, positions: int) -> bool:
-        """Whether a step of this many positions that computes alone runs on the event loop: a short one
-        always, a longer one when the last such step's time per position says it takes at most
-        INLINE_BUDGET_S. Until a longer step has run (on the worker thread), longer ones go there."""
+    def _runs_inline(self, positions: int, *, others_waiting: bool) -> bool:
+        """Whether a batch of one step of this many positions runs on the event loop: a short one always;
+        a longer one only when no other session waits (not when --max-batch-size 1 holds the others
+        back: back to back on the loop, long steps would starve their streams), and when the last such
+        step's time per position says it takes at most INLINE_BUDGET_S. Until a longer step has run
+        (on the worker thread), longer ones go there."""
         if positions <= INLINE_MAX_POSITIONS:
             return True
         rate = self._lone_seconds_per_position
-        return rate is not None and positions * rate <= INLINE_BUDGET_S
+        return not others_waiting and rate is not None and positions * rate <= INLINE_BUDGET_S
 
     def _run_now(self, session: Session, work: _Work) -> StepResult:
         """Runs one step right here on the event loop (the idle fast path: no queue, no wake-ups); only
@@ -533,7 +535,8 @@ class Scheduler:
                 self._sweep_due = False
                 self.sweep_idle()
             taken = self._collect()
-            if len(taken) == 1 and self._runs_inline(len(taken[0][1].inputs)):  # type: ignore[arg-type]
+            positions = len(taken[0][1].inputs) if len(taken) == 1 else 0  # type: ignore[arg-type]
+            if positions and self._runs_inline(positions, others_waiting=bool(self._ready)):
                 await self._run_alone(taken)
             elif taken:
                 await self._run_batch(taken)

@@ -260,6 +260,9 @@ def test_a_longer_step_alone_runs_on_the_event_loop_once_its_measured_time_fits_
                 assert stream.request(tokens=long_step).batch_size == 1
             assert threads[0].startswith("lstmserve-compute")  # not measured yet: the worker
             assert threads[1:] == ["test-server", "test-server"]  # measured: within the budget
+            # Not while other sessions wait (--max-batch-size 1 holding them back); short steps still do.
+            assert not scheduler._runs_inline(len(long_step), others_waiting=True)
+            assert scheduler._runs_inline(scheduler_module.INLINE_MAX_POSITIONS, others_waiting=True)
             monkeypatch.setattr(scheduler_module, "INLINE_BUDGET_S", 0.0)
             stream.request(tokens=long_step)
             stream.request(tokens=[1])
