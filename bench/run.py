@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -87,25 +88,22 @@ class _Measured(Protocol):
     def usage(self) -> Usage: ...
 
 
-def _sweep(
-    series: str, server: _Measured | None, target: str, config: BenchConfig, vocab: int, tick: Callable[[str], None]
-) -> list[Row]:
-    rows = []
-    for level in config.levels:
-        tick(f"{series} @ {level}")
-        spec = LoadSpec(
-            target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
-            output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
-        )  # fmt: skip
-        before = server.usage() if server else None
-        load = run_load_in_processes(spec, config.load_processes)
-        usage = None
-        if server is not None and before is not None:
-            after = server.usage()
-            wall = config.duration_s + config.warmup_s
-            usage = (after.cpu_s - before.cpu_s, wall, after.rss_bytes)
-        rows.append(_row(series, level, load, usage))
-    return rows
+def _measure_load(
+    series: str, server: _Measured | None, target: str, level: int, config: BenchConfig, vocab: int
+) -> Row:
+    """One series at one concurrency level: the load generator's figures, and the server's CPU and RSS."""
+    spec = LoadSpec(
+        target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
+        output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
+    )  # fmt: skip
+    before = server.usage() if server else None
+    load = run_load_in_processes(spec, config.load_processes)
+    usage = None
+    if server is not None and before is not None:
+        after = server.usage()
+        wall = config.duration_s + config.warmup_s
+        usage = (after.cpu_s - before.cpu_s, wall, after.rss_bytes)
+    return _row(series, level, load, usage)
 
 
 def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[list[Row]]:
@@ -143,76 +141,86 @@ def median_rows(rounds: Sequence[Sequence[Row]]) -> list[Row]:
 
 
 def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None, label_prefix: str = "") -> list[Row]:
-    """Measures every requested series over the concurrency levels once; returns the rows.
+    """Measures every requested series once at each concurrency level; returns the rows, series by series.
 
-    `tick` gets a label per measured point (after `label_prefix`), for a progress display."""
+    The servers of every series run for the whole round (idle while another is measured), and the
+    levels are the outer loop: at each level the series are measured one right after another, so
+    that the ratios the targets take (lstmserve against echo, against the unbatched server, against
+    the compute ceiling at the batch it formed) pair measurements seconds apart, not minutes apart:
+    a shared VM's speed drifts over minutes. `tick` gets a label per measured point (after
+    `label_prefix`), for a progress display."""
     from lstmserve.server.runner import Runner, RunnerOptions
-
-    def progress(label: str) -> None:
-        tick(label_prefix + label)
 
     spec = Runner(config.model, RunnerOptions(providers=("cpu",))).spec
     vocab = max(1, len(spec.vocabulary))
     positions = config.prompt_len if config.mode == "prompt" else 1
     max_sessions = max(config.levels) * 2 + 16
-    rows: list[Row] = []
-    if "server" in config.series:
-        if config.target:
-            rows += _sweep(SERIES_SERVER, None, config.target, config, vocab, progress)
-        else:
+    in_process = [
+        (label, measure)
+        for name, label, measure in (
+            ("onnxruntime", SERIES_ORT, onnxruntime_steps_per_s),
+            ("torch", SERIES_TORCH, torch_steps_per_s),
+        )
+        if name in config.series
+    ]
+    by_series: dict[str, list[Row]] = {}
+    with ExitStack() as stack:
+        served: list[tuple[str, _Measured | None, str]] = []  # (series, process to measure, address)
+        if "server" in config.series:
+            if config.target:
+                served.append((SERIES_SERVER, None, config.target))
+            else:
+                command = lstmserve_command(
+                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+                )
+                server = stack.enter_context(ServerProcess(command))
+                served.append((SERIES_SERVER, server, server.target))
+            by_series[SERIES_SERVER] = []
+            if config.mode == "generate":
+                by_series[SERIES_ORT_FORMED] = []  # measured right after the server, at the batch it formed
+        if "unbatched" in config.series and not config.target:
             command = lstmserve_command(
-                config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+                config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
             )
-            with ServerProcess(command) as server:
-                rows += _sweep(SERIES_SERVER, server, server.target, config, vocab, progress)
-        if config.mode == "generate":
-            rows += _formed_batch_ceiling(rows, config)
-    if "unbatched" in config.series and not config.target:
-        command = lstmserve_command(
-            config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
-        )
-        with ServerProcess(command) as server:
-            rows += _sweep(SERIES_UNBATCHED, server, server.target, config, vocab, progress)
-    for count in config.replicas:
-        from lstmserve.bench.proxy import ProxiedReplicas
+            server = stack.enter_context(ServerProcess(command))
+            served.append((SERIES_UNBATCHED, server, server.target))
+        for count in config.replicas:
+            from lstmserve.bench.proxy import ProxiedReplicas
 
-        with ProxiedReplicas(
-            config.model, count, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
-        ) as proxied:
-            rows += _sweep(series_proxied(count), proxied, proxied.target, config, vocab, progress)
-    if "echo" in config.series:
-        with ServerProcess(echo_command(spec.output_size)) as server:
-            rows += _sweep(SERIES_ECHO, server, server.target, config, vocab, progress)
-    for name, label, measure in (
-        ("onnxruntime", SERIES_ORT, onnxruntime_steps_per_s),
-        ("torch", SERIES_TORCH, torch_steps_per_s),
-    ):
-        if name not in config.series:
-            continue
+            proxied = stack.enter_context(
+                ProxiedReplicas(config.model, count, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads)
+            )
+            served.append((series_proxied(count), proxied, proxied.target))
+        if "echo" in config.series:
+            server = stack.enter_context(ServerProcess(echo_command(spec.output_size)))
+            served.append((SERIES_ECHO, server, server.target))
         for level in config.levels:
-            progress(f"{label} @ batch {level}")
-            steps_per_s, per_call = measure(
-                config.model,
-                level,
-                positions=positions,
-                duration_s=min(config.duration_s, 2.0),
-                intra_op_threads=config.intra_op_threads,  # the same threads for both, as for the server
-            )
-            # steps_per_s counts requests (rows of `positions` tokens), as the load generator does.
-            rows.append(Row(series=label, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(level)))
-    return rows
+            for series, process, address in served:
+                tick(f"{label_prefix}{series} @ {level}")
+                row = _measure_load(series, process, address, level, config, vocab)
+                by_series.setdefault(series, []).append(row)
+                if series == SERIES_SERVER and config.mode == "generate" and row.mean_batch:
+                    by_series[SERIES_ORT_FORMED].append(_formed_batch_ceiling(row, config))
+            for label, measure in in_process:
+                tick(f"{label_prefix}{label} @ batch {level}")
+                steps_per_s, per_call = measure(
+                    config.model,
+                    level,
+                    positions=positions,
+                    duration_s=min(config.duration_s, 2.0),
+                    intra_op_threads=config.intra_op_threads,  # the same threads for both, as for the server
+                )
+                # steps_per_s counts requests (rows of `positions` tokens), as the load generator does.
+                by_series.setdefault(label, []).append(
+                    Row(series=label, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(level))
+                )
+    return [row for rows in by_series.values() for row in rows]
 
 
-def _formed_batch_ceiling(rows: Sequence[Row], config: BenchConfig) -> list[Row]:
-    """The compute ceiling at the mean batch size the scheduler formed at each level (generation target)."""
-    formed = []
-    for row in rows:
-        if row.series != SERIES_SERVER or not row.mean_batch:
-            continue
-        batch = max(1, round(row.mean_batch))
-        steps_per_s, per_call = onnxruntime_steps_per_s(
-            config.model, batch, duration_s=min(config.duration_s, 2.0), intra_op_threads=config.intra_op_threads
-        )
-        formed.append(Row(series=SERIES_ORT_FORMED, level=row.level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch)))
-    return formed
-
+def _formed_batch_ceiling(row: Row, config: BenchConfig) -> Row:
+    """The compute ceiling at the mean batch size the scheduler formed in a server row (generation target)."""
+    batch = max(1, round(row.mean_batch or 1))
+    steps_per_s, per_call = onnxruntime_steps_per_s(
+        config.model, batch, duration_s=min(config.duration_s, 2.0), intra_op_threads=config.intra_op_threads
+    )
+    return Row(series=SERIES_ORT_FORMED, level=row.level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch))

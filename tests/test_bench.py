@@ -183,3 +183,22 @@ def test_step_targets_are_checked_only_for_single_token_steps() -> None:
     generating = compare_to_targets(rows, (1, 256), "generate", ())
     # Between generated tokens, "p50" is the time between responses, not a step: no latency target.
     assert [(check.name, check.met()) for check in generating] == [("256 sessions: lstmserve / echo throughput", None)]
+
+
+def test_a_round_measures_every_series_at_one_level_before_the_next(token_model: Path) -> None:
+    """Levels outside, series inside: the ratios pair measurements seconds apart; rows come back by series."""
+    from lstmserve.bench.run import BenchConfig, run_bench
+
+    labels: list[str] = []
+    config = BenchConfig(model=token_model, levels=(1, 2), duration_s=0.2, warmup_s=0.1,
+                         series=("server", "echo", "onnxruntime"))  # fmt: skip
+    (rows,) = run_bench(config, labels.append)
+    assert labels == [
+        "lstmserve @ 1", "gRPC echo (transport ceiling) @ 1", "ONNX Runtime in-process (compute ceiling) @ batch 1",
+        "lstmserve @ 2", "gRPC echo (transport ceiling) @ 2", "ONNX Runtime in-process (compute ceiling) @ batch 2",
+    ]  # fmt: skip
+    assert [(row.series, row.level) for row in rows] == [
+        (series, level)
+        for series in ("lstmserve", "gRPC echo (transport ceiling)", "ONNX Runtime in-process (compute ceiling)")
+        for level in (1, 2)
+    ]
