@@ -121,11 +121,12 @@ def summarize_checks(rounds: Sequence[Sequence[Check]]) -> dict[str, str]:
     summary: dict[str, str] = {}
     for name, checks in by_name.items():
         if len(rounds) == 1:
-            summary[name] = checks[0].describe()
+            summary[name] = checks[0].describe() + _verdict(checks[0], ", ")
             continue
         ranked = sorted(checks, key=lambda check: check.value)
         middle = ranked[middle_index(len(ranked), upper=checks[0].at_most)]
-        text = f"{middle.describe()}, the median of {len(checks)} rounds [{' | '.join(c.describe() for c in checks)}]"
+        each = " | ".join(check.describe() + _verdict(check, " ") for check in checks)
+        text = f"{middle.describe()}, the median of {len(checks)} rounds [{each}]"
         met = [check.met() for check in checks]
         if None not in met:
             text += f", target met in {sum(bool(m) for m in met)} of {len(met)}"
@@ -134,3 +135,9 @@ def summarize_checks(rounds: Sequence[Sequence[Check]]) -> dict[str, str]:
         summary[name] = text
     return summary
 
+
+def _verdict(check: Check, separator: str) -> str:
+    """"met" or "missed" after a value with a target (the value is rounded for display: 0.4995 shows
+    as 0.50 but misses 0.50)."""
+    met = check.met()
+    return "" if met is None else separator + ("met" if met else "missed")

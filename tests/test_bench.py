@@ -94,15 +94,16 @@ def test_summarized_checks_count_the_rounds_that_met_the_target() -> None:
         return [[Check("ratio", value, 0.8), Check("latency", value, 0.85, at_most=True, digits=3)] for value in values]
 
     summary = summarize_checks(rounds_of([0.9, 0.75, 0.92]))
-    assert summary["ratio"] == "0.90, the median of 3 rounds [0.90 | 0.75 | 0.92], target met in 2 of 3"
+    assert summary["ratio"] == "0.90, the median of 3 rounds [0.90 met | 0.75 missed | 0.92 met], target met in 2 of 3"
     assert summary["latency"].startswith("0.900 vs 0.850, the median of 3 rounds")
     assert summary["latency"].endswith("target met in 1 of 3")
-    assert summarize_checks(rounds_of([0.9])) == {"ratio": "0.90", "latency": "0.900 vs 0.850"}
+    assert summarize_checks(rounds_of([0.9])) == {"ratio": "0.90, met", "latency": "0.900 vs 0.850, missed"}
+    assert summarize_checks(rounds_of([0.7995])) == {"ratio": "0.80, missed", "latency": "0.799 vs 0.850, met"}
     even = summarize_checks(rounds_of([0.9, 0.8]))  # the middle value on the target's wrong side
     assert even["ratio"].startswith("0.80, ") and even["latency"].startswith("0.900 vs 0.850, ")
     missing = summarize_checks([[Check("ratio", 0.9, 0.8)], []])
     assert missing["ratio"].endswith("target met in 1 of 1, not measured in 1 of 2 rounds")
-    assert summarize_checks([[Check("replicas", 1.9, note="no target")]] * 2)["replicas"] == (
+    assert summarize_checks([[Check("replicas", 1.9, note="no target")]] * 2)["replicas"] == (  # no verdict
         "1.90 (no target), the median of 2 rounds [1.90 (no target) | 1.90 (no target)]"
     )
 
