@@ -203,24 +203,29 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
                     by_series[SERIES_ORT_FORMED].append(_formed_batch_ceiling(row, config))
             for label, measure in in_process:
                 tick(f"{label_prefix}{label} @ batch {level}")
-                steps_per_s, per_call = measure(
+                measured = measure(
                     config.model,
                     level,
                     positions=positions,
                     duration_s=min(config.duration_s, 2.0),
                     intra_op_threads=config.intra_op_threads,  # the same threads for both, as for the server
                 )
-                # steps_per_s counts requests (rows of `positions` tokens), as the load generator does.
-                by_series.setdefault(label, []).append(
-                    Row(series=label, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(level))
-                )
+                by_series.setdefault(label, []).append(_in_process_row(label, level, level, measured))
     return [row for rows in by_series.values() for row in rows]
 
 
 def _formed_batch_ceiling(row: Row, config: BenchConfig) -> Row:
     """The compute ceiling at the mean batch size the scheduler formed in a server row (generation target)."""
     batch = max(1, round(row.mean_batch or 1))
-    steps_per_s, per_call = onnxruntime_steps_per_s(
+    measured = onnxruntime_steps_per_s(
         config.model, batch, duration_s=min(config.duration_s, 2.0), intra_op_threads=config.intra_op_threads
     )
-    return Row(series=SERIES_ORT_FORMED, level=row.level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch))
+    return _in_process_row(SERIES_ORT_FORMED, row.level, batch, measured)
+
+
+def _in_process_row(series: str, level: int, batch: int, measured: tuple[float, float]) -> Row:
+    """A row of an in-process series: (steps per second, seconds per call) of batches of `batch` rows.
+
+    Steps count requests (rows of however many positions), as the load generator counts them."""
+    steps_per_s, per_call = measured
+    return Row(series=series, level=level, steps_per_s=steps_per_s, p50_ms=per_call * 1e3, mean_batch=float(batch))
