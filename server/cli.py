@@ -102,6 +102,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--session-ttl-s", type=float, default=900.0, help="close a session after this many idle seconds")
     _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")
     _add(p, "--max-generate-tokens", type=int, default=4096, help="most tokens one generation may ask for")
+    _add(p, "--max-stop-strings", type=int, default=16, help="most stop strings one generation request may carry")
+    _add(p, "--max-stop-chars", type=int, default=256, help="most characters in one stop string")
     _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
     _add(p, "--max-inflight-per-session", type=int, default=64, help="most requests one session may have waiting")
     _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
@@ -247,6 +249,8 @@ def run_serve(args: argparse.Namespace) -> int:
             session_ttl_s=args.session_ttl_s,
             max_tokens_per_request=args.max_tokens_per_request,
             max_generate_tokens=args.max_generate_tokens,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_chars=args.max_stop_chars,
             max_queue=args.max_queue,
             max_inflight_per_session=args.max_inflight_per_session,
             max_message_bytes=args.max_message_bytes,
@@ -274,12 +278,10 @@ def run_serve(args: argparse.Namespace) -> int:
     gc.freeze()  # what the imports made lives as long as the process: keep it out of every collection
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
-        asyncio.run(serve(config))
+        return asyncio.run(serve(config))
     except (ModelSpecError, ModelLoadError, ProviderError, ConfigError, OSError) as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 1
-
-    return 0
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """The state directory: session snapshots on disk, so sessions survive a restart.
 
 One file per session, `<session id>.session`: a JSON header (id, owner) and the session's
-snapshot blob (see `snapshot.py`), followed by a SHA-256 of both. Files are written
+snapshot blob (see `snapshot.py`), followed by a SHA-256 of both, or with `--snapshot-secret-file`
+an HMAC-SHA256 under the secret (the owner is then as safe from forgery as the state). Files are written
 atomically: to a temporary file in the same directory, fsync, rename, fsync the directory.
 A file that fails its checks is logged, moved aside as `*.corrupt`, and skipped; the other
 sessions are restored.
@@ -9,7 +10,9 @@ sessions are restored.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -62,14 +65,19 @@ class StateDir:
         """Writes one session's file atomically (write, fsync, rename, fsync the directory)."""
         header = json.dumps({"id": session_id, "owner": owner}).encode()
         body = _LEN.pack(len(header)) + header + blob
-        content = body + hashlib.sha256(body).digest()
+        content = body + self._tag(body)
         target = self.file_of(session_id)
         temporary = target.with_suffix(f"{SUFFIX}.tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, target)
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):  # no partial file left behind (a full disk, say)
+                temporary.unlink(missing_ok=True)
+            raise
         self._sync_directory()
 
     def remove(self, session_id: str) -> None:
@@ -84,8 +92,10 @@ class StateDir:
         """Reads and checks one file; InvalidInput says what is wrong with it."""
         content = self.file_of(session_id).read_bytes()
         body, digest = content[:-32], content[-32:]
-        if len(content) < _LEN.size + 32 or hashlib.sha256(body).digest() != digest:
-            raise InvalidInput("checksum mismatch (truncated or corrupted file)")
+        if len(content) < _LEN.size + 32 or not hmac.compare_digest(self._tag(body), digest):
+            if self._secret and len(content) >= _LEN.size + 32 and hashlib.sha256(body).digest() == digest:
+                raise InvalidInput("file is not signed, and this server only accepts files signed with its secret")
+            raise InvalidInput("checksum mismatch (truncated, corrupted, or signed with another secret)")
         (header_len,) = _LEN.unpack_from(body)
         header = json.loads(body[_LEN.size : _LEN.size + header_len])
         if header.get("id") != session_id:
@@ -106,6 +116,13 @@ class StateDir:
                 log.error("state file %s refused: %s; moved to %s", self.file_of(session_id), error, corrupt.name)
                 os.replace(self.file_of(session_id), corrupt)
         return sessions
+
+    def _tag(self, body: bytes) -> bytes:
+        """The file's trailer: an HMAC-SHA256 of header and blob under the snapshot secret (so that nobody
+        without it can change a session's owner), or a plain SHA-256 without a secret."""
+        if self._secret:
+            return hmac.new(self._secret, body, hashlib.sha256).digest()
+        return hashlib.sha256(body).digest()
 
     def _sync_directory(self) -> None:
         descriptor = os.open(self.path, os.O_RDONLY)

@@ -11,7 +11,8 @@ from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.generation import StopMatcher, Wakeup
+from lstmserve.server.generation import Wakeup
+from lstmserve.server.stops import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
