@@ -391,7 +391,10 @@ class Scheduler:
         session.in_flight = True
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
-        self._finish(groups, self._compute(groups))
+        try:
+            self._finish(groups, self._compute(groups))
+        except Exception as error:  # noqa: BLE001 - as in the batching loop: this request fails, the server goes on
+            self._recover([(session, work)], error)
         self._keep_awake()
         return work.future.result()  # type: ignore[no-any-return]
 

@@ -49,6 +49,10 @@ def limited_server(token_model: Path) -> Iterator[ServerThread]:
         ({"generate": pb.Generate(max_tokens=3)}, "no tokens"),
         ({"features": features_tensor(np.zeros((1, 3)))}, "carries features"),
         ({}, "no tokens"),
+        ({"tokens": [1], "output": pb.OUTPUT_SAMPLE, "sampling": pb.Sampling(top_k=999)}, "sampling.top_k 999"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, sampling=pb.Sampling(top_k=2**32 - 1))}, "sampling.top_k 4294967295"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["x"] * 17)}, "17 strings, more than --max-stop-strings=16"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["ab", "y" * 257])}, "stop[1] has 257 characters"),
     ],
 )
 def test_invalid_step_is_rejected_and_changes_nothing(
