@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from functools import partial
 
@@ -47,6 +48,24 @@ DRAIN_STREAM_GRACE_S = 1.0
 # The least time a drain keeps trying the session writes that failed (within the stop grace period
 # that docs/scaling.md asks for: delay + grace + the writes).
 DRAIN_WRITE_RETRY_S = 3.0
+
+
+class PortError(OSError):
+    """A port the server needs cannot be bound; the message names the address, which port it is, and why."""
+
+    def __init__(self, host: str, port: int, which: str, reason: object) -> None:
+        super().__init__(f"cannot listen on {host}:{port}, the {which}: {reason}")
+
+
+def _bind_error(host: str, port: int) -> str:
+    """Why binding host:port fails, asked of the OS directly (grpcio's error does not say)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host.strip("[]"), port))
+    except OSError as error:
+        return error.strerror or str(error)
+    return "grpcio could not bind it"
 
 
 class LstmServer:
@@ -119,28 +138,34 @@ class LstmServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-        address = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            self.port = server.add_secure_port(address, config.tls.server_credentials())
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind gRPC port {config.host}:{config.port}")
-        await server.start()
-        self._server = server
-        if config.metrics_port is not None:
-            http_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+        if config.metrics_port is not None:  # first: if its port is taken, nothing else has started listening
+            try:
+                http_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            except OSError as error:
+                raise PortError(config.host, config.metrics_port, "metrics port (--metrics-port)", error) from None
             self._metrics_server = http_server
             self.metrics_port = int(http_server.server_port)
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls is not None:
+                self.port = server.add_secure_port(address, config.tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio says only "Failed to bind to address"; the OS says why
+            self.port = 0
+        if self.port == 0:
+            raise PortError(config.host, config.port, "gRPC port (--port)", _bind_error(config.host, config.port))
+        await server.start()
+        self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s on %s:%d with %s (metrics port %s)",
+            "serving %s on %s:%d with %s (%s)",
             config.model,
             config.host,
             self.port,
             self.runner.provider,
-            self.metrics_port,
+            f"metrics on port {self.metrics_port}" if self.metrics_port is not None else "metrics off",
         )
         return self.port
 
@@ -323,7 +348,11 @@ async def serve(config: ServerConfig) -> int:
     """Runs a server until SIGTERM or SIGINT, then drains it. Returns the process's exit status: 0 after a
     complete drain, 1 if some session could not be written or the batching loop died."""
     server = LstmServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()  # whatever had started (the scheduler, a listening port) stops cleanly
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
