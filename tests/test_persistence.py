@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import start_server
+from helpers import wait_until
 
 from lstmserve.client import Client
 
@@ -83,6 +84,20 @@ def test_corrupted_state_file_is_refused_and_the_others_restored(token_model: Pa
         second.stop()
 
 
+def _stored_step(model: Path, state_dir: Path, session_id: str) -> int | None:
+    """The step counter of a session as the state directory holds it now (None: not written yet)."""
+    from helpers import model_spec
+
+    from lstmserve.server.persistence import StateDir
+
+    spec = model_spec(model)
+    directory = StateDir(state_dir, fingerprint=spec.fingerprint, shape=(spec.state_rows, spec.h.width, spec.c.width), secret=None)
+    try:
+        return directory.read(session_id).step
+    except FileNotFoundError:
+        return None
+
+
 def _serve(model: Path, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [LSTMSERVE, "serve", "--model", str(model), "--port", "0", "--state-dir", str(state_dir), *extra],
@@ -104,7 +119,8 @@ def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tm
             session = client.session()
             session.step([1, 2, 3])
             session_id = session.id
-            time.sleep(0.6)  # at least one checkpoint after the acknowledged step
+            # At least one checkpoint after the acknowledged step (waited for, not slept on).
+            wait_until(lambda: _stored_step(token_model, tmp_path, session_id) == 3, 60, "a checkpoint at step 3")
             session.detach()
         process.send_signal(signal.SIGKILL)  # a crash: no drain
         process.wait(10)
