@@ -25,7 +25,7 @@ from lstmserve.server.config import ServerConfig
 from lstmserve.server.grpc_log import quiet_decode_errors
 from lstmserve.server.health import HealthServicer
 from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
-from lstmserve.server.keeper import NotWritten, SessionKeeper
+from lstmserve.server.keeper import DirectoryKeeper, KeeperBase, NotWritten, SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
 from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
@@ -93,7 +93,7 @@ class LstmServer:
         self.scheduler: Scheduler | None = None
         self._service: LstmServeService | None = None
         self._inference: InferenceService | None = None  # the Open Inference Protocol, same port
-        self.keeper: SessionKeeper | None = None  # with --state-dir or --session-store
+        self.keeper: KeeperBase | None = None  # with --state-dir or --session-store
         self.cluster: Cluster | None = None  # with --session-store redis://...
         # Set if the batching loop died (see `_watch_scheduler`): `serve` then exits with status 1.
         self.failed = asyncio.Event()
@@ -210,8 +210,7 @@ class LstmServer:
                 shape=(spec.state_rows, spec.h.width, spec.c.width),
                 secret=config.snapshot_secret,
             )
-            directory = DirectoryStore(state_dir)
-            self.keeper = SessionKeeper(self.scheduler, directory, encode, directory.remove)
+            self.keeper = DirectoryKeeper(self.scheduler, DirectoryStore(state_dir, encode))
             spill = DirectorySpill(state_dir, encode)
         else:
             return

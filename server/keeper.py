@@ -1,8 +1,12 @@
 """Keeps sessions outside the process: brings them back at start, checkpoints them, writes them on drain.
 
-Works on any `SessionStore` (the state directory or Redis). A session is written when its state
-changed since it was last written (`Session.version`); on drain every session is written or, when
-unchanged, only released (with Redis, so that other replicas may take it over).
+Two keepers, one per backend, on a shared base (`KeeperBase`: restore, deletions of closed sessions'
+copies, the checkpoint loop):
+- `SessionKeeper` (Redis): a session is written when its state changed since it was last written
+  (`Session.version`), one record per session; on drain every session is written or, when unchanged,
+  only released, so that other replicas may take it over.
+- `DirectoryKeeper` (the state directory): a round writes every live session into one file, when any
+  changed since the last round.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Callable
 
 from lstmserve.server.errors import ServeError
 from lstmserve.server.scheduler import Scheduler
-from lstmserve.server.session_store import SessionStore
+from lstmserve.server.session_store import DirectoryStore, SessionStore
 from lstmserve.server.sessions import Session
 from lstmserve.server.state import SessionState
 from lstmserve.server.text import LISTED_ITEMS, listing
@@ -30,16 +34,18 @@ class NotWritten(OSError):
         unremoved: '<id> (<error>)' of each closed session whose stored copy is still there.
     """
 
-    def __init__(self, failures: list[str], unremoved: list[str]) -> None:
+    def __init__(self, failures: list[str], unremoved: list[str], reason: str = "") -> None:
         self.failures = failures
         self.unremoved = unremoved
+        self.reason = reason
         super().__init__(self.describe(LISTED_ITEMS))
 
     def describe(self, limit: int) -> str:
         """What failed, naming the first `limit` sessions of each kind."""
         parts = []
         if self.failures:
-            parts.append(f"{len(self.failures)} session(s) were not written: {listing(self.failures, limit)}")
+            because = f" ({self.reason})" if self.reason else ""
+            parts.append(f"{len(self.failures)} session(s) were not written{because}: {listing(self.failures, limit)}")
         if self.unremoved:
             parts.append(
                 f"the stored copies of {len(self.unremoved)} closed session(s) could not be deleted "
@@ -48,26 +54,19 @@ class NotWritten(OSError):
         return "; ".join(parts)
 
 
-class SessionKeeper:
-    """Checkpoints and drain writes of one server's sessions.
+class KeeperBase:
+    """What every keeper does: bring sessions back at start, delete closed sessions' stored copies (trying
+    failed deletions again), and checkpoint every so often (`checkpoint` is each backend's own).
 
     Args:
         scheduler: the server's scheduler (its sessions and their state).
-        store: where the snapshots go.
-        encode: (state, step) -> snapshot blob.
+        store: where the sessions go.
         remove: deletes a closed or expired session's stored copy.
     """
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        store: SessionStore,
-        encode: Callable[[SessionState, int], bytes],
-        remove: Callable[[str], None],
-    ) -> None:
+    def __init__(self, scheduler: Scheduler, store: SessionStore | DirectoryStore, remove: Callable[[str], None]) -> None:
         self.scheduler = scheduler
         self.store = store
-        self._encode = encode
         self._remove = remove
         # session id -> (the live session, its state version last written). Keyed on the Session object too:
         # a session that left (handed over, spilled) and came back is a new object whose version restarts,
@@ -121,6 +120,55 @@ class SessionKeeper:
         return failures
 
     async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
+        """Writes what changed since the last checkpoint; returns how many sessions changed."""
+        raise NotImplementedError
+
+    def start(self, interval_s: float) -> None:
+        """Checkpoints every `interval_s` seconds from now on."""
+        self._task = asyncio.create_task(self._loop(interval_s))
+
+    def stop(self) -> None:
+        """Stops the periodic checkpoints."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _loop(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.checkpoint()
+            except NotWritten as error:  # tried again at the next interval; the sessions stay in memory
+                log.error("checkpoint: %s", error)
+            except Exception:  # noqa: BLE001 - a failed checkpoint is retried at the next interval
+                log.exception("checkpoint failed")
+
+
+
+
+class SessionKeeper(KeeperBase):
+    """Checkpoints and drain writes of one server's sessions, one session at a time (Redis, shared by the
+    replicas: each session is its own record there).
+
+    Args:
+        scheduler: the server's scheduler (its sessions and their state).
+        store: where the snapshots go.
+        encode: (state, step) -> snapshot blob.
+        remove: deletes a closed or expired session's stored copy.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        store: SessionStore,
+        encode: Callable[[SessionState, int], bytes],
+        remove: Callable[[str], None],
+    ) -> None:
+        super().__init__(scheduler, store, remove)
+        self.session_store = store
+        self._encode = encode
+
+    async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
         """Writes every session whose state changed since it was last written; returns how many.
 
         With `release` (the drain), every session is let go after its write, the unchanged ones too.
@@ -168,7 +216,7 @@ class SessionKeeper:
             except ServeError:
                 return 0  # closed or handed over meanwhile (a draining replica does not fetch it back)
             blob = self._encode(state, step)
-        saved = await self.store.save(session.id, session.owner, blob, release=release)
+        saved = await self.session_store.save(session.id, session.owner, blob, release=release)
         if session in self.scheduler.sessions:
             if saved:
                 self._written_versions[session.id] = (session, version)
@@ -176,22 +224,72 @@ class SessionKeeper:
             self.forget(session.id)
         return 1 if blob else 0
 
-    def start(self, interval_s: float) -> None:
-        """Checkpoints every `interval_s` seconds from now on."""
-        self._task = asyncio.create_task(self._loop(interval_s))
 
-    def stop(self) -> None:
-        """Stops the periodic checkpoints."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+class DirectoryKeeper(KeeperBase):
+    """Checkpoints and drain writes to the state directory: each is one round file holding every live session
+    (one file and two fsyncs a round, whatever the number of sessions; see `persistence.py`).
 
-    async def _loop(self, interval_s: float) -> None:
+    Args:
+        scheduler: the server's scheduler (its sessions and their state).
+        store: the state directory.
+    """
+
+    def __init__(self, scheduler: Scheduler, store: DirectoryStore) -> None:
+        super().__init__(scheduler, store, store.remove)
+        self.directory = store
+        # Sessions closed since the last round: the next round must be written (without them) even if nothing
+        # else changed; until it is, the checkpoint on disk still holds them.
+        self._closed: set[str] = set()
+
+    def forget(self, session_id: str) -> None:
+        """A closed or expired session leaves the next round, and its spill file (if any) goes now."""
+        self._closed.add(session_id)
+        super().forget(session_id)
+
+    async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
+        """Writes a round with every live session if any changed (or closed) since the last; returns how many
+        changed. The copies are all taken at one moment between batches, so every step acknowledged before
+        this call is in the round. A failed write is tried again, with backoff, for up to `retry_s` seconds;
+        then `NotWritten` names every session whose latest state is not on disk, and every closed session the
+        checkpoint still holds (the last round stays as it was). `release` changes nothing: one server owns
+        its directory."""
+        live = self.scheduler.sessions
+        if not self._closed and all(self._written_versions.get(s.id) == (s, s.version) and not s.busy for s in live.all()):
+            return self._finish_removals(0)
+        copies = await self.scheduler.copy_all_sessions()
+        changed = [c.session.id for c in copies if self._written_versions.get(c.session.id) != (c.session, c.version)]
+        closed = set(self._closed)
+        deadline = time.monotonic() + retry_s
+        delay_s = 0.05
         while True:
-            await asyncio.sleep(interval_s)
             try:
-                await self.checkpoint()
-            except NotWritten as error:  # tried again at the next interval; the sessions stay in memory
-                log.error("checkpoint: %s", error)
-            except Exception:  # noqa: BLE001 - a failed checkpoint is retried at the next interval
-                log.exception("checkpoint failed")
+                await self.directory.save_round(copies)
+                break
+            except OSError as error:
+                if time.monotonic() + delay_s > deadline:
+                    still_stored = [f"{i} (still in the last checkpoint)" for i in sorted(closed)]
+                    raise NotWritten(changed, self._retry_removals() + still_stored, reason=str(error)) from error
+                log.warning("writing the checkpoint of %d session(s) failed (%s); trying again", len(copies), error)
+                await asyncio.sleep(delay_s)
+                delay_s = min(1.0, delay_s * 2)
+        self._closed -= closed
+        self._written_versions = {c.session.id: (c.session, c.version) for c in copies}
+        # Spill files of sessions that are live now and in this round are older copies: they go.
+        for session_id in self.directory.spilled_ids():
+            session = live.find(session_id)
+            if session is not None and self._written_versions.get(session_id, (None, 0))[0] is session:
+                self._forget_spill_file(session_id)
+        return self._finish_removals(len(changed))
+
+    def _forget_spill_file(self, session_id: str) -> None:
+        """Deletes a spill file the checkpoint made redundant (a failure is harmless: the round wins at start)."""
+        try:
+            self.directory.remove(session_id)
+        except OSError as error:
+            log.warning("an older spill file of session %s could not be deleted: %s", session_id, error)
+
+    def _finish_removals(self, written: int) -> int:
+        unremoved = self._retry_removals()
+        if unremoved:
+            raise NotWritten([], unremoved)
+        return written

@@ -115,6 +115,16 @@ class _Work:
 
 
 @dataclass(frozen=True)
+class SessionCopy:
+    """A copy of one live session as it stood between two batches: what a checkpoint writes."""
+
+    session: Session
+    step: int
+    version: int
+    state: SessionState
+
+
+@dataclass(frozen=True)
 class _Group:
     """Steps of the same length run as one ONNX Runtime call."""
 
@@ -140,6 +150,8 @@ class Scheduler:
         self._computing = 0
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
+        # Callers of copy_all_sessions waiting for the batching loop to take the copies between batches.
+        self._copies_due: list[asyncio.Future[list[SessionCopy]]] = []
         # Generations running (their streams get tokens in chunks sized by this).
         self._generating = 0
         # The session whose step was the only one in the last compute (None after a real batch).
@@ -275,6 +287,24 @@ class Scheduler:
         return await self._enqueue(
             session, _Work(future=self._new_future(), op=lambda s: (s.step, s.version, self.store.read(s.slot)))
         )
+
+    async def copy_all_sessions(self) -> list[SessionCopy]:
+        """A copy of every live session (step counter, state version, state), all taken at one moment between two
+        batches: every step acknowledged before this call is in it, and no half-applied batch (the copies are
+        taken by the batching loop, as the idle sweep runs)."""
+        future: asyncio.Future[list[SessionCopy]] = self._new_future()
+        self._copies_due.append(future)
+        self._wakeup.set()
+        return await future
+
+    def _copy_sessions(self) -> None:
+        """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
+        waiting, self._copies_due = self._copies_due, []
+        store = self.store
+        copies = [SessionCopy(s, s.step, s.version, store.read(s.slot)) for s in self.sessions.all()]
+        for future in waiting:
+            if not future.done():
+                future.set_result(copies)
 
     async def restore_session(
         self, state: SessionState, step: int, owner: str = "", session_id: str | None = None
@@ -576,6 +606,8 @@ class Scheduler:
                     self.sweep_idle()
                 except Exception:  # noqa: BLE001 - a sweep that failed is tried again at the next one
                     log.exception("the idle sweep failed; the batching loop goes on")
+            if self._copies_due:
+                self._copy_sessions()
             taken: list[tuple[Session, _Work]] = []
             try:
                 taken = self._collect()

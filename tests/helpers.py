@@ -103,3 +103,13 @@ def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.02
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def stored_sessions(model_path: Path, state_dir: Path) -> dict[str, int]:
+    """Session id -> step counter of every session a state directory holds now (read as a server start would)."""
+    from lstmserve.server.persistence import StateDir
+
+    spec = model_spec(model_path)
+    shape = (spec.state_rows, spec.h.width, spec.c.width)
+    directory = StateDir(state_dir, fingerprint=spec.fingerprint, shape=shape, secret=None)
+    return {stored.session_id: stored.step for stored in directory.read_all()}

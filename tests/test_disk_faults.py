@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, start_server
-from helpers import SyncStream
+from helpers import SyncStream, stored_sessions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstmserve.client import Client
@@ -82,17 +82,21 @@ def test_failed_spill_keeps_the_session_live_and_the_loop_running(token_model: P
 
 
 def test_failed_deletion_on_close_frees_the_slot_and_is_retried(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Closing a session deletes its spill file (if it has one): when the disk refuses, the session is closed all
+    the same (its slot free for the next), the failure names it, and the deletion is tried again later."""
     state_dir = tmp_path / "state"
-    handle = start_server(token_model, state_dir=state_dir, max_sessions=3)
+    handle = start_server(token_model, state_dir=state_dir, max_sessions=3, spill_idle=True)
     try:
         with Client(handle.address) as client:
             sessions = [client.session() for _ in range(3)]
             for session in sessions:
                 session.step([2])
-            assert handle.call(handle.server.checkpoint()) == 3
+            assert _sweep(handle) == 3  # spilled: each has a file now
+            for session in sessions:
+                assert session.info().step == 1  # back in memory; its spill file stays until a checkpoint
             with broken(state_dir), caplog.at_level(logging.ERROR, logger="lstmserve.server.keeper"):
                 for session in sessions:
-                    session.close()  # closed here; deleting its file fails
+                    session.close()  # closed here; deleting its spill file fails
                 # Every slot is free again: three new sessions fit under --max-sessions 3.
                 newcomers = [client.session() for _ in range(3)]
                 for newcomer in newcomers:
@@ -101,7 +105,8 @@ def test_failed_deletion_on_close_frees_the_slot_and_is_retried(token_model: Pat
             assert {i for i in closed_ids if any(i in r.message for r in caplog.records)} == closed_ids
             assert {p.stem for p in state_dir.glob("*.session")} == closed_ids  # still there: the disk refused
             handle.call(handle.server.checkpoint())  # the directory is back: deletions are tried again
-            assert {p.stem for p in state_dir.glob("*.session")} == {n.id for n in newcomers}
+            assert list(state_dir.glob("*.session")) == []
+            assert set(stored_sessions(token_model, state_dir)) == {n.id for n in newcomers}
     finally:
         handle.stop()
 
@@ -120,7 +125,7 @@ def test_failed_checkpoint_names_the_sessions_and_keeps_them(token_model: Path, 
             assert session.id in str(error.value)
             assert session.step([7]).step == 3
             assert handle.call(handle.server.checkpoint()) == 1
-            assert (state_dir / f"{session.id}.session").exists()
+            assert stored_sessions(token_model, state_dir) == {session.id: 3}
     finally:
         handle.stop()
 

@@ -247,8 +247,9 @@ def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
                 session_id = next(iter(first.server.scheduler.sessions.all())).id
                 assert session_id.startswith(SEQUENCE_ID_PREFIX)
                 assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
-    assert not redis_server.client.exists(f"lstmserve:session:{session_id}")  # sequence_end: the record is gone
-    assert redis_server.client.exists(f"lstmserve:closed:{session_id}")  # and a tombstone says it was closed
+    # sequence_end: the record goes, and a tombstone says it was closed (written in the background: waited for)
+    wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 60, "the record to go")
+    assert redis_server.client.exists(f"lstmserve:closed:{session_id}")
     with triton.InferenceServerClient(second.address) as two:  # the sequence id may start a new sequence
         tensor = triton.InferInput("tokens", [1, 1], "INT64")
         tensor.set_data_from_numpy(np.array([[tokens[0]]], dtype=np.int64))
