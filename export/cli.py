@@ -32,7 +32,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), default="default",
-        help="starting values: 'default' (about 3 minutes on 2 cores) or 'tiny' (seconds)")
+        help="starting values: 'default' (about 2 minutes on 2 cores) or 'tiny' (seconds)")
     add("--task", choices=TASKS, help=f"what to train (default {d['task'].default})")
     add("--corpus", type=Path, help="UTF-8 text file to train on (default: Python standard-library sources)")
     add("--out", type=Path, help=f"output directory, replaced at the end (default {d['out'].default})")

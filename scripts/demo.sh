@@ -10,7 +10,7 @@ PROMPT="${LSTMSERVE_DEMO_PROMPT:-def }"
 if [ -f "$MODEL_DIR/model.onnx" ]; then
   echo "== model already exported: $MODEL_DIR/model.onnx"
 else
-  echo "== exporting the default model to $MODEL_DIR (about 3 minutes on 2 cores)"
+  echo "== exporting the default model to $MODEL_DIR (about 2 minutes on 2 cores)"
   "$PY" -m lstmserve.cli export --out "$MODEL_DIR"
 fi
 

@@ -133,7 +133,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--state-dir",
         type=_optional_path,
         default=None,
-        help="directory for session files: written on SIGTERM (and by checkpoints), read back at start",
+        help="directory for the sessions: a checkpoint file written on SIGTERM (and by checkpoints), read back at start",
         unset="none: sessions live in memory only",
     )
     _add(

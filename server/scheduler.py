@@ -458,7 +458,7 @@ class Scheduler:
         older than the replay window. Returns how many sessions left memory.
 
         A session whose spill write fails (a full or read-only disk, say) stays in memory, live and
-        steppable, and is tried again at the next sweep; the failure is logged with its id. Nothing
+        steppable, and is tried again SPILL_RETRY_S later; the failure is logged with its id. Nothing
         raised here can reach the batching loop.
         """
         now = time.monotonic() if now is None else now
