@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,3 +118,40 @@ def stored_sessions(model_path: Path, state_dir: Path) -> dict[str, int]:
     shape = (spec.state_rows, spec.h.width, spec.c.width)
     directory = StateDir(state_dir, fingerprint=spec.fingerprint, shape=shape, secret=None)
     return {stored.session_id: stored.step for stored in directory.read_all()}
+
+
+LSTMSERVE = str(Path(sys.executable).with_name("lstmserve"))
+
+
+def serve_process(
+    model: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    file_size_limit: int | None = None,
+    keep_log: bool = False,
+) -> tuple[subprocess.Popen[str], str]:
+    """Starts `lstmserve serve --model MODEL --port 0 EXTRA...` as a process and returns it with its address,
+    once it says where it serves. With `keep_log`, its stderr (the log) is piped for the test to read at the end
+    (keep such a run short: nobody reads the pipe meanwhile). `file_size_limit` caps the size of any file it
+    writes (RLIMIT_FSIZE: a write beyond fails with EFBIG, as one fails with ENOSPC on a full disk)."""
+
+    def limit_files() -> None:
+        if file_size_limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    process = subprocess.Popen(
+        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE if keep_log else subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+        preexec_fn=limit_files if file_size_limit is not None else None,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"serving on \S+:(\d+)", line)
+    if match is None:
+        process.kill()
+        _, log = process.communicate(timeout=30)
+        raise AssertionError(f"server did not start: {line!r} {log or ''}")
+    return process, f"127.0.0.1:{match.group(1)}"

@@ -9,11 +9,7 @@ writes then fail part-way with EFBIG, as they do with ENOSPC on a full one.
 from __future__ import annotations
 
 import logging
-import os
-import re
-import resource
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, start_server
-from helpers import SyncStream, stored_sessions
+from helpers import SyncStream, serve_process, stored_sessions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lstmserve.client import Client
@@ -204,31 +200,14 @@ def test_a_dead_batching_loop_reports_not_serving_and_exits_nonzero(token_model:
         handle.stop()
 
 
-def _serve(model: Path, state_dir: Path, *, file_size_limit: int | None = None) -> tuple[subprocess.Popen[str], str]:
-    def limit() -> None:
-        if file_size_limit is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    process = subprocess.Popen(
-        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", "--state-dir", str(state_dir), "--grace-s", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-        preexec_fn=limit,
-    )
-    assert process.stdout is not None
-    match = re.search(r"serving on \S+:(\d+)", process.stdout.readline())
-    assert match, "server did not start"
-    return process, f"127.0.0.1:{match.group(1)}"
-
-
 def test_drain_that_cannot_write_exits_1_names_the_sessions_and_leaves_no_temp_files(
     token_model: Path, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
     # A session file of the tiny model is about 1 KB: the limit lets none be written whole.
-    process, address = _serve(token_model, state_dir, file_size_limit=300)
+    process, address = serve_process(
+        token_model, "--state-dir", str(state_dir), "--grace-s", "1", file_size_limit=300, keep_log=True
+    )
     try:
         with Client(address) as client:
             ids = []
@@ -261,19 +240,11 @@ def test_near_limit_requests_that_are_refused_do_not_pile_up_in_memory(token_mod
     keys.write_text("a-valid-key-of-some-length\n")
     request = pb.InferRequest(tokens=[1] * (16 * 1024 * 1024 - 64))  # one byte per token, packed
     for extra in ((), ("--api-keys-file", str(keys))):
-        process = subprocess.Popen(
-            [LSTMSERVE, "serve", "--model", str(token_model), "--port", "0", *extra],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        process, address = serve_process(token_model, *extra)
         try:
-            assert process.stdout is not None
-            match = re.search(r"serving on \S+:(\d+)", process.stdout.readline())
-            assert match, "server did not start"
             server = psutil.Process(process.pid)
             options = [("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 32 * 1024 * 1024)]
-            with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}", options=options) as channel:
+            with grpc.insecure_channel(address, options=options) as channel:
                 stub = pb_grpc.LstmServeStub(channel)
                 expected = grpc.StatusCode.UNAUTHENTICATED if extra else grpc.StatusCode.INVALID_ARGUMENT
                 baseline = server.memory_info().rss

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import start_server
-from helpers import stored_sessions, wait_until
+from helpers import serve_process, stored_sessions, wait_until
 
 from lstmserve.client import Client, SessionNotFound
 
@@ -102,17 +100,7 @@ def test_a_checkpoint_that_is_not_one_is_moved_aside(token_model: Path, tmp_path
 
 
 def _serve(model: Path, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", "--state-dir", str(state_dir), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=dict(os.environ),
-    )
-    assert process.stdout is not None
-    match = re.search(r"serving on \S+:(\d+)", process.stdout.readline())
-    assert match, "server did not start"
-    return process, f"127.0.0.1:{match.group(1)}"
+    return serve_process(model, "--state-dir", str(state_dir), *extra)
 
 
 def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from conftest import start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import SyncStream
+from helpers import SyncStream, serve_process
 
 from lstmserve.cli import main
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -74,25 +74,8 @@ def test_drain_reports_not_serving_and_refuses_new_sessions(token_model: Path) -
         handle.stop()
 
 
-def _start_cli_server(model: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [LSTMSERVE, "serve", "--model", str(model), "--port", "0", *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"serving on (\S+):(\d+)", line)
-    if match is None:
-        process.kill()
-        raise AssertionError(f"server did not start: {line!r} {process.stderr.read() if process.stderr else ''}")
-    return process, f"127.0.0.1:{match.group(2)}"
-
-
 def test_cli_serve_drains_on_sigterm(token_model: Path) -> None:
-    process, address = _start_cli_server(token_model, "--grace-s", "5", env={"LSTMSERVE_MAX_SESSIONS": "3"})
+    process, address = serve_process(token_model, "--grace-s", "5", env={"LSTMSERVE_MAX_SESSIONS": "3"})
     try:
         with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
             assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
@@ -149,7 +132,7 @@ def test_ports_in_use_are_one_line_naming_the_address_and_the_port(token_model: 
 
 
 def test_serve_takes_the_model_folder(token_model: Path) -> None:
-    process, address = _start_cli_server(token_model.parent)
+    process, address = serve_process(token_model.parent)
     try:
         with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
             assert SyncStream(channel).request(tokens=[1, 2]).step == 2
