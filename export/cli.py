@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lstmserve.export.config import PRESETS, TASKS, ExportConfig
+from lstmserve.export.config import CELLS, PRESETS, TASKS, ExportConfig
 from lstmserve.export.errors import ExportError, ParityError
 
 EXIT_BAD_INPUT = 2
@@ -36,7 +36,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     add("--task", choices=TASKS, help=f"what to train (default {d['task'].default})")
     add("--corpus", type=Path, help="UTF-8 text file to train on (default: Python standard-library sources)")
     add("--out", type=Path, help=f"output directory, replaced at the end (default {d['out'].default})")
-    lstm = parser.add_argument_group("nn.LSTM")
+    lstm = parser.add_argument_group("recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
+    lstm.add_argument("--cell", choices=CELLS, help=f"the recurrent layer (default {d['cell'].default}; "
+                      "gru and rnn keep one state tensor, h)")
     lstm.add_argument("--input-size", type=int, help="embedding size, or feature width for --task features (default 64 / 28)")
     lstm.add_argument("--hidden-size", type=int, help=f"default {d['hidden_size'].default}")
     lstm.add_argument("--num-layers", type=int, help=f"default {d['num_layers'].default}")

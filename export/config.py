@@ -16,6 +16,8 @@ from lstmserve.export.errors import ExportError
 
 Task = Literal["tokens", "features"]
 TASKS: tuple[str, ...] = ("tokens", "features")
+Cell = Literal["lstm", "gru", "rnn"]
+CELLS: tuple[str, ...] = ("lstm", "gru", "rnn")
 
 #: Input width used when `input_size` is not given: embedding size or feature width.
 DEFAULT_INPUT_SIZE: dict[str, int] = {"tokens": 64, "features": 28}
@@ -46,8 +48,9 @@ class ExportConfig:
             corpus made from the Python standard library sources.
         input_size: embedding size (tokens) or feature width (features); None
             means 64 for tokens and 28 for features.
+        cell: the recurrent layer: "lstm" (`nn.LSTM`), "gru" (`nn.GRU`) or "rnn" (`nn.RNN`, tanh).
         hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            proj_size: passed to `nn.LSTM` unchanged.
+            proj_size: passed to the recurrent layer unchanged (proj_size: LSTM only).
         steps: optimiser steps.
         batch_size: sequences per step.
         seq_len: time steps per training sequence.
@@ -62,6 +65,7 @@ class ExportConfig:
 
     task: Task = "tokens"
     corpus: Path | None = None
+    cell: Cell = "lstm"
     input_size: int | None = None
     hidden_size: int = 256
     num_layers: int = 2
@@ -115,11 +119,15 @@ class ExportConfig:
         """Raises ExportError naming the first bad value."""
         if self.task not in TASKS:
             raise ExportError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.cell not in CELLS:
+            raise ExportError(f"--cell {self.cell!r} is not one of {', '.join(CELLS)}")
         for name in ("input_size", "hidden_size", "num_layers", "steps", "batch_size", "seq_len",
                      "eval_every", "eval_batches"):
             _positive_int(name, getattr(self, name))
         if isinstance(self.proj_size, bool) or not isinstance(self.proj_size, int) or self.proj_size < 0:
             raise ExportError(f"--proj-size must be an integer >= 0, got {self.proj_size!r}")
+        if self.proj_size and self.cell != "lstm":
+            raise ExportError(f"--proj-size {self.proj_size} only applies to --cell lstm, not {self.cell}")
         if self.proj_size >= self.hidden_size:
             raise ExportError(
                 f"--proj-size {self.proj_size} must be smaller than --hidden-size {self.hidden_size}"

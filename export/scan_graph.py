@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lstmserve.export.model import LSTMModel
+from lstmserve.export.model import RecurrentModel
 
 BATCH, TIME = "batch", "time"
 
@@ -81,7 +81,7 @@ def _cell_body(w_hh_t: str, w_hr_t: str | None, hidden: int, width: int) -> onnx
     )
 
 
-def build_scan_model(model: LSTMModel, input_name: str, opset: int) -> onnx.ModelProto:
+def build_scan_model(model: RecurrentModel, input_name: str, opset: int) -> onnx.ModelProto:
     """The ONNX model for `model`, built node by node (no tracing)."""
     cfg = model.config
     lstm = model.lstm

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from lstmserve.export.config import ExportConfig
 from lstmserve.export.data import Batch, FeatureData, TokenData, fixed_batches, sample_batch
-from lstmserve.export.model import LSTMModel, ModelConfig
+from lstmserve.export.model import ModelConfig, RecurrentModel
 
 LOSS_NAME = {"tokens": "cross-entropy (nats/char)", "features": "mean squared error"}
 
@@ -33,7 +33,7 @@ class TrainResult:
         seconds: training wall time.
     """
 
-    model: LSTMModel
+    model: RecurrentModel
     train_loss: float
     val_loss: float
     baseline_val_loss: float
@@ -61,7 +61,7 @@ def train(config: ExportConfig, data: TokenData | FeatureData, *, progress: bool
     start = time.perf_counter()
     vocab_size = len(data.vocabulary) if isinstance(data, TokenData) else 0
     with deterministic(config.seed):
-        model = LSTMModel(ModelConfig.from_export(config, vocab_size))
+        model = RecurrentModel(ModelConfig.from_export(config, vocab_size))
         loss_fn = _loss_fn(config)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config.steps))
@@ -105,7 +105,7 @@ def train(config: ExportConfig, data: TokenData | FeatureData, *, progress: bool
     )
 
 
-def evaluate(model: LSTMModel, loss_fn: nn.Module, batches: list[Batch]) -> float:
+def evaluate(model: RecurrentModel, loss_fn: nn.Module, batches: list[Batch]) -> float:
     """Mean loss over fixed batches, in eval mode, from a zero state."""
     model.eval()
     with torch.no_grad():
@@ -132,9 +132,8 @@ def _loss_fn(config: ExportConfig) -> nn.Module:
     return nn.CrossEntropyLoss() if config.task == "tokens" else nn.MSELoss()
 
 
-def _batch_loss(model: LSTMModel, loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
-    h0, c0 = model.initial_state(batch.inputs.shape[0])
-    logits, _, _ = model(batch.inputs, h0, c0)
+def _batch_loss(model: RecurrentModel, loss_fn: nn.Module, batch: Batch) -> torch.Tensor:
+    logits = model(batch.inputs, *model.initial_state(batch.inputs.shape[0]))[0]
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         return loss_fn(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1))
     return loss_fn(logits, batch.targets)

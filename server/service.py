@@ -185,7 +185,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             state, step = decode_snapshot(
                 request.blob,
                 fingerprint=spec.fingerprint,
-                shape=(spec.state_rows, spec.h.width, spec.c.width),
+                shape=spec.state_shape,
                 secret=self.config.snapshot_secret,
             )
             session = await self._new_session(self._owner(context), request.session_id, (state, step))
