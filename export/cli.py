@@ -1,4 +1,4 @@
-"""`lstmserve export`: train an LSTM model and export it to ONNX.
+"""`lstmserve export`: train a recurrent model and export it to ONNX, or export an already-trained module.
 
 Only the standard library is imported here; torch comes in when the command runs.
 """
@@ -15,6 +15,9 @@ from lstmserve.export.errors import ExportError, ParityError
 
 EXIT_BAD_INPUT = 2
 EXIT_PARITY = 1
+MODULE_OUT = Path("models/module")
+#: Options that apply with --module (the rest configure training).
+MODULE_OPTIONS = frozenset({"module", "weights", "vocab", "head", "classes", "out", "batch_first", "preset", "progress"})
 
 
 def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -22,11 +25,13 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     d = ExportConfig.__dataclass_fields__
     parser = subparsers.add_parser(
         "export",
-        help="train an LSTM model and export it to ONNX",
+        help="train a recurrent model (or take an already-trained one) and export it to ONNX",
         description=(
             "Train a character language model (or, with --task features, a signal forecaster) "
-            "and export it to ONNX with h0/c0 -> hn/cn as explicit inputs/outputs, verified "
-            "against PyTorch on ONNX Runtime. Options left out take the preset's value."
+            "and export it to ONNX with its recurrent state (h0/c0 -> hn/cn, or h0 -> hn for GRU "
+            "and RNN) as explicit inputs/outputs, verified against PyTorch on ONNX Runtime. "
+            "Options left out take the preset's value. With --module, export an already-trained "
+            "PyTorch module instead, without training."
         ),
         argument_default=argparse.SUPPRESS,
     )
@@ -56,6 +61,18 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     training.add_argument("--lr", type=float, help=f"Adam learning rate (default {d['lr'].default})")
     training.add_argument("--seed", type=int, help=f"default {d['seed'].default}")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    module = parser.add_argument_group(
+        "an already-trained module (no training)",
+        "A module whose forward is forward(x, state) -> (y, state) around one nn.LSTM, nn.GRU or nn.RNN; "
+        "--batch-first/--no-batch-first override the layout the recurrent layer declares.",
+    )
+    module.add_argument("--module", metavar="TARGET",
+                        help="package.module:factory or path/to/file.py:factory (a module, class or function)")
+    module.add_argument("--weights", type=Path, help="state_dict saved with torch.save, loaded into the module")
+    module.add_argument("--vocab", type=Path, help="token models: the vocabulary, a .json list or one piece a line")
+    module.add_argument("--head", choices=("language_model", "regression", "classification"),
+                        help="what the output means (default: language_model for tokens, regression for features)")
+    module.add_argument("--classes", help="classification: comma-separated class names (default 0, 1, ...)")
     parser.set_defaults(run=run)
 
 
@@ -69,10 +86,17 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
 def run(args: argparse.Namespace) -> int:
     """Runs `lstmserve export`; returns 0, 1 (parity failure) or 2 (bad input)."""
     try:
-        config = config_from_args(args)
-        from lstmserve.export.pipeline import export_model
+        result: Any
+        if getattr(args, "module", None) is not None:
+            result = _export_module(args)
+        else:
+            for name in ("weights", "vocab", "head", "classes"):
+                if hasattr(args, name):
+                    raise ExportError(f"--{name} only applies with --module")
+            config = config_from_args(args)
+            from lstmserve.export.pipeline import export_model
 
-        result = export_model(config, progress=getattr(args, "progress", True))
+            result = export_model(config, progress=getattr(args, "progress", True))
     except ExportError as exc:
         print(f"lstmserve export: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -81,3 +105,23 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_PARITY
     print(result.summary())
     return 0
+
+
+def _export_module(args: argparse.Namespace) -> Any:
+    """`lstmserve export --module ...`: loads the module and its weights, exports it (no training)."""
+    given = {k for k in vars(args) if k in ExportConfig.__dataclass_fields__ or k in MODULE_OPTIONS}
+    training = sorted(given - MODULE_OPTIONS)
+    if training:
+        raise ExportError(f"--{training[0].replace('_', '-')} configures training and does not apply with --module")
+    from lstmserve.export.module_export import export_module, load_module
+
+    module = load_module(args.module, getattr(args, "weights", None))
+    classes = [c.strip() for c in args.classes.split(",")] if getattr(args, "classes", None) else ()
+    return export_module(
+        module,
+        out_dir=getattr(args, "out", MODULE_OUT),
+        vocabulary=getattr(args, "vocab", None),
+        head=getattr(args, "head", None),
+        classes=classes,
+        batch_first=getattr(args, "batch_first", None),
+    )

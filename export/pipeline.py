@@ -84,7 +84,7 @@ def export_model(config: ExportConfig, *, progress: bool = True) -> ExportResult
     spec = make_spec(model, vocabulary)
     baseline = BASELINE_NAME[config.task]
     out = config.out
-    with _staging_dir(out) as stage:
+    with staging_dir(out) as stage:
         write_onnx(to_onnx(model, spec), stage / ONNX_NAME)
         parity = check_parity(model, stage / ONNX_NAME, spec, config.tolerance, seed=config.seed)
         save_checkpoint(stage / CHECKPOINT_NAME, model, config, vocabulary)
@@ -128,7 +128,7 @@ def export_model(config: ExportConfig, *, progress: bool = True) -> ExportResult
 
 
 @contextlib.contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
+def staging_dir(target: Path) -> Iterator[Path]:
     """A temp dir beside `target` that replaces it on success and is removed on failure."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"--out {str(target)!r} exists and is not a directory")

@@ -193,6 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT."""
     import asyncio
 
+    from lstmserve.interface import ModelInterfaceError
     from lstmserve.metadata import ModelSpecError
     from lstmserve.server.auth import ApiKeyError, load_api_keys
     from lstmserve.server.app import serve
@@ -275,6 +276,9 @@ def run_serve(args: argparse.Namespace) -> int:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         asyncio.run(serve(config))
+    except ModelInterfaceError as error:  # metadata that does not fit the graph: bad input, like a bad flag
+        print(f"lstmserve serve: error: {error}", file=sys.stderr)
+        return 2
     except (ModelSpecError, ModelLoadError, ProviderError, ConfigError, OSError) as error:
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 1
