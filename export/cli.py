@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lstmserve.export import annotate_cli
 from lstmserve.export.config import CELLS, PRESETS, TASKS, ExportConfig
 from lstmserve.export.errors import ExportError, ParityError
 
@@ -74,6 +75,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
                         help="what the output means (default: language_model for tokens, regression for features)")
     module.add_argument("--classes", help="classification: comma-separated class names (default 0, 1, ...)")
     parser.set_defaults(run=run)
+    annotate_cli.add_parser(subparsers)
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:

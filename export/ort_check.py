@@ -18,7 +18,7 @@ from lstmserve.metadata import ModelSpec
 def session(path: Path | bytes) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for a model file (or serialized model)."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: the callers report failed runs themselves, in one line
     options.intra_op_num_threads = 1
     source = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
