@@ -265,7 +265,9 @@ def _roles(
 
 
 def _state_like(tensor: GraphTensor) -> bool:
-    return tensor.dtype == FLOAT and len(tensor.shape) == 3
+    """float32 [rows, batch, width] with fixed rows and width (a data tensor's first axis is dynamic)."""
+    shape = tensor.shape
+    return tensor.dtype == FLOAT and len(shape) == 3 and isinstance(shape[0], int) and isinstance(shape[2], int)
 
 
 def _check_roles(data_in: GraphTensor, pairs: list[StatePair], data_out: GraphTensor, kind: str) -> None:
