@@ -104,6 +104,9 @@ class ModelInfo:
         max_generate_tokens: most tokens one generation may ask for.
         session_ttl_s: an idle session is closed after this many seconds.
         max_sessions: most live sessions on the server.
+        cell: the recurrent layer: "lstm", "gru", "rnn", or "custom" (an annotated ONNX model).
+        classes: a classifier's class names, in output order (index `probabilities` with them).
+        state_tensors: recurrent state tensors the server keeps per session (2 for an LSTM, 1 for GRU/RNN).
     """
 
     kind: str
@@ -122,6 +125,9 @@ class ModelInfo:
     max_generate_tokens: int
     session_ttl_s: float
     max_sessions: int
+    cell: str = "lstm"
+    classes: tuple[str, ...] = ()
+    state_tensors: int = 2
 
     @property
     def bidirectional(self) -> bool:

@@ -28,8 +28,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         "export",
         help="train a recurrent model (or take an already-trained one) and export it to ONNX",
         description=(
-            "Train a character language model (or, with --task features, a signal forecaster) "
-            "and export it to ONNX with its recurrent state (h0/c0 -> hn/cn, or h0 -> hn for GRU "
+            "Train a character language model (--task tokens), a forecaster of the next row of a signal or "
+            "table (--task features) or a sequence classifier (--task classify), and export it to ONNX with its recurrent state (h0/c0 -> hn/cn, or h0 -> hn for GRU "
             "and RNN) as explicit inputs/outputs, verified against PyTorch on ONNX Runtime. "
             "Options left out take the preset's value. With --module, export an already-trained "
             "PyTorch module instead, without training."
@@ -41,6 +41,18 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="starting values: 'default' (about 3 minutes on 2 cores) or 'tiny' (seconds)")
     add("--task", choices=TASKS, help=f"what to train (default {d['task'].default})")
     add("--corpus", type=Path, help="UTF-8 text file to train on (default: Python standard-library sources)")
+    data = parser.add_argument_group(
+        "the user's data (--task features and classify)",
+        "features: a .csv with a header row, or a .npy array, of rows in time order; the model forecasts the next "
+        "row's --targets. classify: a .csv with one row per time step, a sequence id column and a label column "
+        "(default: scikit-learn's bundled 8x8 digits, row by row). Columns are standardised inside the model.",
+    )
+    data.add_argument("--data", type=Path, help="the .csv or .npy file (default: a synthetic signal, or the digits)")
+    data.add_argument("--columns", help="comma-separated feature columns (default: every numeric column; .npy: 0,1,...)")
+    data.add_argument("--targets", help="features: comma-separated columns to forecast (default: --columns)")
+    data.add_argument("--val-fraction", type=float, help=f"share held out for validation (default {d['val_fraction'].default})")
+    data.add_argument("--label-column", help=f"classify: the label column (default {d['label_column'].default!r})")
+    data.add_argument("--sequence-column", help=f"classify: the sequence id column (default {d['sequence_column'].default!r})")
     add("--out", type=Path, help=f"output directory, replaced at the end (default {d['out'].default})")
     lstm = parser.add_argument_group("recurrent layer (nn.LSTM, nn.GRU or nn.RNN)")
     lstm.add_argument("--cell", choices=CELLS, help=f"the recurrent layer (default {d['cell'].default}; "
@@ -73,7 +85,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     module.add_argument("--vocab", type=Path, help="token models: the vocabulary, a .json list or one piece a line")
     module.add_argument("--head", choices=("language_model", "regression", "classification"),
                         help="what the output means (default: language_model for tokens, regression for features)")
-    module.add_argument("--classes", help="classification: comma-separated class names (default 0, 1, ...)")
+    module.add_argument("--classes", help="comma-separated class names: with --module, of a classification head "
+                        "(default 0, 1, ...); with --task classify, the allowed labels in output order")
     parser.set_defaults(run=run)
     annotate_cli.add_parser(subparsers)
 
@@ -92,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "module", None) is not None:
             result = _export_module(args)
         else:
-            for name in ("weights", "vocab", "head", "classes"):
+            for name in ("weights", "vocab", "head"):
                 if hasattr(args, name):
                     raise ExportError(f"--{name} only applies with --module")
             config = config_from_args(args)

@@ -34,6 +34,9 @@ class ModelConfig:
         hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
             proj_size: the recurrent layer's arguments (proj_size: LSTM only).
         cell: "lstm", "gru" or "rnn".
+        input_norm: standardise the features inside the model, (x - mean) / std (see `normalize`).
+        output_norm: the head predicts standardised values, turned back into the data's units
+            inside the model, y * std + mean.
     """
 
     kind: str
@@ -48,15 +51,27 @@ class ModelConfig:
     bidirectional: bool
     proj_size: int
     cell: str = "lstm"
+    input_norm: bool = False
+    output_norm: bool = False
 
     @classmethod
-    def from_export(cls, config: ExportConfig, vocab_size: int, output_size: int | None = None) -> ModelConfig:
-        """The architecture an export config asks for (`output_size`: the head's width when the data sets it)."""
+    def from_export(
+        cls,
+        config: ExportConfig,
+        vocab_size: int,
+        *,
+        input_size: int | None = None,
+        output_size: int | None = None,
+        input_norm: bool = False,
+        output_norm: bool = False,
+    ) -> ModelConfig:
+        """The architecture an export config asks for (widths and normalisation: when the data sets them)."""
         tokens = config.task == "tokens"
+        width = input_size or config.width
         return cls(
             kind="tokens" if tokens else "features",
-            input_size=config.width,
-            output_size=output_size or (vocab_size if tokens else config.width),
+            input_size=width,
+            output_size=output_size or (vocab_size if tokens else width),
             vocab_size=vocab_size if tokens else 0,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
@@ -66,6 +81,8 @@ class ModelConfig:
             bidirectional=config.bidirectional,
             proj_size=config.proj_size,
             cell=config.cell,
+            input_norm=input_norm,
+            output_norm=output_norm,
         )
 
     @property
@@ -113,10 +130,31 @@ class RecurrentModel(nn.Module):
             **options,
         )
         self.head = nn.Linear(config.h_width * config.num_directions, config.output_size)
+        if config.input_norm:
+            self.register_buffer("input_mean", torch.zeros(config.input_size))
+            self.register_buffer("input_std", torch.ones(config.input_size))
+        if config.output_norm:
+            self.register_buffer("output_mean", torch.zeros(config.output_size))
+            self.register_buffer("output_std", torch.ones(config.output_size))
+
+    def normalize(self, normalization: dict[str, list[float]]) -> None:
+        """Sets the per-column means and stds (keys input_mean, input_std, output_mean, output_std)."""
+        for name, values in normalization.items():
+            buffer = getattr(self, name)
+            buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+
+    def standardized(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Outputs (or targets) in the data's units -> standardised units, for the loss (identity without
+        output_norm)."""
+        if not self.config.output_norm:
+            return outputs
+        return (outputs - self.output_mean) / self.output_std
 
     def forward(self, inputs: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """inputs [B, T] (tokens) or [B, T, F]; state h0 (and c0) [rows, B, width] -> (logits [B, T, out], hn[, cn])."""
         x = self.embedding(inputs) if self.embedding is not None else inputs
+        if self.config.input_norm:
+            x = (x - self.input_mean) / self.input_std
         if not self.config.batch_first:
             x = x.transpose(0, 1)
         if self.config.cell == "lstm":
@@ -127,7 +165,10 @@ class RecurrentModel(nn.Module):
             final = (hn,)
         if not self.config.batch_first:
             out = out.transpose(0, 1)
-        return (self.head(out), *final)
+        y = self.head(out)
+        if self.config.output_norm:
+            y = y * self.output_std + self.output_mean
+        return (y, *final)
 
     def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
         """Zero state for `batch` sequences: (h0, c0) for an LSTM, (h0,) for a GRU or RNN."""

@@ -25,12 +25,16 @@ def session(path: Path | bytes) -> ort.InferenceSession:
 
 
 def random_inputs(spec: ModelSpec, batch: int, seq_len: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Batch-major random inputs and a random (non-zero) initial state for every state tensor."""
+    """Batch-major random inputs (features in the data's units when the model standardises them) and a
+    random (non-zero) initial state for every state tensor."""
     rng = np.random.default_rng(seed)
     if spec.kind == "tokens":
         inputs = rng.integers(0, max(1, len(spec.vocabulary)), size=(batch, seq_len)).astype(np.int64)
     else:
-        inputs = rng.standard_normal((batch, seq_len, spec.input_size)).astype(np.float32)
+        inputs = rng.standard_normal((batch, seq_len, spec.input_size))
+        if "input_mean" in spec.normalization:
+            inputs = inputs * np.asarray(spec.normalization["input_std"]) + np.asarray(spec.normalization["input_mean"])
+        inputs = inputs.astype(np.float32)
     states = [(0.5 * rng.standard_normal((spec.state_rows, batch, s.width))).astype(np.float32) for s in spec.states]
     return inputs, states
 
@@ -63,6 +67,12 @@ def result_names(spec: ModelSpec) -> list[str]:
     return ["logits", *(s.output_name for s in spec.states)]
 
 
+def output_scale(spec: ModelSpec) -> np.ndarray:
+    """What output differences are divided by: each column's std when the model predicts in the data's
+    units (float32 carries about 7 digits, so 1e-4 of a column in the thousands is below its precision), else 1."""
+    return np.asarray(spec.normalization.get("output_std", [1.0]), dtype=np.float64)
+
+
 def stepwise_differences(
     sess: ort.InferenceSession, spec: ModelSpec, *, batch: int, seq_len: int, seed: int
 ) -> dict[str, float]:
@@ -70,7 +80,8 @@ def stepwise_differences(
     inputs, states = random_inputs(spec, batch, seq_len, seed)
     whole = run_whole(sess, spec, inputs, states)
     step = run_stepwise(sess, spec, inputs, states)
+    scales = [output_scale(spec)] + [1.0] * len(spec.states)
     return {
-        f"step_b{batch}_{name}": float(np.max(np.abs(a - b)))
-        for name, a, b in zip(result_names(spec), whole, step, strict=True)
+        f"step_b{batch}_{name}": float(np.max(np.abs(a - b) / scale))
+        for name, a, b, scale in zip(result_names(spec), whole, step, scales, strict=True)
     }

@@ -127,6 +127,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             max_generate_tokens=config.max_generate_tokens,
             session_ttl_s=config.session_ttl_s,
             max_sessions=config.max_sessions,
+            cell=spec.cell,
+            classes=list(spec.classes),
+            state_tensors=len(spec.states),
         )
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
