@@ -192,7 +192,7 @@ def make_signal(width: int, length: int, seed: int) -> torch.Tensor:
 def load_features(config: ExportConfig) -> FeatureData:
     """The rows to forecast, split into train and validation: the user's --data, else the synthetic signal."""
     if config.data is not None:
-        return _table_features(config)
+        return _table_features(config, config.data)
     series = make_signal(config.width, FEATURE_SERIES_LENGTH, config.seed)
     val_len = max(int(len(series) * VAL_FRACTION), config.seq_len + 1)
     if len(series) - val_len < config.seq_len + 1:
@@ -200,18 +200,17 @@ def load_features(config: ExportConfig) -> FeatureData:
     return FeatureData(series[:-val_len], series[-val_len:], f"synthetic-sinusoids-{config.width}")
 
 
-def _table_features(config: ExportConfig) -> FeatureData:
+def _table_features(config: ExportConfig, path: Path) -> FeatureData:
     """--data FILE: the selected columns (and targets) as one series; val is the last --val-fraction of it."""
-    assert config.data is not None
     inputs = list(config.columns) if config.columns is not None else None
     targets = list(config.targets) if config.targets is not None else None
     wanted = None if inputs is None else list(dict.fromkeys(inputs + (targets or [])))
-    table = read_table(config.data, wanted)
+    table = read_table(path, wanted)
     names = list(table.names)
     if targets is not None and inputs is None:
         missing = [t for t in targets if t not in names]
         if missing:
-            raise ExportError(f"--targets: {str(config.data)!r} has no column {missing[0]!r} (columns: {', '.join(names)})")
+            raise ExportError(f"--targets: {str(path)!r} has no column {missing[0]!r} (columns: {', '.join(names)})")
     in_names = inputs if inputs is not None else names
     out_names = targets if targets is not None else in_names
     _check_width(config, len(in_names))
@@ -219,7 +218,7 @@ def _table_features(config: ExportConfig) -> FeatureData:
     val_len = max(int(rows * config.val_fraction), config.seq_len + 1)
     if rows - val_len < config.seq_len + 1:
         raise ExportError(
-            f"--data {str(config.data)!r} has {rows} rows, too few for --seq-len {config.seq_len} with "
+            f"--data {str(path)!r} has {rows} rows, too few for --seq-len {config.seq_len} with "
             f"--val-fraction {config.val_fraction} (need at least {2 * (config.seq_len + 1)})"
         )
     series = torch.from_numpy(table.values.astype(np.float32))
@@ -232,7 +231,7 @@ def _table_features(config: ExportConfig) -> FeatureData:
         "output_mean": _mean(train[:, list(out_index)]),
         "output_std": _std(train[:, list(out_index)]),
     }
-    return FeatureData(train, series[-val_len:], str(config.data), in_index, out_index, tuple(in_names),
+    return FeatureData(train, series[-val_len:], str(path), in_index, out_index, tuple(in_names),
                        tuple(out_names), normalization)
 
 
@@ -254,7 +253,7 @@ def _std(values: torch.Tensor) -> list[float]:
 def load_sequences(config: ExportConfig) -> SequenceData:
     """Labelled sequences: the user's --data CSV, else scikit-learn's 8x8 digits (8 rows of 8 pixels each)."""
     if config.data is not None:
-        sequences, labels, columns, source = _csv_sequences(config)
+        sequences, labels, columns, source = _csv_sequences(config, config.data)
     else:
         sequences, labels, columns, source = _digits()
     _check_width(config, len(columns))
@@ -298,16 +297,15 @@ def _digits() -> tuple[list[torch.Tensor], list[str], tuple[str, ...], str]:
     return list(images), labels, tuple(f"pixel{i}" for i in range(8)), "scikit-learn digits (8x8, row by row)"
 
 
-def _csv_sequences(config: ExportConfig) -> tuple[list[torch.Tensor], list[str], tuple[str, ...], str]:
+def _csv_sequences(config: ExportConfig, path: Path) -> tuple[list[torch.Tensor], list[str], tuple[str, ...], str]:
     """A long-format CSV: one row per time step, the sequence id and label columns, and feature columns.
     A sequence's rows are consecutive, in time order, and share one label."""
-    assert config.data is not None
     text = (config.sequence_column, config.label_column)
     if config.columns is not None:
         clash = [c for c in config.columns if c in text]
         if clash:
             raise ExportError(f"--columns: {clash[0]!r} is the sequence or label column, not a feature")
-    table = read_table(config.data, config.columns, text_columns=text)
+    table = read_table(path, config.columns, text_columns=text)
     ids, labels = table.text[config.sequence_column], table.text[config.label_column]
     sequences: list[torch.Tensor] = []
     sequence_labels: list[str] = []
@@ -318,7 +316,7 @@ def _csv_sequences(config: ExportConfig) -> tuple[list[torch.Tensor], list[str],
         sequence_id = ids[start]
         if sequence_id in seen:
             raise ExportError(
-                f"--data {str(config.data)!r}: the rows of sequence {sequence_id!r} are not consecutive "
+                f"--data {str(path)!r}: the rows of sequence {sequence_id!r} are not consecutive "
                 f"(it starts again on line {start + 2})"
             )
         seen.add(sequence_id)
@@ -326,12 +324,12 @@ def _csv_sequences(config: ExportConfig) -> tuple[list[torch.Tensor], list[str],
         for line in range(start, end):
             if labels[line] != label:
                 raise ExportError(
-                    f"--data {str(config.data)!r}: sequence {sequence_id!r} has label {label!r} and {labels[line]!r} "
+                    f"--data {str(path)!r}: sequence {sequence_id!r} has label {label!r} and {labels[line]!r} "
                     f"(line {line + 2}); a sequence has one label"
                 )
         sequences.append(torch.from_numpy(table.values[start:end].astype(np.float32)))
         sequence_labels.append(label)
-    return sequences, sequence_labels, table.names, str(config.data)
+    return sequences, sequence_labels, table.names, str(path)
 
 
 def _classes(config: ExportConfig, labels: list[str]) -> tuple[str, ...]:
