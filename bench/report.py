@@ -52,10 +52,12 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def markdown_table(report: BenchReport) -> str:
-    """The rows as a Markdown table; with several rounds, a column gives each point's range of steps/s."""
+    """The rows as a Markdown table (throughput in the run's unit: steps/s, requests/s or tokens/s); with several
+    rounds, a column gives each point's range of throughput."""
     ranges = any(row.rounds > 1 for row in report.rows)
+    unit = panel_labels(report)[1]
     lines = [
-        "| series | concurrency | steps/s |" + (" range over rounds |" if ranges else "")
+        f"| series | concurrency | {unit} |" + (" range over rounds |" if ranges else "")
         + " p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | errors |",
         "| --- | ---: | ---: |" + (" ---: |" if ranges else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -69,8 +71,21 @@ def markdown_table(report: BenchReport) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What the two panels of the plot show, by --mode: (throughput title, its unit, latency title).
+PANEL_LABELS = {
+    "step": ("throughput", "steps/s", "p99 step latency"),
+    "prompt": ("throughput", "requests/s", "p99 request latency"),
+    "generate": ("generated tokens per second", "tokens/s", "p99 time between responses"),
+}
+
+
+def panel_labels(report: BenchReport) -> tuple[str, str, str]:
+    """(throughput title, its unit, latency title) for the run's --mode."""
+    return PANEL_LABELS.get(str(report.settings.get("mode", "step")), PANEL_LABELS["step"])
+
+
 def plot(report: BenchReport, path: Path) -> None:
-    """Throughput and p99 latency against concurrency, every series on one figure."""
+    """Throughput and p99 latency against concurrency, every series on one figure, labelled for the run's mode."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,14 +103,16 @@ def plot(report: BenchReport, path: Path) -> None:
             throughput.fill_between(levels, low, high, color=colour, alpha=0.15, linewidth=0)
         if any(row.p99_ms is not None for row in rows):
             latency.plot(levels, [row.p99_ms for row in rows], marker="o", label=series, color=colour)
-    for axis, title, unit in ((throughput, "throughput", "steps/s"), (latency, "p99 step latency", "ms")):
+    throughput_title, throughput_unit, latency_title = panel_labels(report)
+    for axis, title, unit in ((throughput, throughput_title, throughput_unit), (latency, latency_title, "ms")):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("concurrent sessions (batch size for in-process series)")
         axis.set_ylabel(unit)
         axis.set_title(title)
         axis.grid(True, which="both", alpha=0.3)
-    throughput.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.suptitle(report.command, fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -24,7 +24,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class _CommandError(Exception):
-    """A failure to report as one line on stderr."""
+    """A failure to report as one line on stderr (exit status 1)."""
+
+
+class _UsageError(_CommandError):
+    """A bad option value, found before anything was sent (exit status 2)."""
 
 
 API_KEY_ENV = "LSTMSERVE_API_KEY"
@@ -96,6 +100,15 @@ def run_generate(args: argparse.Namespace) -> int:
     """`lstmserve generate`: prints the prompt, then each generated piece as it arrives."""
 
     def body(client: Client) -> int:
+        info = client.model_info()  # check what the server would refuse before printing anything
+        if not 1 <= args.max_tokens <= info.max_generate_tokens:
+            raise _UsageError(f"--max-tokens must be in [1, {info.max_generate_tokens}] for this server, got {args.max_tokens}")
+        if info.kind != "tokens" or not len(info.vocabulary):
+            raise _UsageError(f"the server's model takes {info.kind}, not text")
+        try:
+            info.vocabulary.encode(args.prompt)
+        except ValueError as error:  # names the character outside the vocabulary
+            raise _UsageError(f"the prompt cannot be encoded: {error}") from None
         with client.session() as session:
             generation = session.generate(
                 args.prompt,
@@ -118,12 +131,12 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_stream(args: argparse.Namespace) -> int:
     """`lstmserve stream`: one session, one line of stdin at a time, top-N next characters after each."""
     if args.top < 1:
-        return _fail("stream", f"--top must be at least 1, got {args.top}")
+        return _fail("stream", f"--top must be at least 1, got {args.top}", status=2)
 
     def body(client: Client) -> int:
         info = client.model_info()
         if info.kind != "tokens" or not len(info.vocabulary):
-            raise _CommandError(f"the server's model takes {info.kind}, not text")
+            raise _UsageError(f"the server's model takes {info.kind}, not text")
         top = min(args.top, info.output_size)
         status = 0
         with client.session() as session:
@@ -184,9 +197,9 @@ def _preview(pieces: tuple[str, ...], limit: int = 40) -> str:
     return f"{len(pieces)} pieces: {shown}" + (" ..." if len(pieces) > limit else "")
 
 
-def _fail(command: str, message: str) -> int:
+def _fail(command: str, message: str, status: int = 1) -> int:
     print(f"lstmserve {command}: error: {message}", file=sys.stderr, flush=True)
-    return 1
+    return status
 
 
 def _run(command: str, args: argparse.Namespace, body: Callable[[Client], int]) -> int:
@@ -202,7 +215,7 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], int]) 
             try:
                 ca = Path(args.tls_ca_file).read_bytes()
             except OSError as error:
-                return _fail(command, f"cannot read --tls-ca-file: {error}")
+                return _fail(command, f"cannot read --tls-ca-file: {error}", status=2)
             credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         with Client(args.target, timeout=args.timeout, metadata=metadata, credentials=credentials) as client:
             return body(client)
@@ -210,7 +223,9 @@ def _run(command: str, args: argparse.Namespace, body: Callable[[Client], int]) 
         if error.code == grpc.StatusCode.UNAVAILABLE:
             return _fail(command, f"cannot reach the server at {args.target} ({error.code.name}: {error.details})")
         return _fail(command, f"{error.code.name}: {error.details}")
-    except (_CommandError, ValueError) as error:
+    except (_UsageError, ValueError) as error:  # the client library raises ValueError for a bad argument
+        return _fail(command, str(error), status=2)
+    except _CommandError as error:
         return _fail(command, str(error))
     except BrokenPipeError:  # the reader went away (e.g. `| head`)
         return 0

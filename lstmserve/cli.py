@@ -18,11 +18,24 @@ from lstmserve.export import cli as export_cli
 from lstmserve.server import cli as server_cli
 
 
+EXIT_STATUSES = """exit statuses (every command):
+  0    success
+  1    a failure at run time: the server could not be reached or refused a call,
+       training or the export check failed, serve lost sessions at its drain or
+       its batching loop died
+  2    a usage or configuration error: a bad option or value, a missing or
+       unreadable file, a model that cannot be served, a port already in use
+  130  interrupted (Ctrl-C)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Builds the top-level parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="lstmserve",
         description="Serve LSTM models step by step: export a model, serve it over gRPC, stream from it.",
+        epilog=EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lstmserve {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -10,19 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from functools import partial
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
+from lstmserve.server.grpc_log import quiet_decode_errors
+from lstmserve.server.health import HealthServicer
 from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
-from lstmserve.server.keeper import SessionKeeper
+from lstmserve.server.keeper import DirectoryKeeper, KeeperBase, NotWritten, SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
 from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
@@ -47,6 +50,24 @@ DRAIN_STREAM_GRACE_S = 1.0
 DRAIN_WRITE_RETRY_S = 3.0
 
 
+class PortError(OSError):
+    """A port the server needs cannot be bound; the message names the address, which port it is, and why."""
+
+    def __init__(self, host: str, port: int, which: str, reason: object) -> None:
+        super().__init__(f"cannot listen on {host}:{port}, the {which}: {reason}")
+
+
+def _bind_error(host: str, port: int) -> str:
+    """Why binding host:port fails, asked of the OS directly (grpcio's error does not say)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host.strip("[]"), port))
+    except OSError as error:
+        return error.strerror or str(error)
+    return "grpcio could not bind it"
+
+
 class LstmServer:
     """One lstmserve server process: load the model, listen, serve, drain.
 
@@ -64,7 +85,7 @@ class LstmServer:
             ),
         )
         self.store = make_store(self.runner, config)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -72,8 +93,11 @@ class LstmServer:
         self.scheduler: Scheduler | None = None
         self._service: LstmServeService | None = None
         self._inference: InferenceService | None = None  # the Open Inference Protocol, same port
-        self.keeper: SessionKeeper | None = None  # with --state-dir or --session-store
+        self.keeper: KeeperBase | None = None  # with --state-dir or --session-store
         self.cluster: Cluster | None = None  # with --session-store redis://...
+        # Set if the batching loop died (see `_watch_scheduler`): `serve` then exits with status 1.
+        self.failed = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Warms the model up, starts listening and returns the bound gRPC port."""
@@ -93,7 +117,9 @@ class LstmServer:
             self.metrics,
         )
         self.scheduler.start()
+        self._watchdog = asyncio.create_task(self._watch_scheduler(self.scheduler), name="scheduler watchdog")
         await self._open_session_store()
+        quiet_decode_errors()
         interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -112,30 +138,45 @@ class LstmServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
         )
-        address = f"{config.host}:{config.port}"
-        if config.tls is not None:
-            self.port = server.add_secure_port(address, config.tls.server_credentials())
-        else:
-            self.port = server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind gRPC port {config.host}:{config.port}")
-        await server.start()
-        self._server = server
-        if config.metrics_port is not None:
-            http_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+        if config.metrics_port is not None:  # first: if its port is taken, nothing else has started listening
+            try:
+                http_server, _ = start_http_server(config.metrics_port, addr=config.host, registry=self.metrics.registry)
+            except OSError as error:
+                raise PortError(config.host, config.metrics_port, "metrics port (--metrics-port)", error) from None
             self._metrics_server = http_server
             self.metrics_port = int(http_server.server_port)
+        address = f"{config.host}:{config.port}"
+        try:
+            if config.tls is not None:
+                self.port = server.add_secure_port(address, config.tls.server_credentials())
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpcio says only "Failed to bind to address"; the OS says why
+            self.port = 0
+        if self.port == 0:
+            raise PortError(config.host, config.port, "gRPC port (--port)", _bind_error(config.host, config.port))
+        await server.start()
+        self._server = server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "serving %s on %s:%d with %s (metrics port %s)",
+            "serving %s on %s:%d with %s (%s)",
             config.model,
             config.host,
             self.port,
             self.runner.provider,
-            self.metrics_port,
+            f"metrics on port {self.metrics_port}" if self.metrics_port is not None else "metrics off",
         )
         return self.port
+
+    async def _watch_scheduler(self, scheduler: Scheduler) -> None:
+        """If the scheduler's loops ever die (they contain every error they expect), every step would hang:
+        reports NOT_SERVING at once, so probes and proxies see it, and sets `failed` so that `serve` exits
+        with status 1 and an orchestrator restarts the process."""
+        error = await scheduler.failure()
+        log.critical("the batching loop stopped (%r): reporting NOT_SERVING and exiting", error, exc_info=error)
+        await self.health.enter_graceful_shutdown()
+        self.failed.set()
 
     async def _open_session_store(self) -> None:
         """Opens the session store (Redis with --session-store, else the state directory, if set), brings
@@ -169,8 +210,7 @@ class LstmServer:
                 shape=spec.state_shape,
                 secret=config.snapshot_secret,
             )
-            directory = DirectoryStore(state_dir)
-            self.keeper = SessionKeeper(self.scheduler, directory, encode, directory.remove)
+            self.keeper = DirectoryKeeper(self.scheduler, DirectoryStore(state_dir, encode))
             spill = DirectorySpill(state_dir, encode)
         else:
             return
@@ -204,11 +244,11 @@ class LstmServer:
             for slot in reversed(slots):  # back in order, so the lowest slot is handed out first
                 self.store.release(int(slot))
 
-    async def drain(self, grace_s: float | None = None) -> None:
+    async def drain(self, grace_s: float | None = None) -> bool:
         """Reports NOT_SERVING (and serves on for --drain-delay-s), stops taking sessions, lets requests
         in progress (steps and whole generations) finish within the grace period, writes the sessions to
         the session store (with Redis: and releases them to the other replicas), then stops; streams
-        still open then are cut."""
+        still open then are cut. Returns False if some session could not be written (each is logged)."""
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self.config.drain_delay_s:  # NOT_SERVING, but serving as before while a proxy's health checks notice
@@ -227,17 +267,23 @@ class LstmServer:
         if self.scheduler is not None:
             self.scheduler.freeze()  # nothing acknowledged after this point: the write below has it all
             await self._work_done()
+        complete = True
         try:
-            # With Redis, every session is released too. A failed write (a Redis blip) is tried again while
-            # the grace period lasts, and for a few seconds at least.
+            # With Redis, every session is released too. A failed write (a Redis blip, a full disk) is tried
+            # again while the grace period lasts, and for a few seconds at least.
             retry_s = max(DRAIN_WRITE_RETRY_S, grace - (time.monotonic() - started))
             written = await self.checkpoint(release=True, retry_s=retry_s)
             if self.keeper is not None:
                 log.info("wrote %d session(s) to %s", written, self.config.session_store or self.config.state_dir)
-        except Exception:  # noqa: BLE001 - the sessions not written resume from their last checkpoint
+        except NotWritten as error:  # they resume from their last checkpoint, if they had one
+            complete = False
+            log.error("drain: %s", error.describe(limit=len(error.failures) + len(error.unremoved)))
+        except Exception:  # noqa: BLE001 - as above, for an error the keeper did not expect
+            complete = False
             log.exception("writing the sessions on drain failed")
         remaining = max(0.0, grace - (time.monotonic() - started))
         await self.stop(min(remaining, DRAIN_STREAM_GRACE_S))
+        return complete
 
     async def _work_done(self) -> None:
         """Returns when no step request or generation is in progress or queued."""
@@ -258,6 +304,9 @@ class LstmServer:
         if self.cluster is not None:
             await self.cluster.stop()
             self.cluster = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.scheduler is not None:
             await self.scheduler.close()
             self.scheduler = None
@@ -292,17 +341,41 @@ def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceState
     return StateStore(*spec.state_shape, config.max_sessions)
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs a server until SIGTERM or SIGINT, then drains it."""
+async def serve(config: ServerConfig) -> int:
+    """Runs a server until SIGTERM or SIGINT, then drains it. Returns the process's exit status: 0 after a
+    complete drain, 1 if some session could not be written or the batching loop died."""
     server = LstmServer(config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop()  # whatever had started (the scheduler, a listening port) stops cleanly
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     metrics = f", metrics on port {server.metrics_port}" if server.metrics_port is not None else ""
     print(f"lstmserve: serving on {config.host}:{server.port} ({server.runner.provider}){metrics}", flush=True)
-    await stop.wait()
-    log.info("signal received: draining (grace %.1f s)", config.grace_s)
-    await server.drain()
+    return await run_until_stopped(server, stop)
+
+
+async def run_until_stopped(server: LstmServer, stop: asyncio.Event) -> int:
+    """Serves until `stop` is set (then drains) or the server fails (then stops at once); returns the exit
+    status `serve` gives the process."""
+    stopping = asyncio.create_task(stop.wait())
+    failing = asyncio.create_task(server.failed.wait())
+    await asyncio.wait((stopping, failing), return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    failing.cancel()
+    if server.failed.is_set():
+        # Steps would hang: no drain (it needs the loop). Sessions resume from their last checkpoint.
+        await server.stop(0)
+        log.critical("stopped after a failure of the batching loop: exit status 1")
+        return 1
+    log.info("signal received: draining (grace %.1f s)", server.config.grace_s)
+    complete = await server.drain()
+    if not complete:
+        log.error("stopped, but some sessions were not written (listed above): exit status 1")
+        return 1
     log.info("stopped")
+    return 0

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 PROTECTED_PREFIXES = ("/lstmserve.v1.LstmServe/", "/inference.GRPCInferenceService/")
+REFUSAL = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
 OPEN_METHODS = frozenset({"/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady"})
 
 
@@ -25,15 +26,29 @@ class ApiKeyError(ValueError):
 
 
 def load_api_keys(path: Path) -> frozenset[str]:
-    """One key per line; blank lines and lines starting with # are ignored."""
+    """One key per line; blank lines and lines starting with # are ignored.
+
+    A key must be printable ASCII: it travels as gRPC metadata, which carries nothing
+    else, so any other key could never be sent. Such a line is refused, naming its line number.
+    """
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError as error:
         raise ApiKeyError(f"cannot read --api-keys-file {str(path)!r}: {error}") from error
-    keys = frozenset(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    keys = set()
+    for number, line in enumerate(lines, start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if not all(32 <= ord(char) <= 126 for char in key):
+            raise ApiKeyError(
+                f"--api-keys-file {str(path)!r} line {number}: a key must be printable ASCII "
+                "(it travels as gRPC metadata)"
+            )
+        keys.add(key)
     if not keys:
         raise ApiKeyError(f"--api-keys-file {str(path)!r} lists no keys")
-    return keys
+    return frozenset(keys)
 
 
 def bearer_key(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -53,10 +68,13 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Refuses protected calls without a valid key with UNAUTHENTICATED."""
 
     def __init__(self, keys: frozenset[str]) -> None:
-        self._keys = keys
+        self._keys = tuple(key.encode() for key in keys)
 
     def _valid(self, key: str | None) -> bool:
-        return key is not None and any(hmac.compare_digest(key, known) for known in self._keys)
+        if key is None:
+            return False
+        sent = key.encode(errors="replace")  # bytes: compare_digest refuses str with non-ASCII characters
+        return any(hmac.compare_digest(sent, known) for known in self._keys)
 
     async def intercept_service(
         self,
@@ -74,21 +92,33 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only answers UNAUTHENTICATED."""
-    message = "missing or invalid API key: send metadata 'authorization: Bearer <key>'"
+    """A handler of the same kind as `handler` that only answers UNAUTHENTICATED.
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    It never parses the request (an unauthenticated client's bytes are dropped unread) and sets the status
+    instead of raising `context.abort`, whose exception would keep the call in a reference cycle (see
+    `service.refuse`).
+    """
 
-    async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def ignore(_: bytes) -> None:
+        return None
+
+    def nothing(_: Any) -> bytes:
+        return b""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(REFUSAL)
+
+    async def streaming(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(REFUSAL)
+        return
         yield  # pragma: no cover - makes this an async generator, as stream handlers are
 
-    deserialize, serialize = handler.request_deserializer, handler.response_serializer
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, deserialize, serialize)
+        return grpc.stream_stream_rpc_method_handler(streaming, ignore, nothing)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, deserialize, serialize)
+        return grpc.unary_stream_rpc_method_handler(streaming, ignore, nothing)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, deserialize, serialize)
-    return grpc.unary_unary_rpc_method_handler(unary, deserialize, serialize)
+        return grpc.stream_unary_rpc_method_handler(unary, ignore, nothing)
+    return grpc.unary_unary_rpc_method_handler(unary, ignore, nothing)

@@ -33,8 +33,11 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _add(parser: argparse.ArgumentParser, flag: str, *, type: Any, default: Any, help: str) -> None:
-    """Adds a flag whose default comes from its environment variable when that is set."""
+def _add(
+    parser: argparse.ArgumentParser, flag: str, *, type: Any, default: Any, help: str, unset: str = "unset"
+) -> None:
+    """Adds a flag whose default comes from its environment variable when that is set. `unset` is what the
+    help says for a default of None or "" (say "off", or what the server does instead)."""
     env = _env_name(flag)
     raw = os.environ.get(env)
     value = default
@@ -43,7 +46,8 @@ def _add(parser: argparse.ArgumentParser, flag: str, *, type: Any, default: Any,
             value = type(raw)
         except ValueError:
             parser.error(f"environment variable {env}={raw!r} is not a valid {type.__name__}")
-    parser.add_argument(flag, type=type, default=value, help=f"{help} (env {env}; default: %(default)s)")
+    shown = "%(default)s" if value not in (None, "") else unset
+    parser.add_argument(flag, type=type, default=value, help=f"{help} (env {env}; default: {shown})")
 
 
 def _log_level(text: str) -> str:
@@ -80,17 +84,26 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Serve a model written by `lstmserve export` over gRPC: per-session state on the server, "
         "steps of many sessions batched into one ONNX Runtime call. Stops gracefully on SIGTERM.",
     )
-    _add(p, "--model", type=Path, default=Path("models/default/model.onnx"), help="path to the exported model.onnx")
+    _add(
+        p,
+        "--model",
+        type=Path,
+        default=Path("models/default/model.onnx"),
+        help="the exported model.onnx, or the folder that holds it",
+    )
     _add(
         p,
         "--model-name",
         type=str,
         default="",
-        help="the model's name on the Open Inference Protocol (KServe V2 / Triton); empty: the model file's folder name",
+        help="the model's name on the Open Inference Protocol (KServe V2 / Triton)",
+        unset="the model file's folder name",
     )
     _add(p, "--host", type=str, default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     _add(p, "--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    _add(p, "--metrics-port", type=_optional_port, default=None, help="Prometheus metrics HTTP port ('off' disables)")
+    _add(
+        p, "--metrics-port", type=_optional_port, default=None, help="Prometheus metrics HTTP port ('off' disables)", unset="off"
+    )
     _add(p, "--providers", type=str, default="auto", help="ONNX Runtime providers, comma-separated: auto, cuda, cpu")
     _add(p, "--device-id", type=int, default=0, help="CUDA device index")
     _add(p, "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
@@ -102,6 +115,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--session-ttl-s", type=float, default=900.0, help="close a session after this many idle seconds")
     _add(p, "--max-tokens-per-request", type=int, default=4096, help="most tokens or feature rows in one request")
     _add(p, "--max-generate-tokens", type=int, default=4096, help="most tokens one generation may ask for")
+    _add(p, "--max-stop-strings", type=int, default=16, help="most stop strings one generation request may carry")
+    _add(p, "--max-stop-chars", type=int, default=256, help="most characters in one stop string")
     _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
     _add(p, "--max-inflight-per-session", type=int, default=64, help="most requests one session may have waiting")
     _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
@@ -119,6 +134,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         type=_optional_path,
         default=None,
         help="directory for session files: written on SIGTERM (and by checkpoints), read back at start",
+        unset="none: sessions live in memory only",
     )
     _add(
         p,
@@ -141,6 +157,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=None,
         help="redis://HOST:PORT/DB: share sessions with the other replicas using this Redis (written there on "
         "drain and by checkpoints, taken over when asked for); replaces --state-dir",
+        unset="none: one server on its own",
     )
     _add(
         p,
@@ -150,28 +167,40 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="on SIGTERM, go on serving this long after reporting NOT_SERVING, so a proxy's health checks "
         "take the server out first (behind Envoy: at least its health-check interval)",
     )
-    _add(p, "--tls-cert-file", type=_optional_path, default=None, help="server certificate chain (PEM); enables TLS")
-    _add(p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file")
+    _add(
+        p,
+        "--tls-cert-file",
+        type=_optional_path,
+        default=None,
+        help="server certificate chain (PEM); enables TLS",
+        unset="none: plaintext",
+    )
+    _add(
+        p, "--tls-key-file", type=_optional_path, default=None, help="server private key (PEM), with --tls-cert-file", unset="none"
+    )
     _add(
         p,
         "--tls-client-ca-file",
         type=_optional_path,
         default=None,
         help="CA (PEM) that client certificates must be signed by; clients then need a certificate",
+        unset="none: no client certificates",
     )
     _add(
         p,
         "--api-keys-file",
         type=_optional_path,
         default=None,
-        help="file of accepted API keys, one per line; calls then need 'authorization: Bearer KEY' (unset: open)",
+        help="file of accepted API keys, one per line; calls then need 'authorization: Bearer KEY'",
+        unset="none: open to every caller",
     )
     _add(
         p,
         "--snapshot-secret-file",
         type=_optional_path,
         default=None,
-        help="file whose contents key the HMAC that signs session snapshots (unset: a plain checksum)",
+        help="file whose contents key the HMAC that signs session snapshots and state files",
+        unset="none: a plain checksum",
     )
     _add(p, "--log-level", type=_log_level, default="INFO", help="logging level: DEBUG, INFO, WARNING or ERROR")
     p.set_defaults(run=run_serve)
@@ -193,7 +222,6 @@ def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT."""
     import asyncio
 
-    from lstmserve.interface import ModelInterfaceError
     from lstmserve.metadata import ModelSpecError
     from lstmserve.server.auth import ApiKeyError, load_api_keys
     from lstmserve.server.app import serve
@@ -201,8 +229,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from lstmserve.server.runner import ModelLoadError, ProviderError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.model.is_file():
-        print(f"lstmserve serve: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
+    model = args.model / "model.onnx" if args.model.is_dir() else args.model
+    if not model.is_file():
+        where = f"folder {str(args.model)!r} holds no model.onnx" if args.model.is_dir() else f"model file {str(args.model)!r} not found"
+        print(f"lstmserve serve: error: {where} (run `lstmserve export`)", file=sys.stderr)
         return 2
     tls = None
     if args.tls_cert_file or args.tls_key_file or args.tls_client_ca_file:
@@ -233,7 +263,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
     try:
         config = ServerConfig(
-            model=args.model,
+            model=model,
             model_name=args.model_name,
             host=args.host,
             port=args.port,
@@ -248,6 +278,8 @@ def run_serve(args: argparse.Namespace) -> int:
             session_ttl_s=args.session_ttl_s,
             max_tokens_per_request=args.max_tokens_per_request,
             max_generate_tokens=args.max_generate_tokens,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_chars=args.max_stop_chars,
             max_queue=args.max_queue,
             max_inflight_per_session=args.max_inflight_per_session,
             max_message_bytes=args.max_message_bytes,
@@ -275,15 +307,11 @@ def run_serve(args: argparse.Namespace) -> int:
     gc.freeze()  # what the imports made lives as long as the process: keep it out of every collection
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
-        asyncio.run(serve(config))
-    except ModelInterfaceError as error:  # metadata that does not fit the graph: bad input, like a bad flag
+        return asyncio.run(serve(config))  # 0 after a complete drain, 1 after a failure while serving
+    except (ModelSpecError, ModelLoadError, ProviderError, ConfigError, OSError) as error:
+        # Raised while starting (the model, the providers, a port, the state directory): a configuration error.
         print(f"lstmserve serve: error: {error}", file=sys.stderr)
         return 2
-    except (ModelSpecError, ModelLoadError, ProviderError, ConfigError, OSError) as error:
-        print(f"lstmserve serve: error: {error}", file=sys.stderr)
-        return 1
-
-    return 0
 
 
 def run_health(args: argparse.Namespace) -> int:

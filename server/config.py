@@ -59,6 +59,8 @@ class ServerConfig:
         session_ttl_s: a session idle this long is closed.
         max_tokens_per_request: most tokens (or feature rows) in one request.
         max_generate_tokens: most tokens one generation request may ask for.
+        max_stop_strings: most stop strings one generation request may carry.
+        max_stop_chars: most characters in one stop string.
         max_queue: most requests waiting for the batcher; more gets RESOURCE_EXHAUSTED.
         max_inflight_per_session: most requests one session may have waiting (pipelined on
             its stream); more gets RESOURCE_EXHAUSTED, so one client cannot fill the queue.
@@ -95,6 +97,8 @@ class ServerConfig:
     session_ttl_s: float = 900.0
     max_tokens_per_request: int = 4096
     max_generate_tokens: int = 4096
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
     max_queue: int = 65_536
     max_inflight_per_session: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
@@ -115,6 +119,8 @@ class ServerConfig:
             "max_sessions": self.max_sessions,
             "max_tokens_per_request": self.max_tokens_per_request,
             "max_generate_tokens": self.max_generate_tokens,
+            "max_stop_strings": self.max_stop_strings,
+            "max_stop_chars": self.max_stop_chars,
             "max_queue": self.max_queue,
             "max_inflight_per_session": self.max_inflight_per_session,
             "max_message_bytes": self.max_message_bytes,

@@ -20,6 +20,7 @@ import numpy as np
 
 from lstmserve.server.sampling import Sampler, SamplingParams
 from lstmserve.server.sessions import Session
+from lstmserve.server.stops import StopMatcher
 
 if TYPE_CHECKING:
     from lstmserve.server.scheduler import Scheduler
@@ -47,61 +48,6 @@ class GeneratedToken(NamedTuple):
     step: int
     batch_size: int
     finish_reason: str = ""
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string, and finds a stop string.
-
-    `push` takes a token's text and returns the text pieces that are now safe to
-    emit; `stopped` turns true when the generated text contains a stop string,
-    and the text before it has then been released.
-    """
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.stopped = False
-        self._held: list[tuple[int, str]] = []
-
-    def push(self, token: int, text: str) -> list[tuple[int, str]]:
-        """Adds a token; returns the (token, text) pairs that can be emitted now."""
-        if not self.stops:
-            return [(token, text)]
-        self._held.append((token, text))
-        held_text = "".join(t for _, t in self._held)
-        cut = min((i for i in (held_text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._release(cut)
-        keep = max((_overlap(held_text, s) for s in self.stops), default=0)
-        return self._release(len(held_text) - keep)
-
-    def flush(self) -> list[tuple[int, str]]:
-        """Releases everything still held (when generation ends without a stop)."""
-        released, self._held = self._held, []
-        return released
-
-    def _release(self, chars: int) -> list[tuple[int, str]]:
-        released: list[tuple[int, str]] = []
-        while self._held and chars > 0:
-            token, text = self._held[0]
-            if len(text) > chars:
-                if self.stopped:  # a token that straddles the stop string: emit its part before it
-                    released.append((token, text[:chars]))
-                    self._held.pop(0)
-                break
-            released.append(self._held.pop(0))
-            chars -= len(text)
-        if self.stopped:
-            self._held = []
-        return released
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
-    for size in range(min(len(text), len(stop) - 1), 0, -1):
-        if stop.startswith(text[-size:]):
-            return size
-    return 0
 
 
 # With coalescing, a generation hands its tokens to the streaming coroutine in chunks sized so

@@ -55,6 +55,7 @@ from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.session_store import RedisStore
 from lstmserve.server.sessions import Session, is_session_id, new_session_id
 from lstmserve.server.state import SessionState
+from lstmserve.server.text import shown
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,7 +216,7 @@ class Cluster:
         that, another replica may take the sessions over, so none is served here. One clock reading."""
         if time.monotonic() >= self._lease_until:
             raise SessionMoved(
-                f"session {session_id!r}: this replica lost contact with the session store and does not serve "
+                f"session {shown(session_id)}: this replica lost contact with the session store and does not serve "
                 "its sessions until it is back (another replica may take them over); retry"
             )
 
@@ -227,14 +228,14 @@ class Cluster:
         """
         session_id = session_id or new_session_id()
         if self.draining:
-            raise Draining(f"session {session_id!r}: this replica is draining and takes no new sessions")
+            raise Draining(f"session {shown(session_id)}: this replica is draining and takes no new sessions")
         self.check_lease(session_id)  # recorded as held here, it could be claimed at once by another replica
 
         async def run() -> Session:
             if self.scheduler.sessions.find(session_id) is not None or not await self._redis(
                 self.store.create(session_id, owner), session_id
             ):
-                raise SessionExists(f"session id {session_id!r} is already taken")
+                raise SessionExists(f"session id {shown(session_id)} is already taken")
             try:
                 return await make(session_id)
             except BaseException:
@@ -251,7 +252,7 @@ class Cluster:
             return None
         if self.draining:
             raise Draining(
-                f"session {session_id!r}: this replica is draining; retry and the proxy sends the call to another replica"
+                f"session {shown(session_id)}: this replica is draining; retry and the proxy sends the call to another replica"
             )
         self.check_lease(session_id)
         await asyncio.shield(self._per_key.submit(session_id, lambda: self._take_over(session_id, owner)))
@@ -275,7 +276,7 @@ class Cluster:
                 await self._redis(self.store.ask(claim.holder, session_id), session_id)
                 asked = claim.holder
             if time.monotonic() > deadline:
-                raise SessionMoved(f"session {session_id!r} is still held by replica {claim.holder}; retry")
+                raise SessionMoved(f"session {shown(session_id)} is still held by replica {claim.holder}; retry")
             await asyncio.sleep(poll_s)
             poll_s = min(max_poll_s, poll_s * 2)
 
@@ -480,7 +481,7 @@ class Cluster:
         except ServeError:
             raise
         except Exception as error:  # noqa: BLE001 - redis-py's connection and timeout errors
-            raise SessionMoved(f"session {session_id!r}: the shared session store is unavailable ({error}); retry") from error
+            raise SessionMoved(f"session {shown(session_id)}: the shared session store is unavailable ({error}); retry") from error
 
 
 class RedisSpill:

@@ -6,6 +6,8 @@ Pure functions: no server state. The gRPC service is their only user.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -46,20 +48,28 @@ def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
 
 
 def decode_inputs(
-    tokens: list[int] | object, features: pb.Tensor, has_features: bool, spec: ModelSpec, max_positions: int
+    tokens: Sequence[int], features: pb.Tensor, has_features: bool, spec: ModelSpec, max_positions: int
 ) -> np.ndarray:
-    """Validates a request's input; returns int64 tokens [positions] or float32 features [positions, width]."""
-    token_list = list(tokens)  # type: ignore[call-overload]
+    """Validates a request's input; returns int64 tokens [positions] or float32 features [positions, width].
+
+    Counts are checked before any element is converted, so an oversized request costs no more than
+    its message already did.
+    """
+    count = len(tokens)  # type: ignore[arg-type]
     if spec.kind == "tokens":
         if has_features and features.shape:
             raise InvalidInput("this model takes tokens, but the request carries features")
-        _check_count(len(token_list), max_positions)
+        _check_count(count, max_positions)
         vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
-        for index, token in enumerate(token_list):
-            if not 0 <= token < vocab:
-                raise InvalidInput(f"token id {token} at position {index} is outside the vocabulary [0, {vocab})")
-        return np.array(token_list, dtype=np.int64)
-    if token_list:
+        token_array = np.fromiter(tokens, dtype=np.int64, count=count)  # type: ignore[call-overload]
+        outside = np.flatnonzero((token_array < 0) | (token_array >= vocab))
+        if outside.size:
+            index = int(outside[0])
+            raise InvalidInput(
+                f"token id {int(token_array[index])} at position {index} is outside the vocabulary [0, {vocab})"
+            )
+        return token_array
+    if count:
         raise InvalidInput("this model takes features, but the request carries tokens")
     array = decode_float_tensor(features, "features")
     if array.ndim != 2 or array.shape[1] != spec.input_size:
@@ -77,8 +87,13 @@ def _check_count(count: int, limit: int) -> None:
         raise InvalidInput(f"request carries {count} positions, more than max_tokens_per_request={limit}")
 
 
-def decode_sampling(message: pb.Sampling) -> SamplingParams:
-    """Sampling parameters; top_p 0 (unset) means 1."""
+def decode_sampling(message: pb.Sampling, spec: ModelSpec) -> SamplingParams:
+    """Sampling parameters; top_p 0 (unset) means 1, top_k 0 (unset) means every token; a top_k larger than
+    the model's output is refused (it would silently mean every token too)."""
+    if message.top_k > spec.output_size:
+        raise InvalidInput(
+            f"sampling.top_k {message.top_k} is larger than the output size {spec.output_size} (0 means every token)"
+        )
     return SamplingParams(
         temperature=float(message.temperature),
         top_k=int(message.top_k),
@@ -87,15 +102,34 @@ def decode_sampling(message: pb.Sampling) -> SamplingParams:
     )
 
 
-def decode_generate(message: pb.Generate, spec: ModelSpec, max_tokens: int) -> GenerateParams:
-    """Generation parameters, validated against the model and the server's limit."""
+@dataclass(frozen=True)
+class GenerateLimits:
+    """What one generation request may ask for: tokens, and the number and length of its stop strings."""
+
+    max_tokens: int
+    max_stop_strings: int
+    max_stop_chars: int
+
+
+def decode_generate(message: pb.Generate, spec: ModelSpec, limits: GenerateLimits) -> GenerateParams:
+    """Generation parameters, validated against the model and the server's limits (counts first, before
+    any string is converted)."""
     if spec.kind != "tokens":
         raise InvalidInput("generation needs a token model; this model takes features")
-    if not 1 <= message.max_tokens <= max_tokens:
-        raise InvalidInput(f"generate.max_tokens must be in [1, {max_tokens}], got {message.max_tokens}")
+    if not 1 <= message.max_tokens <= limits.max_tokens:
+        raise InvalidInput(f"generate.max_tokens must be in [1, {limits.max_tokens}], got {message.max_tokens}")
+    if len(message.stop) > limits.max_stop_strings:
+        raise InvalidInput(
+            f"generate.stop has {len(message.stop)} strings, more than --max-stop-strings={limits.max_stop_strings}"
+        )
+    for index, stop in enumerate(message.stop):
+        if len(stop) > limits.max_stop_chars:
+            raise InvalidInput(
+                f"generate.stop[{index}] has {len(stop)} characters, more than --max-stop-chars={limits.max_stop_chars}"
+            )
     return GenerateParams(
         max_tokens=int(message.max_tokens),
-        sampling=decode_sampling(message.sampling),
+        sampling=decode_sampling(message.sampling, spec),
         stop=tuple(message.stop),
         coalesce=message.coalesce,
     )

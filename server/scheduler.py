@@ -45,8 +45,9 @@ from lstmserve.server.metrics import Metrics
 from lstmserve.server.persistence import StoredSession
 from lstmserve.server.runner import BindableState, Runner
 from lstmserve.server.sampling import sample_rows
-from lstmserve.server.sessions import Session, SessionTable, StepResult
+from lstmserve.server.sessions import Session, SessionTable, StepResult, is_session_id
 from lstmserve.server.state import SessionState
+from lstmserve.server.text import listing, shown
 
 if TYPE_CHECKING:
     from lstmserve.server.generation import Generation
@@ -69,6 +70,10 @@ INLINE_MAX_POSITIONS = 4
 # default model: p50 0.928 to 1.003 ms on the loop against 1.195 to 1.269 through the worker;
 # docs/benchmarks.md). Longer steps run on the worker and leave the loop to the streams.
 INLINE_BUDGET_S = 0.001
+
+# After a spill write fails (a full or read-only disk), how long the sweep waits before it tries to spill again:
+# the sessions stay in memory meanwhile, and the log gets one line per try, not one per sweep.
+SPILL_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,16 @@ class _Work:
 
 
 @dataclass(frozen=True)
+class SessionCopy:
+    """A copy of one live session as it stood between two batches: what a checkpoint writes."""
+
+    session: Session
+    step: int
+    version: int
+    state: SessionState
+
+
+@dataclass(frozen=True)
 class _Group:
     """Steps of the same length run as one ONNX Runtime call."""
 
@@ -135,6 +150,8 @@ class Scheduler:
         self._computing = 0
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
+        # Callers of copy_all_sessions waiting for the batching loop to take the copies between batches.
+        self._copies_due: list[asyncio.Future[list[SessionCopy]]] = []
         # Generations running (their streams get tokens in chunks sized by this).
         self._generating = 0
         # The session whose step was the only one in the last compute (None after a real batch).
@@ -147,6 +164,8 @@ class Scheduler:
         self.on_session_dropped: Callable[[str], None] | None = None
         # Where sessions idle past the TTL go instead of being dropped (--spill-idle).
         self.spill: SpillStore | None = None
+        # After a spill write failed, no spill is tried before this time (monotonic seconds).
+        self._spill_retry_at = 0.0
         # Asked with (id, owner) for a session that is not here: brings it here from another replica or
         # a shared store and returns it, or returns None (several replicas: see handoff.py).
         self.fetch_missing: Callable[[str, str], Awaitable[Session | None]] | None = None
@@ -164,7 +183,10 @@ class Scheduler:
     def start(self) -> None:
         """Starts the batching loop and the idle-session sweeper on the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._tasks = [asyncio.create_task(self._batch_loop()), asyncio.create_task(self._sweep_loop())]
+        self._tasks = [
+            asyncio.create_task(self._batch_loop(), name="batching loop"),
+            asyncio.create_task(self._sweep_loop(), name="idle sweeper"),
+        ]
 
     def stop_accepting(self) -> None:
         """Refuses new sessions from now on (draining); existing sessions keep working."""
@@ -203,7 +225,9 @@ class Scheduler:
 
     async def find_session(self, session_id: str, owner: str = "") -> Session:
         """The live session with this id (and owner), brought back from the spill store if it was
-        spilled there; SessionNotFound otherwise."""
+        spilled there; SessionNotFound otherwise (at once for an id that no session can have)."""
+        if not is_session_id(session_id):
+            raise SessionNotFound(f"session {shown(session_id)} not found (not a session id)")
         try:
             return self.sessions.get(session_id, owner)
         except SessionNotFound:
@@ -263,6 +287,24 @@ class Scheduler:
         return await self._enqueue(
             session, _Work(future=self._new_future(), op=lambda s: (s.step, s.version, self.store.read(s.slot)))
         )
+
+    async def copy_all_sessions(self) -> list[SessionCopy]:
+        """A copy of every live session (step counter, state version, state), all taken at one moment between two
+        batches: every step acknowledged before this call is in it, and no half-applied batch (the copies are
+        taken by the batching loop, as the idle sweep runs)."""
+        future: asyncio.Future[list[SessionCopy]] = self._new_future()
+        self._copies_due.append(future)
+        self._wakeup.set()
+        return await future
+
+    def _copy_sessions(self) -> None:
+        """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
+        waiting, self._copies_due = self._copies_due, []
+        store = self.store
+        copies = [SessionCopy(s, s.step, s.version, store.read(s.slot)) for s in self.sessions.all()]
+        for future in waiting:
+            if not future.done():
+                future.set_result(copies)
 
     async def restore_session(
         self, state: SessionState, step: int, owner: str = "", session_id: str | None = None
@@ -379,7 +421,10 @@ class Scheduler:
         session.in_flight = True
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
-        self._finish(groups, self._compute(groups))
+        try:
+            self._finish(groups, self._compute(groups))
+        except Exception as error:  # noqa: BLE001 - as in the batching loop: this request fails, the server goes on
+            self._recover([(session, work)], error)
         self._keep_awake()
         return work.future.result()  # type: ignore[no-any-return]
 
@@ -409,24 +454,44 @@ class Scheduler:
             await asyncio.sleep(0)
 
     def sweep_idle(self, now: float | None = None) -> int:
-        """Closes sessions idle past the TTL, and forgets stored results older than the replay window.
+        """Closes sessions idle past the TTL (spills them, with a spill store), and forgets stored results
+        older than the replay window. Returns how many sessions left memory.
 
-        Returns how many sessions were closed.
+        A session whose spill write fails (a full or read-only disk, say) stays in memory, live and
+        steppable, and is tried again at the next sweep; the failure is logged with its id. Nothing
+        raised here can reach the batching loop.
         """
         now = time.monotonic() if now is None else now
         if self.sessions.forget_results_before(now - REPLAY_WINDOW_S):
             release_free_memory()
+        if self.spill is not None and now < self._spill_retry_at:
+            return 0  # the last spill failed: the store gets a rest before the next try
         cutoff = now - self.limits.session_ttl_s
         expired = self.sessions.idle_since(cutoff)
+        gone = 0
+        failures: list[str] = []
         for session in expired:
             if self.spill is not None:
-                self.spill.save(session, self.store.read(session.slot))
+                try:
+                    self.spill.save(session, self.store.read(session.slot))
+                except Exception as error:  # noqa: BLE001 - kept in memory; the store said why
+                    failures.append(f"{session.id} ({error})")
+                    continue
             self._drop(session, spilled=self.spill is not None)
-        if expired:
-            self.metrics.evictions.inc(len(expired))
+            gone += 1
+        if failures:
+            self._spill_retry_at = now + SPILL_RETRY_S
+            log.error(
+                "could not spill %d idle session(s); they stay in memory, live, and are tried again in %.0f s: %s",
+                len(failures),
+                SPILL_RETRY_S,
+                listing(failures),
+            )
+        if gone:
+            self.metrics.evictions.inc(gone)
             verb = "spilled" if self.spill is not None else "closed"
-            log.info("%s %d session(s) idle for more than %.0f s", verb, len(expired), self.limits.session_ttl_s)
-        return len(expired)
+            log.info("%s %d session(s) idle for more than %.0f s", verb, gone, self.limits.session_ttl_s)
+        return gone
 
     # ---- internals -------------------------------------------------------
     def _new_future(self) -> asyncio.Future[Any]:
@@ -445,11 +510,15 @@ class Scheduler:
                     work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
         session.queued_positions = 0
         self.sessions.remove(session)
-        if self.on_session_dropped is not None and not spilled:
-            self.on_session_dropped(session.id)
         self.store.release(session.slot)
         self._ready.pop(session.id, None)
         self.metrics.active_sessions.set(len(self.sessions))
+        if self.on_session_dropped is not None and not spilled:
+            # After the slot is free: a failure to delete the stored copy must not leak the slot.
+            try:
+                self.on_session_dropped(session.id)
+            except Exception:  # noqa: BLE001 - the session is closed here either way
+                log.exception("session %s was closed, but deleting its stored copy failed", session.id)
 
     async def _enqueue(self, session: Session, work: _Work) -> Any:
         self._require_live(session)
@@ -533,13 +602,44 @@ class Scheduler:
                 await asyncio.sleep(wait_s)
             if self._sweep_due:
                 self._sweep_due = False
-                self.sweep_idle()
-            taken = self._collect()
-            positions = len(taken[0][1].inputs) if len(taken) == 1 else 0  # type: ignore[arg-type]
-            if positions and self._runs_inline(positions, others_waiting=bool(self._ready)):
-                await self._run_alone(taken)
-            elif taken:
-                await self._run_batch(taken)
+                try:
+                    self.sweep_idle()
+                except Exception:  # noqa: BLE001 - a sweep that failed is tried again at the next one
+                    log.exception("the idle sweep failed; the batching loop goes on")
+            if self._copies_due:
+                self._copy_sessions()
+            taken: list[tuple[Session, _Work]] = []
+            try:
+                taken = self._collect()
+                positions = len(taken[0][1].inputs) if len(taken) == 1 else 0  # type: ignore[arg-type]
+                if positions and self._runs_inline(positions, others_waiting=bool(self._ready)):
+                    await self._run_alone(taken)
+                elif taken:
+                    await self._run_batch(taken)
+            except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
+                self._recover(taken, error)
+
+    def _recover(self, taken: list[tuple[Session, _Work]], error: Exception) -> None:
+        """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
+        still unanswered (INTERNAL), frees their sessions for their next requests, and logs it. The loop goes on."""
+        log.error("the batching loop failed on %d request(s); they fail and the loop goes on", len(taken), exc_info=error)
+        for session, work in taken:
+            if session.in_flight:
+                session.in_flight = False
+                session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
+            if not work.future.done():
+                work.future.set_exception(ComputeFailed(f"the server failed on this request: {error}"))
+        self._requeue(taken)
+
+    async def failure(self) -> BaseException:
+        """Waits until a loop of the scheduler ends with an error, and returns it. The loops contain every
+        error they expect, so this is for the unexpected: the server must then stop taking requests that
+        would never be answered. Cancelled when the scheduler closes."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        if task.cancelled():
+            raise asyncio.CancelledError
+        return task.exception() or RuntimeError(f"the scheduler's task {task.get_name()} ended")
 
     async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
         """Runs one step right here on the event loop: for a step expected to be short (`_runs_inline`), the

@@ -8,14 +8,17 @@ with its message; the request that raised it changed no state.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
@@ -42,10 +45,13 @@ from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session, check_proposed_id
 from lstmserve.server.state import SessionState
+from lstmserve.server.text import shown
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+UnaryHandler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 STATUS_BY_ERROR: dict[type[ServeError], grpc.StatusCode] = {
     SessionNotFound: grpc.StatusCode.NOT_FOUND,
@@ -65,6 +71,38 @@ def status_for(error: ServeError) -> grpc.StatusCode:
     return STATUS_BY_ERROR.get(type(error), grpc.StatusCode.INTERNAL)
 
 
+def refuse(context: grpc.aio.ServicerContext, error: ServeError, metrics: Metrics) -> None:
+    """Sets the call's status for a refused request (the handler then returns, and gRPC sends the status).
+
+    Not `context.abort`: the exception it raises keeps the handler's frame, and with it the request, in
+    a reference cycle inside grpcio until the garbage collector runs, which under this server's GC
+    settings can be never; a client sending near-limit requests that are refused could then fill the
+    memory (hundreds of MB each).
+    """
+    code = status_for(error)
+    metrics.errors.labels(code=code.name).inc()
+    context.set_code(code)
+    context.set_details(str(error))
+
+
+def refusals(response_type: type[Message]) -> Callable[[UnaryHandler], UnaryHandler]:
+    """Turns a ServeError raised by a unary handler into its status (see `refuse`), answering with an
+    empty `response_type` message that the client never sees behind the error status."""
+
+    def decorate(handler: UnaryHandler) -> UnaryHandler:
+        @functools.wraps(handler)
+        async def refusing(service: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await handler(service, request, context)
+            except ServeError as error:
+                refuse(context, error, service.metrics)
+                return response_type()
+
+        return refusing
+
+    return decorate
+
+
 class LstmServeService(pb_grpc.LstmServeServicer):
     """Implements `lstmserve.v1.LstmServe` on top of the scheduler (and, with several replicas, the cluster)."""
 
@@ -78,12 +116,15 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         self.config = config
         self.metrics = metrics
         self.requests_in_progress = 0  # step requests (and generations) not answered yet; drain waits for 0
+        self._generate_limits = messages.GenerateLimits(
+            max_tokens=config.max_generate_tokens,
+            max_stop_strings=config.max_stop_strings,
+            max_stop_chars=config.max_stop_chars,
+        )
 
     # ---- helpers ---------------------------------------------------------
-    async def _abort(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
-        code = status_for(error)
-        self.metrics.errors.labels(code=code.name).inc()
-        await context.abort(code, str(error))
+    def _refuse(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
+        refuse(context, error, self.metrics)
 
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
         """Who the caller is: a digest of its API key ("" without keys). Sessions belong to their creator."""
@@ -132,79 +173,58 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             state_tensors=len(spec.states),
         )
 
+    @refusals(pb.SessionInfo)
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        try:
-            self._require_steppable()
-            session = await self._new_session(self._owner(context), request.session_id)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._require_steppable()
+        session = await self._new_session(self._owner(context), request.session_id)
         return self._session_info(session)
 
+    @refusals(pb.SessionInfo)
     async def GetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        try:
-            self._check_lease(request.session_id)
-            session = await self.scheduler.find_session(request.session_id, self._owner(context))
-            self._check_lease(session.id)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._check_lease(request.session_id)
+        session = await self.scheduler.find_session(request.session_id, self._owner(context))
+        self._check_lease(session.id)
         return self._session_info(session)
 
+    @refusals(pb.SessionInfo)
     async def ResetSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
-        try:
-            self._check_lease(request.session_id)
-            session = await self.scheduler.reset_session(request.session_id, self._owner(context))
-            self._check_lease(session.id)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._check_lease(request.session_id)
+        session = await self.scheduler.reset_session(request.session_id, self._owner(context))
+        self._check_lease(session.id)
         return self._session_info(session)
 
+    @refusals(pb.CloseSessionResponse)
     async def CloseSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
-        try:
-            self._check_lease(request.session_id)
-            await self.scheduler.close_session(request.session_id, self._owner(context))
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._check_lease(request.session_id)
+        await self.scheduler.close_session(request.session_id, self._owner(context))
         return pb.CloseSessionResponse()
 
+    @refusals(pb.SessionSnapshot)
     async def SnapshotSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.SessionSnapshot:
-        try:
-            self._check_lease(request.session_id)
-            step, state = await self.scheduler.read_state(request.session_id, self._owner(context))
-            self._check_lease(request.session_id)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._check_lease(request.session_id)
+        step, state = await self.scheduler.read_state(request.session_id, self._owner(context))
+        self._check_lease(request.session_id)
         blob = encode_snapshot(state, step, self.spec.fingerprint, self.config.snapshot_secret)
         return pb.SessionSnapshot(blob=blob, step=step)
 
+    @refusals(pb.SessionInfo)
     async def RestoreSession(self, request: pb.RestoreSessionRequest, context: grpc.aio.ServicerContext) -> pb.SessionInfo:
         spec = self.spec
-        try:
-            self._require_steppable()
-            state, step = decode_snapshot(
-                request.blob,
-                fingerprint=spec.fingerprint,
-                shape=spec.state_shape,
-                secret=self.config.snapshot_secret,
-            )
-            session = await self._new_session(self._owner(context), request.session_id, (state, step))
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        self._require_steppable()
+        state, step = decode_snapshot(
+            request.blob,
+            fingerprint=spec.fingerprint,
+            shape=spec.state_shape,
+            secret=self.config.snapshot_secret,
+        )
+        session = await self._new_session(self._owner(context), request.session_id, (state, step))
         return self._session_info(session)
 
+    @refusals(pb.InferResponse)
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
-        try:
-            inputs = messages.decode_inputs(
-                request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
-            )
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        inputs = messages.decode_inputs(
+            request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
+        )
         logits = await asyncio.to_thread(self.runner.run_stateless, inputs[np.newaxis])
         return pb.InferResponse(logits=messages.encode_tensor(logits[0]))
 
@@ -223,12 +243,13 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                     session = await self._open(request.session_id, owner)
                 elif request.session_id and request.session_id != session.id:
                     raise InvalidInput(
-                        f"session_id {request.session_id!r} differs from this stream's session {session.id!r}"
+                        f"session_id {shown(request.session_id)} differs from this stream's session {session.id!r}"
                     )
                 elif session not in self.scheduler.sessions:
                     if session.moved:  # handed over to another replica: a new stream reaches it
                         raise SessionMoved(f"session {session.id!r} moved to another replica; retry")
-                    raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
+                    # Spilled while this stream idled: brought back (NOT_FOUND if it was closed or expired).
+                    session = await self.scheduler.find_session(session.id, owner)
                 self._check_lease(session.id)
                 if parsed.inputs is None:  # an opening request without input: report the session
                     yield pb.StepResponse(session_id=session.id, request_id=request.request_id, step=session.step)
@@ -238,7 +259,8 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 else:
                     yield await self._step(session, request, parsed)
             except ServeError as error:
-                await self._abort(context, error)
+                self._refuse(context, error)
+                return  # the stream ends with the status; the session is intact
             finally:
                 self.requests_in_progress -= 1
 
@@ -258,14 +280,14 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         has_input = bool(request.tokens) or request.HasField("features")
         generate_params = None
         if request.HasField("generate"):
-            generate_params = messages.decode_generate(request.generate, self.spec, self.config.max_generate_tokens)
+            generate_params = messages.decode_generate(request.generate, self.spec, self._generate_limits)
         elif not has_input and first:
             return _ParsedStep(inputs=None)
         messages.validate_output(request.output, request.top_k, self.spec)
         inputs = messages.decode_inputs(
             request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
         )
-        sampler = Sampler(messages.decode_sampling(request.sampling)) if request.output == pb.OUTPUT_SAMPLE else None
+        sampler = Sampler(messages.decode_sampling(request.sampling, self.spec)) if request.output == pb.OUTPUT_SAMPLE else None
         expected = request.expected_step if request.HasField("expected_step") else None
         return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
 

@@ -21,11 +21,13 @@ Redis keys (all under `lstmserve:`):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from lstmserve.server.persistence import StateDir, StoredSession
+from lstmserve.server.scheduler import SessionCopy
+from lstmserve.server.state import SessionState
 
 PREFIX = "lstmserve:"
 # How long a Redis command (or connecting) may take before it fails, so that a silent network drop fails
@@ -52,27 +54,38 @@ class SessionStore(Protocol):
 
 
 class DirectoryStore:
-    """The state directory as a session store.
+    """The state directory as a session store: each checkpoint is one round file of every live session (see
+    `persistence.py`); spill files hold sessions spilled while idle.
 
     Args:
         state_dir: the directory and the checks its files must pass.
+        encode: (state, step) -> snapshot blob.
     """
 
-    def __init__(self, state_dir: StateDir) -> None:
+    def __init__(self, state_dir: StateDir, encode: Callable[[SessionState, int], bytes]) -> None:
         self.state_dir = state_dir
+        self._encode = encode
 
     async def read_all(self) -> list[StoredSession]:
-        """Every valid session file (bad ones are moved aside)."""
+        """Every session to bring back (bad records are logged and skipped, bad files moved aside)."""
         return await asyncio.to_thread(self.state_dir.read_all)
 
-    async def save(self, session_id: str, owner: str, blob: bytes, *, release: bool = False) -> bool:
-        """Writes the session's file atomically (`release` changes nothing: one server owns the directory)."""
-        if blob:
-            await asyncio.to_thread(self.state_dir.write, session_id, owner, blob)
-        return True
+    async def save_round(self, copies: list[SessionCopy]) -> int:
+        """Writes a checkpoint round of exactly these sessions (encoded and written on a worker thread, off the
+        event loop); returns its round number. OSError if it could not be written (the last round stays)."""
+
+        def write() -> int:
+            records = [(c.session.id, c.session.owner, self._encode(c.state, c.step)) for c in copies]
+            return self.state_dir.write_checkpoint(records)
+
+        return await asyncio.to_thread(write)
+
+    def spilled_ids(self) -> set[str]:
+        """Ids of the sessions that have a spill file."""
+        return self.state_dir.session_ids()
 
     def remove(self, session_id: str) -> None:
-        """Deletes a closed or expired session's file."""
+        """Deletes a session's spill file, if it has one (a closed session's, or one a checkpoint now holds)."""
         self.state_dir.remove(session_id)
 
 

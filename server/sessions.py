@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lstmserve.server.errors import InvalidInput, SessionNotFound
+from lstmserve.server.text import shown
 
 # What a client may propose as a session id: long enough not to collide, safe as a file name and a header.
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
@@ -79,7 +80,7 @@ def check_proposed_id(text: str) -> str:
     """A client-proposed session id, or InvalidInput naming what is wrong with it."""
     if not is_session_id(text):
         raise InvalidInput(
-            f"proposed session_id {text[:80]!r} must be 16 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
+            f"proposed session_id {shown(text)} must be 16 to 64 characters of A-Z, a-z, 0-9, '_' or '-'"
         )
     if text.startswith(SEQUENCE_ID_PREFIX):
         raise InvalidInput(f"proposed session_id {text!r} may not start with {SEQUENCE_ID_PREFIX!r} (sequence ids)")
@@ -116,7 +117,7 @@ class SessionTable:
         """Returns the live session with this id and owner, or raises SessionNotFound."""
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise SessionNotFound(f"session {session_id!r} not found (unknown, closed or expired)")
+            raise SessionNotFound(f"session {shown(session_id)} not found (unknown, closed or expired)")
         return session
 
     def remove(self, session: Session) -> None:

@@ -13,6 +13,8 @@ Layout (all integers little-endian):
     c       rows * c_width float32
     tag     32 bytes: HMAC-SHA256(secret, everything above) or SHA-256(everything above)
 
+Every field is checked on decode (sizes, the step counter's range, finite state values), so a
+blob made by hand is refused rather than restored into a session it would break.
 Without a secret the tag only detects corruption; with one (`--snapshot-secret-file`), a
 client cannot forge or alter state, and a server with a secret refuses unkeyed blobs.
 """
@@ -33,6 +35,10 @@ VERSION = 1
 _HEAD = struct.Struct("<8sHBH")
 _BODY = struct.Struct("<QIII")
 TAG_BYTES = 32
+# The largest step counter a snapshot may hold: 2**53 positions (centuries of steps at a million a second),
+# so that a session can go on stepping without reaching the wire's uint64 limit, and every JSON client
+# reads the counter exactly. A blob with more is refused, even when its checksum is valid.
+MAX_STEP = 2**53
 
 
 def _tag(payload: bytes, secret: bytes | None) -> bytes:
@@ -91,7 +97,14 @@ def decode_snapshot(
         )
     if (rows, h_width, c_width) != shape:
         raise InvalidInput(f"snapshot state shape {(rows, h_width, c_width)} does not match the model's {shape}")
+    if keyed not in (0, 1):
+        raise InvalidInput(f"snapshot keyed flag {keyed} must be 0 or 1")
+    if step > MAX_STEP:
+        raise InvalidInput(f"snapshot step {step} is out of range (at most {MAX_STEP})")
     offset = _HEAD.size + fp_len + _BODY.size
     h = np.frombuffer(payload, "<f4", rows * h_width, offset).reshape(rows, 1, h_width)
     c = np.frombuffer(payload, "<f4", rows * c_width, offset + h_bytes).reshape(rows, 1, c_width)
+    for name, values in (("h", h), ("c", c)):
+        if not np.isfinite(values).all():
+            raise InvalidInput(f"snapshot state {name} holds NaN or infinity")
     return SessionState(h=h.astype(np.float32), c=c.astype(np.float32)), int(step)

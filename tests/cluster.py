@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+from helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 LSTMSERVE = str(Path(sys.executable).with_name("lstmserve"))
@@ -36,6 +38,8 @@ IN_CI = os.environ.get("CI", "").strip().lower() == "true"
 # serves on for DRAIN_DELAY_S after reporting NOT_SERVING, so Envoy has taken it out before it stops.
 HEALTH_INTERVAL_S = 0.2
 DRAIN_DELAY_S = 0.6
+# Session ids of the probe calls that `Envoy` sends through itself (no replica has such a session).
+PROBE_PREFIX = "probe-"
 
 
 def unavailable(what: str) -> NoReturn:
@@ -49,18 +53,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Polls `condition()` until it returns something truthy; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 class RedisServer:
@@ -200,20 +192,60 @@ class Envoy:
         text = self._admin("/clusters") or ""
         return {int(p) for p in re.findall(r"^lstmserve::127\.0\.0\.1:(\d+)::health_flags::healthy$", text, re.M)}
 
-    def wait_routing_to(self, ports: list[int], timeout: float = 15) -> None:
-        """Waits until Envoy's health checks pass exactly these replicas, and its workers have the new ring."""
+    def wait_routing_to(self, ports: list[int], timeout: float = 30) -> None:
+        """Waits until Envoy's health checks pass exactly these replicas, and its worker routes with the new ring:
+        probe calls (session ids no replica has) reach every one of them."""
         wait_until(lambda: self.healthy_ports() == set(ports), timeout, f"Envoy to route to exactly {sorted(ports)}")
-        time.sleep(0.1)  # the admin thread knows first; the worker threads get the new ring a moment later
+        reached: set[int] = set()
+
+        def every_port_reached() -> bool:
+            probes = [self._probe() for _ in range(4 * len(ports))]
+            routes = self._routes_through(probes[-1])
+            for probe in probes:
+                reached.update(routes.get(probe, []))
+            return reached >= set(ports)
+
+        wait_until(every_port_reached, timeout, f"Envoy's worker to reach each of {sorted(ports)}")
 
     def routes(self) -> dict[str, list[int]]:
-        """For each session id, the replica port of each of its finished calls, in order (from the access log)."""
-        time.sleep(0.1)  # the log is flushed every 20 ms
-        routes: dict[str, list[int]] = {}
-        for line in self.access_log.read_text().splitlines() if self.access_log.exists() else []:
-            session_id, _, upstream = line.partition(" ")
-            if upstream.startswith("127.0.0.1:"):
-                routes.setdefault(session_id, []).append(int(upstream.rsplit(":", 1)[1]))
-        return routes
+        """For each session id, the replica port of each of its finished calls, in order (from the access log,
+        once everything finished before this call has been flushed to it)."""
+        routes = self._routes_through(self._probe())
+        return {session_id: ports for session_id, ports in routes.items() if not session_id.startswith(PROBE_PREFIX)}
+
+    def _probe(self) -> str:
+        """Sends one call through Envoy for a session id that no replica has, and returns the id. Calls are logged
+        in the order they finish, so once its line is in the access log, so are those of every earlier call."""
+        import grpc
+
+        from lstmserve.v1 import lstmserve_pb2 as pb
+        from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+        probe_id = f"{PROBE_PREFIX}{secrets.token_hex(12)}"
+        with grpc.insecure_channel(self.address, options=[("grpc.so_reuseport", 0)]) as channel:
+            try:
+                pb_grpc.LstmServeStub(channel).GetSession(
+                    pb.SessionRef(session_id=probe_id), metadata=[("lstmserve-session", probe_id)], timeout=10
+                )
+            except grpc.RpcError:
+                pass  # NOT_FOUND, as intended (or UNAVAILABLE from a replica on its way out): logged either way
+        return probe_id
+
+    def _routes_through(self, marker: str) -> dict[str, list[int]]:
+        """The access log's routes, read once the line of the call for session id `marker` is in it."""
+
+        def read() -> dict[str, list[int]] | None:
+            routes: dict[str, list[int]] = {}
+            for line in self.access_log.read_text().splitlines() if self.access_log.exists() else []:
+                session_id, _, upstream = line.partition(" ")
+                if upstream.startswith("127.0.0.1:"):
+                    routes.setdefault(session_id, []).append(int(upstream.rsplit(":", 1)[1]))
+                elif session_id == marker:
+                    routes.setdefault(session_id, [])
+            return routes if marker in routes else None
+
+        result: dict[str, list[int]] = wait_until(read, 30, "Envoy to flush its access log")
+        return result
 
     def _admin(self, path: str) -> str | None:
         try:

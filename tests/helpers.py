@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 
 from lstmserve.metadata import METADATA_KEY, ModelSpec
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -87,3 +90,25 @@ def model_spec(model_path: Path) -> ModelSpec:
     model = onnx.load(str(model_path), load_external_data=False)
     props = {p.key: p.value for p in model.metadata_props}
     return ModelSpec.from_json(props[METADATA_KEY])
+
+
+def wait_until(condition: Any, timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Polls `condition()` until it returns something truthy; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stored_sessions(model_path: Path, state_dir: Path) -> dict[str, int]:
+    """Session id -> step counter of every session a state directory holds now (read as a server start would)."""
+    from lstmserve.server.persistence import StateDir
+
+    spec = model_spec(model_path)
+    shape = (spec.state_rows, spec.h.width, spec.c.width)
+    directory = StateDir(state_dir, fingerprint=spec.fingerprint, shape=shape, secret=None)
+    return {stored.session_id: stored.step for stored in directory.read_all()}

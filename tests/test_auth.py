@@ -90,6 +90,28 @@ def test_api_keys_file_errors(tmp_path: Path, token_model: Path) -> None:
         text=True,
     )
     assert result.returncode == 2 and "missing.txt" in result.stderr
+    accented = tmp_path / "accented.txt"
+    accented.write_text(f"{KEY_A}\n# comment\nclé-secrète-0123456789\n", encoding="utf-8")
+    result = subprocess.run(
+        [lstmserve, "serve", "--model", str(token_model), "--api-keys-file", str(accented)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "line 3" in result.stderr and "ASCII" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_keys_are_compared_as_bytes(keyed_server: ServerThread) -> None:
+    """A key sent with characters outside ASCII (as raw metadata bytes) is refused like any wrong key, and the
+    valid keys keep working (comparing str with non-ASCII characters used to raise, failing every call)."""
+    from lstmserve.server.auth import ApiKeyInterceptor
+
+    interceptor = ApiKeyInterceptor(frozenset({KEY_A}))
+    assert interceptor._valid(KEY_A)
+    assert not interceptor._valid("clé-0123456789abcdef")
+    assert not interceptor._valid(None)
+    with Client(keyed_server.address, metadata=bearer(KEY_A)) as client:
+        assert client.model_info().kind == "tokens"
 
 
 def test_cli_commands_send_the_api_key(keyed_server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:

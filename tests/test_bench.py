@@ -203,3 +203,19 @@ def test_a_round_measures_every_series_at_one_level_before_the_next(token_model:
         for series in ("lstmserve", "gRPC echo (transport ceiling)", "ONNX Runtime in-process (compute ceiling)")
         for level in (1, 2)
     ]
+
+
+def test_tables_and_plots_name_what_each_mode_measures(tmp_path: Path) -> None:
+    from lstmserve.bench.report import BenchReport, Row, markdown_table, panel_labels, plot
+
+    rows = [Row(series="lstmserve", level=1, steps_per_s=10.0, p99_ms=1.0), Row(series="echo", level=1, steps_per_s=20.0)]
+    for mode, unit, latency in (
+        ("step", "steps/s", "p99 step latency"),
+        ("prompt", "requests/s", "p99 request latency"),
+        ("generate", "tokens/s", "p99 time between responses"),
+    ):
+        report = BenchReport(command="lstmserve bench", machine={}, settings={"mode": mode}, rows=rows)
+        assert f"| series | concurrency | {unit} |" in markdown_table(report)
+        assert panel_labels(report)[1:] == (unit, latency)
+        plot(report, tmp_path / f"{mode}.png")
+        assert (tmp_path / f"{mode}.png").stat().st_size > 0

@@ -131,15 +131,29 @@ def test_unreachable_target_is_one_line_and_non_zero(dead_target: str, capsys: p
         assert line.startswith(f"lstmserve {command[0]}: error: cannot reach the server at {dead_target}")
 
 
-def test_server_errors_are_reported_with_their_status(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "hi", "--target", server.address, "--max-tokens", "999999"]) == 1
-    (line,) = ours(capsys.readouterr().err)
-    assert line.startswith("lstmserve generate: error: INVALID_ARGUMENT: generate.max_tokens must be in")
-
-    assert main(["generate", "caf\u00e9\u20ac", "--target", server.address]) == 1
+def test_bad_generate_options_are_refused_before_anything_is_printed(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Limits come from the server's model info first: nothing (not even the prompt) is printed, exit 2."""
+    assert main(["generate", "hi", "--target", server.address, "--max-tokens", "999999"]) == 2
     captured = capsys.readouterr()
     (line,) = ours(captured.err)
-    assert captured.out == "" and line.startswith("lstmserve generate: error: character ")
+    assert captured.out == "" and line.startswith("lstmserve generate: error: --max-tokens must be in [1, 4096]")
+
+    assert main(["generate", "caf\u00e9\u20ac", "--target", server.address]) == 2
+    captured = capsys.readouterr()
+    (line,) = ours(captured.err)
+    assert captured.out == "" and line.startswith("lstmserve generate: error: the prompt cannot be encoded: character ")
+
+
+def test_server_refusals_are_reported_with_their_status(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "hi", "--target", server.address, "--temperature", "-1"]) == 2  # checked here
+    (line,) = ours(capsys.readouterr().err)
+    assert line.startswith("lstmserve generate: error: temperature must be")
+    stops = [f"s{i}" for i in range(17)]  # more stop strings than the server takes
+    assert main(["generate", "hi", "--target", server.address, "--stop", *stops]) == 1
+    (line,) = ours(capsys.readouterr().err)
+    assert line.startswith("lstmserve generate: error: INVALID_ARGUMENT: generate.stop has 17 strings")
 
 
 def test_feature_model_refuses_text(feature_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -147,13 +161,13 @@ def test_feature_model_refuses_text(feature_model: Path, capsys: pytest.CaptureF
 
     handle = start_server(feature_model)
     try:
-        assert main(["stream", "--target", handle.address]) == 1
+        assert main(["stream", "--target", handle.address]) == 2
         assert ours(capsys.readouterr().err) == [
             "lstmserve stream: error: the server's model takes features, not text"
         ]
-        assert main(["generate", "hi", "--target", handle.address]) == 1
+        assert main(["generate", "hi", "--target", handle.address]) == 2
         (line,) = ours(capsys.readouterr().err)
-        assert line.startswith("lstmserve generate: error: this model has no vocabulary")
+        assert line == "lstmserve generate: error: the server's model takes features, not text"
     finally:
         handle.stop()
 

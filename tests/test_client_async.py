@@ -160,7 +160,7 @@ def test_reattach_after_dropped_and_lost_responses(server: ServerThread, monkeyp
                 async def recv(self: _async._AsyncStream, timeout: float | None) -> object:
                     if not broken:
                         broken.append(self)
-                        deadline = time.monotonic() + 10
+                        deadline = time.monotonic() + 60
                         while server_step(session.id) != 11:  # applied on the server...
                             assert time.monotonic() < deadline
                             await asyncio.sleep(0.002)
@@ -195,14 +195,15 @@ def test_cancelled_task_leaves_the_session_usable(server: ServerThread) -> None:
                 with pytest.raises(asyncio.CancelledError):
                     await task
                 assert session.position is None
-                # wait until the server stopped generating, then continue from its counter
+                # wait until the server stopped generating (nothing queued or computing for the session: the
+                # server's own state, not a pause in the counter), then continue from its counter
+                scheduler = server.server.scheduler
+                assert scheduler is not None
+                deadline = time.monotonic() + 60
+                while server.call_soon(lambda: scheduler.sessions.get(session.id, "").busy):
+                    assert time.monotonic() < deadline, "the server never stopped generating"
+                    await asyncio.sleep(0.02)
                 info = await session.info()
-                while True:
-                    await asyncio.sleep(0.05)
-                    later = await session.info()
-                    if later.step == info.step:
-                        break
-                    info = later
                 assert (await session.step("x")).step == info.step + 1
 
     run(main())

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import TEST_PROVIDER_NAME, ServerThread
+from helpers import wait_until
 
 from lstmserve.client import Cancelled, Client, LstmServeError, RetryPolicy, Unavailable
 from lstmserve.client import _sync
@@ -29,7 +30,7 @@ def server_step(server: ServerThread, session_id: str) -> int:
 
 
 def wait_for_step(server: ServerThread, session_id: str, step: int) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while server_step(server, session_id) != step:
         assert time.monotonic() < deadline, f"the server never reached step {step}: {server_step(server, session_id)}"
         time.sleep(0.002)
@@ -138,11 +139,11 @@ def test_generation_broken_midway_resynchronises(client: Client, server: ServerT
         with pytest.raises(LstmServeError):
             for _ in generation:
                 pass
-        # not resent (generation is not exactly-once on the server); the session learns its counter again
-        previous, stable = -1, server_step(server, session.id)
-        while stable != previous:
-            time.sleep(0.05)
-            previous, stable = stable, server_step(server, session.id)
+        # not resent (generation is not exactly-once on the server); the session learns its counter again, once
+        # the server stopped generating (nothing queued or computing for it: its state, not a pause in the counter)
+        scheduler = server.server.scheduler
+        wait_until(lambda: not server.call_soon(lambda: scheduler.sessions.get(session.id, "").busy), 60, "the end")
+        stable = server_step(server, session.id)
         assert 6 + 2 <= stable < 6 + 200
         assert session.step("x").step == stable + 1
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import start_server
+from helpers import stored_sessions, wait_until
 
-from lstmserve.client import Client
+from lstmserve.client import Client, SessionNotFound
 
 LSTMSERVE = str(Path(sys.executable).with_name("lstmserve"))
 
@@ -42,7 +43,8 @@ def test_drain_writes_sessions_and_a_restart_resumes_them_exactly(token_model: P
         reset.detach()
     first.call(first.server.drain(grace_s=5))
     first.loop.call_soon_threadsafe(first.loop.stop)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.session" for i in ids)
+    assert [p.name for p in tmp_path.iterdir()] == ["sessions.checkpoint"]  # one file holds every session
+    assert sorted(stored_sessions(token_model, tmp_path)) == sorted(ids)  # the closed one is not in it
 
     second = start_server(token_model, state_dir=tmp_path)
     try:
@@ -57,7 +59,7 @@ def test_drain_writes_sessions_and_a_restart_resumes_them_exactly(token_model: P
         second.stop()
 
 
-def test_corrupted_state_file_is_refused_and_the_others_restored(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_corrupted_record_is_refused_and_the_others_restored(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     first = start_server(token_model, state_dir=tmp_path)
     with Client(first.address) as client:
         good, bad = client.session(), client.session()
@@ -68,19 +70,35 @@ def test_corrupted_state_file_is_refused_and_the_others_restored(token_model: Pa
         bad.detach()
     first.call(first.server.drain(grace_s=5))
     first.loop.call_soon_threadsafe(first.loop.stop)
-    bad_file = tmp_path / f"{bad_id}.session"
-    bad_file.write_bytes(bad_file.read_bytes()[:-10] + b"0123456789")
+    checkpoint = tmp_path / "sessions.checkpoint"
+    content = bytearray(checkpoint.read_bytes())
+    at = content.index(bad_id.encode()) + 200  # inside the bad session's record: its state
+    content[at] ^= 0xFF
+    checkpoint.write_bytes(bytes(content))
 
     with caplog.at_level("ERROR"):
         second = start_server(token_model, state_dir=tmp_path)
     try:
         assert any("refused" in r.message and bad_id in r.message for r in caplog.records)
-        assert (tmp_path / f"{bad_id}.corrupt").exists()
         with Client(second.address) as client:
             with client.session(resume=good_id) as restored:
                 assert restored.info().step == 1
+            with pytest.raises(SessionNotFound):
+                client.session(resume=bad_id)
     finally:
         second.stop()
+
+
+def test_a_checkpoint_that_is_not_one_is_moved_aside(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "sessions.checkpoint").write_bytes(b"LSTMCKPT but then garbage")
+    with caplog.at_level("ERROR"):
+        handle = start_server(token_model, state_dir=tmp_path)
+    try:
+        assert any("refused" in r.message for r in caplog.records)
+        assert (tmp_path / "sessions.corrupt").exists()
+        assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+    finally:
+        handle.stop()
 
 
 def _serve(model: Path, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
@@ -104,7 +122,8 @@ def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tm
             session = client.session()
             session.step([1, 2, 3])
             session_id = session.id
-            time.sleep(0.6)  # at least one checkpoint after the acknowledged step
+            # At least one checkpoint after the acknowledged step (waited for, not slept on).
+            wait_until(lambda: stored_sessions(token_model, tmp_path).get(session_id) == 3, 60, "a checkpoint at step 3")
             session.detach()
         process.send_signal(signal.SIGKILL)  # a crash: no drain
         process.wait(10)

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from cluster import Envoy, RedisServer, Replica, start_replicas
+from cluster import Envoy, RedisServer, Replica, start_replicas, wait_until
 from helpers import reference_logits
 
 from lstmserve.client import Client, RetryPolicy, Session, StepMismatch
@@ -77,6 +77,13 @@ def stored_step(redis_server: RedisServer, session_id: str) -> int:
     (fp_len,) = struct.unpack_from("<H", blob, 11)
     (step,) = struct.unpack_from("<Q", blob, 13 + fp_len)
     return int(step)
+
+
+def _stored_or_zero(redis_server: RedisServer, session_id: str) -> int:
+    """`stored_step`, or 0 while the session has no snapshot yet."""
+    if redis_server.client.hget(f"lstmserve:session:{session_id}", "blob") is None:
+        return 0
+    return stored_step(redis_server, session_id)
 
 
 def test_sessions_stick_to_one_replica(
@@ -197,7 +204,10 @@ def test_killing_a_replica_resumes_its_sessions_from_the_last_checkpoint(
         for position in range(6):
             for session in sessions:
                 logits[session.id].append(session.step([tokens[session.id][position]]).logits)
-        time.sleep(1.5)  # at least one checkpoint after these steps
+        # At least one checkpoint after these steps (its interval is 1 s: waited for, not slept on).
+        wait_until(
+            lambda: all(_stored_or_zero(redis_server, s.id) >= 6 for s in sessions), 60, "a checkpoint at step 6"
+        )
         for position in (6, 7):  # acknowledged, and most likely after the last checkpoint
             for session in sessions:
                 logits[session.id].append(session.step([tokens[session.id][position]]).logits)
@@ -257,8 +267,9 @@ def test_scaling_from_three_to_four_moves_only_the_sessions_whose_owner_changed(
         rerouted = {s.id for s in sessions if owner_now[s.id] is not before[s.id]}
         assert moved == rerouted, "exactly the sessions whose replica Envoy changed moved"
         assert all(after[s.id] is owner_now[s.id] for s in sessions)
+        # How many move depends on where the ring puts the replicas' random ports, so no count is asserted:
+        # the verdict is that exactly the rerouted sessions moved, each once, each to its new owner.
         to_newcomer = {sid for sid in moved if after[sid] is newcomer}
-        assert to_newcomer and len(moved) < len(sessions) / 2, (len(to_newcomer), len(moved))
         takeovers = sum(r.metric("lstmserve_takeovers_total", 'source="handoff"') for r in everyone)
         assert takeovers == len(moved) == sum(r.metric("lstmserve_handoffs_total") for r in everyone)
         assert sum(r.metric("lstmserve_takeovers_total", 'source="store"') for r in everyone) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,40 +110,59 @@ def test_cli_serve_drains_on_sigterm(token_model: Path) -> None:
     assert main(["health", "--target", address, "--timeout", "0.5"]) == 1
 
 
+def _serve_error(*args: str, env: dict[str, str] | None = None) -> str:
+    """Runs `lstmserve serve ARGS`, which must fail at start with exit status 2 and one line, no traceback;
+    returns that line."""
+    result = subprocess.run(
+        [LSTMSERVE, "serve", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120
+    )
+    ours = [line for line in result.stderr.splitlines() if line.startswith("lstmserve serve: error:") or "usage:" in line]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr
+    assert ours, result.stderr
+    return ours[-1]
+
+
 def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
-    missing = subprocess.run([LSTMSERVE, "serve", "--model", str(tmp_path / "none.onnx")], capture_output=True, text=True)
-    assert missing.returncode != 0 and "none.onnx" in missing.stderr
-    bad = subprocess.run(
-        [LSTMSERVE, "serve", "--model", str(token_model), "--max-batch-size", "0"], capture_output=True, text=True
-    )
-    assert bad.returncode != 0 and "max_batch_size must be at least 1, got 0" in bad.stderr
-    spin = subprocess.run(
-        [LSTMSERVE, "serve", "--model", str(token_model), "--idle-spin-us", "-5"], capture_output=True, text=True
-    )
-    assert spin.returncode != 0 and "idle_spin_us must be in 0..100000, got -5" in spin.stderr
-    env_bad = subprocess.run(
-        [LSTMSERVE, "serve", "--model", str(token_model)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "LSTMSERVE_PORT": "eighty"},
-    )
-    assert env_bad.returncode != 0 and "LSTMSERVE_PORT='eighty'" in env_bad.stderr
+    assert "none.onnx" in _serve_error("--model", str(tmp_path / "none.onnx"))
+    assert "holds no model.onnx" in _serve_error("--model", str(tmp_path))
+    assert "max_batch_size must be at least 1, got 0" in _serve_error("--model", str(token_model), "--max-batch-size", "0")
+    assert "idle_spin_us must be in 0..100000, got -5" in _serve_error("--model", str(token_model), "--idle-spin-us", "-5")
+    assert "LSTMSERVE_PORT='eighty'" in _serve_error("--model", str(token_model), env={"LSTMSERVE_PORT": "eighty"})
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"this is not an ONNX model")
-    broken = subprocess.run([LSTMSERVE, "serve", "--model", str(corrupt)], capture_output=True, text=True)
-    assert broken.returncode == 1 and "corrupt.onnx" in broken.stderr and "Traceback" not in broken.stderr
-    loud = subprocess.run(
-        [LSTMSERVE, "serve", "--model", str(token_model), "--log-level", "LOUD"], capture_output=True, text=True
-    )
-    assert loud.returncode == 2 and "LOUD" in loud.stderr and "Traceback" not in loud.stderr
-    no_cuda = subprocess.run(
-        [LSTMSERVE, "serve", "--model", str(token_model), "--providers", "cuda"], capture_output=True, text=True
-    )
-    assert no_cuda.returncode != 0 and "cuda" in no_cuda.stderr.lower()
+    assert "corrupt.onnx" in _serve_error("--model", str(corrupt))
+    assert "LOUD" in _serve_error("--model", str(token_model), "--log-level", "LOUD")
+    assert "cuda" in _serve_error("--model", str(token_model), "--providers", "cuda").lower()
+
+
+def test_ports_in_use_are_one_line_naming_the_address_and_the_port(token_model: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = _serve_error("--model", str(token_model), "--port", port)
+        assert f"cannot listen on 127.0.0.1:{port}, the gRPC port (--port): Address already in use" in line
+        line = _serve_error("--model", str(token_model), "--port", "0", "--metrics-port", port)
+        assert f"cannot listen on 127.0.0.1:{port}, the metrics port (--metrics-port): " in line
+        assert "Address already in use" in line
+
+
+def test_serve_takes_the_model_folder(token_model: Path) -> None:
+    process, address = _start_cli_server(token_model.parent)
+    try:
+        with grpc.insecure_channel(address, options=[("grpc.so_reuseport", 0)]) as channel:
+            assert SyncStream(channel).request(tokens=[1, 2]).step == 2
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_serve_help_lists_every_option() -> None:
     result = subprocess.run([LSTMSERVE, "serve", "--help"], capture_output=True, text=True)
+    assert "default: None" not in result.stdout and "default: )" not in result.stdout
     for flag in ("--model", "--port", "--max-batch-size", "--max-wait-us", "--idle-spin-us", "--max-sessions", "--session-ttl-s",
                  "--providers", "--intra-op-threads", "--metrics-port", "LSTMSERVE_MAX_SESSIONS"):
         assert flag in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def limited_server(token_model: Path) -> Iterator[ServerThread]:
         ({"generate": pb.Generate(max_tokens=3)}, "no tokens"),
         ({"features": features_tensor(np.zeros((1, 3)))}, "carries features"),
         ({}, "no tokens"),
+        ({"tokens": [1], "output": pb.OUTPUT_SAMPLE, "sampling": pb.Sampling(top_k=999)}, "sampling.top_k 999"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, sampling=pb.Sampling(top_k=2**32 - 1))}, "sampling.top_k 4294967295"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["x"] * 17)}, "17 strings, more than --max-stop-strings=16"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["ab", "y" * 257])}, "stop[1] has 257 characters"),
     ],
 )
 def test_invalid_step_is_rejected_and_changes_nothing(
@@ -174,3 +179,52 @@ def test_model_info_describes_the_model(stub: pb_grpc.LstmServeStub, token_model
     assert (info.hidden_size, info.num_layers, info.output_size) == (spec.hidden_size, spec.num_layers, spec.output_size)
     assert info.steppable and info.provider == TEST_PROVIDER_NAME
     assert info.fingerprint == spec.fingerprint and info.session_ttl_s == 900.0
+
+
+def test_a_huge_session_id_is_not_echoed_whole(server: ServerThread, stub: pb_grpc.LstmServeStub) -> None:
+    """A 1 MB session id gets NOT_FOUND with a short message (echoing it whole made the client fail on the
+    size of the status metadata), and no lookup beyond the first check."""
+    huge = "x" * (1024 * 1024)
+    for call in (stub.GetSession, stub.ResetSession, stub.CloseSession, stub.SnapshotSession):
+        with pytest.raises(grpc.RpcError) as error:
+            call(pb.SessionRef(session_id=huge))
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len(error.value.details() or "") < 300 and "1048576 characters" in (error.value.details() or "")
+    with server.channel() as channel:
+        opened = SyncStream(channel).request(tokens=[1]).session_id
+        stream = SyncStream(channel)
+        stream.request(session_id=opened)
+        error_value = _rejected(stream, session_id=huge, tokens=[1])
+    assert error_value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(error_value.details() or "") < 300
+
+
+def test_health_list_reports_every_service(server: ServerThread) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with server.channel() as channel:
+        listed = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+    assert listed.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+    assert listed.statuses["lstmserve.v1.LstmServe"].status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unparseable_requests_log_one_short_line(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that are not a protobuf message fail in grpcio (UNKNOWN); grpcio's log of them is cut to one line
+    without a traceback, at most one per window, so that one client cannot flood the log."""
+    from lstmserve.server.grpc_log import DECODE_ERROR_WINDOW_S, GRPC_LOGGER
+
+    import time
+
+    started = time.monotonic()
+    with server.channel() as channel, caplog.at_level(logging.WARNING, logger=GRPC_LOGGER):
+        infer = channel.unary_unary("/lstmserve.v1.LstmServe/Infer", request_serializer=None, response_deserializer=None)
+        for _ in range(40):
+            with pytest.raises(grpc.RpcError) as error:
+                infer(b"\xff\xff\xff\xff")
+            assert error.value.code() == grpc.StatusCode.UNKNOWN
+            assert "Error parsing message" in (error.value.details() or "")
+    windows = 1 + int((time.monotonic() - started) / DECODE_ERROR_WINDOW_S)
+    records = [r for r in caplog.records if r.name == GRPC_LOGGER]
+    assert 1 <= len(records) <= windows
+    assert all(r.exc_info is None and r.levelno == logging.WARNING for r in records)
+    assert "could not be parsed" in records[0].getMessage()

@@ -6,12 +6,15 @@ import asyncio
 import threading
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.generation import StopMatcher, Wakeup
+from lstmserve.server.generation import Wakeup
+from lstmserve.server.stops import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -200,6 +203,66 @@ def test_stop_matcher_releases_text_before_the_stop_string() -> None:
     assert matcher.push(3, "d") == [(2, "x")]  # the part of the straddling token before the stop string
     assert matcher.stopped
     assert matcher.flush() == []
+
+
+def _reference_stop(texts: list[str], stops: list[str]) -> tuple[str, bool]:
+    """What a generation with these token texts and stop strings returns: the text before the stop string that
+    starts first among those ending in the first token where any ends (all of it if none occurs)."""
+    seen = ""
+    for text in texts:
+        before = len(seen)
+        seen += text
+        starts = [seen.find(stop, max(0, before - len(stop) + 1)) for stop in stops if stop]
+        found = [start for start in starts if start >= 0]
+        if found:
+            return seen[: min(found)], True
+    return seen, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(st.text(alphabet="ab\n", min_size=0, max_size=3), max_size=12),
+    stops=st.lists(st.text(alphabet="ab\n", min_size=0, max_size=4), max_size=4),
+)
+def test_stop_matcher_agrees_with_a_plain_search(texts: list[str], stops: list[str]) -> None:
+    matcher = StopMatcher(stops)
+    released: list[tuple[int, str]] = []
+    for token, text in enumerate(texts):
+        released += matcher.push(token, text)
+        if matcher.stopped:
+            break
+    else:
+        released += matcher.flush()
+    expected, stopped = _reference_stop(texts, stops)
+    assert "".join(piece for _, piece in released) == expected
+    assert matcher.stopped == stopped
+    tokens = [token for token, _ in released]
+    assert tokens == sorted(tokens)  # pieces come out in token order, each token once at most
+
+
+def test_stop_matching_work_per_token_does_not_grow_with_the_number_of_stop_strings() -> None:
+    """The automaton reads each generated character once (one transition, amortised), whether a request
+    carries one stop string or thousands: counted, not timed."""
+
+    def transitions(stops: list[str]) -> int:
+        matcher = StopMatcher(stops)
+        automaton = matcher._automaton
+        calls = 0
+        step = automaton.next
+
+        def counted(state: int, char: str) -> int:
+            nonlocal calls
+            calls += 1
+            return step(state, char)
+
+        automaton.next = counted  # type: ignore[method-assign]
+        for token in range(200):
+            matcher.push(token, "abcab"[token % 5])
+        return calls
+
+    few = transitions(["zzz"])
+    many = transitions([f"q{i:05d}" for i in range(5000)] + ["abcabd"])
+    assert few == many == 200
 
 
 def test_wakeup_wakes_its_waiter_once_per_set() -> None:

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, start_server
-from helpers import SyncStream, logits_of
+from helpers import SyncStream, logits_of, wait_until
 
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -123,7 +123,6 @@ def test_client_disconnect_mid_stream_leaves_session_resumable(server: ServerThr
         stream = SyncStream(channel)
         first = stream.request(tokens=tokens[:2])
         stream.cancel()  # the client goes away without closing
-    time.sleep(0.1)
     with server.channel() as channel:
         stream = SyncStream(channel)
         rest = stream.request(session_id=first.session_id, tokens=tokens[2:])
@@ -225,8 +224,8 @@ def test_a_session_stepping_alone_keeps_the_loop_polling_for_idle_spin_us(token_
                 assert stream.request(tokens=[1]).batch_size == 1
                 assert handle.call_soon(polling) == bool(idle_spin_us)
             stream.close()
-        time.sleep(0.1)  # past the window: the loop sleeps again
-        assert not handle.call_soon(polling)
+        # Past the window the polling task ends and the loop sleeps again (waited for, not slept on).
+        wait_until(lambda: not handle.call_soon(polling), 60, "the polling task to end")
     finally:
         handle.stop()
 

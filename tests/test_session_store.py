@@ -166,10 +166,7 @@ def test_spilled_sessions_come_back_on_any_server(token_model: Path, redis_serve
         scheduler = first.server.scheduler
         assert scheduler is not None
         assert first.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + 3600)) >= 1  # hours later
-        for _ in range(100):  # the spill is written in the background
-            if redis_server.holder(session_id) is None:
-                break
-            time.sleep(0.01)
+        wait_for(lambda: redis_server.holder(session_id) is None, 60, "the spill, written in the background")
         key = f"lstmserve:session:{session_id}"
         assert redis_server.holder(session_id) is None and redis_server.client.ttl(key) == -1  # kept, no expiry
         with Client(second.address) as client, client.session(resume=session_id) as resumed:
@@ -219,7 +216,7 @@ def test_live_sessions_are_recorded_again_after_redis_lost_its_data(
         session.detach()
     redis_server.client.flushall()  # a Redis restarted without persistence: every record and heartbeat is gone
     replica = first.server.cluster.replica  # type: ignore[union-attr]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while redis_server.holder(session_id) != replica and time.monotonic() < deadline:
         time.sleep(0.05)
     assert redis_server.holder(session_id) == replica  # the next heartbeat noticed, and recorded it again
@@ -250,8 +247,9 @@ def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
                 session_id = next(iter(first.server.scheduler.sessions.all())).id
                 assert session_id.startswith(SEQUENCE_ID_PREFIX)
                 assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
-    assert not redis_server.client.exists(f"lstmserve:session:{session_id}")  # sequence_end: the record is gone
-    assert redis_server.client.exists(f"lstmserve:closed:{session_id}")  # and a tombstone says it was closed
+    # sequence_end: the record goes, and a tombstone says it was closed (written in the background: waited for)
+    wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 60, "the record to go")
+    assert redis_server.client.exists(f"lstmserve:closed:{session_id}")
     with triton.InferenceServerClient(second.address) as two:  # the sequence id may start a new sequence
         tensor = triton.InferInput("tokens", [1, 1], "INT64")
         tensor.set_data_from_numpy(np.array([[tokens[0]]], dtype=np.int64))
@@ -415,7 +413,7 @@ def test_a_server_cut_off_from_redis_stops_serving_before_another_can_take_its_s
         except Unavailable as error:  # the lease lapsed first: the steps stopped before the key expired
             assert session.id in str(error) and "lost contact with the session store" in str(error)
             stopped_by_lease = True
-        wait_for(lambda: not redis_server.client.exists(heartbeat_key), 5, "the heartbeat key to expire")
+        wait_for(lambda: not redis_server.client.exists(heartbeat_key), 60, "the heartbeat key to expire")
         with two.session(resume=session.id) as taken:  # the second server takes it over from the checkpoint
             assert taken.info().step == 2
         assert redis_server.holder(session.id) == second.server.cluster.replica  # type: ignore[union-attr]
@@ -446,16 +444,16 @@ def test_a_server_back_in_contact_with_redis_drops_what_was_taken_and_serves_the
         first.call(first.server.checkpoint())  # all three written at step 2
         kept.step([tokens[2]])  # only on the first server
         reconnect = cut_off_from_redis(first)
-        wait_for(lambda: not first.call_soon(cluster.lease_valid), 5, "the first server's lease to lapse")
+        wait_for(lambda: not first.call_soon(cluster.lease_valid), 60, "the first server's lease to lapse")
         with pytest.raises(Unavailable, match="lost contact with the session store"):
             kept.step([tokens[3]])
-        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 60, "the key to expire")
         with two.session(resume=taken.id) as moved:  # taken over by the second server, from the checkpoint
             assert moved.step([tokens[2]]).step == 3
         # Taken over and let go again since (as a drain or a spill of the second server would).
         redis_server.client.hdel(f"lstmserve:session:{released.id}", "replica")
         reconnect()
-        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 60, "the first server's lease to be valid again")
         assert first.call_soon(lambda: [scheduler.sessions.find(s.id) is not None for s in (taken, kept, released)]) == [
             False,
             True,
@@ -493,14 +491,14 @@ def test_a_session_closed_elsewhere_while_a_server_was_cut_off_stays_closed(
         session.detach()
         first.call(first.server.checkpoint())  # written at step 2
         reconnect = cut_off_from_redis(first)
-        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 60, "the key to expire")
         moved = two.session(resume=session_id)  # taken over by the second server, from the checkpoint
         assert moved.step([3]).step == 3
         moved.close()  # closed there: its record is deleted (right after the answer)
-        wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 5, "the record to go")
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 60, "the record to go")
         assert first.call_soon(lambda: scheduler.sessions.find(session_id) is not None)  # the stale copy
         reconnect()
-        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 60, "the first server's lease to be valid again")
         assert first.call_soon(lambda: scheduler.sessions.find(session_id) is None)  # dropped, not recorded again
         assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
         for client in (one, two):
@@ -531,10 +529,10 @@ def test_a_copy_idle_past_the_ttl_is_not_recorded_again_once_its_tombstone_is_go
         kept.detach()
         first.call(first.server.checkpoint())
         reconnect = cut_off_from_redis(first)
-        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 5, "the key to expire")
+        wait_for(lambda: not redis_server.client.exists(f"lstmserve:replica:{cluster.replica}"), 60, "the key to expire")
         two.session(resume=stale.id).close()  # taken over and closed by the second server
         tombstone = f"lstmserve:closed:{stale.id}"
-        wait_for(lambda: bool(redis_server.client.exists(tombstone)), 5, "the tombstone")  # written after the answer
+        wait_for(lambda: bool(redis_server.client.exists(tombstone)), 60, "the tombstone")  # written after the answer
         redis_server.client.delete(tombstone)  # expired: the cut lasted longer than it
 
         def age() -> None:  # the copy here idle past the TTL, and the idle sweep not run yet
@@ -545,7 +543,7 @@ def test_a_copy_idle_past_the_ttl_is_not_recorded_again_once_its_tombstone_is_go
 
         first.call_soon(age)
         reconnect()
-        wait_for(lambda: first.call_soon(cluster.lease_valid), 5, "the first server's lease to be valid again")
+        wait_for(lambda: first.call_soon(cluster.lease_valid), 60, "the first server's lease to be valid again")
         assert first.call_soon(lambda: (scheduler.sessions.find(stale.id), scheduler.sessions.find(kept.id) is not None)) == (
             None,
             True,
@@ -575,7 +573,7 @@ def test_a_closed_or_expired_session_leaves_a_tombstone_that_a_new_session_repla
     first.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + ttl_s + 1))  # idle past the TTL: closed
     for session_id in (closed_id, expired_id):
         tombstone = f"lstmserve:closed:{session_id}"
-        wait_for(lambda key=tombstone: bool(redis_server.client.exists(key)), 5, "the tombstone")
+        wait_for(lambda key=tombstone: bool(redis_server.client.exists(key)), 60, "the tombstone")
         assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
         assert ttl_s < redis_server.client.ttl(tombstone) <= ttl_s + 60
         assert not first.call(cluster.store.adopt(session_id, ""))  # never recorded again from a stale copy
@@ -628,6 +626,6 @@ def test_closing_deletes_the_record_through_a_redis_error(
         session.step([1, 2])
         session_id = session.id
         session.close()
-    wait_for(lambda: bool(redis_server.client.exists(f"lstmserve:closed:{session_id}")), 10, "the tombstone")
+    wait_for(lambda: bool(redis_server.client.exists(f"lstmserve:closed:{session_id}")), 60, "the tombstone")
     assert not failures
     assert not redis_server.client.exists(f"lstmserve:session:{session_id}")

@@ -119,3 +119,38 @@ def test_snapshot_codec_round_trip_and_shape_check() -> None:
     np.testing.assert_array_equal(decoded.c, state.c)
     with pytest.raises(InvalidInput, match="shape"):
         decode_snapshot(blob, fingerprint="fp", shape=(2, 3, 6), secret=None)
+
+
+def _forged(server: ServerThread, blob: bytes, *, step: int | None = None, h_value: float | None = None) -> bytes:
+    """The blob with its step counter or one state value rewritten, and a valid checksum (no secret is set)."""
+    spec = server.server.runner.spec
+    state, old_step = decode_snapshot(
+        blob, fingerprint=spec.fingerprint, shape=(spec.state_rows, spec.h.width, spec.c.width), secret=None
+    )
+    h = state.h.copy()
+    if h_value is not None:
+        h[0, 0, 0] = h_value
+    return encode_snapshot(SessionState(h=h, c=state.c), old_step if step is None else step, spec.fingerprint, None)
+
+
+@pytest.mark.parametrize(
+    ("forge", "needle"),
+    [
+        ({"step": 2**64 - 1}, "step 18446744073709551615 is out of range"),
+        ({"step": 2**53 + 1}, "out of range"),
+        ({"h_value": float("nan")}, "NaN or infinity"),
+        ({"h_value": float("inf")}, "NaN or infinity"),
+    ],
+)
+def test_forged_blobs_with_a_valid_checksum_are_refused(server: ServerThread, forge: dict, needle: str) -> None:  # type: ignore[type-arg]
+    """Without a secret anyone can make a blob that passes the checksum: every field is checked, so such a blob
+    cannot restore a session it would break (a step near 2**64 used to restore, then fail every later call)."""
+    with Client(server.address) as client:
+        with client.session() as session:
+            session.step([1, 2])
+            blob = session.snapshot()
+        with pytest.raises(InvalidRequest, match=needle):
+            client.session(restore=_forged(server, blob, **forge))
+        with client.session(restore=_forged(server, blob, step=2**53)) as restored:  # the largest step allowed
+            assert restored.info().step == 2**53
+            assert restored.step([3]).step == 2**53 + 1
