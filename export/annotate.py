@@ -3,7 +3,7 @@
 Finds (or takes from the user) the data input, the output and the recurrent state pairs,
 writes the lstmserve metadata into a copy of the model, and checks on ONNX Runtime that
 feeding a sequence one position at a time, carrying the state, gives what the whole
-sequence gives (and that batch rows do not mix) before anything is written. No torch.
+sequence gives (and that batch rows do not mix) before anything is written.
 
 State tensors are float32 [rows, batch, width] with fixed rows and width; the data input is
 int64 tokens [batch, time] or float32 features [batch, time, width], or time-major
