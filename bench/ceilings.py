@@ -18,7 +18,7 @@ def onnxruntime_steps_per_s(
     """Steps per second and seconds per call of gather + ONNX Runtime + scatter at one batch size."""
     runner = Runner(model, RunnerOptions(providers=("cpu",), intra_op_threads=intra_op_threads))
     spec = runner.spec
-    store = StateStore(spec.state_rows, spec.h.width, spec.c.width, batch_size)
+    store = StateStore(*spec.state_shape, batch_size)
     slots = np.array([store.allocate() for _ in range(batch_size)], np.int64)
     rng = np.random.default_rng(0)
     if spec.kind == "tokens":
@@ -50,12 +50,12 @@ def torch_steps_per_s(
         inputs = torch.from_numpy(rng.integers(0, max(1, len(spec.vocabulary)), size=(batch_size, positions)))
     else:
         inputs = torch.from_numpy(rng.standard_normal((batch_size, positions, spec.input_size)).astype(np.float32))
-    state = [torch.zeros(spec.state_rows, batch_size, spec.h.width), torch.zeros(spec.state_rows, batch_size, spec.c.width)]
+    state = [torch.zeros(spec.state_rows, batch_size, s.width) for s in spec.states]
 
     def call() -> None:
         with torch.inference_mode():
-            _, h, c = module(inputs, state[0], state[1])
-        state[0], state[1] = h, c
+            outputs = module(inputs, *state)
+        state[:] = outputs[1:]
 
     threads = torch.get_num_threads()
     if intra_op_threads > 0:

@@ -104,6 +104,9 @@ class ModelInfo:
         max_generate_tokens: most tokens one generation may ask for.
         session_ttl_s: an idle session is closed after this many seconds.
         max_sessions: most live sessions on the server.
+        cell: the recurrent layer: "lstm", "gru", "rnn", or "custom" (an annotated ONNX model).
+        classes: a classifier's class names, in output order (index `probabilities` with them).
+        state_tensors: recurrent state tensors the server keeps per session (2 for an LSTM, 1 for GRU/RNN).
     """
 
     kind: str
@@ -122,6 +125,9 @@ class ModelInfo:
     max_generate_tokens: int
     session_ttl_s: float
     max_sessions: int
+    cell: str = "lstm"
+    classes: tuple[str, ...] = ()
+    state_tensors: int = 2
 
     @property
     def bidirectional(self) -> bool:
@@ -153,7 +159,8 @@ class StepOutput:
     Args:
         step: the session's step counter after this step.
         batch_size: how many sessions the server batched into the call that computed it.
-        logits: float32 [positions, output_size] (output="logits"), else None.
+        logits: float32 [positions, output_size] (output="logits"), else None; `outputs` is the same
+            array under a neutral name, and `probabilities` its softmax.
         topk_ids: int64 [positions, k] token ids, best first (output="topk"), else None.
         topk_logprobs: float32 [positions, k] their log-probabilities (output="topk"), else None.
         token: the token sampled from the last position (output="sample"), else None.
@@ -165,6 +172,24 @@ class StepOutput:
     topk_ids: np.ndarray | None = None
     topk_logprobs: np.ndarray | None = None
     token: int | None = None
+
+    @property
+    def outputs(self) -> np.ndarray | None:
+        """The model's output for every fed position, float32 [positions, output_size] (output="logits"):
+        a language model's logits, a regression model's predictions, a classifier's class logits.
+        The same array as `logits`, under a name that fits every kind of model."""
+        return self.logits
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        """Softmax of the outputs over the last axis (output="logits"), float32 [positions, output_size]:
+        for a classifier, each row is the class probabilities given the sequence so far; for a
+        language model, the next-token distribution. Meaningless for a regression model."""
+        if self.logits is None:
+            return None
+        shifted = self.logits - self.logits.max(axis=-1, keepdims=True)
+        exp = np.exp(shifted, dtype=np.float32)
+        return exp / exp.sum(axis=-1, keepdims=True)
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,9 @@ def model_info(message: pb.ModelInfo) -> ModelInfo:
         max_generate_tokens=message.max_generate_tokens,
         session_ttl_s=message.session_ttl_s,
         max_sessions=message.max_sessions,
+        cell=message.cell or "lstm",
+        classes=tuple(message.classes),
+        state_tensors=message.state_tensors or 2,
     )
 
 

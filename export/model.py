@@ -1,8 +1,9 @@
-"""The exported module: input layer -> `nn.LSTM` -> head, with a batch-major interface.
+"""The exported module: input layer -> `nn.LSTM`, `nn.GRU` or `nn.RNN` -> head, with a batch-major interface.
 
-`LSTMModel(inputs, h0, c0) -> (logits, hn, cn)` is exactly what the ONNX model
+`RecurrentModel(inputs, *state) -> (logits, *state)` is exactly what the ONNX model
 computes: inputs are int64 tokens [B, T] or float32 features [B, T, F], whatever
-`batch_first` the LSTM itself uses.
+`batch_first` the recurrent layer itself uses; the state is (h, c) for an LSTM and
+(h,) for a GRU or RNN.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 
 from lstmserve.export.config import ExportConfig
 
+#: The recurrent layer of each cell kind.
+CELL_LAYERS: dict[str, type[nn.RNNBase]] = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -25,10 +29,14 @@ class ModelConfig:
     Args:
         kind: "tokens" (embedding input) or "features" (float input).
         input_size: embedding size or feature width.
-        output_size: vocabulary size or forecast width.
+        output_size: vocabulary size, forecast width or number of classes.
         vocab_size: embedding rows (0 for features).
         hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            proj_size: the `nn.LSTM` arguments.
+            proj_size: the recurrent layer's arguments (proj_size: LSTM only).
+        cell: "lstm", "gru" or "rnn".
+        input_norm: standardise the features inside the model, (x - mean) / std (see `normalize`).
+        output_norm: the head predicts standardised values, turned back into the data's units
+            inside the model, y * std + mean.
     """
 
     kind: str
@@ -42,15 +50,28 @@ class ModelConfig:
     dropout: float
     bidirectional: bool
     proj_size: int
+    cell: str = "lstm"
+    input_norm: bool = False
+    output_norm: bool = False
 
     @classmethod
-    def from_export(cls, config: ExportConfig, vocab_size: int) -> ModelConfig:
-        """The architecture an export config asks for."""
+    def from_export(
+        cls,
+        config: ExportConfig,
+        vocab_size: int,
+        *,
+        input_size: int | None = None,
+        output_size: int | None = None,
+        input_norm: bool = False,
+        output_norm: bool = False,
+    ) -> ModelConfig:
+        """The architecture an export config asks for (widths and normalisation: when the data sets them)."""
         tokens = config.task == "tokens"
+        width = input_size or config.width
         return cls(
-            kind=config.task,
-            input_size=config.width,
-            output_size=vocab_size if tokens else config.width,
+            kind="tokens" if tokens else "features",
+            input_size=width,
+            output_size=output_size or (vocab_size if tokens else width),
             vocab_size=vocab_size if tokens else 0,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
@@ -59,6 +80,9 @@ class ModelConfig:
             dropout=config.dropout,
             bidirectional=config.bidirectional,
             proj_size=config.proj_size,
+            cell=config.cell,
+            input_norm=input_norm,
+            output_norm=output_norm,
         )
 
     @property
@@ -81,15 +105,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-class LSTMModel(nn.Module):
-    """Embedding (tokens) -> nn.LSTM -> linear head, batch-major in and out."""
+class RecurrentModel(nn.Module):
+    """Embedding (tokens) -> nn.LSTM, nn.GRU or nn.RNN -> linear head, batch-major in and out.
+
+    Args:
+        config: the architecture.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.vocabulary: tuple[str, ...] = ()
         self.embedding = nn.Embedding(config.vocab_size, config.input_size) if config.kind == "tokens" else None
-        self.lstm = nn.LSTM(
+        options: dict[str, Any] = {"proj_size": config.proj_size} if config.cell == "lstm" else {}
+        # Named `lstm` whatever the cell, so that checkpoints keep their parameter names.
+        self.lstm = CELL_LAYERS[config.cell](
             input_size=config.input_size,
             hidden_size=config.hidden_size,
             num_layers=config.num_layers,
@@ -97,26 +127,60 @@ class LSTMModel(nn.Module):
             batch_first=config.batch_first,
             dropout=config.dropout,
             bidirectional=config.bidirectional,
-            proj_size=config.proj_size,
+            **options,
         )
         self.head = nn.Linear(config.h_width * config.num_directions, config.output_size)
+        if config.input_norm:
+            self.register_buffer("input_mean", torch.zeros(config.input_size))
+            self.register_buffer("input_std", torch.ones(config.input_size))
+        if config.output_norm:
+            self.register_buffer("output_mean", torch.zeros(config.output_size))
+            self.register_buffer("output_std", torch.ones(config.output_size))
 
-    def forward(
-        self, inputs: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """inputs [B, T] (tokens) or [B, T, F]; h0/c0 [rows, B, width] -> logits [B, T, out], hn, cn."""
+    def normalize(self, normalization: dict[str, list[float]]) -> None:
+        """Sets the per-column means and stds (keys input_mean, input_std, output_mean, output_std)."""
+        for name, values in normalization.items():
+            buffer = getattr(self, name)
+            buffer.copy_(torch.tensor(values, dtype=buffer.dtype))
+
+    def standardized(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Outputs (or targets) in the data's units -> standardised units, for the loss (identity without
+        output_norm)."""
+        if not self.config.output_norm:
+            return outputs
+        return (outputs - self.output_mean) / self.output_std
+
+    def forward(self, inputs: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """inputs [B, T] (tokens) or [B, T, F]; state h0 (and c0) [rows, B, width] -> (logits [B, T, out], hn[, cn])."""
         x = self.embedding(inputs) if self.embedding is not None else inputs
+        if self.config.input_norm:
+            x = (x - self.input_mean) / self.input_std
         if not self.config.batch_first:
             x = x.transpose(0, 1)
-        out, (hn, cn) = self.lstm(x, (h0, c0))
+        if self.config.cell == "lstm":
+            out, (hn, cn) = self.lstm(x, (state[0], state[1]))
+            final: tuple[torch.Tensor, ...] = (hn, cn)
+        else:
+            out, hn = self.lstm(x, state[0])
+            final = (hn,)
         if not self.config.batch_first:
             out = out.transpose(0, 1)
-        return self.head(out), hn, cn
+        y = self.head(out)
+        if self.config.output_norm:
+            y = y * self.output_std + self.output_mean
+        return (y, *final)
 
-    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero h0 and c0 for `batch` sequences."""
+    def initial_state(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Zero state for `batch` sequences: (h0, c0) for an LSTM, (h0,) for a GRU or RNN."""
         cfg = self.config
-        return (torch.zeros(cfg.state_rows, batch, cfg.h_width), torch.zeros(cfg.state_rows, batch, cfg.hidden_size))
+        h0 = torch.zeros(cfg.state_rows, batch, cfg.h_width)
+        if cfg.cell != "lstm":
+            return (h0,)
+        return (h0, torch.zeros(cfg.state_rows, batch, cfg.hidden_size))
+
+
+LSTMModel = RecurrentModel
+"""The former name of RecurrentModel (it has served GRU and RNN cells too since `cell`)."""
 
 
 def fingerprint(module: nn.Module) -> str:

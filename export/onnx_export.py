@@ -1,8 +1,8 @@
 """ONNX export: the graph (TorchScript exporter or hand-built Scan graph) plus the ModelSpec metadata.
 
-Without projection the TorchScript exporter (`dynamo=False`) writes ONNX `LSTM` ops
-with dynamic batch and time axes. It refuses `proj_size > 0` (and the dynamo
-exporter writes a wrong graph), so projected models use `scan_graph`.
+Without projection the TorchScript exporter (`dynamo=False`) writes ONNX `LSTM`, `GRU`
+or `RNN` ops with dynamic batch and time axes. It refuses `proj_size > 0` (and the
+dynamo exporter writes a wrong graph), so projected LSTMs use `scan_graph`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import torch
 
 import lstmserve
 from lstmserve.export.errors import ParityError
-from lstmserve.export.model import LSTMModel, fingerprint
+from lstmserve.export.model import RecurrentModel, fingerprint
 from lstmserve.export.scan_graph import BATCH, TIME, build_scan_model
 from lstmserve.metadata import METADATA_KEY, ModelSpec, ModelSpecError, StateSpec
 
 OPSET = 17
 OUTPUT_NAME = "logits"
 STATE_NAMES = (("h0", "hn"), ("c0", "cn"))
+#: The ONNX ops of the recurrent layers, whose weights must be initializers.
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+HEADS = {"tokens": "language_model", "features": "regression"}
 
 
 def input_name(kind: str) -> str:
@@ -41,15 +44,33 @@ def exporter_versions(path_kind: str) -> dict[str, str]:
     }
 
 
-def graph_kind(model: LSTMModel) -> str:
+def graph_kind(model: RecurrentModel) -> str:
     """Which export path a model takes: "torchscript" or "scan"."""
     return "scan" if model.config.proj_size > 0 else "torchscript"
 
 
-def make_spec(model: LSTMModel, vocabulary: tuple[str, ...]) -> ModelSpec:
-    """The ModelSpec declaring `model`'s interface, written into the ONNX metadata."""
+def state_specs(cell: str, h_width: int, hidden_size: int) -> tuple[StateSpec, StateSpec | None]:
+    """h (h0 -> hn) and, for an LSTM, c (c0 -> cn)."""
+    (h_in, h_out), (c_in, c_out) = STATE_NAMES
+    c = StateSpec(c_in, c_out, hidden_size) if cell == "lstm" else None
+    return StateSpec(h_in, h_out, h_width), c
+
+
+def make_spec(model: RecurrentModel, vocabulary: tuple[str, ...], **extra: object) -> ModelSpec:
+    """The ModelSpec declaring `model`'s interface, written into the ONNX metadata (`extra`: more fields,
+    such as head, classes or normalization)."""
     cfg = model.config
-    return ModelSpec(
+    h, c = state_specs(cfg.cell, cfg.h_width, cfg.hidden_size)
+    fields: dict[str, object] = dict(
+        head=HEADS["tokens" if cfg.kind == "tokens" else "features"],
+        h=h,
+        c=c,
+        fingerprint=fingerprint(model),
+        exporter=exporter_versions(graph_kind(model)),
+        cell=cfg.cell,
+    )
+    fields.update(extra)
+    return ModelSpec(  # type: ignore[arg-type]
         kind="tokens" if cfg.kind == "tokens" else "features",
         input_name=input_name(cfg.kind),
         output_name=OUTPUT_NAME,
@@ -63,27 +84,33 @@ def make_spec(model: LSTMModel, vocabulary: tuple[str, ...]) -> ModelSpec:
         dropout=cfg.dropout,
         bidirectional=cfg.bidirectional,
         output_size=cfg.output_size,
-        head="language_model" if cfg.kind == "tokens" else "regression",
-        h=StateSpec("h0", "hn", cfg.h_width),
-        c=StateSpec("c0", "cn", cfg.hidden_size),
-        fingerprint=fingerprint(model),
-        exporter=exporter_versions(graph_kind(model)),
+        **fields,
     )
 
 
-def to_onnx(model: LSTMModel, spec: ModelSpec) -> onnx.ModelProto:
+def to_onnx(model: RecurrentModel, spec: ModelSpec) -> onnx.ModelProto:
     """Builds the ONNX model for `model` with `spec` stored as metadata."""
     model.eval()
     if graph_kind(model) == "scan":
         proto = build_scan_model(model, spec.input_name, OPSET)
     else:
-        proto = _torchscript_export(model, spec.input_name)
-    _check_weights_are_initializers(proto)
+        cfg = model.config
+        if cfg.kind == "tokens":
+            example = torch.zeros(2, 3, dtype=torch.int64)
+        else:
+            example = torch.zeros(2, 3, cfg.input_size)
+        proto = torchscript_export(model, example, model.initial_state(2), spec)
+    check_weights_are_initializers(proto)
+    set_metadata(proto, spec)
+    return proto
+
+
+def set_metadata(proto: onnx.ModelProto, spec: ModelSpec) -> None:
+    """Stores `spec` as the model's only metadata property."""
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
     entry.value = spec.to_json()
-    return proto
 
 
 def write_onnx(proto: onnx.ModelProto, path: Path) -> None:
@@ -100,36 +127,33 @@ def read_spec(path: Path) -> ModelSpec:
     raise ModelSpecError(f"{str(path)!r} has no {METADATA_KEY!r} metadata")
 
 
-def _torchscript_export(model: LSTMModel, name: str) -> onnx.ModelProto:
-    cfg = model.config
-    batch, time = 2, 3
-    if cfg.kind == "tokens":
-        example = torch.zeros(batch, time, dtype=torch.int64)
-    else:
-        example = torch.zeros(batch, time, cfg.input_size)
-    h0, c0 = model.initial_state(batch)
+def torchscript_export(
+    model: torch.nn.Module, example: torch.Tensor, state: tuple[torch.Tensor, ...], spec: ModelSpec
+) -> onnx.ModelProto:
+    """Exports a batch-major `model(inputs, *state) -> (output, *state)` with the TorchScript exporter,
+    naming its tensors as `spec` says, with dynamic batch and time axes."""
     buffer = io.BytesIO()
     state_axes = {1: BATCH}
+    data_axes = {0: BATCH, 1: TIME}
+    state_in = [s.input_name for s in spec.states]
+    state_out = [s.output_name for s in spec.states]
     with warnings.catch_warnings():
-        # The tracer warns about Python bools and batch sizes; h0/c0 are inputs, so the
+        # The tracer warns about Python bools and batch sizes; the state tensors are inputs, so the
         # batch axis stays dynamic (the parity check runs several batch sizes).
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (example, h0, c0),
+            (example, *state),
             buffer,
             dynamo=False,
             opset_version=OPSET,
             do_constant_folding=True,
-            input_names=[name, "h0", "c0"],
-            output_names=[OUTPUT_NAME, "hn", "cn"],
+            input_names=[spec.input_name, *state_in],
+            output_names=[spec.output_name, *state_out],
             dynamic_axes={
-                name: {0: BATCH, 1: TIME},
-                "h0": state_axes,
-                "c0": state_axes,
-                OUTPUT_NAME: {0: BATCH, 1: TIME},
-                "hn": state_axes,
-                "cn": state_axes,
+                spec.input_name: data_axes,
+                spec.output_name: data_axes,
+                **{name: state_axes for name in state_in + state_out},
             },
         )
     proto = onnx.load_from_string(buffer.getvalue())
@@ -137,14 +161,16 @@ def _torchscript_export(model: LSTMModel, name: str) -> onnx.ModelProto:
     return proto
 
 
-def _check_weights_are_initializers(proto: onnx.ModelProto) -> None:
-    """LSTM weights must be constant initializers (ONNX Runtime's CUDA kernel caches them only then)."""
+def check_weights_are_initializers(proto: onnx.ModelProto) -> None:
+    """LSTM/GRU/RNN weights must be constant initializers (ONNX Runtime's CUDA kernel caches them only then)."""
     initializers = {init.name for init in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type == "LSTM":
+        if node.op_type in RECURRENT_OPS:
             weights = [x for x in node.input[1:4] if x]
             missing = [x for x in weights if x not in initializers]
             if missing:
-                raise ParityError(f"LSTM node {node.name!r} takes computed weights {missing}; expected initializers")
+                raise ParityError(
+                    f"{node.op_type} node {node.name!r} takes computed weights {missing}; expected initializers"
+                )
             if len(node.input) > 4 and node.input[4]:
-                raise ParityError(f"LSTM node {node.name!r} has a sequence_lens input {node.input[4]!r}")
+                raise ParityError(f"{node.op_type} node {node.name!r} has a sequence_lens input {node.input[4]!r}")

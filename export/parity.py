@@ -1,12 +1,14 @@
 """The parity check: the ONNX model on ONNX Runtime (CPU) against the PyTorch module.
 
 Whole sequences at batch 1 and batch 3 from a random state; for unidirectional
-models also the same sequences fed one step at a time, carrying hn/cn back in.
-Every figure is a max absolute difference; any above the tolerance fails the export.
+models also the same sequences fed one step at a time, carrying the state back in.
+Every figure is a max absolute difference (for a model that predicts in the data's
+units, in units of each output column's std); any above the tolerance fails the export.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,14 @@ import onnxruntime as ort
 import torch
 
 from lstmserve.export.errors import ParityError
-from lstmserve.export.model import LSTMModel
+from lstmserve.export.ort_check import output_scale, random_inputs, result_names, run_stepwise, run_whole, session
 from lstmserve.metadata import ModelSpec
 
 BATCH_SIZES = (1, 3)
 SEQ_LEN = 24
+
+BatchMajorModule = Callable[..., tuple[torch.Tensor, ...]]
+"""`module(inputs, *state) -> (output, *state)`, batch-major: what the ONNX graph computes."""
 
 
 @dataclass(frozen=True)
@@ -39,60 +44,29 @@ class ParityReport:
         return {k: v for k, v in self.figures.items() if not v <= self.tolerance}
 
 
-def session(path: Path) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session for the model file."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def sample_inputs(model: LSTMModel, batch: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random batch-major inputs and a random (non-zero) initial state."""
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    if cfg.kind == "tokens":
-        inputs = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=gen)
-    else:
-        inputs = torch.randn(batch, seq_len, cfg.input_size, generator=gen)
-    h0 = 0.5 * torch.randn(cfg.state_rows, batch, cfg.h_width, generator=gen)
-    c0 = 0.5 * torch.randn(cfg.state_rows, batch, cfg.hidden_size, generator=gen)
-    return inputs, h0, c0
-
-
-def run_onnx(sess: ort.InferenceSession, spec: ModelSpec, inputs: np.ndarray, h: np.ndarray, c: np.ndarray) -> list[np.ndarray]:
-    """One ONNX Runtime call: returns [logits, hn, cn]."""
-    feeds = {spec.input_name: inputs, spec.h.input_name: h, spec.c.input_name: c}
-    return sess.run([spec.output_name, spec.h.output_name, spec.c.output_name], feeds)
-
-
-def run_stepwise(sess: ort.InferenceSession, spec: ModelSpec, inputs: np.ndarray, h: np.ndarray, c: np.ndarray) -> list[np.ndarray]:
-    """Feeds the sequence one step at a time, carrying the state; returns [logits, hn, cn]."""
-    steps = []
-    for t in range(inputs.shape[1]):
-        logits, h, c = run_onnx(sess, spec, inputs[:, t:t + 1], h, c)
-        steps.append(logits)
-    return [np.concatenate(steps, axis=1), h, c]
-
-
-def check_parity(model: LSTMModel, onnx_path: Path, spec: ModelSpec, tolerance: float, seed: int = 0) -> ParityReport:
+def check_parity(
+    model: BatchMajorModule, onnx_path: Path, spec: ModelSpec, tolerance: float, seed: int = 0
+) -> ParityReport:
     """Measures ONNX-vs-PyTorch differences; raises ParityError if any exceeds `tolerance`."""
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     sess = session(onnx_path)
     _check_interface(sess, spec)
     figures: dict[str, float] = {}
+    names = result_names(spec)
+    scales = [output_scale(spec)] + [1.0] * len(spec.states)
     for batch in BATCH_SIZES:
-        inputs, h0, c0 = sample_inputs(model, batch, SEQ_LEN, seed + batch)
+        inputs, states = random_inputs(spec, batch, SEQ_LEN, seed + batch)
         with torch.no_grad():
-            expected = [x.numpy() for x in model(inputs, h0, c0)]
-        feeds = (inputs.numpy(), h0.numpy(), c0.numpy())
-        modes = {"whole": run_onnx(sess, spec, *feeds)}
+            expected = [x.numpy() for x in model(torch.from_numpy(inputs), *map(torch.from_numpy, states))]
+        modes = {"whole": run_whole(sess, spec, inputs, states)}
         if spec.steppable:
-            modes["step"] = run_stepwise(sess, spec, *feeds)
+            modes["step"] = run_stepwise(sess, spec, inputs, states)
         for mode, got in modes.items():
-            for name, want, have in zip(("logits", "hn", "cn"), expected, got):
+            for name, want, have, scale in zip(names, expected, got, scales, strict=True):
                 if want.shape != have.shape:
                     raise ParityError(f"{mode} b{batch} {name}: ONNX shape {have.shape} != PyTorch {want.shape}")
-                figures[f"{mode}_b{batch}_{name}"] = float(np.max(np.abs(want - have)))
+                figures[f"{mode}_b{batch}_{name}"] = float(np.max(np.abs(want - have) / scale))
     report = ParityReport(figures, tolerance)
     failures = report.failures()
     if failures:
@@ -104,7 +78,7 @@ def check_parity(model: LSTMModel, onnx_path: Path, spec: ModelSpec, tolerance: 
 def _check_interface(sess: ort.InferenceSession, spec: ModelSpec) -> None:
     inputs = [x.name for x in sess.get_inputs()]
     outputs = [x.name for x in sess.get_outputs()]
-    want_in = [spec.input_name, spec.h.input_name, spec.c.input_name]
-    want_out = [spec.output_name, spec.h.output_name, spec.c.output_name]
+    want_in = [spec.input_name, *(s.input_name for s in spec.states)]
+    want_out = [spec.output_name, *(s.output_name for s in spec.states)]
     if inputs != want_in or outputs != want_out:
         raise ParityError(f"ONNX interface {inputs} -> {outputs}, expected {want_in} -> {want_out}")

@@ -11,21 +11,22 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lstmserve.export.checkpoint import save_checkpoint
 from lstmserve.export.config import ExportConfig
-from lstmserve.export.data import load_features, load_tokens
+from lstmserve.export.data import FeatureData, SequenceData, TokenData, load_features, load_sequences, load_tokens
 from lstmserve.export.errors import ExportError
 from lstmserve.export.onnx_export import make_spec, to_onnx, write_onnx
 from lstmserve.export.parity import check_parity
 from lstmserve.export.report import plot_losses, versions, write_report
-from lstmserve.export.train import train
+from lstmserve.export.train import TrainResult, train
+from lstmserve.export.train_classifier import train_classifier
 from lstmserve.metadata import ModelSpec
 
-BASELINE_NAME = {"tokens": "unigram", "features": "repeat last value"}
+BASELINE_NAME = {"tokens": "unigram", "features": "repeat last value", "classify": "class frequencies"}
 ONNX_NAME, CHECKPOINT_NAME, REPORT_NAME, PLOT_NAME = "model.onnx", "model.pt", "report.json", "loss.png"
 
 
@@ -38,9 +39,12 @@ class ExportResult:
         spec: the ModelSpec stored in the ONNX metadata.
         parity: max absolute ONNX-vs-PyTorch differences by check.
         train_loss, val_loss: final losses (cross-entropy or MSE).
-        baseline_val_loss: unigram (tokens) or last-value (features) validation loss.
+        baseline_val_loss: unigram (tokens), last-value (features) or class-frequency (classify)
+            validation loss.
         loss_name: what the losses measure.
         seconds: wall time of the whole export.
+        metrics: further figures (a classifier's accuracies).
+        warnings: what the user should know, such as a model worse than its baseline.
     """
 
     onnx_path: Path
@@ -54,21 +58,32 @@ class ExportResult:
     baseline_val_loss: float
     loss_name: str
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A few lines for the terminal."""
         worst = max(self.parity.values())
+        task = "classify" if self.spec.head == "classification" else self.spec.kind
         lines = [
-            f"{self.spec.kind} model: {self.loss_name}",
+            f"{self.spec.cell.upper()} {task} model: {self.loss_name}",
             f"  train loss      {self.train_loss:.4f}",
             f"  val loss        {self.val_loss:.4f}",
-            f"  baseline (val)  {self.baseline_val_loss:.4f}  ({BASELINE_NAME[self.spec.kind]})",
+            f"  baseline (val)  {self.baseline_val_loss:.4f}  ({BASELINE_NAME[task]})",
+        ]
+        if "val_accuracy" in self.metrics:
+            lines.append(
+                f"  val accuracy    {self.metrics['val_accuracy']:.3f}  (baseline {self.metrics['baseline_val_accuracy']:.3f}: "
+                f"always the most frequent class; {len(self.spec.classes)} classes)"
+            )
+        lines += [
             f"  parity          max |ONNX - PyTorch| = {worst:.3g} over {len(self.parity)} checks"
             + ("" if self.spec.steppable else " (bidirectional: whole sequence only)"),
             f"  fingerprint     {self.spec.fingerprint[:16]}",
             f"  took            {self.seconds:.1f} s",
         ]
         lines += [f"  wrote           {p}" for p in (self.onnx_path, self.checkpoint_path, self.report_path, self.plot_path)]
+        lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -76,15 +91,25 @@ def export_model(config: ExportConfig, *, progress: bool = True) -> ExportResult
     """Trains, exports, verifies and writes model.onnx, model.pt, report.json and loss.png."""
     start = time.perf_counter()
     config.validate()
-    data = load_tokens(config) if config.task == "tokens" else load_features(config)
-    vocabulary = getattr(data, "vocabulary", ())
-    trained = train(config, data, progress=progress)
+    data: TokenData | FeatureData | SequenceData
+    if config.task == "tokens":
+        data = load_tokens(config)
+    elif config.task == "features":
+        data = load_features(config)
+    else:
+        data = load_sequences(config)
+    vocabulary = data.vocabulary if isinstance(data, TokenData) else ()
+    if isinstance(data, SequenceData):
+        trained = train_classifier(config, data, progress=progress)
+    else:
+        trained = train(config, data, progress=progress)
     model = trained.model
     model.vocabulary = vocabulary
-    spec = make_spec(model, vocabulary)
+    spec = make_spec(model, vocabulary, **_spec_extras(data))
     baseline = BASELINE_NAME[config.task]
+    warnings = _warnings(trained, baseline)
     out = config.out
-    with _staging_dir(out) as stage:
+    with staging_dir(out) as stage:
         write_onnx(to_onnx(model, spec), stage / ONNX_NAME)
         parity = check_parity(model, stage / ONNX_NAME, spec, config.tolerance, seed=config.seed)
         save_checkpoint(stage / CHECKPOINT_NAME, model, config, vocabulary)
@@ -92,8 +117,9 @@ def export_model(config: ExportConfig, *, progress: bool = True) -> ExportResult
         seconds = time.perf_counter() - start
         report: dict[str, Any] = {
             "config": config.to_dict(),
-            "data": {"source": data.source, "train_len": len(data.train), "val_len": len(data.val),
-                     "vocabulary_size": len(vocabulary)},
+            "data": _data_report(data),
+            "metrics": trained.metrics,
+            "warnings": list(warnings),
             "loss": {
                 "name": trained.loss_name,
                 "train": trained.train_loss,
@@ -124,11 +150,49 @@ def export_model(config: ExportConfig, *, progress: bool = True) -> ExportResult
         baseline_val_loss=trained.baseline_val_loss,
         loss_name=trained.loss_name,
         seconds=seconds,
+        metrics=trained.metrics,
+        warnings=warnings,
     )
 
 
+def _spec_extras(data: TokenData | FeatureData | SequenceData) -> dict[str, Any]:
+    """The metadata fields the data decides: a classifier's head and classes, columns, normalisation."""
+    if isinstance(data, SequenceData):
+        return {"head": "classification", "classes": data.classes, "input_columns": data.input_columns,
+                "normalization": data.normalization}
+    if isinstance(data, FeatureData):
+        return {"input_columns": data.input_columns, "output_columns": data.output_columns,
+                "normalization": data.normalization}
+    return {}
+
+
+def _data_report(data: TokenData | FeatureData | SequenceData) -> dict[str, Any]:
+    if isinstance(data, SequenceData):
+        return {"source": data.source, "train_sequences": len(data.train_y), "val_sequences": len(data.val_y),
+                "classes": list(data.classes), "columns": list(data.input_columns),
+                "longest_sequence": int(data.train_x.shape[1])}
+    report: dict[str, Any] = {"source": data.source, "train_len": len(data.train), "val_len": len(data.val)}
+    if isinstance(data, TokenData):
+        report["vocabulary_size"] = len(data.vocabulary)
+    else:
+        report.update(input_columns=list(data.input_columns), output_columns=list(data.output_columns),
+                      normalization=data.normalization)
+    return report
+
+
+def _warnings(trained: TrainResult, baseline: str) -> tuple[str, ...]:
+    """A model that does worse on validation data than its baseline is worth a warning, not a failure."""
+    if trained.val_loss > trained.baseline_val_loss:
+        return (
+            f"the model is worse than the {baseline} baseline on validation data "
+            f"(loss {trained.val_loss:.4f} > {trained.baseline_val_loss:.4f}): train longer (--steps), "
+            "change the model, or check the data",
+        )
+    return ()
+
+
 @contextlib.contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
+def staging_dir(target: Path) -> Iterator[Path]:
     """A temp dir beside `target` that replaces it on success and is removed on failure."""
     if target.exists() and not target.is_dir():
         raise ExportError(f"--out {str(target)!r} exists and is not a directory")

@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lstmserve.export.model import LSTMModel
+from lstmserve.export.model import RecurrentModel
 
 BATCH, TIME = "batch", "time"
 
@@ -81,7 +81,7 @@ def _cell_body(w_hh_t: str, w_hr_t: str | None, hidden: int, width: int) -> onnx
     )
 
 
-def build_scan_model(model: LSTMModel, input_name: str, opset: int) -> onnx.ModelProto:
+def build_scan_model(model: RecurrentModel, input_name: str, opset: int) -> onnx.ModelProto:
     """The ONNX model for `model`, built node by node (no tracing)."""
     cfg = model.config
     lstm = model.lstm
@@ -96,6 +96,9 @@ def build_scan_model(model: LSTMModel, input_name: str, opset: int) -> onnx.Mode
     else:
         x = input_name
         graph_input = helper.make_tensor_value_info(input_name, f32, [BATCH, TIME, cfg.input_size])
+        if cfg.input_norm:  # (x - mean) / std, as RecurrentModel.forward
+            x = b.op1("Sub", [x, b.const("input_mean", _np(model.input_mean))], "centred")
+            x = b.op1("Div", [x, b.const("input_std", _np(model.input_std))], "standardised")
     x = b.op1("Transpose", [x], "time_major", perm=[1, 0, 2])  # [T, B, in]
 
     h_finals: list[str] = []
@@ -134,7 +137,12 @@ def build_scan_model(model: LSTMModel, input_name: str, opset: int) -> onnx.Mode
 
     batch_major = b.op1("Transpose", [x], "batch_major", perm=[1, 0, 2])
     logits = b.op1("MatMul", [batch_major, b.const("head_w_t", _np(model.head.weight).T)], "head")
-    b.nodes.append(helper.make_node("Add", [logits, b.const("head_b", _np(model.head.bias))], ["logits"], name="logits"))
+    if cfg.output_norm:  # y * std + mean, as RecurrentModel.forward
+        logits = b.op1("Add", [logits, b.const("head_b", _np(model.head.bias))], "head_out")
+        logits = b.op1("Mul", [logits, b.const("output_std", _np(model.output_std))], "scaled")
+        b.nodes.append(helper.make_node("Add", [logits, b.const("output_mean", _np(model.output_mean))], ["logits"], name="logits"))
+    else:
+        b.nodes.append(helper.make_node("Add", [logits, b.const("head_b", _np(model.head.bias))], ["logits"], name="logits"))
     b.nodes.append(helper.make_node("Concat", h_finals, ["hn"], name="hn", axis=0))
     b.nodes.append(helper.make_node("Concat", c_finals, ["cn"], name="cn", axis=0))
 

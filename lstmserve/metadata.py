@@ -12,10 +12,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 METADATA_KEY = "lstmserve"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this module reads: 1 (LSTM only, no `cell` and friends) and 2.
+READABLE_VERSIONS = (1, 2)
 
 ModelKind = Literal["tokens", "features"]
 HeadKind = Literal["language_model", "regression", "classification"]
+#: The recurrent cell: "lstm" (state h and c), "gru" and "rnn" (state h only), or "custom" for an
+#: annotated ONNX graph whose recurrence is not one ONNX LSTM/GRU/RNN op.
+CellKind = Literal["lstm", "gru", "rnn", "custom"]
+CELLS: tuple[str, ...] = ("lstm", "gru", "rnn", "custom")
 
 
 class ModelSpecError(ValueError):
@@ -24,7 +30,7 @@ class ModelSpecError(ValueError):
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One recurrent state tensor, shaped [num_layers * num_directions, batch, width].
+    """One recurrent state tensor, float32 shaped [num_layers * num_directions, batch, width].
 
     Args:
         input_name: graph input carrying the initial state (`h0` or `c0`).
@@ -49,12 +55,23 @@ class ModelSpec:
         vocabulary: token id -> text piece; empty for feature models.
         input_size: embedding size (tokens) or feature width (features).
         hidden_size, num_layers, proj_size, bias, batch_first, dropout,
-            bidirectional: the `nn.LSTM` configuration.
+            bidirectional: the recurrent layer's configuration (`nn.LSTM`, `nn.GRU`, `nn.RNN`).
         output_size: width of the output (vocabulary size or head width).
-        head: what the output means.
-        h, c: the two state tensors.
+        head: what the output means ("classification": logits over `classes`).
+        h: the first state tensor (an LSTM's h, a GRU's or RNN's only state).
+        c: the second state tensor (an LSTM's c); None for single-state models.
         fingerprint: sha256 of the exported weights, identifies the model.
         exporter: versions of the tools that wrote the file.
+        cell: the recurrent cell (see CellKind).
+        time_major: the graph's data input and output are [time, batch, ...] (the server
+            transposes; clients always see [batch, time, ...]).
+        classes: class names of a classification head (output index -> name).
+        input_columns, output_columns: column names of a features model trained on a table.
+        normalization: per-column mean and std applied inside the graph (informational:
+            clients send raw values and get raw predictions), keys input_mean, input_std,
+            output_mean, output_std.
+        source: how the file was made: "trained" (lstmserve export), "module" (an
+            already-trained PyTorch module) or "annotated" (lstmserve annotate).
     """
 
     kind: ModelKind
@@ -72,20 +89,37 @@ class ModelSpec:
     output_size: int
     head: HeadKind
     h: StateSpec
-    c: StateSpec
+    c: StateSpec | None
     fingerprint: str
     exporter: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    cell: CellKind = "lstm"
+    time_major: bool = False
+    classes: tuple[str, ...] = ()
+    input_columns: tuple[str, ...] = ()
+    output_columns: tuple[str, ...] = ()
+    normalization: dict[str, list[float]] = field(default_factory=dict)
+    source: str = "trained"
 
     @property
     def num_directions(self) -> int:
-        """2 for a bidirectional LSTM, else 1."""
+        """2 for a bidirectional model, else 1."""
         return 2 if self.bidirectional else 1
 
     @property
     def state_rows(self) -> int:
-        """First dimension of h and c: num_layers * num_directions."""
+        """First dimension of every state tensor: num_layers * num_directions."""
         return self.num_layers * self.num_directions
+
+    @property
+    def states(self) -> tuple[StateSpec, ...]:
+        """The state tensors: (h, c) for an LSTM, (h,) for a GRU or RNN."""
+        return (self.h,) if self.c is None else (self.h, self.c)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """(rows, h width, c width) of one session's state; c width is 0 without c."""
+        return (self.state_rows, self.h.width, 0 if self.c is None else self.c.width)
 
     @property
     def steppable(self) -> bool:
@@ -94,9 +128,7 @@ class ModelSpec:
 
     def to_json(self) -> str:
         """Serialises the spec for the ONNX metadata property."""
-        data = asdict(self)
-        data["vocabulary"] = list(self.vocabulary)
-        return json.dumps(data, sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
@@ -105,15 +137,24 @@ class ModelSpec:
             data: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ModelSpecError(f"model metadata {METADATA_KEY!r} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ModelSpecError(f"model metadata {METADATA_KEY!r} is not a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ModelSpecError(
-                f"model metadata format_version {version!r} is not supported (expected {FORMAT_VERSION})"
+                f"model metadata format_version {version!r} is not supported (expected one of {READABLE_VERSIONS})"
             )
         try:
-            data["vocabulary"] = tuple(data["vocabulary"])
+            for name in ("vocabulary", "classes", "input_columns", "output_columns"):
+                if name in data:
+                    data[name] = tuple(data[name])
             data["h"] = StateSpec(**data["h"])
-            data["c"] = StateSpec(**data["c"])
-            return cls(**data)
+            data["c"] = None if data["c"] is None else StateSpec(**data["c"])
+            spec = cls(**data)
         except (KeyError, TypeError) as exc:
             raise ModelSpecError(f"model metadata {METADATA_KEY!r} is incomplete: {exc}") from exc
+        if spec.cell not in CELLS:
+            raise ModelSpecError(f"model metadata cell {spec.cell!r} is not one of {', '.join(CELLS)}")
+        if spec.cell == "lstm" and spec.c is None:
+            raise ModelSpecError("model metadata declares an LSTM without its c state")
+        return spec

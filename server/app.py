@@ -187,7 +187,7 @@ class LstmServer:
         decode = partial(
             decode_snapshot,
             fingerprint=spec.fingerprint,
-            shape=(spec.state_rows, spec.h.width, spec.c.width),
+            shape=spec.state_shape,
             secret=config.snapshot_secret,
         )
         if config.session_store is not None:
@@ -207,7 +207,7 @@ class LstmServer:
             state_dir = StateDir(
                 config.state_dir,
                 fingerprint=spec.fingerprint,
-                shape=(spec.state_rows, spec.h.width, spec.c.width),
+                shape=spec.state_shape,
                 secret=config.snapshot_secret,
             )
             self.keeper = DirectoryKeeper(self.scheduler, DirectoryStore(state_dir, encode))
@@ -328,9 +328,7 @@ def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceState
     placement = config.state_placement
     if placement == "device" or (placement == "auto" and on_cuda):
         store = DeviceStateStore(
-            spec.state_rows,
-            spec.h.width,
-            spec.c.width,
+            *spec.state_shape,
             config.max_sessions,
             providers=runner.providers,
             provider_options=runner.provider_options,
@@ -340,7 +338,7 @@ def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceState
         log.info("session state on %s (ONNX Runtime device buffers)", store.device)
         return store
     log.info("session state in host memory")
-    return StateStore(spec.state_rows, spec.h.width, spec.c.width, config.max_sessions)
+    return StateStore(*spec.state_shape, config.max_sessions)
 
 
 async def serve(config: ServerConfig) -> int:

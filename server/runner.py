@@ -10,13 +10,15 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from lstmserve.interface import GraphTensor, check_graph
 from lstmserve.metadata import METADATA_KEY, ModelSpec, ModelSpecError, StateSpec
 
 
 class BindableState(Protocol):
-    """Batch state buffers that can bind themselves to the model's state inputs and outputs."""
+    """Batch state buffers that can bind themselves to the model's state inputs and outputs
+    (`c` is None for single-state models: GRU, RNN)."""
 
-    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None: ...
+    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec | None) -> None: ...
 
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,21 @@ def resolve_providers(requested: tuple[str, ...], available: list[str]) -> list[
 
 
 def read_spec(session: ort.InferenceSession, path: Path) -> ModelSpec:
-    """Reads the lstmserve metadata that `lstmserve export` stored in the model."""
+    """Reads the lstmserve metadata that `lstmserve export` (or `annotate`) stored in the model, and checks
+    it against the graph's inputs and outputs (ModelInterfaceError, a ModelSpecError, if they differ)."""
     metadata = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in metadata:
-        raise ModelSpecError(f"{path} has no {METADATA_KEY!r} metadata: export it with `lstmserve export`")
-    return ModelSpec.from_json(metadata[METADATA_KEY])
+        raise ModelSpecError(
+            f"{path} has no {METADATA_KEY!r} metadata: export it with `lstmserve export`, "
+            "or describe its inputs and state with `lstmserve annotate`"
+        )
+    spec = ModelSpec.from_json(metadata[METADATA_KEY])
+    check_graph(spec, _tensors(session.get_inputs()), _tensors(session.get_outputs()), where=str(path))
+    return spec
+
+
+def _tensors(args: list[ort.NodeArg]) -> list[GraphTensor]:
+    return [GraphTensor(a.name, a.type, tuple(a.shape)) for a in args]
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,11 @@ class Runner:
         """
         if inputs.shape[1] == 1:
             return self._run_single_position(inputs, state)
+        if self.spec.time_major:  # the graph takes [time, batch, ...]: transpose in and out
+            inputs = np.ascontiguousarray(np.swapaxes(inputs, 0, 1), dtype=self._input_dtype)
+            logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
+            self.session.run_with_iobinding(self._bind(inputs, logits, state))
+            return np.ascontiguousarray(np.swapaxes(logits, 0, 1))
         inputs = np.ascontiguousarray(inputs, dtype=self._input_dtype)
         logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
         self.session.run_with_iobinding(self._bind(inputs, logits, state))
@@ -143,18 +160,29 @@ class Runner:
             self._step_bindings.clear()
         cached = self._step_bindings.get(batch)
         if cached is None or cached[0] is not state:
-            cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state))
+            swap = self.spec.time_major
+            cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state, swap_axes=swap))
             self._step_bindings[batch] = cached
         self._step_inputs[:batch] = inputs
         self.session.run_with_iobinding(cached[1])
         return self._step_logits[:batch]
 
-    def _bind(self, inputs: np.ndarray, logits: np.ndarray, state: BindableState) -> ort.IOBinding:
-        """An IO binding of the model's input, logits and state to these contiguous buffers (no copies)."""
+    def _bind(
+        self, inputs: np.ndarray, logits: np.ndarray, state: BindableState, *, swap_axes: bool = False
+    ) -> ort.IOBinding:
+        """An IO binding of the model's input, logits and state to these contiguous buffers (no copies).
+
+        `swap_axes`: bind [batch, 1, ...] buffers as [1, batch, ...], the same memory, for a time-major
+        graph's single position (multi-position batches for such a graph come transposed already).
+        """
         spec = self.spec
+        in_shape, out_shape = list(inputs.shape), list(logits.shape)
+        if swap_axes:
+            in_shape[0], in_shape[1] = in_shape[1], in_shape[0]
+            out_shape[0], out_shape[1] = out_shape[1], out_shape[0]
         binding = self.session.io_binding()
-        binding.bind_input(spec.input_name, "cpu", 0, self._input_dtype, list(inputs.shape), inputs.ctypes.data)
-        binding.bind_output(spec.output_name, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        binding.bind_input(spec.input_name, "cpu", 0, self._input_dtype, in_shape, inputs.ctypes.data)
+        binding.bind_output(spec.output_name, "cpu", 0, np.float32, out_shape, logits.ctypes.data)
         state.bind(binding, spec.h, spec.c)
         return binding
 
@@ -162,11 +190,11 @@ class Runner:
         """Runs whole sequences from zero state (for Infer and bidirectional models)."""
         spec = self.spec
         batch = inputs.shape[0]
-        feeds = {
-            spec.input_name: np.ascontiguousarray(inputs, dtype=self._input_dtype),
-            spec.h.input_name: np.zeros((spec.state_rows, batch, spec.h.width), np.float32),
-            spec.c.input_name: np.zeros((spec.state_rows, batch, spec.c.width), np.float32),
-        }
+        data = np.swapaxes(inputs, 0, 1) if spec.time_major else inputs
+        feeds = {spec.input_name: np.ascontiguousarray(data, dtype=self._input_dtype)}
+        for state in spec.states:
+            feeds[state.input_name] = np.zeros((spec.state_rows, batch, state.width), np.float32)
         (logits,) = self.session.run([spec.output_name], feeds)
-        return np.asarray(logits, dtype=np.float32)
+        logits = np.asarray(logits, dtype=np.float32)
+        return np.ascontiguousarray(np.swapaxes(logits, 0, 1)) if spec.time_major else logits
 

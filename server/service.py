@@ -168,6 +168,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             max_generate_tokens=config.max_generate_tokens,
             session_ttl_s=config.session_ttl_s,
             max_sessions=config.max_sessions,
+            cell=spec.cell,
+            classes=list(spec.classes),
+            state_tensors=len(spec.states),
         )
 
     @refusals(pb.SessionInfo)
@@ -211,7 +214,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         state, step = decode_snapshot(
             request.blob,
             fingerprint=spec.fingerprint,
-            shape=(spec.state_rows, spec.h.width, spec.c.width),
+            shape=spec.state_shape,
             secret=self.config.snapshot_secret,
         )
         session = await self._new_session(self._owner(context), request.session_id, (state, step))

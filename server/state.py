@@ -31,17 +31,19 @@ class StateBuffers:
     hn: np.ndarray
     cn: np.ndarray
 
-    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec) -> None:
-        """Binds the four buffers to the model's state inputs and outputs (no copies)."""
-        binding.bind_cpu_input(h.input_name, self.h0)
-        binding.bind_cpu_input(c.input_name, self.c0)
-        for name, array in ((h.output_name, self.hn), (c.output_name, self.cn)):
-            binding.bind_output(name, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+    def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec | None) -> None:
+        """Binds the buffers to the model's state inputs and outputs (no copies); without `c` (GRU, RNN)
+        the c buffers, zero-width, are not bound."""
+        pairs = [(h, self.h0, self.hn)] + ([] if c is None else [(c, self.c0, self.cn)])
+        for spec, initial, final in pairs:
+            binding.bind_cpu_input(spec.input_name, initial)
+            binding.bind_output(spec.output_name, "cpu", 0, np.float32, list(final.shape), final.ctypes.data)
 
 
 @dataclass(frozen=True)
 class SessionState:
-    """A copy of one session's state: h [rows, 1, h_width] and c [rows, 1, c_width]."""
+    """A copy of one session's state: h [rows, 1, h_width] and c [rows, 1, c_width] (c_width 0 for a
+    single-state model: GRU, RNN)."""
 
     h: np.ndarray
     c: np.ndarray
@@ -76,7 +78,7 @@ class StateStore:
     Args:
         rows: num_layers * num_directions.
         h_width: width of h (proj_size or hidden_size).
-        c_width: width of c (hidden_size).
+        c_width: width of c (hidden_size; 0 for single-state models, whose c pool is empty).
         capacity: number of slots (the server's max sessions).
     """
 

@@ -101,6 +101,18 @@ def projected_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _export(tmp_path_factory, "projected", proj_size=4, num_layers=2)
 
 
+@pytest.fixture(scope="session")
+def gru_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 2-layer GRU language model (one state tensor, h), exported by `lstmserve export --cell gru`."""
+    return _export(tmp_path_factory, "gru", cell="gru", num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def rnn_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny plain-RNN feature model (one state tensor, h), exported by `lstmserve export --cell rnn`."""
+    return _export(tmp_path_factory, "rnn", cell="rnn", task="features")
+
+
 @pytest.fixture(scope="module")
 def server(token_model: Path) -> Iterator[ServerThread]:
     """A server of the tiny token model, shared by a test module."""

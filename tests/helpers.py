@@ -83,9 +83,8 @@ def reference_logits(model_path: Path, inputs: np.ndarray) -> np.ndarray:
     spec = model_spec(model_path)
     with torch.no_grad():
         batch = torch.from_numpy(np.asarray(inputs)[np.newaxis])
-        h0 = torch.zeros(spec.state_rows, 1, spec.h.width)
-        c0 = torch.zeros(spec.state_rows, 1, spec.c.width)
-        logits, _, _ = module(batch, h0, c0)
+        state = [torch.zeros(spec.state_rows, 1, s.width) for s in spec.states]
+        logits = module(batch, *state)[0]
     return logits[0].numpy()
 
 

@@ -51,8 +51,9 @@ def _io(graph: onnx.GraphProto) -> tuple[dict[str, onnx.ValueInfoProto], dict[st
 
 def test_public_api_is_pinned() -> None:
     assert sorted(export_pkg.__all__) == [
-        "ExportConfig", "ExportError", "ExportResult", "LSTMModel", "ModelConfig", "ParityError",
-        "export_model", "fingerprint", "load_checkpoint", "read_spec",
+        "AnnotateResult", "ExportConfig", "ExportError", "ExportResult", "LSTMModel", "ModelConfig",
+        "ModuleExportResult", "ParityError", "RecurrentModel", "annotate", "export_model", "export_module",
+        "fingerprint", "load_checkpoint", "read_spec",
     ]
     for name in export_pkg.__all__:
         assert getattr(export_pkg, name) is not None

@@ -54,7 +54,15 @@ def _random_inputs(model: Path, rng: np.random.Generator, length: int) -> np.nda
 
 @pytest.mark.parametrize(
     ("model_fixture", "placement"),
-    [("token_model", "host"), ("feature_model", "host"), ("projected_model", "host"), ("token_model", "device")],
+    [
+        ("token_model", "host"),
+        ("feature_model", "host"),
+        ("projected_model", "host"),
+        ("token_model", "device"),
+        ("gru_model", "host"),
+        ("gru_model", "device"),
+        ("rnn_model", "host"),
+    ],
 )
 def test_concurrent_sessions_match_pytorch_whole_sequence(
     model_fixture: str, placement: str, request: pytest.FixtureRequest

@@ -57,7 +57,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("kind", "vocabulary", "input_size", "hidden_size", "num_layers", "num_directions", "proj_size", "output_size", "steppable", "provider", "fingerprint", "head", "max_tokens_per_request", "max_generate_tokens", "session_ttl_s", "max_sessions")
+    __slots__ = ("kind", "vocabulary", "input_size", "hidden_size", "num_layers", "num_directions", "proj_size", "output_size", "steppable", "provider", "fingerprint", "head", "max_tokens_per_request", "max_generate_tokens", "session_ttl_s", "max_sessions", "cell", "classes", "state_tensors")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,9 @@ class ModelInfo(_message.Message):
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    STATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     vocabulary: _containers.RepeatedScalarFieldContainer[str]
     input_size: int
@@ -90,7 +93,10 @@ class ModelInfo(_message.Message):
     max_generate_tokens: int
     session_ttl_s: float
     max_sessions: int
-    def __init__(self, kind: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_directions: _Optional[int] = ..., proj_size: _Optional[int] = ..., output_size: _Optional[int] = ..., steppable: _Optional[bool] = ..., provider: _Optional[str] = ..., fingerprint: _Optional[str] = ..., head: _Optional[str] = ..., max_tokens_per_request: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_sessions: _Optional[int] = ...) -> None: ...
+    cell: str
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    state_tensors: int
+    def __init__(self, kind: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_directions: _Optional[int] = ..., proj_size: _Optional[int] = ..., output_size: _Optional[int] = ..., steppable: _Optional[bool] = ..., provider: _Optional[str] = ..., fingerprint: _Optional[str] = ..., head: _Optional[str] = ..., max_tokens_per_request: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_sessions: _Optional[int] = ..., cell: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., state_tensors: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id",)
