@@ -16,7 +16,7 @@ from functools import partial
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
@@ -24,11 +24,14 @@ from lstmserve.server.config import ServerConfig
 from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
 from lstmserve.server.keeper import SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
+from lstmserve.server.reflection import reflection_pool
 from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
+from lstmserve.inference import grpc_service_pb2 as inference_pb
 from lstmserve.server.oip import InferenceService, add_inference_service
+from lstmserve.server.oip import SERVICE_NAME as INFERENCE_SERVICE_NAME
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.scheduler import Scheduler, SchedulerLimits
 from lstmserve.server.service import LstmServeService
@@ -110,7 +113,14 @@ class LstmServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+            (
+                SERVICE_NAME,
+                INFERENCE_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+            pool=reflection_pool((pb.DESCRIPTOR, inference_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)),
         )
         address = f"{config.host}:{config.port}"
         if config.tls is not None:
