@@ -1,10 +1,11 @@
-"""Per-inference and per-execution statistics of one model, in the shape of Triton's ModelStatistics.
+"""Per-request and per-execution statistics of one model, in the shape of Triton's ModelStatistics.
 
-An *inference* is one row of a batch: one step of one session (a step request, or one token of a
-generation). An *execution* is one batch: the scheduler's gather, ONNX Runtime call(s) and scatter.
-As Triton does, every inference of a batch is charged the batch's whole compute time, so the
-per-inference figures (queue, compute input/infer/output, success) all have the same count, and the
-per-execution figures live in `executions` and `batches` (by batch size).
+In the batcher a *request* is one row of a batch: one step of one session (a step request, or one
+token of a generation); an *execution* is one batch (the scheduler's gather, ONNX Runtime call(s)
+and scatter). The stateless model runs each request alone: one execution, as many *inferences* as
+the request has rows. As Triton does, every request of an execution is charged the execution's
+whole compute time, so the per-request figures (queue, compute input/infer/output, success) all
+have the same count, and the per-execution figures live in `executions` and `batches` (by size).
 
 Plain integers (nanoseconds), updated on the event loop only: no locks.
 """

@@ -40,6 +40,7 @@ from tritonclient.grpc import service_pb2_grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
 from lstmserve.server.oip import SEQUENCE_PREFIX, sequence_session_id
+from lstmserve.server.statistics import BatchTiming, InferenceStatistics
 
 TOLERANCE = 1e-4
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-fedcba9876543210"
@@ -278,6 +279,25 @@ def test_statistics_count_requests_and_batches_as_triton_does(
     assert infer.queue.ns + compute_ns <= infer.success.ns + 4 * stats.execution_count
     sizes = [b.batch_size for b in stats.batch_stats]
     assert sizes == sorted(sizes) and all(b.compute_infer.count >= 1 for b in stats.batch_stats)
+
+
+def test_statistics_charge_each_request_its_own_wait_and_its_whole_batch() -> None:
+    """Unit: two requests in a batch of three (one failed), waiting since 9.990 s and 9.996 s; the batch
+    computes from 10.000 s (1 ms gather, 4 ms model, 2 ms scatter) and answers at 10.008 s."""
+    stats = InferenceStatistics()
+    timing = BatchTiming(started=10.0, input_s=0.001, infer_s=0.004, output_s=0.002)
+    stats.record(3, timing, requests=2, waiting_since_sum=9.990 + 9.996, finished=10.008)
+    ms = 1_000_000
+    assert (stats.queue.count, stats.queue.ns) == (2, pytest.approx(14 * ms, abs=2))  # 10 ms + 4 ms
+    assert (stats.success.count, stats.success.ns) == (2, pytest.approx(30 * ms, abs=2))  # 18 ms + 12 ms
+    assert (stats.compute_input.count, stats.compute_input.ns) == (2, pytest.approx(2 * ms, abs=2))
+    assert (stats.compute_infer.count, stats.compute_infer.ns) == (2, pytest.approx(8 * ms, abs=2))
+    assert (stats.compute_output.count, stats.compute_output.ns) == (2, pytest.approx(4 * ms, abs=2))
+    assert (stats.executions, stats.inferences) == (1, 2)
+    batch = stats.batches[3]
+    assert (batch.compute_infer.count, batch.compute_infer.ns) == (1, pytest.approx(4 * ms, abs=2))
+    stats.record(2, timing, requests=1, waiting_since_sum=10.0, finished=10.008, inferences=2)  # a 2-row request
+    assert (stats.executions, stats.inferences, stats.success.count) == (2, 4, 3) and stats.last_inference_ms > 0
 
 
 def test_the_stateless_model_has_statistics_of_its_own(
