@@ -17,7 +17,7 @@ from functools import partial
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
@@ -27,11 +27,14 @@ from lstmserve.server.health import HealthServicer
 from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
 from lstmserve.server.keeper import DirectoryKeeper, KeeperBase, NotWritten, SessionKeeper
 from lstmserve.server.persistence import DirectorySpill, StateDir
+from lstmserve.server.reflection import reflection_pool
 from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.metrics import Metrics
+from lstmserve.inference import grpc_service_pb2 as inference_pb
 from lstmserve.server.oip import InferenceService, add_inference_service
+from lstmserve.server.oip import SERVICE_NAME as INFERENCE_SERVICE_NAME
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.scheduler import Scheduler, SchedulerLimits
 from lstmserve.server.service import LstmServeService
@@ -136,7 +139,14 @@ class LstmServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+            (
+                SERVICE_NAME,
+                INFERENCE_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+            pool=reflection_pool((pb.DESCRIPTOR, inference_pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)),
         )
         if config.metrics_port is not None:  # first: if its port is taken, nothing else has started listening
             try:

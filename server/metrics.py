@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from lstmserve.server.statistics import InferenceStatistics
+
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -44,3 +46,6 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        # Triton-style per-inference and per-batch totals of the batcher (the Open Inference Protocol's
+        # ModelStatistics); kept apart from the Prometheus registry.
+        self.statistics = InferenceStatistics()

@@ -1,11 +1,12 @@
 """The Open Inference Protocol (KServe V2 gRPC, as Triton extends it) on top of the scheduler.
 
-`inference.GRPCInferenceService` beside lstmserve.v1 on the same port. A request with
-Triton's `sequence_id` parameter steps the lstmserve session of that sequence, batched by
-the same scheduler as every other session; `sequence_start` begins it from zero state and
-`sequence_end` closes it after the request. A request without a sequence runs from zero
-state and keeps nothing. The RPCs not declared in proto/lstmserve/inference/ answer
-UNIMPLEMENTED.
+`inference.GRPCInferenceService` beside lstmserve.v1 on the same port, behaving as Triton's
+sequence batcher does where clients depend on it (docs/oip.md lists the differences). A request
+to the sequence model carries Triton's `sequence_id` parameter and steps the lstmserve session of
+that sequence, batched by the same scheduler as every other session; `sequence_start` begins it
+from zero state and `sequence_end` closes it after the request. A request without a sequence id is
+refused, as Triton refuses it; whole sequences from zero state go to the stateless model
+(`oip_models.py`). The RPCs not declared in proto/lstmserve/inference/ answer UNIMPLEMENTED.
 
 A sequence's session id is derived from the caller's owner (its API key digest) and the
 sequence id: "oip-" + 32 hex digits of a SHA-256. lstmserve's own session ids are 32 hex
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,25 +29,31 @@ from grpc_health.v1 import health, health_pb2
 from lstmserve import __version__
 from lstmserve.inference import grpc_service_pb2 as pb
 from lstmserve.inference import grpc_service_pb2_grpc as pb_grpc
-from lstmserve.inference import model_config_pb2 as config_pb
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import oip_messages as messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
-from lstmserve.server.errors import NotSteppable, Overloaded, ServeError, SessionNotFound
+from lstmserve.server.errors import InvalidInput, NotSteppable, Overloaded, ServeError, SessionNotFound
 from lstmserve.server.handoff import Cluster, check_lease
 from lstmserve.server.metrics import Metrics
+from lstmserve.server.oip_models import (
+    EXTENSIONS,
+    MODEL_VERSION,
+    ServedModel,
+    model_config,
+    model_metadata,
+    model_statistics,
+    served_models,
+)
 from lstmserve.server.runner import Runner
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.service import new_session, status_for
 from lstmserve.server.sessions import SEQUENCE_ID_PREFIX, Session
+from lstmserve.server.statistics import BatchTiming
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MODEL_VERSION = "1"
-PLATFORM = "lstmserve"
-EXTENSIONS = ("model_configuration", "sequence", "statistics")
 SEQUENCE_PREFIX = SEQUENCE_ID_PREFIX
 # Longest wait between tries to close an ended sequence while the request queue is full.
 CLOSE_RETRY_MAX_S = 0.05
@@ -69,14 +75,16 @@ def _code(error: ServeError) -> grpc.StatusCode:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """Implements `inference.GRPCInferenceService` for the one model this server serves.
+    """Implements `inference.GRPCInferenceService` for the model this server serves (under the names
+    of `oip_models.served_models`).
 
     Args:
         scheduler: the batcher and session table shared with lstmserve.v1.
-        runner: the model (for its spec, and for requests without a sequence).
+        runner: the model (for its spec, and for the stateless model's requests).
         config: the server settings (limits, TTL, model name, API keys).
-        metrics: the server's Prometheus metrics (ModelStatistics reads them).
+        metrics: the server's metrics (errors; the batcher's statistics for ModelStatistics).
         health: the grpc.health.v1 servicer; ServerReady follows its overall status.
+        cluster: with several replicas, the shared session store's leases.
     """
 
     def __init__(
@@ -96,10 +104,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.health = health
         self.model_name = config.served_model_name
+        self.models = served_models(self.spec, self.model_name, metrics.statistics)
         self.requests_in_progress = 0
         # Most requests of one ModelStreamInfer stream in progress at once (enough to fill a batch).
         self.stream_window = max(config.max_batch_size, config.max_inflight_per_session)
-        self._last_inference_ms = 0
 
     # ---- helpers ---------------------------------------------------------
     def _owner(self, context: grpc.aio.ServicerContext) -> str:
@@ -107,11 +115,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return ""
         return owner_of(bearer_key(context.invocation_metadata()))
 
-    def _check_model(self, name: str, version: str) -> None:
-        if name != self.model_name:
-            raise ModelNotFound(f"unknown model {messages.show(name)}; this server serves {self.model_name!r}")
+    def _model(self, name: str, version: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            served = " and ".join(repr(n) for n in self.models)
+            raise ModelNotFound(f"unknown model {messages.show(name)}; this server serves {served}")
         if version not in ("", MODEL_VERSION):
             raise ModelNotFound(f"model {name!r} has no version {messages.show(version)}; it has version {MODEL_VERSION}")
+        return model
 
     async def _abort(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
         code = _code(error)
@@ -131,7 +142,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
-            self._check_model(request.name, request.version)
+            self._model(request.name, request.version)
         except ModelNotFound:  # as Triton: a model (or version) it does not serve is not ready, no error
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self._serving())
@@ -145,39 +156,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         try:
-            self._check_model(request.name, request.version)
+            model = self._model(request.name, request.version)
         except ServeError as error:
             await self._abort(context, error)
             raise
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        inputs, outputs = messages.input_format(self.spec), messages.output_format(self.spec)
-        return pb.ModelMetadataResponse(
-            name=self.model_name,
-            versions=[MODEL_VERSION],
-            platform=PLATFORM,
-            inputs=[tensor(name=inputs.name, datatype=inputs.datatype, shape=inputs.shape)],
-            outputs=[tensor(name=outputs.name, datatype=outputs.datatype, shape=outputs.shape)],
-        )
+        return model_metadata(self.spec, model)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
         try:
-            self._check_model(request.name, request.version)
+            model = self._model(request.name, request.version)
         except ServeError as error:
             await self._abort(context, error)
             raise
-        return pb.ModelConfigResponse(config=model_config(self.spec, self.config, self.model_name, self.runner))
+        on_gpu = self.runner.provider == "CUDAExecutionProvider"
+        config = model_config(self.spec, self.config, model, on_gpu=on_gpu, device_id=self.runner.device_id)
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
-        if request.name:  # empty: every model
-            try:
-                self._check_model(request.name, request.version)
-            except ServeError as error:
-                await self._abort(context, error)
-                raise
-        stats = model_statistics(self.metrics, self.model_name, self._last_inference_ms)
-        return pb.ModelStatisticsResponse(model_stats=[stats])
+        if not request.name:  # every model
+            return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in self.models.values()])
+        try:
+            model = self._model(request.name, request.version)
+        except ServeError as error:
+            await self._abort(context, error)
+            raise
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(model)])
 
     # ---- inference -------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
@@ -190,23 +195,27 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Runs requests as they arrive, concurrently across sequences and in order within one;
-        answers each (in completion order) with a response or an error_message.
+        """Runs requests as they arrive, concurrently across sequences and in order within one, and
+        answers each with a response or an error_message, in the order the requests came (as Triton
+        does for a model that is not decoupled).
 
         At most `stream_window` requests of a stream are in progress or answered but not yet
         sent; the next one is read when one is sent, so gRPC flow control holds back a client
         that sends faster (or reads slower) than the server answers.
         """
         owner = self._owner(context)
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        last_of_sequence: dict[int | str, asyncio.Task[None]] = {}
-        tasks: set[asyncio.Task[None]] = set()
+        # The stream's requests in arrival order, each as the task that answers it (None: no more).
+        answers: asyncio.Queue[asyncio.Task[pb.ModelStreamInferResponse] | None] = asyncio.Queue()
+        last_of_sequence: dict[int | str, asyncio.Task[pb.ModelStreamInferResponse]] = {}
+        tasks: set[asyncio.Task[pb.ModelStreamInferResponse]] = set()
         window = asyncio.Semaphore(self.stream_window)
 
-        async def answer(request: pb.ModelInferRequest, previous: asyncio.Task[None] | None) -> None:
+        async def answer(
+            request: pb.ModelInferRequest, previous: asyncio.Task[pb.ModelStreamInferResponse] | None
+        ) -> pb.ModelStreamInferResponse:
             if previous is not None:
                 await asyncio.wait([previous])  # the sequence's earlier request first
-            answers.put_nowait(await self._stream_answer(request, owner))
+            return await self._stream_answer(request, owner)
 
         async def read() -> None:
             try:
@@ -219,8 +228,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     if key is not None:
                         last_of_sequence[key] = task
                         task.add_done_callback(lambda t, k=key: _forget(last_of_sequence, k, t))
-                if tasks:
-                    await asyncio.wait(set(tasks))
+                    answers.put_nowait(task)
             except Exception as error:  # noqa: BLE001 - the client went away mid-stream
                 log.debug("ModelStreamInfer stream ended: %s", error)
             finally:
@@ -228,23 +236,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         reader = asyncio.create_task(read())
         try:
-            while (item := await answers.get()) is not None:
-                yield item
+            while (task := await answers.get()) is not None:
+                yield await task
                 window.release()
         finally:
             reader.cancel()
-            for task in list(tasks):
-                task.cancel()
+            for pending in list(tasks):
+                pending.cancel()
 
     async def _stream_answer(self, request: pb.ModelInferRequest, owner: str) -> pb.ModelStreamInferResponse:
+        """One stream request's answer: its response, or Triton's error_message (the bare message) with
+        the request's id; the stream stays open either way."""
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, owner))
         except ServeError as error:
-            code = _code(error)
-            message = f"{code.name}: {error}"
+            code, message = _code(error), str(error)
         except Exception as error:  # noqa: BLE001 - the stream stays open, as Triton's does
             log.exception("ModelStreamInfer request failed")
-            code, message = grpc.StatusCode.INTERNAL, f"INTERNAL: {error}"
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {error}"
         self.metrics.errors.labels(code=code.name).inc()
         failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version, id=request.id)
         return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
@@ -252,47 +261,88 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, owner: str) -> pb.ModelInferResponse:
         self.requests_in_progress += 1
         try:
-            self._check_model(request.model_name, request.model_version)
-            call = messages.decode_infer(
-                request, self.spec, self.config.max_tokens_per_request, self.config.max_batch_size
-            )
-            if call.sequence.key is None:
-                logits = await asyncio.to_thread(self.runner.run_stateless, call.inputs)
-            else:
-                logits = (await self._step_sequence(call, owner))[np.newaxis]
+            model = self._model(request.model_name, request.model_version)
+            arrived = time.perf_counter()
+            try:
+                if not model.sequences:
+                    self._check_no_sequence(messages.decode_sequence(request), model)
+                call = messages.decode_infer(
+                    request, self.spec, self.config.max_tokens_per_request, self.config.max_batch_size
+                )
+                if model.sequences:
+                    logits = (await self._step_sequence(call, owner, model.name))[np.newaxis]
+                else:
+                    logits = await self._run_stateless(call, model)
+            except ServeError:
+                model.statistics.failed(time.perf_counter() - arrived)
+                raise
         finally:
             self.requests_in_progress -= 1
-        self._last_inference_ms = int(time.time() * 1000)
-        return messages.infer_response(call, logits, self.spec, self.model_name, MODEL_VERSION)
+        return messages.infer_response(call, logits, self.spec, model.name, MODEL_VERSION)
 
-    async def _step_sequence(self, call: messages.InferCall, owner: str) -> np.ndarray:
+    def _check_no_sequence(self, sequence: messages.Sequence, model: ServedModel) -> None:
+        """Refuses sequence parameters sent to a stateless model (Triton would ignore them: here a client
+        that believes its state is kept learns at once that it is not)."""
+        if sequence.key is None and not (sequence.start or sequence.end):
+            return
+        if self.spec.steppable:
+            raise InvalidInput(
+                f"model {model.name!r} runs each request from zero state and keeps no sequence: send it without "
+                f"sequence_id, sequence_start and sequence_end, or send sequences to model {self.model_name!r}"
+            )
+        if sequence.key is not None:
+            raise NotSteppable("this model is bidirectional and cannot keep sequences; send requests without sequence_id")
+        raise InvalidInput("sequence_start and sequence_end need a non-zero (or non-empty) sequence_id")
+
+    async def _run_stateless(self, call: messages.InferCall, model: ServedModel) -> np.ndarray:
+        """Runs a request's whole input from zero state on a worker thread (outside the batcher);
+        records it in the model's statistics as one execution."""
+        queued = time.perf_counter()
+
+        def run() -> tuple[np.ndarray, float, float]:
+            started = time.perf_counter()
+            logits = self.runner.run_stateless(call.inputs)
+            return logits, started, time.perf_counter()
+
+        logits, started, finished = await asyncio.to_thread(run)
+        timing = BatchTiming(started=started, input_s=0.0, infer_s=finished - started, output_s=0.0)
+        batch = int(call.inputs.shape[0])
+        model.statistics.record(batch, timing, requests=1, waiting_since_sum=queued, finished=finished, inferences=batch)
+        return logits
+
+    async def _step_sequence(self, call: messages.InferCall, owner: str, model_name: str) -> np.ndarray:
         """Feeds a sequence's session (starting or ending it as asked); returns logits [positions, output]."""
         sequence = call.sequence
-        assert sequence.key is not None
-        if not self.spec.steppable:
-            raise NotSteppable("this model is bidirectional and cannot keep sequences; send requests without sequence_id")
+        if sequence.key is None:
+            raise InvalidInput(messages.no_sequence_message(model_name))
         session_id = sequence_session_id(owner, sequence.key)
-        scheduler = self.scheduler
         check_lease(self.cluster, session_id)  # with several replicas: UNAVAILABLE while the lease lapsed
         try:
-            session = await scheduler.find_session(session_id, owner)
-            if sequence.start:  # a start on a live sequence begins it again from zero state
-                session = await scheduler.reset_session(session_id, owner)
+            session = await self._sequence_session(session_id, owner, sequence.start)
+            result = await self.scheduler.step(session, call.inputs[0])
         except SessionNotFound as error:
             if type(error) is not SessionNotFound:  # a more specific reason (e.g. moved): keep it
                 raise
-            if sequence.start:
-                session = await new_session(scheduler, self.cluster, owner, session_id)
-            else:
-                raise SessionNotFound(
-                    f"sequence {messages.show(sequence.key)} is not active (never started, ended, or idle for more "
-                    f"than {self.config.session_ttl_s:g} s): send sequence_start=true to start it"
-                ) from None
-        result = await scheduler.step(session, call.inputs[0])
+            # Never started, ended, expired (idle past the TTL), or closed while this request waited.
+            raise InvalidInput(messages.not_started_message(sequence.key, model_name)) from None
         check_lease(self.cluster, session_id)  # acknowledged only while no other replica can have taken it
         if sequence.end:
             await self._close_after_step(session, owner)
         return result.logits
+
+    async def _sequence_session(self, session_id: str, owner: str, start: bool) -> Session:
+        """The live session of a sequence; with `start`, reset to zero state, or created if it is not live.
+        SessionNotFound if it is not live and this is not a start."""
+        scheduler = self.scheduler
+        try:
+            session = await scheduler.find_session(session_id, owner)
+            if start:  # a start on a live sequence begins it again from zero state
+                session = await scheduler.reset_session(session_id, owner)
+            return session
+        except SessionNotFound as error:
+            if type(error) is not SessionNotFound or not start:
+                raise
+        return await new_session(scheduler, self.cluster, owner, session_id)
 
     async def _close_after_step(self, session: Session, owner: str) -> None:
         """Closes a sequence whose sequence_end step ran. The step changed its state, so the request
@@ -309,82 +359,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 delay_s = min(delay_s * 2, CLOSE_RETRY_MAX_S)
 
 
-def _forget(tasks: dict[int | str, asyncio.Task[None]], key: int | str, task: asyncio.Task[None]) -> None:
+def _forget(tasks: dict[int | str, asyncio.Task[pb.ModelStreamInferResponse]], key: int | str, task: asyncio.Task[pb.ModelStreamInferResponse]) -> None:
     if tasks.get(key) is task:
         del tasks[key]
-
-
-def model_config(spec: ModelSpec, config: ServerConfig, name: str, runner: Runner) -> config_pb.ModelConfig:
-    """The model as Triton's ModelConfig describes it (dims exclude the batch dimension)."""
-    types = {"INT64": config_pb.TYPE_INT64, "FP32": config_pb.TYPE_FP32}
-    inputs, outputs = messages.input_format(spec), messages.output_format(spec)
-    on_gpu = runner.provider == "CUDAExecutionProvider"
-    message = config_pb.ModelConfig(
-        name=name,
-        platform=PLATFORM,
-        backend=PLATFORM,
-        max_batch_size=config.max_batch_size,
-        input=[config_pb.ModelInput(name=inputs.name, data_type=types[inputs.datatype], dims=inputs.shape[1:])],
-        output=[config_pb.ModelOutput(name=outputs.name, data_type=types[outputs.datatype], dims=outputs.shape[1:])],
-        instance_group=[
-            config_pb.ModelInstanceGroup(
-                count=1,
-                kind=config_pb.ModelInstanceGroup.KIND_GPU if on_gpu else config_pb.ModelInstanceGroup.KIND_CPU,
-                gpus=[runner.device_id] if on_gpu else [],
-            )
-        ],
-        default_model_filename=config.model.name,
-        model_transaction_policy=config_pb.ModelTransactionPolicy(decoupled=False),
-    )
-    message.version_policy.latest.num_versions = 1
-    if spec.steppable:
-        batching = message.sequence_batching
-        batching.max_sequence_idle_microseconds = int(config.session_ttl_s * 1_000_000)
-        batching.oldest.max_candidate_sequences = config.max_sessions
-        batching.oldest.max_queue_delay_microseconds = config.max_wait_us
-    details = {
-        "kind": spec.kind,
-        "head": spec.head,
-        "steppable": json.dumps(spec.steppable),
-        "fingerprint": spec.fingerprint,
-        "vocabulary": json.dumps(list(spec.vocabulary)),
-        "max_tokens_per_request": str(config.max_tokens_per_request),
-    }
-    for key, value in details.items():
-        message.parameters[key].string_value = value
-    return message
-
-
-def model_statistics(metrics: Metrics, name: str, last_inference_ms: int) -> pb.ModelStatistics:
-    """Triton's statistics from the server's Prometheus metrics (every request of the batcher,
-    whichever API sent it): success = lstmserve_steps_total with lstmserve_step_latency_seconds;
-    queue = the same latency (arrival at the batcher to result, the batch's compute included);
-    compute_infer = lstmserve_compute_seconds (one per batch); fail = lstmserve_errors_total."""
-    value = metrics.registry.get_sample_value
-    steps = int(value("lstmserve_steps_total") or 0)
-    latency_ns = int((value("lstmserve_step_latency_seconds_sum") or 0.0) * 1e9)
-    batches = int(value("lstmserve_compute_seconds_count") or 0)
-    compute_ns = int((value("lstmserve_compute_seconds_sum") or 0.0) * 1e9)
-    failures = sum(
-        int(sample.value)
-        for family in metrics.errors.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
-    duration = pb.StatisticDuration
-    return pb.ModelStatistics(
-        name=name,
-        version=MODEL_VERSION,
-        last_inference=last_inference_ms,
-        inference_count=steps,
-        execution_count=batches,
-        inference_stats=pb.InferStatistics(
-            success=duration(count=steps, ns=latency_ns),
-            fail=duration(count=failures),
-            queue=duration(count=steps, ns=latency_ns),
-            compute_infer=duration(count=batches, ns=compute_ns),
-        ),
-    )
 
 
 def add_inference_service(

@@ -104,7 +104,8 @@ def sequence_key(request: pb.ModelInferRequest) -> int | str | None:
 
 
 def decode_sequence(request: pb.ModelInferRequest) -> Sequence:
-    """The sequence controls; InvalidInput for a wrong parameter type or a start/end without an id."""
+    """The sequence controls; InvalidInput for a parameter of the wrong type. Whether the model takes
+    them (and a start or end without an id) is the servicer's to check."""
     parameters = request.parameters
     if "sequence_id" in parameters:
         choice = parameters["sequence_id"].WhichOneof("parameter_choice")
@@ -112,10 +113,26 @@ def decode_sequence(request: pb.ModelInferRequest) -> Sequence:
             raise InvalidInput(f"parameter sequence_id must be an int64, uint64 or string, got {choice or 'no value'}")
     start = _bool_parameter(request, "sequence_start")
     end = _bool_parameter(request, "sequence_end")
-    key = sequence_key(request)
-    if key is None and (start or end):
-        raise InvalidInput("sequence_start and sequence_end need a non-zero (or non-empty) sequence_id")
-    return Sequence(key=key, start=start, end=end)
+    return Sequence(key=sequence_key(request), start=start, end=end)
+
+
+def sequence_label(key: int | str) -> str:
+    """A sequence id as Triton writes it in messages (a string id bare), cut short if long."""
+    text = str(key)
+    return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
+
+
+def not_started_message(key: int | str, model: str) -> str:
+    """Triton's words for a request of a sequence that is not active (INVALID_ARGUMENT)."""
+    return (
+        f"inference request for sequence {sequence_label(key)} to model '{model}' must specify the START flag "
+        "on the first request of the sequence"
+    )
+
+
+def no_sequence_message(model: str) -> str:
+    """Triton's words for a request without a sequence id to a sequence model (INVALID_ARGUMENT)."""
+    return f"inference request to model '{model}' must specify a non-zero or non-empty correlation ID"
 
 
 def _bool_parameter(request: pb.ModelInferRequest, name: str) -> bool:

@@ -47,6 +47,7 @@ from lstmserve.server.runner import BindableState, Runner
 from lstmserve.server.sampling import sample_rows
 from lstmserve.server.sessions import Session, SessionTable, StepResult, is_session_id
 from lstmserve.server.state import SessionState
+from lstmserve.server.statistics import BatchTiming
 from lstmserve.server.text import listing, shown
 
 if TYPE_CHECKING:
@@ -112,6 +113,8 @@ class _Work:
     generation: Generation | None = None
     digest: bytes = b""
     enqueued: float = field(default_factory=time.perf_counter)
+    # When a generation's next token was queued (0.0: it waits since `enqueued`), for ModelStatistics' queue time.
+    waiting_since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -422,7 +425,7 @@ class Scheduler:
         session.last_used = time.monotonic()
         groups = [_Group(sessions=[session], works=[work])]
         try:
-            self._finish(groups, self._compute(groups))
+            self._finish(groups, *self._compute(groups))
         except Exception as error:  # noqa: BLE001 - as in the batching loop: this request fails, the server goes on
             self._recover([(session, work)], error)
         self._keep_awake()
@@ -649,7 +652,7 @@ class Scheduler:
         tokens as they come instead of starving the event loop.
         """
         groups = _group_by_length(taken)
-        self._finish(groups, self._compute(groups))
+        self._finish(groups, *self._compute(groups))
         self._requeue(taken)
         self._keep_awake()
         await asyncio.sleep(0)
@@ -660,16 +663,16 @@ class Scheduler:
         groups = _group_by_length(taken)
         self._computing += 1
         try:
-            outputs = await self._compute_offloaded(groups)
+            outputs, timing = await self._compute_offloaded(groups)
         finally:
             self._computing -= 1
-        self._finish(groups, outputs)
+        self._finish(groups, outputs, timing)
         self._requeue(taken)
 
-    def _finish(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
+    def _finish(self, groups: list[_Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
         """Notes when the compute ended and resolves its requests."""
         self._last_compute_end = time.perf_counter()
-        self._resolve(groups, outputs)
+        self._resolve(groups, outputs, timing)
 
     def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
         for session, _ in taken:
@@ -678,28 +681,34 @@ class Scheduler:
         if self._ready:
             self._wakeup.set()
 
-    def _compute(self, groups: list[_Group]) -> list[np.ndarray | Exception]:
-        """Gather, run, scatter for each group, right here on the event loop (a short step alone).
+    def _compute(self, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
+        """Gather, run, scatter for each group, right here on the event loop (a short step alone); returns
+        the outputs and how long each phase took.
 
         A group that fails leaves its sessions' state untouched (scatter never ran) and
         returns its exception; the other groups are unaffected.
         """
         started = time.perf_counter()
+        phases = [0.0, 0.0, 0.0]  # gather, model call, scatter (ModelStatistics' compute input, infer, output)
         outputs: list[np.ndarray | Exception] = []
         for group in groups:
             try:
+                t0 = time.perf_counter()
                 slots, inputs, buffers = self._gather(group)
+                t1 = time.perf_counter()
                 logits, seconds = self._timed_run(inputs, buffers)
+                t2 = time.perf_counter()
                 self._note_lone_run(group, inputs, seconds)
                 self.store.scatter(slots, buffers)
+                _add_phases(phases, t0, t1, t2, time.perf_counter())
             except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
                 outputs.append(_group_failed(group, exc))
                 continue
             outputs.append(logits)
         self.metrics.compute_latency.observe(time.perf_counter() - started)
-        return outputs
+        return outputs, BatchTiming(started, *phases)
 
-    async def _compute_offloaded(self, groups: list[_Group]) -> list[np.ndarray | Exception]:
+    async def _compute_offloaded(self, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """As `_compute`, but ONNX Runtime runs on the worker thread while the event loop serves streams.
 
         Only the model call leaves the loop: gather and scatter (a fraction of a millisecond for
@@ -710,19 +719,24 @@ class Scheduler:
         """
         started = time.perf_counter()
         loop = self._loop or asyncio.get_running_loop()
+        phases = [0.0, 0.0, 0.0]  # as in _compute; the model call's phase includes the hops to the worker and back
         outputs: list[np.ndarray | Exception] = []
         for group in groups:
             try:
+                t0 = time.perf_counter()
                 slots, inputs, buffers = self._gather(group)
+                t1 = time.perf_counter()
                 logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers)
+                t2 = time.perf_counter()
                 self._note_lone_run(group, inputs, seconds)
                 self.store.scatter(slots, buffers)
+                _add_phases(phases, t0, t1, t2, time.perf_counter())
             except Exception as exc:  # noqa: BLE001 - as in _compute (also: the worker was shut down)
                 outputs.append(_group_failed(group, exc))
                 continue
             outputs.append(logits)
         self.metrics.compute_latency.observe(time.perf_counter() - started)
-        return outputs
+        return outputs, BatchTiming(started, *phases)
 
     def _timed_run(self, inputs: np.ndarray, buffers: BindableState) -> tuple[np.ndarray, float]:
         """The model call and its seconds, timed on the thread that runs it (so without the hops)."""
@@ -745,8 +759,9 @@ class Scheduler:
         inputs = np.concatenate([w.inputs for w in group.works]).reshape(len(group.works), *first.shape)  # type: ignore[misc]
         return slots, inputs, self.store.gather(slots)
 
-    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception]) -> None:
-        """Advances every row's session, answers finished requests and queues continuing generations.
+    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
+        """Advances every row's session, answers finished requests, queues continuing generations and
+        records the batch in the model's statistics.
 
         Its inner loop runs once per row of every batch (for a 256-session generation, 256 times per
         generated token of each), so it keeps to plain attribute updates.
@@ -759,12 +774,15 @@ class Scheduler:
         generating = self._generating
         positions = 0
         used = time.monotonic()
+        computed = 0  # rows that succeeded, and the sum of when each began waiting (for the statistics)
+        waiting_since_sum = 0.0
         for group, logits in zip(groups, outputs, strict=True):
             if isinstance(logits, Exception):
                 self._fail_group(group, logits)
                 continue
             length = logits.shape[1]  # every row of a group has this many positions
             positions += length * len(group.works)
+            computed += len(group.works)
             continuing: list[int] = []  # rows of generations that go on: their next token is sampled below
             for row, session, work in zip(count(), group.sessions, group.works):
                 start_step = session.step
@@ -773,10 +791,12 @@ class Scheduler:
                 session.queued_positions -= length
                 session.in_flight = False
                 session.last_used = used
+                waiting_since_sum += work.waiting_since or work.enqueued
                 generation = work.generation
                 # A generation goes on unless it finished or its client went away (its future is then done).
                 if generation is not None and not generation.consumed(step, batch_size, generating):
                     if not work.future.done():
+                        work.waiting_since = now  # its next token waits from here
                         continuing.append(row)
                         continue
                 # Step latency is a request's: from arrival to its answer (a generation's, to its end).
@@ -796,6 +816,7 @@ class Scheduler:
                 self._continue_generations(group, continuing, logits[continuing, -1])
         self.metrics.steps.inc(batch_size)
         self.metrics.tokens.inc(positions)
+        self.metrics.statistics.record(batch_size, timing, computed, waiting_since_sum, now)
 
     def _continue_generations(self, group: _Group, rows: list[int], last_logits: np.ndarray) -> None:
         """Samples the next token of each continuing generation (all rows at once) and queues it."""
@@ -872,6 +893,13 @@ def _mismatch(session: Session, expected_step: int) -> StepMismatch:
         f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
         f"{session.step} with {session.queued_positions} more positions queued"
     )
+
+
+def _add_phases(phases: list[float], start: float, gathered: float, ran: float, scattered: float) -> None:
+    """Adds one group's gather, model call and scatter times to the batch's phases."""
+    phases[0] += gathered - start
+    phases[1] += ran - gathered
+    phases[2] += scattered - ran
 
 
 def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
