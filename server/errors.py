@@ -11,6 +11,10 @@ class SessionNotFound(ServeError):
     """The session id is unknown, closed or expired (NOT_FOUND)."""
 
 
+class ModelNotFound(ServeError):
+    """The request names a model (or version) this server does not serve (NOT_FOUND)."""
+
+
 class InvalidInput(ServeError):
     """A request field has a bad value (INVALID_ARGUMENT); the message names it."""
 

@@ -33,7 +33,7 @@ from lstmserve.metadata import ModelSpec
 from lstmserve.server import oip_messages as messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
-from lstmserve.server.errors import InvalidInput, NotSteppable, Overloaded, ServeError, SessionNotFound
+from lstmserve.server.errors import InvalidInput, ModelNotFound, NotSteppable, Overloaded, ServeError, SessionNotFound
 from lstmserve.server.handoff import Cluster, check_lease
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.oip_models import (
@@ -47,9 +47,10 @@ from lstmserve.server.oip_models import (
 )
 from lstmserve.server.runner import Runner
 from lstmserve.server.scheduler import Scheduler
-from lstmserve.server.service import new_session, status_for
+from lstmserve.server.service import new_session
 from lstmserve.server.sessions import SEQUENCE_ID_PREFIX, Session
 from lstmserve.server.statistics import BatchTiming
+from lstmserve.server.status import refusals, status_for
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,11 @@ SEQUENCE_PREFIX = SEQUENCE_ID_PREFIX
 CLOSE_RETRY_MAX_S = 0.05
 
 
-class ModelNotFound(ServeError):
-    """The request names a model (or version) this server does not serve (NOT_FOUND)."""
-
-
 def sequence_session_id(owner: str, key: int | str) -> str:
     """The lstmserve session id of a sequence: namespaced, per owner, and distinct for 5 and "5"."""
     kind = "s" if isinstance(key, str) else "i"
     digest = hashlib.sha256(f"{owner}\0{kind}\0{key}".encode()).hexdigest()[:32]
     return SEQUENCE_PREFIX + digest
-
-
-def _code(error: ServeError) -> grpc.StatusCode:
-    return grpc.StatusCode.NOT_FOUND if isinstance(error, ModelNotFound) else status_for(error)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -124,11 +117,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             raise ModelNotFound(f"model {name!r} has no version {messages.show(version)}; it has version {MODEL_VERSION}")
         return model
 
-    async def _abort(self, context: grpc.aio.ServicerContext, error: ServeError) -> None:
-        code = _code(error)
-        self.metrics.errors.labels(code=code.name).inc()
-        await context.abort(code, str(error))
-
     async def _serving(self) -> bool:
         status = await self.health.Check(health_pb2.HealthCheckRequest(service=""), None)
         return status.status == health_pb2.HealthCheckResponse.SERVING
@@ -152,45 +140,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="lstmserve", version=__version__, extensions=EXTENSIONS)
 
+    @refusals(pb.ModelMetadataResponse)
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            model = self._model(request.name, request.version)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
-        return model_metadata(self.spec, model)
+        return model_metadata(self.spec, self._model(request.name, request.version))
 
+    @refusals(pb.ModelConfigResponse)
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        try:
-            model = self._model(request.name, request.version)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        model = self._model(request.name, request.version)
         on_gpu = self.runner.provider == "CUDAExecutionProvider"
         config = model_config(self.spec, self.config, model, on_gpu=on_gpu, device_id=self.runner.device_id)
         return pb.ModelConfigResponse(config=config)
 
+    @refusals(pb.ModelStatisticsResponse)
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         if not request.name:  # every model
             return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in self.models.values()])
-        try:
-            model = self._model(request.name, request.version)
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        model = self._model(request.name, request.version)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(model)])
 
     # ---- inference -------------------------------------------------------
+    @refusals(pb.ModelInferResponse)
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        try:
-            return await self._infer(request, self._owner(context))
-        except ServeError as error:
-            await self._abort(context, error)
-            raise
+        return await self._infer(request, self._owner(context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -250,7 +225,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, owner))
         except ServeError as error:
-            code, message = _code(error), str(error)
+            code, message = status_for(error), str(error)
         except Exception as error:  # noqa: BLE001 - the stream stays open, as Triton's does
             log.exception("ModelStreamInfer request failed")
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {error}"

@@ -8,33 +8,25 @@ with its message; the request that raised it changed no state.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
 
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
 from lstmserve.server.auth import bearer_key, owner_of
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import (
-    ComputeFailed,
-    Draining,
     InvalidInput,
     NotSteppable,
-    Overloaded,
     ServeError,
     SessionExists,
     SessionMoved,
-    SessionNotFound,
-    StepMismatch,
 )
 from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
 from lstmserve.server.handoff import Cluster, check_lease
@@ -45,63 +37,12 @@ from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session, check_proposed_id
 from lstmserve.server.state import SessionState
+from lstmserve.server.status import refusals, refuse
 from lstmserve.server.text import shown
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-UnaryHandler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-STATUS_BY_ERROR: dict[type[ServeError], grpc.StatusCode] = {
-    SessionNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotSteppable: grpc.StatusCode.FAILED_PRECONDITION,
-    StepMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    Draining: grpc.StatusCode.UNAVAILABLE,
-    SessionExists: grpc.StatusCode.ALREADY_EXISTS,
-    SessionMoved: grpc.StatusCode.UNAVAILABLE,
-    ComputeFailed: grpc.StatusCode.INTERNAL,
-}
-
-
-def status_for(error: ServeError) -> grpc.StatusCode:
-    """The gRPC status code for a ServeError."""
-    return STATUS_BY_ERROR.get(type(error), grpc.StatusCode.INTERNAL)
-
-
-def refuse(context: grpc.aio.ServicerContext, error: ServeError, metrics: Metrics) -> None:
-    """Sets the call's status for a refused request (the handler then returns, and gRPC sends the status).
-
-    Not `context.abort`: the exception it raises keeps the handler's frame, and with it the request, in
-    a reference cycle inside grpcio until the garbage collector runs, which under this server's GC
-    settings can be never; a client sending near-limit requests that are refused could then fill the
-    memory (hundreds of MB each).
-    """
-    code = status_for(error)
-    metrics.errors.labels(code=code.name).inc()
-    context.set_code(code)
-    context.set_details(str(error))
-
-
-def refusals(response_type: type[Message]) -> Callable[[UnaryHandler], UnaryHandler]:
-    """Turns a ServeError raised by a unary handler into its status (see `refuse`), answering with an
-    empty `response_type` message that the client never sees behind the error status."""
-
-    def decorate(handler: UnaryHandler) -> UnaryHandler:
-        @functools.wraps(handler)
-        async def refusing(service: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await handler(service, request, context)
-            except ServeError as error:
-                refuse(context, error, service.metrics)
-                return response_type()
-
-        return refusing
-
-    return decorate
-
 
 class LstmServeService(pb_grpc.LstmServeServicer):
     """Implements `lstmserve.v1.LstmServe` on top of the scheduler (and, with several replicas, the cluster)."""

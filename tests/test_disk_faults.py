@@ -233,27 +233,36 @@ def test_near_limit_requests_that_are_refused_do_not_pile_up_in_memory(token_mod
     used to stay resident, about 400 MB apiece, in a reference cycle of the aborted call)."""
     import psutil
 
+    from lstmserve.inference import grpc_service_pb2 as oip_pb
+    from lstmserve.inference import grpc_service_pb2_grpc as oip_grpc
     from lstmserve.v1 import lstmserve_pb2 as pb
     from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
     keys = tmp_path / "keys"
     keys.write_text("a-valid-key-of-some-length\n")
-    request = pb.InferRequest(tokens=[1] * (16 * 1024 * 1024 - 64))  # one byte per token, packed
+    near_limit = 16 * 1024 * 1024 - 64
+    infer = pb.InferRequest(tokens=[1] * near_limit)  # one byte per token, packed
+    # The Open Inference Protocol too: a request of raw bytes for a model the server does not serve.
+    model_infer = oip_pb.ModelInferRequest(model_name="no-such-model", raw_input_contents=[bytes(near_limit - 64)])
     for extra in ((), ("--api-keys-file", str(keys))):
         process, address = serve_process(token_model, *extra)
         try:
             server = psutil.Process(process.pid)
             options = [("grpc.so_reuseport", 0), ("grpc.max_send_message_length", 32 * 1024 * 1024)]
             with grpc.insecure_channel(address, options=options) as channel:
-                stub = pb_grpc.LstmServeStub(channel)
-                expected = grpc.StatusCode.UNAUTHENTICATED if extra else grpc.StatusCode.INVALID_ARGUMENT
+                calls = [
+                    (pb_grpc.LstmServeStub(channel).Infer, infer, grpc.StatusCode.INVALID_ARGUMENT, 50),
+                    (oip_grpc.GRPCInferenceServiceStub(channel).ModelInfer, model_infer, grpc.StatusCode.NOT_FOUND, 25),
+                ]
                 baseline = server.memory_info().rss
-                for sent in range(50):
-                    with pytest.raises(grpc.RpcError) as error:
-                        stub.Infer(request)
-                    assert error.value.code() == expected
-                    growth = server.memory_info().rss - baseline
-                    assert growth < 1024**3, f"server RSS grew {growth / 1e6:.0f} MB after {sent + 1} requests"
+                for call, request, refusal, count in calls:
+                    expected = grpc.StatusCode.UNAUTHENTICATED if extra else refusal
+                    for sent in range(count):
+                        with pytest.raises(grpc.RpcError) as error:
+                            call(request)
+                        assert error.value.code() == expected
+                        growth = server.memory_info().rss - baseline
+                        assert growth < 1024**3, f"server RSS grew {growth / 1e6:.0f} MB after {sent + 1} requests"
         finally:
             process.kill()
             process.wait()
