@@ -30,6 +30,8 @@ START_HINT = "`bash scripts/docker_engine.sh start` installs and starts one (roo
 TORCH_WHEEL_GLOB = "torch-2.13.0+cpu-cp311-cp311-*.whl"
 # Docker Compose's `!reset` and `!override` need 2.24.
 OLDEST_COMPOSE = (2, 24)
+# Where the docker CLI finds the engine: kept from the caller's environment (a rootless engine, a context).
+ENGINE_VARIABLES = ("DOCKER_HOST", "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY")
 
 
 def unavailable(what: str) -> NoReturn:
@@ -43,6 +45,7 @@ def docker(*args: str, timeout: float = 120, check: bool = True, env: dict[str, 
            cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     """Runs the docker CLI; with `check`, fails the test (with its output) on a non-zero exit."""
     environ = clean_environ()
+    environ.update({k: os.environ[k] for k in ENGINE_VARIABLES if k in os.environ})
     environ.update(env or {})
     result = subprocess.run(["docker", *args], capture_output=True, text=True, env=environ, cwd=cwd, timeout=timeout)
     if check and result.returncode != 0:
@@ -104,14 +107,16 @@ def torch_wheels_context(folder: Path) -> Path:
 @dataclass
 class Compose:
     """`docker compose -p PROJECT -f FILE...` run from the repository root, as the docs do, with `env` as
-    the settings (what a user's shell or .env would give); the project is the test's own."""
+    the settings (what a user's shell or .env would give); the project is the test's own. `env_file` stands
+    in for the repository's .env, so a developer's own .env never changes what the tests run."""
 
     project: str
     files: tuple[str, ...]
+    env_file: Path
     env: dict[str, str] = field(default_factory=dict)
 
     def command(self, *args: str) -> list[str]:
-        words = ["compose", "-p", self.project]
+        words = ["compose", "-p", self.project, "--env-file", str(self.env_file)]
         for name in self.files:
             words += ["-f", name]
         return [*words, *args]

@@ -78,8 +78,10 @@ def readme_compose_command() -> list[str]:
     return words[2:]
 
 
-def stack(project: str, files: tuple[str, ...], env: dict[str, str]) -> Iterator[Compose]:
-    compose = Compose(project, files, env)
+def stack(project: str, files: tuple[str, ...], env: dict[str, str], folder: Path) -> Iterator[Compose]:
+    env_file = folder / "empty.env"
+    env_file.write_text("")
+    compose = Compose(project, files, env_file, env)
     try:
         yield compose
     finally:
@@ -89,15 +91,15 @@ def stack(project: str, files: tuple[str, ...], env: dict[str, str]) -> Iterator
 
 
 @pytest.fixture
-def single(settings: dict[str, str]) -> Iterator[Compose]:
+def single(settings: dict[str, str], tmp_path: Path) -> Iterator[Compose]:
     env = {**settings, "LSTMSERVE_PORT": str(free_port()), "LSTMSERVE_METRICS_PORT": str(free_port())}
-    yield from stack(f"lstmserve-test-{os.getpid()}", CPU, env)
+    yield from stack(f"lstmserve-test-{os.getpid()}", CPU, env, tmp_path)
 
 
 @pytest.fixture
-def scaled(settings: dict[str, str]) -> Iterator[Compose]:
+def scaled(settings: dict[str, str], tmp_path: Path) -> Iterator[Compose]:
     env = {**settings, "LSTMSERVE_PROXY_PORT": str(free_port()), "LSTMSERVE_ENVOY_ADMIN_PORT": str(free_port())}
-    yield from stack(f"lstmserve-scale-test-{os.getpid()}", SCALE_CPU, env)
+    yield from stack(f"lstmserve-scale-test-{os.getpid()}", SCALE_CPU, env, tmp_path)
 
 
 def wait_healthy(compose: Compose, service: str, replicas: int = 1) -> list[str]:
@@ -249,11 +251,43 @@ def envoy_healthy_endpoints(admin_port: str) -> int:
     return len(re.findall(r"^lstmserve::[\d.]+:50051::health_flags::healthy$", text, re.MULTILINE))
 
 
-def drive(session: Session, tokens: list[int], logits: list[np.ndarray], started: threading.Event) -> None:
-    for position, token in enumerate(tokens):
-        logits.append(session.step([token]).logits)
-        if position == 2:
-            started.set()
+class Stepper(threading.Thread):
+    """Steps one session one token at a time, recording what it sent and got back: until `stopped` is set
+    (or BEFORE_STOP_CAP steps), then AFTER_STOP more steps, which all run once the replica has exited."""
+
+    def __init__(self, session: Session, seed: int, size: int, stopped: threading.Event) -> None:
+        super().__init__(name=f"stepper-{seed}")
+        self.session, self.seed, self.size, self.stopped = session, seed, size, stopped
+        self.sent: list[int] = []
+        self.logits: list[np.ndarray] = []
+        self.steps_after_stop = 0
+        self.started_stepping = threading.Event()
+        self.error: BaseException | None = None
+
+    def step(self) -> None:
+        token = (11 * self.seed + 3 * len(self.sent)) % self.size
+        self.logits.append(self.session.step([token]).logits)
+        self.sent.append(token)
+
+    def run(self) -> None:
+        try:
+            while not self.stopped.is_set() and len(self.sent) < BEFORE_STOP_CAP:
+                self.step()
+                if len(self.sent) == 3:
+                    self.started_stepping.set()
+            self.stopped.wait()
+            for _ in range(AFTER_STOP):
+                self.step()
+                self.steps_after_stop += 1
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            self.error = error
+        finally:
+            self.started_stepping.set()
+
+
+# Each session steps until the replica has exited (at most this many steps), then this many more.
+BEFORE_STOP_CAP = 1500
+AFTER_STOP = 10
 
 
 def test_scaled_out_replica_stop_loses_no_session(scaled: Compose, tmp_path: Path) -> None:
@@ -266,45 +300,41 @@ def test_scaled_out_replica_stop_loses_no_session(scaled: Compose, tmp_path: Pat
 
     reference = Reference(copy_model(compose, replicas[0], tmp_path))
     target = f"127.0.0.1:{compose.env['LSTMSERVE_PROXY_PORT']}"
-    steps = 30
     with Client(target, timeout=30, retry=RetryPolicy(max_attempts=12)) as client:
         size = vocabulary_size(client)
         sessions = [client.session() for _ in range(6)]
         first = {s.id: [(7 * i) % size] for i, s in enumerate(sessions)}
-        logits: dict[str, list[np.ndarray]] = {s.id: [s.step(first[s.id]).logits] for s in sessions}
+        first_logits = {s.id: s.step(first[s.id]).logits for s in sessions}
         # The replica holding the most sessions (at least 2 of 6 on one of 3) is the one stopped.
         held = {name: metric(name, "lstmserve_active_sessions") for name in replicas}
         assert sum(held.values()) == len(sessions), held
         victim = max(replicas, key=lambda name: held[name])
         assert held[victim] >= 2
 
-        tokens = {s.id: [(11 * i + j) % size for j in range(steps)] for i, s in enumerate(sessions)}
-        started = [threading.Event() for _ in sessions]
-        errors: list[BaseException] = []
-
-        def run(index: int) -> None:
-            session = sessions[index]
-            try:
-                drive(session, tokens[session.id], logits[session.id], started[index])
-            except BaseException as error:  # noqa: BLE001 - reported below
-                errors.append(error)
-                started[index].set()
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
-        for thread in threads:
-            thread.start()
-        for event in started:
-            event.wait(60)
-        # One replica stopped as `docker compose stop` stops one (SIGTERM, then its stop_grace_period).
-        docker("stop", victim, timeout=120)
-        for thread in threads:
-            thread.join(300)
-        assert not errors, errors
-        assert compose.inspect(victim, "{{.State.ExitCode}}") == "0"  # drained, not killed
+        # Every session steps while the replica is stopped, and again once it has exited.
+        stopped = threading.Event()
+        steppers = [Stepper(session, i, size, stopped) for i, session in enumerate(sessions)]
+        for stepper in steppers:
+            stepper.start()
+        for stepper in steppers:
+            assert stepper.started_stepping.wait(120), "a session did not step"
+        # `docker compose stop` stops every replica of a service: one replica is stopped as it would stop
+        # one (SIGTERM, then SIGKILL after the container's stop timeout, compose's stop_grace_period).
+        try:
+            docker("stop", victim, timeout=120)
+        finally:
+            stopped.set()
+            for stepper in steppers:
+                stepper.join(300)
+        assert not any(stepper.is_alive() for stepper in steppers)
+        assert [s.error for s in steppers if s.error] == []
+        assert compose.inspect(victim, "{{.State.Running}} {{.State.ExitCode}}") == "false 0"  # drained, not killed
 
         survivors = [name for name in replicas if name != victim]
-        for session in sessions:
-            history = first[session.id] + tokens[session.id]
+        for session, stepper in zip(sessions, steppers):
+            assert stepper.steps_after_stop == AFTER_STOP
+            history = first[session.id] + stepper.sent
             assert session.info().step == len(history)  # no acknowledged step lost, none applied twice
-            reference.check_steps(history, logits[session.id])
+            reference.check_steps(history, [first_logits[session.id], *stepper.logits])
+        # The victim's sessions live on the two other replicas now.
         assert sum(metric(name, "lstmserve_active_sessions") for name in survivors) == len(sessions)
