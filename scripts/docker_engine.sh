@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A Docker engine for the container tests (tests/test_compose_run.py), on a Debian bookworm machine run
+# A Docker engine for the container tests (tests/test_containers_run.py), on a Debian bookworm machine run
 # as root without systemd that reaches Debian's package archive but no container registry.
 #
 #   bash scripts/docker_engine.sh start    # install the engine if missing, start dockerd, build the base image
@@ -54,6 +54,11 @@ install_engine() {
 engine_answers() { docker info >/dev/null 2>&1; }
 
 start() {
+  if [ "$(id -u)" -ne 0 ] && ! engine_answers; then
+    log "installing and starting dockerd needs root (CI and this project's machines run as root);"
+    log "elsewhere start Docker as usual (or set DOCKER_HOST) and run this script again"
+    exit 2
+  fi
   if ! command -v dockerd >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
       || ! docker buildx version >/dev/null 2>&1 || ! command -v mmdebstrap >/dev/null 2>&1; then
     install_engine
