@@ -26,6 +26,11 @@ if [ ! -s "$TAR" ]; then
   mirror=${DEBIAN_MIRROR:-$(grep -rhE '^[[:space:]]*(URIs:|deb[[:space:]])' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null \
     | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -1 || true)}
   [ -n "$mirror" ] || { log "set DEBIAN_MIRROR to a Debian archive URL (ending in /debian)"; exit 2; }
+  if ! command -v mmdebstrap >/dev/null 2>&1; then
+    log "installing mmdebstrap (Debian's package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null; }
+  fi
   mkdir -p "$CACHE"
   log "building the $SUITE root filesystem with mmdebstrap ($mirror) into $TAR"
   hook='mkdir -p "$1/usr/local/share/ca-certificates" && { cp /usr/local/share/ca-certificates/*.crt'

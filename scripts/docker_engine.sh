@@ -39,7 +39,7 @@ install_engine() {
   export DEBIAN_FRONTEND=noninteractive
   log "installing the Docker engine from Debian ($mirror)"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends mmdebstrap iptables ca-certificates >/dev/null
+  apt-get install -y -qq --no-install-recommends iptables ca-certificates >/dev/null
   t=/tmp/lstmserve-trixie-apt
   mkdir -p "$t/lists/partial" "$t/cache/archives/partial" "$t/debs"
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" >"$t/sources.list"
@@ -54,18 +54,19 @@ install_engine() {
 engine_answers() { docker info >/dev/null 2>&1; }
 
 start() {
-  if [ "$(id -u)" -ne 0 ] && ! engine_answers; then
-    log "installing and starting dockerd needs root (CI and this project's machines run as root);"
-    log "elsewhere start Docker as usual (or set DOCKER_HOST) and run this script again"
-    exit 2
-  fi
-  if ! command -v dockerd >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
-      || ! docker buildx version >/dev/null 2>&1 || ! command -v mmdebstrap >/dev/null 2>&1; then
-    install_engine
-  fi
   if engine_answers; then
     log "an engine is already running: using it"
+    docker compose version >/dev/null 2>&1 || { log "that engine's docker CLI has no compose plugin (Compose v2)"; exit 2; }
   else
+    if [ "$(id -u)" -ne 0 ]; then
+      log "no engine answers, and installing and starting dockerd needs root (CI and this project's machines"
+      log "run as root); elsewhere start Docker as usual (or set DOCKER_HOST) and run this script again"
+      exit 2
+    fi
+    if ! command -v dockerd >/dev/null 2>&1 || ! docker compose version >/dev/null 2>&1 \
+        || ! docker buildx version >/dev/null 2>&1; then
+      install_engine
+    fi
     sysctl -qw net.ipv4.ip_forward=1
     setsid nohup dockerd --pidfile "$PID_FILE" >"$LOG" 2>&1 </dev/null &
     for _ in $(seq 90); do engine_answers && break; sleep 1; done
