@@ -6,14 +6,15 @@
 #   bash scripts/docker_engine.sh stop     # stop the dockerd this script started (by its PID)
 #   bash scripts/docker_engine.sh status   # exit 0 when an engine answers
 #
-# start:
+# start (when an engine already answers, only step 3 is done; otherwise root is needed):
 # 1. Installs Debian's docker.io, docker-cli, docker-compose (Compose v2) and docker-buildx when `docker
-#    compose` or `dockerd` is missing. Bookworm has only Compose v1 and no buildx, so these four .debs come
+#    compose`, buildx or `dockerd` is missing. Bookworm has only Compose v1 and no buildx, so these four .debs come
 #    from trixie, fetched through a private apt configuration (the system's sources stay bookworm-only);
 #    their dependencies (containerd, runc, tini, iptables) come from bookworm. All need only libc6 >= 2.34.
 # 2. Sets net.ipv4.ip_forward=1 and starts dockerd by hand (no systemd), unless an engine already answers.
 #    ip_forward first: otherwise dockerd sets the host's iptables FORWARD policy to DROP.
-# 3. Builds the base image local/debian:bookworm (scripts/docker_base_image.sh) unless the engine has it.
+# 3. Builds the base image local/debian:bookworm (scripts/docker_base_image.sh, which installs mmdebstrap
+#    if needed) unless the engine has it.
 #
 # An engine this script did not start is used as it is and never stopped by `stop`.
 # Adapted from shared/docker-local-engine.sh.
