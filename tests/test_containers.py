@@ -123,9 +123,19 @@ def test_gpu_compose_structure(empty_env_file: Path) -> None:
     ports = {(p["target"], str(p["published"]), p["host_ip"], p["protocol"]) for p in server["ports"]}
     assert ports == {(50051, "50051", "127.0.0.1", "tcp"), (9100, "9100", "127.0.0.1", "tcp")}
     assert env["LSTMSERVE_PORT"] == "50051" and env["LSTMSERVE_METRICS_PORT"] == "9100"
-    [volume] = server["volumes"]
-    assert (volume["type"], volume["source"], volume["target"], volume["read_only"]) == ("volume", "models", "/models", True)
-    assert "models" in config["volumes"]
+    models, state = server["volumes"]
+    assert (models["type"], models["source"], models["target"], models["read_only"]) == ("volume", "models", "/models", True)
+    # Sessions: written into the `state` volume on SIGTERM and read back at start (kept by `down`).
+    assert (state["type"], state["source"], state["target"]) == ("volume", "state", "/state")
+    assert not state.get("read_only", False)
+    assert env["LSTMSERVE_STATE_DIR"] == "/state"
+    assert {"models", "state"} <= set(config["volumes"])
+
+    # Base images are build arguments: the CUDA image for the server, a Debian image for the export; the
+    # export image takes a torch wheel from the `wheels` context when one is there (empty by default).
+    assert server["build"]["args"] == {"BASE_IMAGE": "nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04"}
+    assert export["build"]["args"] == {"BASE_IMAGE": "debian:bookworm-slim"}
+    assert Path(export["build"]["additional_contexts"]["wheels"]) == ROOT / "docker" / "wheels"
 
     # Images are tagged with the project version.
     version = pyproject()["project"]["version"]
@@ -138,10 +148,17 @@ def test_settings_come_from_the_environment(tmp_path: Path) -> None:
     env_file.write_text(
         "LSTMSERVE_PORT=6000\nLSTMSERVE_METRICS_PORT=6001\nLSTMSERVE_GRACE_S=30\nLSTMSERVE_STOP_GRACE_PERIOD=40s\n"
         "LSTMSERVE_MAX_BATCH_SIZE=64\nLSTMSERVE_MODEL_NAME=big\nLSTMSERVE_EXPORT_ARGS=--preset tiny\n"
-        "LSTMSERVE_PUBLISH_ADDR=0.0.0.0\n"
+        "LSTMSERVE_PUBLISH_ADDR=0.0.0.0\nLSTMSERVE_CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04\n"
+        "LSTMSERVE_BASE_IMAGE=local/debian:bookworm\nLSTMSERVE_WHEELS_DIR=/opt/wheels\nLSTMSERVE_STATE_DIR=/state/a\n"
     )
     config = compose_config(GPU, env_file)
     server, export = config["services"]["server"], config["services"]["export"]
+    assert server["build"]["args"]["BASE_IMAGE"] == "nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04"
+    assert export["build"]["args"]["BASE_IMAGE"] == "local/debian:bookworm"
+    assert export["build"]["additional_contexts"]["wheels"] == "/opt/wheels"
+    assert server["environment"]["LSTMSERVE_STATE_DIR"] == "/state/a"
+    cpu = compose_config(CPU, env_file)["services"]["server"]
+    assert cpu["build"]["args"]["BASE_IMAGE"] == "local/debian:bookworm"
     assert server["environment"]["LSTMSERVE_MAX_BATCH_SIZE"] == "64"
     assert server["environment"]["LSTMSERVE_MODEL"] == "/models/big/model.onnx"
     assert export["environment"]["LSTMSERVE_MODEL_DIR"] == "/models/big"
@@ -158,6 +175,7 @@ def test_cpu_variant_has_no_gpu_and_uses_the_cpu_image(empty_env_file: Path) -> 
     cpu = compose_config(CPU, empty_env_file)["services"]["server"]
     assert not cpu.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
     assert cpu["build"]["target"] == "server-cpu"
+    assert cpu["build"]["args"] == {"BASE_IMAGE": "debian:bookworm-slim"}
     assert cpu["image"].endswith("-cpu") and cpu["image"] != gpu["image"]
     assert cpu["environment"]["LSTMSERVE_PROVIDERS"] == "cpu"
     # Everything else is the GPU server's: same command, settings, health check, ports, stop.
@@ -248,17 +266,25 @@ def parse_dockerfile(path: Path) -> tuple[dict[str, str], dict[str, Stage]]:
 
 
 def run_segments(run: str) -> list[list[str]]:
-    """The shell commands of a RUN instruction (split on &&), as argument lists, RUN flags left out."""
-    words = shlex.split(run)
+    """The shell commands of a RUN instruction (split on &&, ||, ; and |, with if/then/else/fi left out), as
+    argument lists, RUN flags left out."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words = list(lexer)
     while words and words[0].startswith(("--mount=", "--network=", "--security=")):
         words.pop(0)
     segments: list[list[str]] = [[]]
     for word in words:
-        if word == "&&":
+        if word in ("&&", "||", ";", "|"):
             segments.append([])
+        elif word in SHELL_KEYWORDS and not segments[-1]:
+            continue
         else:
             segments[-1].append(word)
     return [s for s in segments if s]
+
+
+SHELL_KEYWORDS = {"if", "then", "else", "elif", "fi"}
 
 
 @dataclass
@@ -318,6 +344,19 @@ def extra_requirements(extras: frozenset[str]) -> list[Requirement]:
     return requirements
 
 
+def stage_chain(stages: dict[str, Stage], name: str) -> list[Stage]:
+    """The stage and the stages it is built on (FROM another stage), nearest first."""
+    chain = [stages[name]]
+    while chain[-1].base in stages:
+        chain.append(stages[chain[-1].base])
+    return chain
+
+
+def root_image(stages: dict[str, Stage], name: str) -> str:
+    """The image a stage is ultimately built on (its chain's first FROM that is not a stage)."""
+    return stage_chain(stages, name)[-1].base
+
+
 def final_stage_checks(stages: dict[str, Stage], name: str) -> None:
     """A runtime stage: non-root, a CMD that starts the lstmserve entry point (or the export script)."""
     stage = stages[name]
@@ -325,7 +364,8 @@ def final_stage_checks(stages: dict[str, Stage], name: str) -> None:
     assert users, f"{name}: no USER"
     user = users[-1].split(":")[0]
     assert user not in ("root", "0"), f"{name} runs as root"
-    assert any(f"--uid {user}" in run for run in stage.all("RUN")), f"{name}: user {user} is not created"
+    runs = [run for s in stage_chain(stages, name) for run in s.all("RUN")]
+    assert any(f"--uid {user}" in run for run in runs), f"{name}: user {user} is not created"
     [cmd] = stage.all("CMD")
     argv = json.loads(cmd)
     if argv == ["export-if-missing"]:
@@ -357,22 +397,25 @@ def test_server_images_install_one_onnx_runtime_and_never_torch() -> None:
     assert not re.search(r"\btorch\b", instructions, re.IGNORECASE)
 
 
-def test_gpu_base_image_matches_the_cuda_and_cudnn_of_onnxruntime_gpu() -> None:
+def test_gpu_base_image_matches_the_cuda_and_cudnn_of_onnxruntime_gpu(empty_env_file: Path) -> None:
     args, stages = parse_dockerfile(SERVER_DOCKERFILE)
     [pin] = [Requirement(r) for r in pyproject()["project"]["optional-dependencies"]["gpu"]
              if Requirement(r).name == "onnxruntime-gpu"]
     version = str(pin.specifier).removeprefix("==")
     assert version in ORT_GPU_BUILDS, f"onnxruntime-gpu {version}: look up its CUDA/cuDNN build and update ORT_GPU_BUILDS"
     cuda, cudnn = ORT_GPU_BUILDS[version]
-    base = stages["server-gpu"].base
-    match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu(\d+\.\d+)", base)
-    assert match, f"server-gpu base {base!r} is not an NVIDIA CUDA cuDNN runtime image"
-    # Same CUDA major (minor version compatibility covers newer minors), at least the build's minor.
-    assert match.group(1) == cuda.split(".")[0] and int(match.group(2)) >= int(cuda.split(".")[1])
-    assert CUDNN_OF_CUDA_IMAGES[match.group(1)] == cudnn
-    # The venv built on the builder's Ubuntu is copied into the CUDA image: same Ubuntu release.
-    assert stages["builder"].base == f"ubuntu:{match.group(4)}"
-    assert stages["server-cpu"].base == stages["builder"].base
+    # The Dockerfile's default BASE_IMAGE and the GPU compose file's build argument: the same CUDA image.
+    compose_base = compose_config(GPU, empty_env_file)["services"]["server"]["build"]["args"]["BASE_IMAGE"]
+    for base in (root_image(stages, "server-gpu"), compose_base):
+        match = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu(\d+\.\d+)", base)
+        assert match, f"server-gpu base {base!r} is not an NVIDIA CUDA cuDNN runtime image"
+        # Same CUDA major (minor version compatibility covers newer minors), at least the build's minor.
+        assert match.group(1) == cuda.split(".")[0] and int(match.group(2)) >= int(cuda.split(".")[1])
+        assert CUDNN_OF_CUDA_IMAGES[match.group(1)] == cudnn
+    assert root_image(stages, "server-gpu") == compose_base == args["BASE_IMAGE"]
+    # The venv is built on the very image it runs on (every stage starts from BASE_IMAGE): same Python.
+    for name in ("builder", "venv-gpu", "venv-cpu", "server-gpu", "server-cpu"):
+        assert root_image(stages, name) == args["BASE_IMAGE"], name
     # Pinned tags, no `latest`.
     for image in args.values():
         assert re.search(r":\d", image), f"unpinned image {image!r}"
@@ -384,16 +427,42 @@ def test_export_image_installs_torch_cpu_and_the_export_extras() -> None:
     assert installs.project_extras == [frozenset({"export", "cpu"})]
     optional = pyproject()["project"]["optional-dependencies"]
     [torch_pin] = [Requirement(r) for r in optional["export"] if Requirement(r).name == "torch"]
-    [(torch, options)] = installs.packages
-    assert torch.name == "torch"
-    assert str(torch.specifier) == f"{torch_pin.specifier}+cpu"
-    assert options.get("--index-url") == "https://download.pytorch.org/whl/cpu"
+    # torch, CPU build, the extra's version: from the `wheels` build context without an index when a wheel is
+    # there, otherwise from PyTorch's CPU-only index (never PyPI's CUDA build).
+    [(local, local_options), (remote, remote_options)] = installs.packages
+    for torch in (local, remote):
+        assert torch.name == "torch"
+        assert str(torch.specifier) == f"{torch_pin.specifier}+cpu"
+    assert local_options == {"--no-deps": "", "--no-index": "", "--find-links": "/wheels"}
+    assert remote_options == {"--no-deps": "", "--index-url": "$TORCH_INDEX_URL"}
+    [index_arg] = [a for a in stages["builder"].all("ARG") if a.startswith("TORCH_INDEX_URL=")]
+    assert index_arg == "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"
+    assert any("from=wheels,target=/wheels" in run for run in stages["builder"].all("RUN"))
+    # The `wheels` stage is empty: a build context of that name (compose: additional_contexts) replaces it.
+    assert stages["wheels"].base == "scratch" and stages["wheels"].instructions == []
     assert "onnxruntime-gpu" not in {canonicalize_name(r.name) for r in extra_requirements(frozenset({"export", "cpu"}))}
     final_stage_checks(stages, "export")
     assert json.loads(stages["export"].all("CMD")[0]) == ["export-if-missing"]
     assert any("docker/export-if-missing.sh /usr/local/bin/export-if-missing" in c for c in stages["export"].all("COPY"))
+    assert root_image(stages, "export") == root_image(stages, "builder") == args["BASE_IMAGE"]
+    # A release (Debian 12), not `latest`.
     for image in args.values():
-        assert re.search(r":\d", image), f"unpinned image {image!r}"
+        assert re.search(r":(\d|bookworm)", image), f"unpinned image {image!r}"
+
+
+def test_no_image_is_pulled_implicitly() -> None:
+    """Every base image is BASE_IMAGE (a build argument) or another stage: nothing hard-coded to pull, no
+    `# syntax=` line (which pulls a frontend image)."""
+    for dockerfile in sorted((ROOT / "docker").glob("*.Dockerfile")):
+        text = dockerfile.read_text()
+        assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE), dockerfile.name
+        froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
+        stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.MULTILINE | re.IGNORECASE))
+        assert froms, dockerfile.name
+        for base in froms:
+            assert base in ("${BASE_IMAGE}", "scratch") or base in stages, f"{dockerfile.name}: FROM {base}"
+        assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.MULTILINE), dockerfile.name
+        assert "--pull" not in text
 
 
 def test_compose_build_targets_exist(empty_env_file: Path) -> None:
@@ -655,9 +724,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def container_process(service: dict[str, Any], stages: dict[str, Stage], volume_dir: Path) -> tuple[list[str], dict[str, str]]:
+def container_process(
+    service: dict[str, Any], stages: dict[str, Stage], volume_dirs: dict[str, Path]
+) -> tuple[list[str], dict[str, str]]:
     """The command and environment a container of `service` starts with, mapped onto this machine:
-    the `lstmserve` entry point from this venv, the models volume at `volume_dir`."""
+    the `lstmserve` entry point from this venv, each named volume at the folder `volume_dirs` gives."""
     stage = stages[service["build"]["target"]]
     command = service.get("command") or json.loads(stage.all("CMD")[0])
     assert not service.get("entrypoint")
@@ -668,9 +739,10 @@ def container_process(service: dict[str, Any], stages: dict[str, Stage], volume_
             if key.startswith(("LSTMSERVE_", "PYTHON")):
                 env[key] = value
     env.update({k: v for k, v in service["environment"].items() if v is not None})
-    [volume] = [v for v in service["volumes"] if v["source"] == "models"]
-    env = {k: v.replace(volume["target"], str(volume_dir), 1) if v.startswith(volume["target"] + "/") else v
-           for k, v in env.items()}
+    assert {v["source"] for v in service["volumes"]} == set(volume_dirs)
+    for volume in service["volumes"]:
+        target, here = volume["target"], str(volume_dirs[volume["source"]])
+        env = {k: here + v[len(target):] if v == target or v.startswith(target + "/") else v for k, v in env.items()}
     environ = clean_environ()
     environ["PATH"] = f"{VENV_BIN}{os.pathsep}{environ.get('PATH', '')}"
     environ.update(env)
@@ -690,7 +762,9 @@ def read_line(stream: Any, timeout: float) -> str:
     return box[0] if box else ""
 
 
-def test_container_server_command_and_healthcheck_work(exported: tuple[Path, ScriptRun], empty_env_file: Path) -> None:
+def test_container_server_command_and_healthcheck_work(
+    exported: tuple[Path, ScriptRun], empty_env_file: Path, tmp_path: Path
+) -> None:
     model_dir, run = exported
     assert run.returncode == 0, run.stderr
     port, metrics_port = free_port(), free_port()
@@ -698,8 +772,10 @@ def test_container_server_command_and_healthcheck_work(exported: tuple[Path, Scr
     _, stages = parse_dockerfile(SERVER_DOCKERFILE)
     gpu = compose_config(GPU, empty_env_file, env=env)["services"]["server"]
     cpu = compose_config(CPU, empty_env_file, env=env)["services"]["server"]
-    command, environ = container_process(cpu, stages, model_dir.parent)
-    gpu_command, gpu_environ = container_process(gpu, stages, model_dir.parent)
+    volumes = {"models": model_dir.parent, "state": tmp_path / "state"}
+    command, environ = container_process(cpu, stages, volumes)
+    gpu_command, gpu_environ = container_process(gpu, stages, volumes)
+    assert environ["LSTMSERVE_STATE_DIR"] == str(tmp_path / "state")
     # The GPU container runs the very same command; only the provider differs.
     assert gpu_command == command
     assert {k: v for k, v in gpu_environ.items() if k != "LSTMSERVE_PROVIDERS"} == {

