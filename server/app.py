@@ -24,8 +24,9 @@ from lstmserve.server.auth import ApiKeyInterceptor
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.grpc_log import quiet_decode_errors
 from lstmserve.server.health import HealthServicer
-from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, RedisSpill, new_replica_id
-from lstmserve.server.keeper import DirectoryKeeper, KeeperBase, NotWritten, SessionKeeper
+from lstmserve.server.backend import MemoryOnly, SessionBackend
+from lstmserve.server.handoff import CLOSED_MARGIN_S, HEARTBEAT_TTL_S, Cluster, ClusterBackend, new_replica_id
+from lstmserve.server.keeper import DirectoryBackend, KeeperBase, NotWritten
 from lstmserve.server.persistence import DirectorySpill, StateDir
 from lstmserve.server.reflection import reflection_pool
 from lstmserve.server.session_store import DirectoryStore, RedisStore
@@ -106,6 +107,7 @@ class LstmServer:
         """Warms the model up, starts listening and returns the bound gRPC port."""
         config = self.config
         self._warm_up()
+        backend = self._session_backend()
         self.scheduler = Scheduler(
             self.runner,
             self.store,
@@ -118,10 +120,11 @@ class LstmServer:
                 max_inflight_per_session=config.max_inflight_per_session,
             ),
             self.metrics,
+            backend,
         )
         self.scheduler.start()
         self._watchdog = asyncio.create_task(self._watch_scheduler(self.scheduler), name="scheduler watchdog")
-        await self._open_session_store()
+        await self._open_backend(backend)
         quiet_decode_errors()
         interceptors = [ApiKeyInterceptor(config.api_keys)] if config.api_keys else []
         server = grpc.aio.server(
@@ -188,19 +191,18 @@ class LstmServer:
         await self.health.enter_graceful_shutdown()
         self.failed.set()
 
-    async def _open_session_store(self) -> None:
-        """Opens the session store (Redis with --session-store, else the state directory, if set), brings
-        back the sessions it holds for this server, and starts checkpoints and spilling as configured."""
-        assert self.scheduler is not None
+    def _session_backend(self) -> SessionBackend:
+        """Where sessions go besides memory: Redis with --session-store, else the state directory if set, else
+        nowhere (nothing is opened or read here: see `_open_backend`)."""
         config, spec = self.config, self.runner.spec
         encode = partial(encode_snapshot, fingerprint=spec.fingerprint, secret=config.snapshot_secret)
-        decode = partial(
-            decode_snapshot,
-            fingerprint=spec.fingerprint,
-            shape=spec.state_shape,
-            secret=config.snapshot_secret,
-        )
         if config.session_store is not None:
+            decode = partial(
+                decode_snapshot,
+                fingerprint=spec.fingerprint,
+                shape=spec.state_shape,
+                secret=config.snapshot_secret,
+            )
             store = RedisStore(
                 config.session_store,
                 new_replica_id(),
@@ -209,29 +211,33 @@ class LstmServer:
                 heartbeat_ttl_s=HEARTBEAT_TTL_S,
                 closed_ttl_s=config.session_ttl_s + CLOSED_MARGIN_S,
             )
-            self.cluster = Cluster(store, self.scheduler, self.metrics, encode, decode, config.session_ttl_s)
-            await self.cluster.start()
-            self.keeper = SessionKeeper(self.scheduler, self.cluster, encode, self.cluster.forget)
-            spill: DirectorySpill | RedisSpill = RedisSpill(self.cluster)
-        elif config.state_dir is not None:
+            return ClusterBackend(
+                store, self.metrics, encode, decode, config.session_ttl_s, spills_idle=config.spill_idle
+            )
+        if config.state_dir is not None:
             state_dir = StateDir(
                 config.state_dir,
                 fingerprint=spec.fingerprint,
                 shape=spec.state_shape,
                 secret=config.snapshot_secret,
             )
-            self.keeper = DirectoryKeeper(self.scheduler, DirectoryStore(state_dir, encode))
-            spill = DirectorySpill(state_dir, encode)
-        else:
+            return DirectoryBackend(
+                DirectoryStore(state_dir, encode), DirectorySpill(state_dir, encode), spills_idle=config.spill_idle
+            )
+        return MemoryOnly()
+
+    async def _open_backend(self, backend: SessionBackend) -> None:
+        """Opens the session backend on the running scheduler: brings back the sessions it holds for this server,
+        and starts checkpoints as configured."""
+        assert self.scheduler is not None
+        restored = await backend.open(self.scheduler)
+        self.keeper = backend.keeper
+        self.cluster = backend.cluster
+        if self.keeper is None:
             return
-        restored = await self.keeper.restore_all()
-        self.scheduler.on_session_dropped = self.keeper.forget
-        if config.spill_idle:
-            self.scheduler.spill = spill
-        where = config.session_store or config.state_dir
-        log.info("session store %s: restored %d session(s)", where, restored)
-        if config.checkpoint_interval_s:
-            self.keeper.start(config.checkpoint_interval_s)
+        log.info("session store %s: restored %d session(s)", self.config.session_store or self.config.state_dir, restored)
+        if self.config.checkpoint_interval_s:
+            self.keeper.start(self.config.checkpoint_interval_s)
 
     async def checkpoint(self, *, release: bool = False, retry_s: float = 0.0) -> int:
         """Writes every session whose state changed since it was last written; returns how many (failed

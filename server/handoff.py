@@ -50,8 +50,9 @@ from typing import Any, TypeVar
 
 from lstmserve.server.errors import Draining, InvalidInput, ServeError, SessionExists, SessionMoved
 from lstmserve.server.metrics import Metrics
+from lstmserve.server.keeper import SessionKeeper
 from lstmserve.server.persistence import StoredSession
-from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.backend import SessionHost
 from lstmserve.server.session_store import RedisStore
 from lstmserve.server.sessions import Session, is_session_id, new_session_id
 from lstmserve.server.state import SessionState
@@ -143,21 +144,24 @@ class Cluster:
 
     Args:
         store: the Redis store (its `replica` is this replica's id).
-        scheduler: this replica's scheduler; `start` installs the hooks it calls.
+        scheduler: this replica's scheduler (its sessions, through `SessionHost`).
         metrics: handoff and takeover counters.
         encode: (state, step) -> snapshot blob.
         decode: snapshot blob -> (state, step); raises InvalidInput for a bad blob.
         session_ttl_s: the sessions' idle TTL (how often held records are refreshed).
+        spills_idle: whether sessions idle past the TTL are spilled to Redis (--spill-idle), else closed.
     """
 
     def __init__(
         self,
         store: RedisStore,
-        scheduler: Scheduler,
+        scheduler: SessionHost,
         metrics: Metrics,
         encode: Callable[[SessionState, int], bytes],
         decode: Callable[[bytes], tuple[SessionState, int]],
         session_ttl_s: float,
+        *,
+        spills_idle: bool = False,
     ) -> None:
         self.store = store
         self.replica = store.replica
@@ -166,6 +170,7 @@ class Cluster:
         self._encode = encode
         self._decode = decode
         self._session_ttl_s = session_ttl_s
+        self.spills_idle = spills_idle
         self._refresh_every_s = min(60.0, max(1.0, session_ttl_s / 4))
         self.draining = False
         # This replica serves the sessions it holds until this time.monotonic() (0: not now, see `check_lease`).
@@ -187,7 +192,6 @@ class Cluster:
             await self.store.close()
             raise OSError(f"cannot reach the session store {self.store.url}: {error}") from error
         self._lease_until = sent + LEASE_S
-        self.scheduler.fetch_missing = self.fetch
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._request_loop())]
         log.info("replica %s sharing sessions through %s", self.replica, self.store.url)
 
@@ -246,7 +250,7 @@ class Cluster:
         return await asyncio.shield(self._per_key.submit(session_id, run))
 
     async def fetch(self, session_id: str, owner: str) -> Session | None:
-        """The scheduler's `fetch_missing`: takes a session over from the shared store or from the
+        """The backend's `fetch`: takes a session over from the shared store or from the
         replica that holds it; None if there is no such session for this owner."""
         if not is_session_id(session_id):
             return None
@@ -334,7 +338,7 @@ class Cluster:
             log.warning("session %s was no longer this replica's when it was handed over", session_id)
 
     def forget(self, session_id: str) -> None:
-        """The scheduler's `on_session_dropped`: a closed or expired session's record is deleted (and its
+        """The backend's `forget`: a closed or expired session's record is deleted (and its
         tombstone written), trying again with backoff through a Redis failure for up to FORGET_RETRY_S."""
         self._spawn(self._per_key.submit(session_id, lambda: self._remove(session_id)))
 
@@ -454,12 +458,12 @@ class Cluster:
         if taken is None:
             return 0
         session, state = taken
-        if self.scheduler.spill is not None:
+        if self.spills_idle:
             blob = self._encode(state, session.step)
             ours = await self.store.save(session_id, session.owner, blob, release=True, keep=True)
         else:
             ours = await self.store.remove(session_id)
-        outcome = ("spilled" if self.scheduler.spill is not None else "closed") if ours else "dropped here"
+        outcome = ("spilled" if self.spills_idle else "closed") if ours else "dropped here"
         log.warning("session %s was idle past the TTL when this replica reached Redis again: %s", session_id, outcome)
         return 1
 
@@ -484,20 +488,61 @@ class Cluster:
             raise SessionMoved(f"session {shown(session_id)}: the shared session store is unavailable ({error}); retry") from error
 
 
-class RedisSpill:
-    """The scheduler's spill store (`--spill-idle`) on Redis: idle sessions are written and released.
+class ClusterBackend:
+    """Redis shared by the replicas (--session-store) as the scheduler's `SessionBackend`: sessions taken over
+    from the store or from the replica holding them, checkpointed one record each, spilled idle sessions
+    released to any replica (with --spill-idle), closed sessions' records deleted.
 
     Args:
-        cluster: this replica's cluster; `load` finds nothing, since `Cluster.fetch` brings sessions back.
+        store: the Redis store (its `replica` is this replica's id).
+        metrics: handoff and takeover counters.
+        encode: (state, step) -> snapshot blob.
+        decode: snapshot blob -> (state, step); raises InvalidInput for a bad blob.
+        session_ttl_s: the sessions' idle TTL.
+        spills_idle: whether sessions idle past the TTL are spilled (else closed).
     """
 
-    def __init__(self, cluster: Cluster) -> None:
-        self._cluster = cluster
+    def __init__(
+        self,
+        store: RedisStore,
+        metrics: Metrics,
+        encode: Callable[[SessionState, int], bytes],
+        decode: Callable[[bytes], tuple[SessionState, int]],
+        session_ttl_s: float,
+        *,
+        spills_idle: bool,
+    ) -> None:
+        self.spills_idle = spills_idle
+        self.cluster: Cluster | None = None
+        self.keeper: SessionKeeper | None = None
+        self._make_cluster = lambda host: Cluster(
+            store, host, metrics, encode, decode, session_ttl_s, spills_idle=spills_idle
+        )
+        self._encode = encode
 
-    def save(self, session: Session, state: SessionState) -> None:
-        """Writes the session to Redis in the background (requests for it wait for the write)."""
-        self._cluster.spill(session, state)
+    async def open(self, host: SessionHost) -> int:
+        """Registers this replica (OSError if Redis cannot be reached) and brings back the sessions the store
+        holds for it; returns how many."""
+        cluster = self._make_cluster(host)
+        await cluster.start()
+        self.cluster = cluster
+        self.keeper = SessionKeeper(host, cluster, self._encode, cluster.forget)
+        return await self.keeper.restore_all()
 
-    def load(self, session_id: str) -> StoredSession | None:
-        """None: spilled sessions come back through `Cluster.fetch`."""
-        return None
+    async def fetch(self, session_id: str, owner: str) -> Session | None:
+        """Takes a session over from the shared store or the replica holding it; None if there is none."""
+        return None if self.cluster is None else await self.cluster.fetch(session_id, owner)
+
+    def holds(self, session_id: str) -> bool:
+        """False: a new id is checked against Redis when the session is created (`Cluster.create`)."""
+        return False
+
+    def spill(self, session: Session, state: SessionState) -> None:
+        """Writes the session to Redis in the background and releases it (requests for it wait for the write)."""
+        assert self.cluster is not None
+        self.cluster.spill(session, state)
+
+    def forget(self, session_id: str) -> None:
+        """Deletes a closed or expired session's record (in the background, with retries)."""
+        if self.keeper is not None:
+            self.keeper.forget(session_id)

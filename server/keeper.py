@@ -16,8 +16,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from lstmserve.server.errors import ServeError
-from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.backend import SessionHost
+from lstmserve.server.errors import Draining, ServeError
+from lstmserve.server.persistence import DirectorySpill
 from lstmserve.server.session_store import DirectoryStore, SessionStore
 from lstmserve.server.sessions import Session
 from lstmserve.server.state import SessionState
@@ -59,12 +60,12 @@ class KeeperBase:
     failed deletions again), and checkpoint every so often (`checkpoint` is each backend's own).
 
     Args:
-        scheduler: the server's scheduler (its sessions and their state).
+        scheduler: the server's scheduler (its sessions and their state), through `SessionHost`.
         store: where the sessions go.
         remove: deletes a closed or expired session's stored copy.
     """
 
-    def __init__(self, scheduler: Scheduler, store: SessionStore | DirectoryStore, remove: Callable[[str], None]) -> None:
+    def __init__(self, scheduler: SessionHost, store: SessionStore | DirectoryStore, remove: Callable[[str], None]) -> None:
         self.scheduler = scheduler
         self.store = store
         self._remove = remove
@@ -86,7 +87,7 @@ class KeeperBase:
         return len(stored)
 
     def forget(self, session_id: str) -> None:
-        """The scheduler's `on_session_dropped`: a closed or expired session's stored copy goes.
+        """The backend's `forget`: a closed or expired session's stored copy goes.
 
         If deleting it fails (a read-only disk, say), the failure is logged with the id and the deletion
         is tried again at every checkpoint and at the drain (`unremoved` lists those still pending): a
@@ -151,7 +152,7 @@ class SessionKeeper(KeeperBase):
     replicas: each session is its own record there).
 
     Args:
-        scheduler: the server's scheduler (its sessions and their state).
+        scheduler: the server's scheduler (its sessions and their state), through `SessionHost`.
         store: where the snapshots go.
         encode: (state, step) -> snapshot blob.
         remove: deletes a closed or expired session's stored copy.
@@ -159,7 +160,7 @@ class SessionKeeper(KeeperBase):
 
     def __init__(
         self,
-        scheduler: Scheduler,
+        scheduler: SessionHost,
         store: SessionStore,
         encode: Callable[[SessionState, int], bytes],
         remove: Callable[[str], None],
@@ -230,11 +231,11 @@ class DirectoryKeeper(KeeperBase):
     (one file and two fsyncs a round, whatever the number of sessions; see `persistence.py`).
 
     Args:
-        scheduler: the server's scheduler (its sessions and their state).
+        scheduler: the server's scheduler (its sessions and their state), through `SessionHost`.
         store: the state directory.
     """
 
-    def __init__(self, scheduler: Scheduler, store: DirectoryStore) -> None:
+    def __init__(self, scheduler: SessionHost, store: DirectoryStore) -> None:
         super().__init__(scheduler, store, store.remove)
         self.directory = store
         # Sessions closed since the last round: the next round must be written (without them) even if nothing
@@ -293,3 +294,58 @@ class DirectoryKeeper(KeeperBase):
         if unremoved:
             raise NotWritten([], unremoved)
         return written
+
+
+class DirectoryBackend:
+    """The state directory (--state-dir) as the scheduler's `SessionBackend`: rounds of checkpoints brought
+    back at start, spill files for sessions idle past the TTL (with --spill-idle), closed sessions' copies
+    deleted.
+
+    Args:
+        store: the state directory's session store (rounds and spill files).
+        spill: writes and reads the spill files.
+        spills_idle: whether sessions idle past the TTL are spilled (else closed).
+    """
+
+    cluster = None
+
+    def __init__(self, store: DirectoryStore, spill: DirectorySpill, *, spills_idle: bool) -> None:
+        self.spills_idle = spills_idle
+        self.keeper: DirectoryKeeper | None = None
+        self._store = store
+        self._spill = spill
+        self._host: SessionHost | None = None
+
+    async def open(self, host: SessionHost) -> int:
+        """Brings back the sessions of the last round (and the spill files); returns how many."""
+        self._host = host
+        self.keeper = DirectoryKeeper(host, self._store)
+        return await self.keeper.restore_all()
+
+    async def fetch(self, session_id: str, owner: str) -> Session | None:
+        """The owner's spilled session under this id, brought back into memory; None if there is none
+        (or the server is draining: no session comes back then)."""
+        if not self.spills_idle or self._host is None:
+            return None
+        stored = self._spill.load(session_id)
+        if stored is None or stored.owner != owner:
+            return None
+        try:
+            session = await self._host.restore_session(stored.state, stored.step, owner, session_id)
+        except Draining:
+            return None
+        log.info("session %s brought back from the spill store at step %d", session_id, stored.step)
+        return session
+
+    def holds(self, session_id: str) -> bool:
+        """Whether a spill file holds a session under this id."""
+        return self.spills_idle and self._spill.load(session_id) is not None
+
+    def spill(self, session: Session, state: SessionState) -> None:
+        """Writes the session's spill file (atomically); raises OSError if it could not."""
+        self._spill.save(session, state)
+
+    def forget(self, session_id: str) -> None:
+        """A closed or expired session leaves the next round; its spill file goes now."""
+        if self.keeper is not None:
+            self.keeper.forget(session_id)

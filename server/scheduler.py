@@ -23,14 +23,15 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lstmserve.server.backend import MemoryOnly, SessionBackend
 from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import (
     ComputeFailed,
@@ -42,7 +43,6 @@ from lstmserve.server.errors import (
     StepMismatch,
 )
 from lstmserve.server.metrics import Metrics
-from lstmserve.server.persistence import StoredSession
 from lstmserve.server.runner import BindableState, Runner
 from lstmserve.server.sampling import sample_rows
 from lstmserve.server.sessions import Session, SessionTable, StepResult, is_session_id
@@ -89,16 +89,6 @@ class SchedulerLimits:
     idle_spin_us: int = 500
 
 
-class SpillStore(Protocol):
-    """Keeps sessions that idled past the TTL, and gives them back by id."""
-
-    def save(self, session: Session, state: SessionState) -> None:
-        """Stores a session's state and step counter under its id and owner."""
-
-    def load(self, session_id: str) -> StoredSession | None:
-        """The stored session with this id, or None."""
-
-
 @dataclass(eq=False)
 class _Work:
     """One queued item of a session: a step (inputs set) or a lifecycle operation (op set).
@@ -138,8 +128,17 @@ class _Group:
 class Scheduler:
     """Owns the session table and the state store, and runs every step through the batcher."""
 
-    def __init__(self, runner: Runner, store: AnyStateStore, limits: SchedulerLimits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        store: AnyStateStore,
+        limits: SchedulerLimits,
+        metrics: Metrics,
+        backend: SessionBackend | None = None,
+    ) -> None:
         self.runner = runner
+        # Where sessions go besides memory (closed ones forgotten, idle ones spilled, missing ones fetched).
+        self.backend: SessionBackend = backend if backend is not None else MemoryOnly()
         self.store = store
         self.limits = limits
         self.metrics = metrics
@@ -163,15 +162,8 @@ class Scheduler:
         # Seconds per position of the last step longer than INLINE_MAX_POSITIONS that was alone in its model call
         # (None until one has): whether the next such step runs on the event loop (see _runs_inline).
         self._lone_seconds_per_position: float | None = None
-        # Called with the id of every session that is closed or expires (e.g. to delete its file).
-        self.on_session_dropped: Callable[[str], None] | None = None
-        # Where sessions idle past the TTL go instead of being dropped (--spill-idle).
-        self.spill: SpillStore | None = None
         # After a spill write failed, no spill is tried before this time (monotonic seconds).
         self._spill_retry_at = 0.0
-        # Asked with (id, owner) for a session that is not here: brings it here from another replica or
-        # a shared store and returns it, or returns None (several replicas: see handoff.py).
-        self.fetch_missing: Callable[[str, str], Awaitable[Session | None]] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         # The event loop the scheduler runs on, from `start`: asyncio.get_running_loop() costs a getpid
         # system call on Python 3.11, and every step makes a future (4% of the event loop's time in
@@ -234,15 +226,10 @@ class Scheduler:
         try:
             return self.sessions.get(session_id, owner)
         except SessionNotFound:
-            fetched = await self.fetch_missing(session_id, owner) if self.fetch_missing is not None else None
-            if fetched is not None:
-                return fetched
-            stored = self.spill.load(session_id) if self.spill is not None and self._accepting else None
-            if stored is None or stored.owner != owner:
+            fetched = await self.backend.fetch(session_id, owner)
+            if fetched is None:
                 raise
-        session = await self.restore_session(stored.state, stored.step, owner, session_id)
-        log.info("session %s brought back from the spill store at step %d", session_id, stored.step)
-        return session
+            return fetched
 
     async def reset_session(self, session_id: str, owner: str = "") -> Session:
         """Zeroes a session's state and step counter, after its queued steps."""
@@ -264,7 +251,7 @@ class Scheduler:
 
     async def hand_off(self, session_id: str) -> tuple[Session, SessionState] | None:
         """Gives a session up to another replica: after its queued steps, takes a copy of its state and
-        drops it here without `on_session_dropped` (its stored copy stays); requests that still reach
+        drops it here without telling the backend to forget it (its stored copy stays); requests that still reach
         it here get SessionMoved. Returns (session, state), or None if the session is not here."""
         session = self.sessions.find(session_id)
         if session is None:
@@ -467,20 +454,21 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         if self.sessions.forget_results_before(now - REPLAY_WINDOW_S):
             release_free_memory()
-        if self.spill is not None and now < self._spill_retry_at:
+        spills = self.backend.spills_idle
+        if spills and now < self._spill_retry_at:
             return 0  # the last spill failed: the store gets a rest before the next try
         cutoff = now - self.limits.session_ttl_s
         expired = self.sessions.idle_since(cutoff)
         gone = 0
         failures: list[str] = []
         for session in expired:
-            if self.spill is not None:
+            if spills:
                 try:
-                    self.spill.save(session, self.store.read(session.slot))
+                    self.backend.spill(session, self.store.read(session.slot))
                 except Exception as error:  # noqa: BLE001 - kept in memory; the store said why
                     failures.append(f"{session.id} ({error})")
                     continue
-            self._drop(session, spilled=self.spill is not None)
+            self._drop(session, spilled=spills)
             gone += 1
         if failures:
             self._spill_retry_at = now + SPILL_RETRY_S
@@ -492,7 +480,7 @@ class Scheduler:
             )
         if gone:
             self.metrics.evictions.inc(gone)
-            verb = "spilled" if self.spill is not None else "closed"
+            verb = "spilled" if spills else "closed"
             log.info("%s %d session(s) idle for more than %.0f s", verb, gone, self.limits.session_ttl_s)
         return gone
 
@@ -516,10 +504,10 @@ class Scheduler:
         self.store.release(session.slot)
         self._ready.pop(session.id, None)
         self.metrics.active_sessions.set(len(self.sessions))
-        if self.on_session_dropped is not None and not spilled:
+        if not spilled:
             # After the slot is free: a failure to delete the stored copy must not leak the slot.
             try:
-                self.on_session_dropped(session.id)
+                self.backend.forget(session.id)
             except Exception:  # noqa: BLE001 - the session is closed here either way
                 log.exception("session %s was closed, but deleting its stored copy failed", session.id)
 

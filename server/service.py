@@ -304,8 +304,7 @@ async def new_session(
 
     if cluster is not None:
         return await cluster.create(owner, session_id, make)
-    spill = scheduler.spill
-    if session_id is not None and spill is not None and spill.load(session_id) is not None:
+    if session_id is not None and scheduler.backend.holds(session_id):
         raise SessionExists(f"session id {session_id!r} is already taken")
     return await make(session_id)
 
