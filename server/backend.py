@@ -22,7 +22,7 @@ from lstmserve.server.state import SessionState
 if TYPE_CHECKING:
     from lstmserve.server.handoff import Cluster
     from lstmserve.server.keeper import KeeperBase
-    from lstmserve.server.scheduler import SessionCopy
+    from lstmserve.server.session_manager import SessionCopy
 
 
 class SessionHost(Protocol):

@@ -1,64 +1,57 @@
-"""The scheduler: a continuous batching loop over every session's pending requests.
+"""The engine: a thin asyncio layer that owns the batching loop, the worker thread and the streams.
 
-Each iteration takes at most one pending request per session (so a session's
-requests run in order), groups the taken steps by length, runs each group as
-one batch (gather state, ONNX Runtime on a worker thread, scatter state), and
-resolves each request. Requests that arrive while a batch runs form the next
-batch. Session lifecycle operations (create, reset, close) go through the same
-per-session queues, so they are ordered with that session's steps and never
-touch state that a running batch uses.
-
-Grouping by length: the model has no per-row sequence lengths (a `sequence_lens`
-input would block CUDA graphs and costs a CPU copy), so rows of one call must
-have the same number of positions. Single-token steps, by far the most common,
-all share one call; each distinct prompt length gets its own call in the same
-iteration.
+What runs is decided by the batcher (`batcher.py`: queues, batch formation, applying outputs) and who
+exists by the session manager (`session_manager.py`: table, lifecycle, sweep, spill); both are plain
+synchronous code. This module awaits: it takes each request's future, wakes the loop, hands the model
+call of each batch to a worker thread (or runs a short lone step right here), and answers. Session
+lifecycle operations (create, reset, close) go through the same per-session queues as steps, so they
+are ordered with that session's steps and never touch state that a running batch uses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import count
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from lstmserve.server.backend import MemoryOnly, SessionBackend
+from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, draining, group_by_length, mismatch
 from lstmserve.server.device_state import AnyStateStore
-from lstmserve.server.errors import (
-    ComputeFailed,
-    Draining,
-    Overloaded,
-    SessionExists,
-    SessionMoved,
-    SessionNotFound,
-    StepMismatch,
-)
+from lstmserve.server.errors import SessionNotFound
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import BindableState, Runner
-from lstmserve.server.sampling import sample_rows
+from lstmserve.server.session_manager import (
+    REPLAY_WINDOW_S,
+    SPILL_RETRY_S,
+    SessionCopy,
+    SessionManager,
+    release_free_memory,
+)
 from lstmserve.server.sessions import Session, SessionTable, StepResult, is_session_id
 from lstmserve.server.state import SessionState
 from lstmserve.server.statistics import BatchTiming
-from lstmserve.server.text import listing, shown
+from lstmserve.server.text import shown
 
 if TYPE_CHECKING:
     from lstmserve.server.generation import Generation
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-
-# How long a session keeps its last result, to answer a resent request (`expected_step`)
-# after a broken stream. Idle sessions then drop it, so they cost little memory.
-REPLAY_WINDOW_S = 60.0
+__all__ = [
+    "REPLAY_WINDOW_S",
+    "SPILL_RETRY_S",
+    "Scheduler",
+    "SchedulerLimits",
+    "SessionCopy",
+    "release_free_memory",
+]
 
 # When the scheduler is idle, a step of at most this many positions runs at once on the
 # event loop (about 0.1 ms for the default model) instead of through the queue and the
@@ -72,61 +65,19 @@ INLINE_MAX_POSITIONS = 4
 # docs/benchmarks.md). Longer steps run on the worker and leave the loop to the streams.
 INLINE_BUDGET_S = 0.001
 
-# After a spill write fails (a full or read-only disk), how long the sweep waits before it tries to spill again:
-# the sessions stay in memory meanwhile, and the log gets one line per try, not one per sweep.
-SPILL_RETRY_S = 30.0
 
-
-@dataclass(frozen=True)
-class SchedulerLimits:
-    """Bounds the scheduler enforces."""
-
-    max_batch_size: int = 256
-    max_wait_us: int = 0
-    max_queue: int = 65_536
-    session_ttl_s: float = 900.0
-    max_inflight_per_session: int = 64
-    idle_spin_us: int = 500
-
-
-@dataclass(eq=False)
-class _Work:
-    """One queued item of a session: a step (inputs set) or a lifecycle operation (op set).
-
-    A step with a generation is queued again after it runs, with the next sampled token
-    as its input, until the generation finishes; only then is its future resolved.
-    """
-
-    future: asyncio.Future[Any]
-    inputs: np.ndarray | None = None
-    op: Callable[[Session], Any] | None = None
-    generation: Generation | None = None
-    digest: bytes = b""
-    enqueued: float = field(default_factory=time.perf_counter)
-    # When a generation's next token was queued (0.0: it waits since `enqueued`), for ModelStatistics' queue time.
-    waiting_since: float = 0.0
-
-
-@dataclass(frozen=True)
-class SessionCopy:
-    """A copy of one live session as it stood between two batches: what a checkpoint writes."""
-
-    session: Session
-    step: int
-    version: int
-    state: SessionState
-
-
-@dataclass(frozen=True)
-class _Group:
-    """Steps of the same length run as one ONNX Runtime call."""
-
-    sessions: list[Session]
-    works: list[_Work]
 
 
 class Scheduler:
-    """Owns the session table and the state store, and runs every step through the batcher."""
+    """Runs every step of every session through the batcher; the server's one engine.
+
+    Args:
+        runner: the model.
+        store: the state of every session (host or device pools).
+        limits: batch, queue and session bounds.
+        metrics: the server's metrics.
+        backend: where sessions go besides memory (MemoryOnly if not given).
+    """
 
     def __init__(
         self,
@@ -137,15 +88,13 @@ class Scheduler:
         backend: SessionBackend | None = None,
     ) -> None:
         self.runner = runner
-        # Where sessions go besides memory (closed ones forgotten, idle ones spilled, missing ones fetched).
-        self.backend: SessionBackend = backend if backend is not None else MemoryOnly()
         self.store = store
         self.limits = limits
         self.metrics = metrics
-        self.sessions = SessionTable()
-        self._ready: OrderedDict[str, Session] = OrderedDict()
-        self._queued = 0
-        self._accepting = True
+        self.backend: SessionBackend = backend if backend is not None else MemoryOnly()
+        self.batcher = Batcher(limits, metrics)
+        self.manager = SessionManager(store, self.backend, metrics, limits.session_ttl_s, self.batcher.discard)
+        self.sessions: SessionTable = self.manager.sessions
         self._frozen = False
         self._wakeup = asyncio.Event()
         # Batches being computed (0 or 1).
@@ -154,16 +103,10 @@ class Scheduler:
         self._sweep_due = False
         # Callers of copy_all_sessions waiting for the batching loop to take the copies between batches.
         self._copies_due: list[asyncio.Future[list[SessionCopy]]] = []
-        # Generations running (their streams get tokens in chunks sized by this).
-        self._generating = 0
-        # The session whose step was the only one in the last compute (None after a real batch).
-        self._last_solo: Session | None = None
         self._last_compute_end = 0.0
         # Seconds per position of the last step longer than INLINE_MAX_POSITIONS that was alone in its model call
         # (None until one has): whether the next such step runs on the event loop (see _runs_inline).
         self._lone_seconds_per_position: float | None = None
-        # After a spill write failed, no spill is tried before this time (monotonic seconds).
-        self._spill_retry_at = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lstmserve-compute")
         # The event loop the scheduler runs on, from `start`: asyncio.get_running_loop() costs a getpid
         # system call on Python 3.11, and every step makes a future (4% of the event loop's time in
@@ -185,16 +128,17 @@ class Scheduler:
 
     def stop_accepting(self) -> None:
         """Refuses new sessions from now on (draining); existing sessions keep working."""
-        self._accepting = False
+        self.manager.accepting = False
 
     def freeze(self) -> None:
         """Refuses every further step (the last moment of a drain, before state is written)."""
-        self._accepting = False
+        self.manager.accepting = False
         self._frozen = True
+        self.batcher.frozen = True
 
     def is_idle(self) -> bool:
         """Whether no request is queued or computing."""
-        return not (self._queued or self._computing or any(s.in_flight for s in self.sessions.all()))
+        return not (self.batcher.queued or self._computing or any(s.in_flight for s in self.sessions.all()))
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
@@ -205,22 +149,24 @@ class Scheduler:
         self._executor.shutdown(wait=True)
         self._loop = None
 
+    async def failure(self) -> BaseException:
+        """Waits until a loop of the scheduler ends with an error, and returns it. The loops contain every
+        error they expect, so this is for the unexpected: the server must then stop taking requests that
+        would never be answered. Cancelled when the scheduler closes."""
+        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = done.pop()
+        if task.cancelled():
+            raise asyncio.CancelledError
+        return task.exception() or RuntimeError(f"the scheduler's task {task.get_name()} ended")
+
     # ---- session operations (all run on the event loop) ------------------
     def create_session(self, owner: str = "", session_id: str | None = None) -> Session:
         """Creates a session with zero state (under `session_id` when one is being restored)."""
-        if not self._accepting:
-            raise Draining("server is shutting down and takes no new sessions")
-        if session_id is not None and self.sessions.find(session_id) is not None:
-            raise SessionExists(f"session id {session_id!r} is already taken")
-        slot = self.store.allocate()
-        session = self.sessions.add(slot, owner, session_id)
-        self.metrics.sessions_created.inc()
-        self.metrics.active_sessions.set(len(self.sessions))
-        return session
+        return self.manager.create(owner, session_id)
 
     async def find_session(self, session_id: str, owner: str = "") -> Session:
-        """The live session with this id (and owner), brought back from the spill store if it was
-        spilled there; SessionNotFound otherwise (at once for an id that no session can have)."""
+        """The live session with this id (and owner), brought back by the backend if it holds it (spilled,
+        or on another replica); SessionNotFound otherwise (at once for an id that no session can have)."""
         if not is_session_id(session_id):
             raise SessionNotFound(f"session {shown(session_id)} not found (not a session id)")
         try:
@@ -234,36 +180,22 @@ class Scheduler:
     async def reset_session(self, session_id: str, owner: str = "") -> Session:
         """Zeroes a session's state and step counter, after its queued steps."""
         session = await self.find_session(session_id, owner)
-
-        def reset(s: Session) -> Session:
-            self.store.reset(s.slot)
-            s.version += 1
-            s.step = 0
-            s.last_result = None
-            return s
-
-        return await self._enqueue(session, _Work(future=self._new_future(), op=reset))
+        reset: Session = await self._run_op(session, self.manager.reset_op)
+        return reset
 
     async def close_session(self, session_id: str, owner: str = "") -> None:
         """Frees a session's slot, after its queued steps."""
         session = await self.find_session(session_id, owner)
-        await self._enqueue(session, _Work(future=self._new_future(), op=self._drop))
+        await self._run_op(session, self.manager.close_op)
 
     async def hand_off(self, session_id: str) -> tuple[Session, SessionState] | None:
         """Gives a session up to another replica: after its queued steps, takes a copy of its state and
-        drops it here without telling the backend to forget it (its stored copy stays); requests that still reach
-        it here get SessionMoved. Returns (session, state), or None if the session is not here."""
+        drops it here without telling the backend to forget it (its stored copy stays); requests that
+        still reach it here get SessionMoved. Returns (session, state), or None if the session is not here."""
         session = self.sessions.find(session_id)
         if session is None:
             return None
-
-        def take(s: Session) -> tuple[Session, SessionState]:
-            state = self.store.read(s.slot)
-            s.moved = True
-            self._drop(s, spilled=True)
-            return s, state
-
-        taken: tuple[Session, SessionState] = await self._enqueue(session, _Work(future=self._new_future(), op=take))
+        taken: tuple[Session, SessionState] = await self._run_op(session, self.manager.take_op)
         return taken
 
     async def read_state(self, session_id: str, owner: str = "") -> tuple[int, SessionState]:
@@ -274,9 +206,8 @@ class Scheduler:
     async def read_versioned_state(self, session_id: str, owner: str = "") -> tuple[int, int, SessionState]:
         """A session's step counter, state version and a copy of its state, after its queued steps."""
         session = await self.find_session(session_id, owner)
-        return await self._enqueue(
-            session, _Work(future=self._new_future(), op=lambda s: (s.step, s.version, self.store.read(s.slot)))
-        )
+        read: tuple[int, int, SessionState] = await self._run_op(session, self.manager.read_op)
+        return read
 
     async def copy_all_sessions(self) -> list[SessionCopy]:
         """A copy of every live session (step counter, state version, state), all taken at one moment between two
@@ -287,29 +218,19 @@ class Scheduler:
         self._wakeup.set()
         return await future
 
-    def _copy_sessions(self) -> None:
-        """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
-        waiting, self._copies_due = self._copies_due, []
-        store = self.store
-        copies = [SessionCopy(s, s.step, s.version, store.read(s.slot)) for s in self.sessions.all()]
-        for future in waiting:
-            if not future.done():
-                future.set_result(copies)
-
     async def restore_session(
         self, state: SessionState, step: int, owner: str = "", session_id: str | None = None
     ) -> Session:
         """Creates a session holding `state` at step counter `step` (under `session_id` if given)."""
-        session = self.create_session(owner, session_id)
+        session = self.manager.create(owner, session_id)
+        restored: Session = await self._run_op(session, self.manager.write_op(state, step))
+        return restored
 
-        def write(s: Session) -> Session:
-            self.store.write(s.slot, state)
-            s.version += 1
-            s.step = step
-            return s
+    def sweep_idle(self, now: float | None = None) -> int:
+        """Closes (or spills) sessions idle past the TTL; see `SessionManager.sweep_idle`."""
+        return self.manager.sweep_idle(now)
 
-        return await self._enqueue(session, _Work(future=self._new_future(), op=write))
-
+    # ---- steps -------------------------------------------------------------
     async def step(
         self, session: Session, inputs: np.ndarray, expected_step: int | None = None, *, replay: bool = True
     ) -> StepResult:
@@ -326,7 +247,7 @@ class Scheduler:
             if expected_step != session.step + session.queued_positions and replay and session.busy:
                 # Maybe a resend of a step that is still queued or computing: wait for the
                 # session's earlier work to settle, then decide.
-                await self._enqueue(session, _Work(future=self._new_future(), op=lambda s: None))
+                await self._run_op(session, lambda s: None)
                 self._require_live(session)
             projected = session.step + session.queued_positions
             last = session.last_result
@@ -340,8 +261,8 @@ class Scheduler:
                     and last.input_digest == digest
                 ):
                     return last
-                raise _mismatch(session, expected_step)
-        work = _Work(future=self._new_future(), inputs=inputs, digest=digest)
+                raise mismatch(session, expected_step)
+        work = Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and self._runs_inline(len(inputs), others_waiting=False):
             return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
@@ -358,35 +279,29 @@ class Scheduler:
         """
         self._require_steppable(session)
         if expected_step is not None and expected_step != session.step + session.queued_positions:
-            raise _mismatch(session, expected_step)
-        work = _Work(future=self._new_future(), inputs=prompt, generation=generation)
-        self._generating += 1
+            raise mismatch(session, expected_step)
+        work = Work(future=self._new_future(), inputs=prompt, generation=generation)
+        self.batcher.generating += 1
         try:
             result: StepResult = await self._enqueue(session, work)
         finally:
-            self._generating -= 1
+            self.batcher.generating -= 1
         return result
 
     def _require_steppable(self, session: Session) -> None:
         """Raises unless the session is live and the server still takes steps (not frozen by a drain)."""
-        self._require_live(session)
+        self.manager.require_live(session)
         if self._frozen:
-            raise _draining()
+            raise draining()
 
     def _require_live(self, session: Session) -> None:
-        """Raises SessionNotFound if the session was closed or expired (e.g. during a generation)."""
-        if session not in self.sessions:
-            if session.moved:
-                raise SessionMoved(f"session {session.id!r} moved to another replica; retry")
-            raise SessionNotFound(f"session {session.id!r} not found (closed or expired)")
+        self.manager.require_live(session)
 
     def _idle_for(self, session: Session) -> bool:
         """Whether this session is stepping alone: nothing queued or computing anywhere, and the last
         compute was this session's alone. Under concurrent load the last batch held other
         sessions, so steps go through the batcher and batches form."""
-        return self._last_solo is session and not (
-            self._ready or self._queued or self._computing or session.busy
-        )
+        return not self._computing and self.batcher.idle_for(session)
 
     def _runs_inline(self, positions: int, *, others_waiting: bool) -> bool:
         """Whether a batch of one step of this many positions runs on the event loop: a short one always;
@@ -399,7 +314,7 @@ class Scheduler:
         rate = self._lone_seconds_per_position
         return not others_waiting and rate is not None and positions * rate <= INLINE_BUDGET_S
 
-    def _run_now(self, session: Session, work: _Work) -> StepResult:
+    def _run_now(self, session: Session, work: Work) -> StepResult:
         """Runs one step right here on the event loop (the idle fast path: no queue, no wake-ups); only
         for a step that `_runs_inline` expects to be short.
 
@@ -410,11 +325,11 @@ class Scheduler:
         session.queued_positions += len(work.inputs)
         session.in_flight = True
         session.last_used = time.monotonic()
-        groups = [_Group(sessions=[session], works=[work])]
+        taken = [(session, work)]
         try:
-            self._finish(groups, *self._compute(groups))
+            self._run_here(taken)
         except Exception as error:  # noqa: BLE001 - as in the batching loop: this request fails, the server goes on
-            self._recover([(session, work)], error)
+            self._recover(taken, error)
         self._keep_awake()
         return work.future.result()  # type: ignore[no-any-return]
 
@@ -431,7 +346,7 @@ class Scheduler:
         tokens of a generation running alone, say), and any batch of several rows stops it: under
         concurrent load the loop is busy anyway, and polling would only split its batches.
         """
-        if not self.limits.idle_spin_us or self._ready or self._queued or self._computing:
+        if not self.limits.idle_spin_us or self.batcher.ready or self.batcher.queued or self._computing:
             return
         self._spin_until = time.perf_counter() + self.limits.idle_spin_us / 1e6
         if self._spinner is None or self._spinner.done():
@@ -443,131 +358,23 @@ class Scheduler:
         while time.perf_counter() < self._spin_until and not self._computing:
             await asyncio.sleep(0)
 
-    def sweep_idle(self, now: float | None = None) -> int:
-        """Closes sessions idle past the TTL (spills them, with a spill store), and forgets stored results
-        older than the replay window. Returns how many sessions left memory.
-
-        A session whose spill write fails (a full or read-only disk, say) stays in memory, live and
-        steppable, and is tried again SPILL_RETRY_S later; the failure is logged with its id. Nothing
-        raised here can reach the batching loop.
-        """
-        now = time.monotonic() if now is None else now
-        if self.sessions.forget_results_before(now - REPLAY_WINDOW_S):
-            release_free_memory()
-        spills = self.backend.spills_idle
-        if spills and now < self._spill_retry_at:
-            return 0  # the last spill failed: the store gets a rest before the next try
-        cutoff = now - self.limits.session_ttl_s
-        expired = self.sessions.idle_since(cutoff)
-        gone = 0
-        failures: list[str] = []
-        for session in expired:
-            if spills:
-                try:
-                    self.backend.spill(session, self.store.read(session.slot))
-                except Exception as error:  # noqa: BLE001 - kept in memory; the store said why
-                    failures.append(f"{session.id} ({error})")
-                    continue
-            self._drop(session, spilled=spills)
-            gone += 1
-        if failures:
-            self._spill_retry_at = now + SPILL_RETRY_S
-            log.error(
-                "could not spill %d idle session(s); they stay in memory, live, and are tried again in %.0f s: %s",
-                len(failures),
-                SPILL_RETRY_S,
-                listing(failures),
-            )
-        if gone:
-            self.metrics.evictions.inc(gone)
-            verb = "spilled" if spills else "closed"
-            log.info("%s %d session(s) idle for more than %.0f s", verb, gone, self.limits.session_ttl_s)
-        return gone
-
     # ---- internals -------------------------------------------------------
     def _new_future(self) -> asyncio.Future[Any]:
         return (self._loop or asyncio.get_running_loop()).create_future()
 
-    def _drop(self, session: Session, spilled: bool = False) -> None:
-        if self._last_solo is session:
-            self._last_solo = None
-        while session.pending:  # requests queued behind a close: the session is gone
-            work = session.pending.pop(0)
-            self._queued -= 1
-            if not work.future.done():
-                if session.moved:
-                    work.future.set_exception(SessionMoved(f"session {session.id!r} moved to another replica; retry"))
-                else:
-                    work.future.set_exception(SessionNotFound(f"session {session.id!r} was closed"))
-        session.queued_positions = 0
-        self.sessions.remove(session)
-        self.store.release(session.slot)
-        self._ready.pop(session.id, None)
-        self.metrics.active_sessions.set(len(self.sessions))
-        if not spilled:
-            # After the slot is free: a failure to delete the stored copy must not leak the slot.
-            try:
-                self.backend.forget(session.id)
-            except Exception:  # noqa: BLE001 - the session is closed here either way
-                log.exception("session %s was closed, but deleting its stored copy failed", session.id)
+    async def _run_op(self, session: Session, op: Any) -> Any:
+        """Runs a lifecycle operation in the session's queue, after its queued steps; returns what it returns."""
+        return await self._enqueue(session, Work(future=self._new_future(), op=op))
 
-    async def _enqueue(self, session: Session, work: _Work) -> Any:
-        self._require_live(session)
-        if self._queued >= self.limits.max_queue:
-            raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
-        limit = self.limits.max_inflight_per_session
-        if work.inputs is not None and session.pending is not None and len(session.pending) >= limit:
-            raise Overloaded(
-                f"session {session.id!r} already has {len(session.pending)} requests waiting "
-                f"(--max-inflight-per-session={limit})"
-            )
-        if session.pending is None:
-            session.pending = []
-        session.pending.append(work)
-        if work.inputs is not None:
-            # Counted until the step is applied or dropped, so `expected_step` checks see it.
-            session.queued_positions += len(work.inputs)
-        session.last_used = time.monotonic()
-        self._queued += 1  # the queue_depth gauge is updated once per batch, in _collect
-        if not session.in_flight:
-            self._ready.setdefault(session.id, session)
+    async def _enqueue(self, session: Session, work: Work) -> Any:
+        self.manager.require_live(session)
+        self.batcher.enqueue(session, work)
         self._wakeup.set()
         return await work.future
 
-    def _collect(self) -> list[tuple[Session, _Work]]:
-        """Takes at most one step per ready session, running lifecycle ops inline."""
-        taken: list[tuple[Session, _Work]] = []
-        while self._ready and len(taken) < self.limits.max_batch_size:
-            _, session = self._ready.popitem(last=False)
-            while session.pending:
-                work = session.pending.pop(0)
-                self._queued -= 1
-                if work.future.cancelled() and work.op is None:
-                    session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
-                    continue  # the client gave up before the step ran
-                if work.op is not None:
-                    self._run_op(session, work)
-                    if session not in self.sessions:  # the op closed it
-                        break
-                    continue
-                taken.append((session, work))
-                session.in_flight = True
-                break
-            if not session.pending:
-                session.pending = None  # idle sessions keep no empty list
-        self.metrics.queue_depth.set(self._queued)
-        return taken
-
-    def _run_op(self, session: Session, work: _Work) -> None:
-        assert work.op is not None
-        try:
-            result = work.op(session)
-        except Exception as exc:  # an op's failure concerns that op alone
-            if not work.future.done():
-                work.future.set_exception(exc)
-            return
-        if not work.future.done():
-            work.future.set_result(result)
+    def _collect(self) -> Taken:
+        """The next batch's steps (see `Batcher.collect`)."""
+        return self.batcher.collect()
 
     async def _batch_loop(self) -> None:
         """Collects a batch, computes it on the worker thread, resolves it; and again.
@@ -594,136 +401,104 @@ class Scheduler:
             if self._sweep_due:
                 self._sweep_due = False
                 try:
-                    self.sweep_idle()
+                    self.manager.sweep_idle()
                 except Exception:  # noqa: BLE001 - a sweep that failed is tried again at the next one
                     log.exception("the idle sweep failed; the batching loop goes on")
             if self._copies_due:
                 self._copy_sessions()
-            taken: list[tuple[Session, _Work]] = []
+            taken: Taken = []
             try:
                 taken = self._collect()
                 positions = len(taken[0][1].inputs) if len(taken) == 1 else 0  # type: ignore[arg-type]
-                if positions and self._runs_inline(positions, others_waiting=bool(self._ready)):
-                    await self._run_alone(taken)
+                if positions and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
+                    self._run_here(taken)
+                    self._keep_awake()
+                    await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
                 elif taken:
-                    await self._run_batch(taken)
+                    await self._run_on_worker(taken)
             except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
                 self._recover(taken, error)
 
-    def _recover(self, taken: list[tuple[Session, _Work]], error: Exception) -> None:
+    def _copy_sessions(self) -> None:
+        """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
+        waiting, self._copies_due = self._copies_due, []
+        copies = self.manager.copy_all()
+        for future in waiting:
+            if not future.done():
+                future.set_result(copies)
+
+    def _recover(self, taken: Taken, error: Exception) -> None:
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL), frees their sessions for their next requests, and logs it. The loop goes on."""
         log.error("the batching loop failed on %d request(s); they fail and the loop goes on", len(taken), exc_info=error)
-        for session, work in taken:
-            if session.in_flight:
-                session.in_flight = False
-                session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
-            if not work.future.done():
-                work.future.set_exception(ComputeFailed(f"the server failed on this request: {error}"))
+        self.batcher.fail(taken, error)
         self._requeue(taken)
 
-    async def failure(self) -> BaseException:
-        """Waits until a loop of the scheduler ends with an error, and returns it. The loops contain every
-        error they expect, so this is for the unexpected: the server must then stop taking requests that
-        would never be answered. Cancelled when the scheduler closes."""
-        done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-        task = done.pop()
-        if task.cancelled():
-            raise asyncio.CancelledError
-        return task.exception() or RuntimeError(f"the scheduler's task {task.get_name()} ended")
-
-    async def _run_alone(self, taken: list[tuple[Session, _Work]]) -> None:
-        """Runs one step right here on the event loop: for a step expected to be short (`_runs_inline`), the
-        thread hops would cost more than holding the loop.
-
-        Then yields to the other tasks once, so that a session generating alone streams its
-        tokens as they come instead of starving the event loop.
-        """
-        groups = _group_by_length(taken)
-        self._finish(groups, *self._compute(groups))
+    # ---- the compute routine: gather, model call (here or on the worker), scatter; then apply ----
+    def _run_here(self, taken: Taken) -> None:
+        """Computes a batch right here on the event loop (a short step alone: the thread hops would cost more
+        than holding the loop), then applies it."""
+        groups = group_by_length(taken)
+        self.batcher.finish(groups, *_run_to_end(self._compute(groups, on_worker=False)))
         self._requeue(taken)
-        self._keep_awake()
-        await asyncio.sleep(0)
 
-    async def _run_batch(self, taken: list[tuple[Session, _Work]]) -> None:
-        """Computes a batch (ONNX Runtime on the worker thread), then resolves its requests and queues
-        what follows them."""
-        groups = _group_by_length(taken)
+    async def _run_on_worker(self, taken: Taken) -> None:
+        """Computes a batch with its model calls on the worker thread, while the event loop serves streams,
+        then applies it."""
+        groups = group_by_length(taken)
         self._computing += 1
         try:
-            outputs, timing = await self._compute_offloaded(groups)
+            outputs, timing = await self._compute(groups, on_worker=True)
         finally:
             self._computing -= 1
-        self._finish(groups, outputs, timing)
+        self.batcher.finish(groups, outputs, timing)
         self._requeue(taken)
 
-    def _finish(self, groups: list[_Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
-        """Notes when the compute ended and resolves its requests."""
-        self._last_compute_end = time.perf_counter()
-        self._resolve(groups, outputs, timing)
-
-    def _requeue(self, taken: list[tuple[Session, _Work]]) -> None:
-        for session, _ in taken:
-            if session.pending and session in self.sessions:
-                self._ready.setdefault(session.id, session)
-        if self._ready:
-            self._wakeup.set()
-
-    def _compute(self, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
-        """Gather, run, scatter for each group, right here on the event loop (a short step alone); returns
-        the outputs and how long each phase took.
-
-        A group that fails leaves its sessions' state untouched (scatter never ran) and
-        returns its exception; the other groups are unaffected.
-        """
-        started = time.perf_counter()
-        phases = [0.0, 0.0, 0.0]  # gather, model call, scatter (ModelStatistics' compute input, infer, output)
-        outputs: list[np.ndarray | Exception] = []
-        for group in groups:
-            try:
-                t0 = time.perf_counter()
-                slots, inputs, buffers = self._gather(group)
-                t1 = time.perf_counter()
-                logits, seconds = self._timed_run(inputs, buffers)
-                t2 = time.perf_counter()
-                self._note_lone_run(group, inputs, seconds)
-                self.store.scatter(slots, buffers)
-                _add_phases(phases, t0, t1, t2, time.perf_counter())
-            except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
-                outputs.append(_group_failed(group, exc))
-                continue
-            outputs.append(logits)
-        self.metrics.compute_latency.observe(time.perf_counter() - started)
-        return outputs, BatchTiming(started, *phases)
-
-    async def _compute_offloaded(self, groups: list[_Group]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
-        """As `_compute`, but ONNX Runtime runs on the worker thread while the event loop serves streams.
+    async def _compute(
+        self, groups: list[Group], *, on_worker: bool
+    ) -> tuple[list[np.ndarray | Exception], BatchTiming]:
+        """Gather, model call, scatter for each group in turn; returns each group's outputs and how long each
+        phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
+        worker thread (and this awaits it); without, everything runs right here and nothing awaits.
 
         Only the model call leaves the loop: gather and scatter (a fraction of a millisecond for
         a full batch) stay on it. On the worker they would take the GIL several times each, and
         every time wait for the busy event loop to give it up (up to `sys.getswitchinterval()`):
         `scripts/worker_gil_wait.py` measured a 256-row gather, model call and scatter at 53 ms on a
-        worker beside a busy thread, against 5.3 ms alone.
+        worker beside a busy thread, against 5.3 ms alone. Groups run one after another: they share
+        the store's batch buffers, and the runner reuses its output buffer from one call to the next.
+
+        A group that fails leaves its sessions' state untouched (scatter never ran) and
+        returns its exception; the other groups are unaffected.
         """
         started = time.perf_counter()
         loop = self._loop or asyncio.get_running_loop()
-        phases = [0.0, 0.0, 0.0]  # as in _compute; the model call's phase includes the hops to the worker and back
+        phases = [0.0, 0.0, 0.0]  # gather, model call (with any hops), scatter: ModelStatistics' phases
         outputs: list[np.ndarray | Exception] = []
         for group in groups:
             try:
                 t0 = time.perf_counter()
-                slots, inputs, buffers = self._gather(group)
+                slots, inputs = group.slots(), group.inputs()
+                buffers = self.store.gather(slots)
                 t1 = time.perf_counter()
-                logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers)
+                if on_worker:
+                    logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers)
+                else:
+                    logits, seconds = self._timed_run(inputs, buffers)
                 t2 = time.perf_counter()
                 self._note_lone_run(group, inputs, seconds)
                 self.store.scatter(slots, buffers)
-                _add_phases(phases, t0, t1, t2, time.perf_counter())
-            except Exception as exc:  # noqa: BLE001 - as in _compute (also: the worker was shut down)
-                outputs.append(_group_failed(group, exc))
+                t3 = time.perf_counter()
+            except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
+                log.error("a batch of %d session(s) failed", len(group.sessions), exc_info=exc)
+                outputs.append(exc)
                 continue
+            phases[0] += t1 - t0
+            phases[1] += t2 - t1
+            phases[2] += t3 - t2
             outputs.append(logits)
-        self.metrics.compute_latency.observe(time.perf_counter() - started)
+        self._last_compute_end = time.perf_counter()
+        self.metrics.compute_latency.observe(self._last_compute_end - started)
         return outputs, BatchTiming(started, *phases)
 
     def _timed_run(self, inputs: np.ndarray, buffers: BindableState) -> tuple[np.ndarray, float]:
@@ -732,111 +507,15 @@ class Scheduler:
         logits = self.runner.run(inputs, buffers)
         return logits, time.perf_counter() - started
 
-    def _note_lone_run(self, group: _Group, inputs: np.ndarray, seconds: float) -> None:
+    def _note_lone_run(self, group: Group, inputs: np.ndarray, seconds: float) -> None:
         """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS that was the only row of
         its model call (alone, or the one row of its length in a batch: either way a batch-1 call)."""
         if len(group.works) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
             self._lone_seconds_per_position = seconds / inputs.shape[1]
 
-    def _gather(self, group: _Group) -> tuple[np.ndarray, np.ndarray, BindableState]:
-        """The group's slots, its inputs as one array, and its sessions' state gathered into batch buffers."""
-        slots = np.fromiter((s.slot for s in group.sessions), dtype=np.int64, count=len(group.sessions))
-        first = group.works[0].inputs
-        assert first is not None
-        # One concatenate, not np.stack: a quarter of the time for a batch of single tokens.
-        inputs = np.concatenate([w.inputs for w in group.works]).reshape(len(group.works), *first.shape)  # type: ignore[misc]
-        return slots, inputs, self.store.gather(slots)
-
-    def _resolve(self, groups: list[_Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
-        """Advances every row's session, answers finished requests, queues continuing generations and
-        records the batch in the model's statistics.
-
-        Its inner loop runs once per row of every batch (for a 256-session generation, 256 times per
-        generated token of each), so it keeps to plain attribute updates.
-        """
-        now = time.perf_counter()
-        observe_latency = self.metrics.step_latency.observe
-        batch_size = sum(len(g.works) for g in groups)
-        self._last_solo = groups[0].sessions[0] if batch_size == 1 else None
-        self.metrics.batch_size.observe(batch_size)
-        generating = self._generating
-        positions = 0
-        used = time.monotonic()
-        computed = 0  # rows that succeeded, and the sum of when each began waiting (for the statistics)
-        waiting_since_sum = 0.0
-        for group, logits in zip(groups, outputs, strict=True):
-            if isinstance(logits, Exception):
-                self._fail_group(group, logits)
-                continue
-            length = logits.shape[1]  # every row of a group has this many positions
-            positions += length * len(group.works)
-            computed += len(group.works)
-            continuing: list[int] = []  # rows of generations that go on: their next token is sampled below
-            for row, session, work in zip(count(), group.sessions, group.works):
-                start_step = session.step
-                step = session.step = start_step + length
-                session.version += 1
-                session.queued_positions -= length
-                session.in_flight = False
-                session.last_used = used
-                waiting_since_sum += work.waiting_since or work.enqueued
-                generation = work.generation
-                # A generation goes on unless it finished or its client went away (its future is then done).
-                if generation is not None and not generation.consumed(step, batch_size, generating):
-                    if not work.future.done():
-                        work.waiting_since = now  # its next token waits from here
-                        continuing.append(row)
-                        continue
-                # Step latency is a request's: from arrival to its answer (a generation's, to its end).
-                observe_latency(now - work.enqueued)
-                result = StepResult(
-                    logits=logits[row].copy(),  # a copy: a view would pin the whole batch
-                    start_step=start_step,
-                    step=step,
-                    batch_size=batch_size,
-                    input_digest=work.digest,
-                )
-                # A generation's last step is not a request the client can resend.
-                session.last_result = result if generation is None else None
-                if not work.future.done():
-                    work.future.set_result(result)
-            if continuing:
-                self._continue_generations(group, continuing, logits[continuing, -1])
-        self.metrics.steps.inc(batch_size)
-        self.metrics.tokens.inc(positions)
-        self.metrics.statistics.record(batch_size, timing, computed, waiting_since_sum, now)
-
-    def _continue_generations(self, group: _Group, rows: list[int], last_logits: np.ndarray) -> None:
-        """Samples the next token of each continuing generation (all rows at once) and queues it."""
-        works = [group.works[row] for row in rows]
-        if self._frozen:
-            for work in works:
-                work.future.set_exception(_draining())
-            return
-        generations: list[Generation] = [w.generation for w in works]  # type: ignore[misc]
-        tokens = sample_rows([g.sampler for g in generations], last_logits)
-        next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
-        sessions = group.sessions
-        # Iterating next_inputs gives each row a [1] view of its token.
-        for row, work, generation, token, inputs in zip(rows, works, generations, tokens.tolist(), next_inputs):
-            generation.fed = token
-            work.inputs = inputs
-            # Behind anything queued meanwhile (a close ends the generation, as it would end a step).
-            session = sessions[row]
-            if session.pending is None:
-                session.pending = [work]
-            else:
-                session.pending.append(work)
-            session.queued_positions += 1
-        self._queued += len(works)
-
-    def _fail_group(self, group: _Group, error: Exception) -> None:
-        """Fails exactly the requests of a group whose compute raised; their state is unchanged."""
-        for session, work in zip(group.sessions, group.works, strict=True):
-            session.in_flight = False
-            session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
-            if not work.future.done():
-                work.future.set_exception(ComputeFailed(f"computing the step failed: {error}"))
+    def _requeue(self, taken: Taken) -> None:
+        if self.batcher.requeue(taken, self.sessions):
+            self._wakeup.set()
 
     async def _sweep_loop(self) -> None:
         interval = min(self.limits.session_ttl_s / 4, 5.0)
@@ -846,58 +525,11 @@ class Scheduler:
             self._wakeup.set()
 
 
-def release_free_memory() -> None:
-    """Asks glibc to hand freed heap pages back to the system (a no-op elsewhere).
-
-    Many small freed buffers (forgotten results) otherwise stay in the process's RSS.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
+def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine that never suspends (`_compute` without the worker) to its end, synchronously."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - glibc only
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _load_libc()
-
-
-def _group_failed(group: _Group, error: Exception) -> Exception:
-    log.error("a batch of %d session(s) failed", len(group.sessions), exc_info=error)
-    return error
-
-
-def _draining() -> Draining:
-    return Draining("server is shutting down; resume this session when it is back")
-
-
-def _mismatch(session: Session, expected_step: int) -> StepMismatch:
-    return StepMismatch(
-        f"expected_step {expected_step} does not match session {session.id!r}: it is at step "
-        f"{session.step} with {session.queued_positions} more positions queued"
-    )
-
-
-def _add_phases(phases: list[float], start: float, gathered: float, ran: float, scattered: float) -> None:
-    """Adds one group's gather, model call and scatter times to the batch's phases."""
-    phases[0] += gathered - start
-    phases[1] += ran - gathered
-    phases[2] += scattered - ran
-
-
-def _group_by_length(taken: list[tuple[Session, _Work]]) -> list[_Group]:
-    length = len(taken[0][1].inputs)  # type: ignore[arg-type]
-    if all(len(work.inputs) == length for _, work in taken):  # type: ignore[arg-type]  # the common case
-        return [_Group(sessions=[session for session, _ in taken], works=[work for _, work in taken])]
-    groups: dict[int, _Group] = {}
-    for session, work in taken:
-        assert work.inputs is not None
-        group = groups.setdefault(len(work.inputs), _Group(sessions=[], works=[]))
-        group.sessions.append(session)
-        group.works.append(work)
-    return list(groups.values())
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coroutine.close()
+    raise RuntimeError("the coroutine suspended; it was meant to run to its end at once")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from lstmserve.server.persistence import StateDir, StoredSession
-from lstmserve.server.scheduler import SessionCopy
+from lstmserve.server.session_manager import SessionCopy
 from lstmserve.server.state import SessionState
 
 PREFIX = "lstmserve:"

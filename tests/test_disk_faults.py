@@ -132,10 +132,11 @@ def test_an_unexpected_error_in_a_batch_fails_that_batch_only(server: ServerThre
     server goes on serving them."""
     scheduler = server.server.scheduler
     assert scheduler is not None
-    resolve = scheduler._resolve
+    batcher = scheduler.batcher
+    finish = batcher.finish
 
     def fail_once(*args: object) -> None:
-        scheduler._resolve = resolve  # type: ignore[method-assign]
+        batcher.finish = finish  # type: ignore[method-assign]
         raise RuntimeError("injected fault")
 
     with server.channel() as channel:
@@ -149,7 +150,7 @@ def test_an_unexpected_error_in_a_batch_fails_that_batch_only(server: ServerThre
                 stream.request(tokens=[5])  # this session stepped alone last: its next step takes the fast path
             else:
                 other.request(tokens=[1])  # another session stepped last: the next step goes through the loop
-            server.call_soon(lambda: setattr(scheduler, "_resolve", fail_once))
+            server.call_soon(lambda: setattr(batcher, "finish", fail_once))
             with pytest.raises(grpc.RpcError) as error:
                 stream.request(tokens=[3])
             assert error.value.code() == grpc.StatusCode.INTERNAL, route

@@ -101,7 +101,7 @@ def next_batch_holds_several(handle: ServerThread, sessions: int) -> Iterator[No
     collect = scheduler._collect
 
     def held() -> list[Any]:
-        if len(scheduler._ready) < sessions:
+        if len(scheduler.batcher.ready) < sessions:
             return []  # nothing taken: the loop waits for the next request
         scheduler.__dict__.pop("_collect", None)
         return collect()
@@ -426,8 +426,8 @@ def test_sequence_end_answers_its_step_even_when_the_queue_fills_before_the_clos
             name = name_of(handle)
             client.infer(name, [tokens_input([5, 6])], sequence_id=43, sequence_start=True)
             client.infer(name, [tokens_input([7])], sequence_id=43)  # now the scheduler's last solo session
-            limits = scheduler.limits
-            handle.call_soon(lambda: setattr(scheduler, "limits", replace(limits, max_queue=0)))
+            limits = scheduler.batcher.limits  # the batcher enforces the queue limit
+            handle.call_soon(lambda: setattr(scheduler.batcher, "limits", replace(limits, max_queue=0)))
             session_id = sequence_session_id("", 43)
 
             def stepped_and_still_open() -> bool:
@@ -441,7 +441,7 @@ def test_sequence_end_answers_its_step_even_when_the_queue_fills_before_the_clos
                 # The step runs inline and, with no await in between, the close is refused (queue full):
                 # once the step shows, the request is waiting out the full queue.
                 wait_until(lambda: handle.call_soon(stepped_and_still_open), "the sequence_end step ran")
-                handle.call_soon(lambda: setattr(scheduler, "limits", limits))
+                handle.call_soon(lambda: setattr(scheduler.batcher, "limits", limits))
                 logits = ending.result(timeout=30).as_numpy("logits")
             expected = reference_logits(token_model, np.array([5, 6, 7, 8], np.int64))
             assert np.abs(logits[0, 0] - expected[-1]).max() <= TOLERANCE

@@ -1,0 +1,204 @@
+"""Unit tests of the batcher, the engine's synchronous planner: driven with a fake model, no server, no sockets.
+
+The fake model's logits of a row are its inputs and the session's step counter written out, so every test
+can tell which row got which answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, group_by_length
+from lstmserve.server.errors import ComputeFailed, Overloaded, SessionNotFound
+from lstmserve.server.generation import GenerateParams, Generation
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.sampling import SamplingParams
+from lstmserve.server.sessions import Session, StepResult
+from lstmserve.server.statistics import BatchTiming
+
+VOCAB = 8
+TIMING = BatchTiming(0.0, 0.0, 0.0, 0.0)
+
+
+def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs a test body on a fresh event loop (futures need one; nothing here does I/O)."""
+    asyncio.run(body())
+
+
+def fake_model(group: Group) -> np.ndarray:
+    """Logits [rows, positions, VOCAB]: one-hot of each input token, so greedy sampling feeds back (token + 1) % VOCAB."""
+    inputs = group.inputs()
+    logits = np.zeros((*inputs.shape, VOCAB), np.float32)
+    np.put_along_axis(logits, ((inputs + 1) % VOCAB)[..., np.newaxis], 1.0, axis=-1)
+    return logits
+
+
+def step(batcher: Batcher, session: Session, tokens: list[int], generation: Generation | None = None) -> Work:
+    work = Work(future=asyncio.get_running_loop().create_future(), inputs=np.array(tokens, np.int64), generation=generation)
+    batcher.enqueue(session, work)
+    return work
+
+
+def run_batch(batcher: Batcher, taken: Taken, fail: set[int] = frozenset()) -> list[Group]:  # type: ignore[assignment]
+    """Computes the taken steps with the fake model; groups of the lengths in `fail` raise instead."""
+    groups = group_by_length(taken)
+    outputs: list[np.ndarray | Exception] = [
+        RuntimeError("model failed") if len(g.works[0].inputs) in fail else fake_model(g)  # type: ignore[arg-type]
+        for g in groups
+    ]
+    batcher.finish(groups, outputs, TIMING)
+    return groups
+
+
+def new_batcher(**limits: Any) -> Batcher:
+    return Batcher(SchedulerLimits(**limits), Metrics())
+
+
+def sessions(count: int) -> list[Session]:
+    return [Session(id=f"session-{i:012d}", slot=i, owner="") for i in range(count)]
+
+
+def test_collect_takes_one_step_per_session_in_arrival_order() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        first, second = step(batcher, a, [1]), step(batcher, a, [2])
+        other = step(batcher, b, [3])
+        taken = batcher.collect()
+        assert [(s, w) for s, w in taken] == [(a, first), (b, other)]
+        assert a.queued_positions == 2 and a.in_flight
+        run_batch(batcher, taken)
+        assert batcher.requeue(taken, {a, b}) and list(batcher.ready) == [a.id]
+        assert batcher.collect() == [(a, second)]
+
+    run(body)
+
+
+def test_finish_advances_each_session_and_answers_its_own_row() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        a.step = 5
+        wa, wb = step(batcher, a, [3, 4]), step(batcher, b, [6, 7])
+        run_batch(batcher, batcher.collect())
+        ra: StepResult = wa.future.result()
+        rb: StepResult = wb.future.result()
+        assert (ra.start_step, ra.step, ra.batch_size) == (5, 7, 2)
+        assert (rb.start_step, rb.step) == (0, 2)
+        assert ra.logits.argmax(-1).tolist() == [4, 5] and rb.logits.argmax(-1).tolist() == [7, 0]
+        assert a.last_result is ra and not a.in_flight and a.queued_positions == 0 and a.version == 1
+
+    run(body)
+
+
+def test_steps_of_different_lengths_form_one_group_per_length() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c = sessions(3)
+        step(batcher, a, [1]), step(batcher, b, [1, 2, 3]), step(batcher, c, [4])
+        groups = group_by_length(batcher.collect())
+        assert [[s.id for s in g.sessions] for g in groups] == [[a.id, c.id], [b.id]]
+        assert groups[0].inputs().shape == (2, 1) and groups[1].slots().tolist() == [1]
+
+    run(body)
+
+
+def test_a_failed_group_fails_only_its_requests_and_leaves_their_counters() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        wa, wb = step(batcher, a, [1]), step(batcher, b, [1, 2])
+        run_batch(batcher, batcher.collect(), fail={2})
+        assert wa.future.result().step == 1
+        with pytest.raises(ComputeFailed, match="model failed"):
+            wb.future.result()
+        assert (b.step, b.version, b.queued_positions, b.in_flight) == (0, 0, 0, False)
+
+    run(body)
+
+
+def test_a_greedy_generation_feeds_back_each_token_until_max_tokens() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        (a,) = sessions(1)
+        params = GenerateParams(max_tokens=3, sampling=SamplingParams(temperature=0.0))
+        generation = Generation(params, [str(i) for i in range(VOCAB)])
+        work = step(batcher, a, [2, 3], generation)
+        batcher.generating = 1
+        batches = 0
+        while not work.future.done():
+            taken = batcher.collect()
+            run_batch(batcher, taken)
+            batcher.requeue(taken, {a})
+            batches += 1
+        assert batches == 4  # the prompt, then one step per generated token
+        assert [event.token for event in generation.take()] == [4, 5, 6]
+        assert work.future.result().step == 5 and a.step == 5 and generation.finish_reason == "length"
+        assert a.last_result is None  # a generation is never replayed
+
+    run(body)
+
+
+def test_queue_limits_refuse_with_overloaded_naming_the_limit() -> None:
+    async def body() -> None:
+        a, b = sessions(2)
+        batcher = new_batcher(max_inflight_per_session=1)
+        step(batcher, a, [1])
+        with pytest.raises(Overloaded, match="max-inflight-per-session=1"):
+            step(batcher, a, [2])
+        full = new_batcher(max_queue=1)
+        step(full, a, [1])
+        with pytest.raises(Overloaded, match="queue is full"):
+            step(full, b, [1])
+
+    run(body)
+
+
+def test_discard_fails_the_queued_requests_and_forgets_the_session() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        (a,) = sessions(1)
+        works = [step(batcher, a, [1]), step(batcher, a, [2])]
+        batcher.discard(a, SessionNotFound("closed"))
+        for work in works:
+            with pytest.raises(SessionNotFound):
+                work.future.result()
+        assert batcher.queued == 0 and not batcher.ready and a.pending is None
+        assert batcher.collect() == []
+
+    run(body)
+
+
+def test_a_cancelled_step_is_skipped_and_releases_its_positions() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        (a,) = sessions(1)
+        gone, kept = step(batcher, a, [1, 2]), step(batcher, a, [3])
+        gone.future.cancel()
+        assert batcher.collect() == [(a, kept)]
+        assert a.queued_positions == 1
+
+    run(body)
+
+
+def test_an_operation_queued_behind_a_step_runs_after_it() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        (a,) = sessions(1)
+        work = step(batcher, a, [1])
+        seen: list[int] = []
+        op = Work(future=asyncio.get_running_loop().create_future(), op=lambda s: seen.append(s.step) or s.step)
+        batcher.enqueue(a, op)
+        taken = batcher.collect()
+        assert not op.future.done()
+        run_batch(batcher, taken)
+        batcher.requeue(taken, {a})
+        assert batcher.collect() == [] and op.future.result() == 1 and seen == [1]
+        assert work.future.result().step == 1
+
+    run(body)
