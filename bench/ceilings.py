@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lstmserve.server.runner import Runner, RunnerOptions
-from lstmserve.server.state import StateStore
+from lstmserve.server.state import HostStateStore
 
 
 def onnxruntime_steps_per_s(
@@ -18,7 +18,7 @@ def onnxruntime_steps_per_s(
     """Steps per second and seconds per call of gather + ONNX Runtime + scatter at one batch size."""
     runner = Runner(model, RunnerOptions(providers=("cpu",), intra_op_threads=intra_op_threads))
     spec = runner.spec
-    store = StateStore(*spec.state_shape, batch_size)
+    store = HostStateStore(*spec.state_shape, batch_size)
     slots = np.array([store.allocate() for _ in range(batch_size)], np.int64)
     rng = np.random.default_rng(0)
     if spec.kind == "tokens":

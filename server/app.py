@@ -39,7 +39,7 @@ from lstmserve.server.oip import SERVICE_NAME as INFERENCE_SERVICE_NAME
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.scheduler import Scheduler, SchedulerLimits
 from lstmserve.server.service import LstmServeService
-from lstmserve.server.state import StateStore
+from lstmserve.server.state import HostStateStore, StateStore
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -337,7 +337,7 @@ class LstmServer:
             await self._server.wait_for_termination()
 
 
-def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceStateStore:
+def make_store(runner: Runner, config: ServerConfig) -> StateStore:
     """The state store for this provider: device buffers with CUDA (or when asked), else host pools."""
     spec = runner.spec
     on_cuda = runner.provider == "CUDAExecutionProvider"
@@ -354,7 +354,7 @@ def make_store(runner: Runner, config: ServerConfig) -> StateStore | DeviceState
         log.info("session state on %s (ONNX Runtime device buffers)", store.device)
         return store
     log.info("session state in host memory")
-    return StateStore(*spec.state_shape, config.max_sessions)
+    return HostStateStore(*spec.state_shape, config.max_sessions)
 
 
 async def serve(config: ServerConfig) -> int:

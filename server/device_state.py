@@ -9,7 +9,7 @@ ONNX graphs, run by ONNX Runtime on the same device, move rows:
   its input-to-output copy when both are the same buffer).
 The runner binds h0/c0/hn/cn as device buffers, so only the token ids go to the
 device and only the logits come back. A single-state model (GRU, RNN; c_width 0)
-has no c pool, buffers or graph nodes. As in `StateStore`, the batch buffers of
+has no c pool, buffers or graph nodes. As in `HostStateStore`, the batch buffers of
 every size are the start of four flat device buffers sized for the largest batch
 (bound by pointer and shape), so device memory holds one largest batch's worth.
 The same code runs on the CPU provider, which is how the tests check it without
@@ -29,7 +29,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from lstmserve.metadata import StateSpec
-from lstmserve.server.state import SessionState, SlotList, StateStore
+from lstmserve.server.state import SessionState, SlotList
 
 OPSET = 17
 
@@ -123,7 +123,7 @@ class DeviceStateStore:
     """Pools of h and c rows on an ONNX Runtime device ("cuda" or "cpu"), one slot per session.
 
     Args:
-        rows, h_width, c_width, capacity: as for `StateStore`.
+        rows, h_width, c_width, capacity: as for `HostStateStore`.
         providers: the ONNX Runtime providers of the model's session (the row graphs run on the same).
         device: "cuda" or "cpu"; device_id: the device index.
     """
@@ -158,7 +158,7 @@ class DeviceStateStore:
         self._pool_h = self._zeros((capacity, rows, h_width))
         self._pool_c = self._zeros((capacity, rows, c_width)) if c_width else None
         self._slots = SlotList(capacity)
-        # Batch buffers as in StateStore: flat device buffers for `_batch_capacity` rows, and per batch
+        # Batch buffers as in HostStateStore: flat device buffers for `_batch_capacity` rows, and per batch
         # size tensors at their start. Reading and writing one slot use exactly sized buffers of their own.
         self._batch_capacity = 0
         self._flat: tuple[ort.OrtValue | None, ...] = ()
@@ -270,6 +270,3 @@ class DeviceStateStore:
             binding.bind_ortvalue_output("pool_c_out", self._pool_c)
         self._scatter.run_with_iobinding(binding)
 
-
-AnyStateStore = StateStore | DeviceStateStore
-"""Either store: the scheduler uses only the methods they share."""

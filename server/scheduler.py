@@ -22,7 +22,6 @@ import numpy as np
 
 from lstmserve.server.backend import MemoryOnly, SessionBackend
 from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, draining, group_by_length, mismatch
-from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import SessionNotFound
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import BindableState, Runner
@@ -34,7 +33,7 @@ from lstmserve.server.session_manager import (
     release_free_memory,
 )
 from lstmserve.server.sessions import Session, SessionTable, StepResult, is_session_id
-from lstmserve.server.state import SessionState
+from lstmserve.server.state import SessionState, StateStore
 from lstmserve.server.statistics import BatchTiming
 from lstmserve.server.text import shown
 
@@ -82,7 +81,7 @@ class Scheduler:
     def __init__(
         self,
         runner: Runner,
-        store: AnyStateStore,
+        store: StateStore,
         limits: SchedulerLimits,
         metrics: Metrics,
         backend: SessionBackend | None = None,

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lstmserve.server.backend import SessionBackend
-from lstmserve.server.device_state import AnyStateStore
 from lstmserve.server.errors import Draining, SessionExists, SessionMoved, SessionNotFound
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.sessions import Session, SessionTable
-from lstmserve.server.state import SessionState
+from lstmserve.server.state import SessionState, StateStore
 from lstmserve.server.text import listing
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class SessionManager:
 
     def __init__(
         self,
-        store: AnyStateStore,
+        store: StateStore,
         backend: SessionBackend,
         metrics: Metrics,
         session_ttl_s: float,

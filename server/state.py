@@ -1,6 +1,8 @@
 """Per-session recurrent state in preallocated pools, addressed by slot.
 
-`StateStore` holds h and c for every slot in two float32 pools shaped
+`StateStore` is what the engine needs of a store; two implement it: `HostStateStore` (here, numpy pools
+in host memory) and `DeviceStateStore` (device_state.py, pools on the accelerator).
+`HostStateStore` holds h and c for every slot in two float32 pools shaped
 [state_rows, capacity, width]. A session owns one slot; a batch gathers its
 sessions' rows into contiguous buffers, the runner writes the new state into
 output buffers, and `scatter` copies them back. Batch buffers are views of four
@@ -14,6 +16,7 @@ Only the scheduler touches the store, and never from two threads at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -72,7 +75,38 @@ class SlotList:
         self._free.append(slot)
 
 
-class StateStore:
+class StateStore(Protocol):
+    """The recurrent state of every session, one slot each: what the engine needs of a store (host or device)."""
+
+    capacity: int
+
+    @property
+    def in_use(self) -> int:
+        """Slots taken."""
+
+    def allocate(self) -> int:
+        """Takes a free slot (zeroed); Overloaded when none is left."""
+
+    def release(self, slot: int) -> None:
+        """Frees a slot (zeroed for its next session)."""
+
+    def reset(self, slot: int) -> None:
+        """Zeroes a slot's state."""
+
+    def read(self, slot: int) -> SessionState:
+        """A copy of a slot's state."""
+
+    def write(self, slot: int, state: SessionState) -> None:
+        """Sets a slot's state."""
+
+    def gather(self, slots: np.ndarray) -> Any:
+        """The rows of `slots`, in order, in batch buffers that the runner binds (see `runner.BindableState`)."""
+
+    def scatter(self, slots: np.ndarray, buffers: Any) -> None:
+        """Copies the new state of a batch (from `gather`'s buffers, after the model call) back to its slots."""
+
+
+class HostStateStore:
     """Pools of h and c rows, one slot per session.
 
     Args:

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from lstmserve.server.runner import Runner, RunnerOptions
-from lstmserve.server.state import StateStore
+from lstmserve.server.state import HostStateStore
 
 
 def test_single_steps_in_changing_batches_equal_whole_sequences(token_model: Path) -> None:
     runner = Runner(token_model, RunnerOptions(intra_op_threads=1))
     spec = runner.spec
-    store = StateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=40)
+    store = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=40)
     slots = [store.allocate() for _ in range(40)]
     rng = np.random.default_rng(0)
     fed: list[list[int]] = [[] for _ in slots]
@@ -34,8 +34,8 @@ def test_single_steps_in_changing_batches_equal_whole_sequences(token_model: Pat
 def test_a_new_state_object_for_a_batch_size_is_bound_anew(token_model: Path) -> None:
     runner = Runner(token_model, RunnerOptions(intra_op_threads=1))
     spec = runner.spec
-    first = StateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
-    second = StateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
+    first = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
+    second = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
     slot = np.array([first.allocate()])
     second.allocate()
     tokens = np.array([[3]])

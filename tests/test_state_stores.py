@@ -7,16 +7,16 @@ import pytest
 
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.errors import Overloaded
-from lstmserve.server.state import SessionState, StateStore
+from lstmserve.server.state import SessionState, HostStateStore
 
 ROWS, H, C, CAPACITY = 2, 3, 5, 6
 
 
-def _stores() -> list[StateStore | DeviceStateStore]:
+def _stores() -> list[HostStateStore | DeviceStateStore]:
     device = DeviceStateStore(
         ROWS, H, C, CAPACITY, providers=["CPUExecutionProvider"], provider_options=[{}], device="cpu"
     )
-    return [StateStore(ROWS, H, C, CAPACITY), device]
+    return [HostStateStore(ROWS, H, C, CAPACITY), device]
 
 
 def _random_state(rng: np.random.Generator) -> SessionState:
@@ -26,7 +26,7 @@ def _random_state(rng: np.random.Generator) -> SessionState:
 
 
 @pytest.mark.parametrize("store", _stores(), ids=["host", "device"])
-def test_store_round_trip_gather_scatter_reset(store: StateStore | DeviceStateStore) -> None:
+def test_store_round_trip_gather_scatter_reset(store: HostStateStore | DeviceStateStore) -> None:
     rng = np.random.default_rng(0)
     slots = [store.allocate() for _ in range(4)]
     assert slots == [0, 1, 2, 3] and store.in_use == 4
@@ -66,7 +66,7 @@ def test_store_round_trip_gather_scatter_reset(store: StateStore | DeviceStateSt
 def test_host_batch_buffers_of_every_size_share_one_largest_set() -> None:
     """Buffers for batch sizes 1 to 100 cost one 128-row set (the next power of two), not one set
     per size; and gather/scatter through them still move exactly the batch's rows."""
-    store = StateStore(ROWS, H, C, 100)
+    store = HostStateStore(ROWS, H, C, 100)
     rng = np.random.default_rng(1)
     slots = np.array([store.allocate() for _ in range(100)], np.int64)
     for slot in slots:
