@@ -122,7 +122,7 @@ class Runner:
         position = (1,) if self.spec.kind == "tokens" else (1, self.spec.input_size)
         self._step_inputs = np.empty((0, *position), dtype=self._input_dtype)
         self._step_logits = np.empty((0, 1, self.spec.output_size), dtype=np.float32)
-        self._step_bindings: dict[int, tuple[BindableState, ort.IOBinding]] = {}
+        self._step_bindings: dict[tuple[int, int], tuple[BindableState, ort.IOBinding]] = {}
         log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
 
     def run(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
@@ -158,11 +158,13 @@ class Runner:
             self._step_inputs = np.empty((capacity, *self._step_inputs.shape[1:]), dtype=self._input_dtype)
             self._step_logits = np.empty((capacity, 1, self.spec.output_size), dtype=np.float32)
             self._step_bindings.clear()
-        cached = self._step_bindings.get(batch)
+        # Keyed on the state buffers too: a store may alternate two buffer sets of one size (see HostStateStore.gather).
+        key = (batch, id(state))
+        cached = self._step_bindings.get(key)
         if cached is None or cached[0] is not state:
             swap = self.spec.time_major
             cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state, swap_axes=swap))
-            self._step_bindings[batch] = cached
+            self._step_bindings[key] = cached
         self._step_inputs[:batch] = inputs
         self.session.run_with_iobinding(cached[1])
         return self._step_logits[:batch]

@@ -130,6 +130,13 @@ class HostStateStore:
         self._batch_capacity = 0
         self._flat: tuple[np.ndarray, ...] = ()
         self._buffers: dict[int, StateBuffers] = {}
+        # Per batch size, the same buffers with inputs and outputs swapped (see `gather`).
+        self._swapped: dict[int, StateBuffers] = {}
+        # The newest state of some slots when it is not in the pools yet: (slots, h, c), views of batch buffers.
+        # `scatter` leaves a batch's new state here; if the next batch has exactly the same slots in the same
+        # order (a generation running on every session), its `gather` swaps the buffers' roles instead of
+        # copying the state out and back in. Anything else writes it to the pools first (`_settle`).
+        self._unsettled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @property
     def in_use(self) -> int:
@@ -147,15 +154,18 @@ class HostStateStore:
 
     def reset(self, slot: int) -> None:
         """Sets a slot's state back to zeros."""
+        self._settle()
         self._h[:, slot, :] = 0.0
         self._c[:, slot, :] = 0.0
 
     def read(self, slot: int) -> SessionState:
         """Returns a copy of one slot's state."""
+        self._settle()
         return SessionState(h=self._h[:, slot : slot + 1, :].copy(), c=self._c[:, slot : slot + 1, :].copy())
 
     def write(self, slot: int, state: SessionState) -> None:
         """Overwrites one slot's state."""
+        self._settle()
         self._h[:, slot : slot + 1, :] = state.h
         self._c[:, slot : slot + 1, :] = state.c
 
@@ -172,23 +182,51 @@ class HostStateStore:
             if batch_size > self._batch_capacity:  # grow to the next power of two; the old views go
                 self._batch_capacity = 1 << (batch_size - 1).bit_length()
                 self._flat = tuple(np.empty(self.rows * self._batch_capacity * w, np.float32) for w in widths)
+                self._settle()  # the old views go: nothing may stay only in them
+                self._batch_capacity = 1 << (batch_size - 1).bit_length()
+                self._flat = tuple(np.empty(self.rows * self._batch_capacity * w, np.float32) for w in widths)
                 self._buffers.clear()
+                self._swapped.clear()
             h0, c0, hn, cn = (
                 flat[: self.rows * batch_size * w].reshape(self.rows, batch_size, w)
                 for flat, w in zip(self._flat, widths, strict=True)
             )
             buffers = StateBuffers(h0=h0, c0=c0, hn=hn, cn=cn)
             self._buffers[batch_size] = buffers
+            self._swapped[batch_size] = StateBuffers(h0=hn, c0=cn, hn=h0, cn=c0)
         return buffers
 
     def gather(self, slots: np.ndarray) -> StateBuffers:
-        """Copies the slots' rows into the batch's input buffers h0 and c0 (in slot order)."""
+        """The slots' rows in a batch's input buffers h0 and c0 (in slot order).
+
+        When the last batch had exactly these slots in this order and its new state is still in its output
+        buffers, those become this batch's inputs (no copy); otherwise the rows are copied from the pools.
+        """
+        unsettled = self._unsettled
+        if unsettled is not None and len(unsettled[0]) == len(slots) and np.array_equal(unsettled[0], slots):
+            last = self.buffers(len(slots))
+            if unsettled[1] is last.hn or unsettled[1] is last.h0:
+                # The newest state is in hn (a batch ran) or still in h0 (its model call failed): it is the input.
+                buffers = self._swapped[len(slots)] if unsettled[1] is last.hn else last
+                if unsettled[1] is buffers.h0:
+                    self._unsettled = (unsettled[0], buffers.h0, buffers.c0)
+                    return buffers
+        self._settle()
         buffers = self.buffers(len(slots))
         np.take(self._h, slots, axis=1, out=buffers.h0)
         np.take(self._c, slots, axis=1, out=buffers.c0)
         return buffers
 
     def scatter(self, slots: np.ndarray, buffers: StateBuffers) -> None:
-        """Copies the batch's output buffers hn and cn back into the slots' rows."""
-        self._h[:, slots, :] = buffers.hn
-        self._c[:, slots, :] = buffers.cn
+        """Takes the batch's new state (in its output buffers hn and cn) as the slots' state. It is written
+        into the pools when anything else needs them; the next batch of the same slots reads it in place."""
+        self._unsettled = (slots, buffers.hn, buffers.cn)
+
+    def _settle(self) -> None:
+        """Writes the newest state still held in batch buffers into the pools."""
+        unsettled = self._unsettled
+        if unsettled is not None:
+            self._unsettled = None
+            slots, h, c = unsettled
+            self._h[:, slots, :] = h
+            self._c[:, slots, :] = c

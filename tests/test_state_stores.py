@@ -101,3 +101,55 @@ def test_device_batch_buffers_of_every_size_are_the_start_of_one_largest_set() -
         assert all(
             getattr(buffers, name).memory is getattr(largest, name).memory for name in ("h0", "c0", "hn", "cn")
         )
+
+
+def _fake_step(buffers: object, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """What a model call does to host buffers: new state into hn and cn (returned, to compare with later)."""
+    hn, cn = buffers.hn, buffers.cn  # type: ignore[attr-defined]
+    hn[...] = rng.standard_normal(hn.shape)
+    cn[...] = rng.standard_normal(cn.shape)
+    return hn.copy(), cn.copy()
+
+
+def test_host_store_feeds_a_batch_of_the_same_slots_its_last_outputs_in_place() -> None:
+    """A generation running on every session forms batches of the same slots: the next batch reads the last
+    batch's new state where it is (no copy out and back), and every other use sees it in the pools."""
+    rng = np.random.default_rng(1)
+    store = HostStateStore(ROWS, H, C, CAPACITY)
+    slots = np.array([store.allocate() for _ in range(3)], np.int64)[::-1].copy()
+    first = store.gather(slots)
+    h1, c1 = _fake_step(first, rng)
+    store.scatter(slots, first)
+    second = store.gather(slots.copy())
+    assert second is not first and np.shares_memory(second.h0, first.hn)  # swapped in place, no copy
+    np.testing.assert_array_equal(second.h0, h1)
+    np.testing.assert_array_equal(second.c0, c1)
+    h2, c2 = _fake_step(second, rng)
+    store.scatter(slots, second)
+    third = store.gather(slots)
+    np.testing.assert_array_equal(third.h0, h2)
+    # A read, a batch of other slots, or a failed call between batches all see the newest state.
+    np.testing.assert_array_equal(store.read(int(slots[0])).h, h2[:, :1])
+    _fake_step(third, rng)  # this call "fails": no scatter, so its outputs are not the state
+    other = store.gather(slots[:2])
+    np.testing.assert_array_equal(other.h0, h2[:, :2])
+    np.testing.assert_array_equal(other.c0, c2[:, :2])
+
+
+def test_host_store_after_a_failed_call_of_a_swapped_batch_keeps_the_state_it_had() -> None:
+    rng = np.random.default_rng(2)
+    store = HostStateStore(ROWS, H, C, CAPACITY)
+    slots = np.array([store.allocate() for _ in range(2)], np.int64)
+    first = store.gather(slots)
+    h1, _ = _fake_step(first, rng)
+    store.scatter(slots, first)
+    second = store.gather(slots)
+    _fake_step(second, rng)  # fails: never scattered
+    np.testing.assert_array_equal(store.gather(slots).h0, h1)
+    np.testing.assert_array_equal(store.read(int(slots[1])).h, h1[:, 1:])
+    again = store.gather(slots)
+    h3, _ = _fake_step(again, rng)
+    store.scatter(slots, again)
+    store.reset(int(slots[1]))  # the newest state of slot 0 still sits in the batch buffers
+    assert not store.read(int(slots[1])).h.any()
+    np.testing.assert_array_equal(store.read(int(slots[0])).h, h3[:, :1])
