@@ -25,7 +25,6 @@ from lstmserve.server.errors import (
     InvalidInput,
     NotSteppable,
     ServeError,
-    SessionExists,
     SessionMoved,
 )
 from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
@@ -34,6 +33,7 @@ from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
 from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.session_ops import new_session
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session, check_proposed_id
 from lstmserve.server.state import SessionState
@@ -285,29 +285,6 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             response.token = events[0].token
             response.text = events[0].text
         return response
-
-
-async def new_session(
-    scheduler: Scheduler,
-    cluster: Cluster | None,
-    owner: str,
-    session_id: str | None,
-    restored: tuple[SessionState, int] | None = None,
-) -> Session:
-    """A new session under `session_id` (ALREADY_EXISTS if taken) or a fresh id, with zero state or the
-    `restored` (state, step); recorded in the shared store when there are several replicas."""
-
-    async def make(new_id: str | None) -> Session:
-        if restored is None:
-            return scheduler.create_session(owner, new_id)
-        return await scheduler.restore_session(restored[0], restored[1], owner, new_id)
-
-    if cluster is not None:
-        return await cluster.create(owner, session_id, make)
-    spill = scheduler.spill
-    if session_id is not None and spill is not None and spill.load(session_id) is not None:
-        raise SessionExists(f"session id {session_id!r} is already taken")
-    return await make(session_id)
 
 
 @dataclass(frozen=True, slots=True)
