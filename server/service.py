@@ -2,7 +2,8 @@
 
 Each RPC converts the request to plain values (`messages`), calls the
 scheduler, and converts the result back. A `ServeError` becomes a gRPC status
-with its message; the request that raised it changed no state.
+with its message; the request that raised it changed no state. In a
+StepSessions request, each entry's ServeError becomes that entry's StepError.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -37,7 +38,7 @@ from lstmserve.server.session_ops import new_session
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session, check_proposed_id
 from lstmserve.server.state import SessionState
-from lstmserve.server.status import refusals, refuse
+from lstmserve.server.status import refusals, refuse, status_for
 from lstmserve.server.text import shown
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -112,6 +113,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             cell=spec.cell,
             classes=list(spec.classes),
             state_tensors=len(spec.states),
+            max_sessions_per_request=config.max_sessions_per_request,
         )
 
     @refusals(pb.SessionInfo)
@@ -205,6 +207,91 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             finally:
                 self.requests_in_progress -= 1
 
+    # ---- many sessions in one request -------------------------------------
+    @refusals(pb.StepSessionsResponse)
+    async def StepSessions(
+        self, request: pb.StepSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepSessionsResponse:
+        """One step for each entry's session, all started at once so that they share batches. The request
+        as a whole is refused (nothing applied) only for its shape: no entries, too many, a session twice,
+        more output than a message may carry. Every other refusal is its entry's StepError."""
+        self._require_steppable()
+        entries = request.steps
+        self._check_entries(entries)
+        owner = self._owner(context)
+        results: list[pb.SessionStepResult] = []
+        valid: list[tuple[int, pb.SessionStep, _ParsedStep]] = []
+        for index, entry in enumerate(entries):  # every entry is parsed before any is stepped
+            try:
+                if not entry.session_id:
+                    raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
+                valid.append((index, entry, self._parse_step(entry)))
+                results.append(pb.SessionStepResult())  # filled in below
+            except ServeError as error:
+                results.append(self._entry_error(index, entry, error))
+        self._check_output_size(valid)
+        self.requests_in_progress += 1
+        try:
+            stepped = await asyncio.gather(
+                *(self._step_entry(index, entry, parsed, owner) for index, entry, parsed in valid)
+            )
+        finally:
+            self.requests_in_progress -= 1
+        for (index, _, _), result in zip(valid, stepped, strict=True):
+            results[index] = result
+        return pb.StepSessionsResponse(results=results)
+
+    def _check_entries(self, entries: Sequence[pb.SessionStep]) -> None:
+        """INVALID_ARGUMENT for a request with no entries, more than --max-sessions-per-request, or a session twice."""
+        limit = self.config.max_sessions_per_request
+        if not entries:
+            raise InvalidInput("StepSessions request has no steps")
+        if len(entries) > limit:
+            raise InvalidInput(f"request carries {len(entries)} steps, more than --max-sessions-per-request={limit}")
+        first_index: dict[str, int] = {}
+        for index, entry in enumerate(entries):
+            if not entry.session_id:
+                continue  # refused on its own
+            earlier = first_index.setdefault(entry.session_id, index)
+            if earlier != index:
+                raise InvalidInput(
+                    f"steps[{index}].session_id {shown(entry.session_id)} repeats steps[{earlier}]: "
+                    "a StepSessions request steps each session at most once"
+                )
+
+    def _check_output_size(self, valid: list[tuple[int, pb.SessionStep, _ParsedStep]]) -> None:
+        """INVALID_ARGUMENT if the output the entries ask for cannot fit in one response message."""
+        size = sum(
+            messages.step_output_bytes(len(parsed.inputs), entry.output, entry.top_k, self.spec.output_size)
+            for _, entry, parsed in valid
+            if parsed.inputs is not None
+        )
+        limit = self.config.max_message_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"the steps ask for about {size} bytes of output, more than --max-message-bytes={limit}: "
+                "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+            )
+
+    async def _step_entry(
+        self, index: int, entry: pb.SessionStep, parsed: _ParsedStep, owner: str
+    ) -> pb.SessionStepResult:
+        """One entry stepped as Step steps a request: its result, or its refusal as a StepError."""
+        try:
+            self._check_lease(entry.session_id)
+            session = await self.scheduler.find_session(entry.session_id, owner)
+            self._check_lease(session.id)
+            return pb.SessionStepResult(response=await self._step(session, entry, parsed))
+        except ServeError as error:
+            return self._entry_error(index, entry, error)
+
+    def _entry_error(self, index: int, entry: pb.SessionStep, error: ServeError) -> pb.SessionStepResult:
+        code = status_for(error)
+        self.metrics.errors.labels(code=code.name).inc()
+        return pb.SessionStepResult(
+            error=pb.StepError(session_id=entry.session_id, code=code.value[0], message=f"steps[{index}]: {error}")
+        )
+
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
             return await self.scheduler.find_session(session_id, owner)
@@ -224,15 +311,21 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             generate_params = messages.decode_generate(request.generate, self.spec, self._generate_limits)
         elif not has_input and first:
             return _ParsedStep(inputs=None)
+        return replace(self._parse_step(request), generate=generate_params)
+
+    def _parse_step(self, request: pb.StepRequest | pb.SessionStep) -> _ParsedStep:
+        """The input, output and expected step of one step (the fields StepRequest and SessionStep share)."""
         messages.validate_output(request.output, request.top_k, self.spec)
         inputs = messages.decode_inputs(
             request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
         )
         sampler = Sampler(messages.decode_sampling(request.sampling, self.spec)) if request.output == pb.OUTPUT_SAMPLE else None
         expected = request.expected_step if request.HasField("expected_step") else None
-        return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
+        return _ParsedStep(inputs=inputs, sampler=sampler, expected_step=expected)
 
-    async def _step(self, session: Session, request: pb.StepRequest, parsed: _ParsedStep) -> pb.StepResponse:
+    async def _step(
+        self, session: Session, request: pb.StepRequest | pb.SessionStep, parsed: _ParsedStep
+    ) -> pb.StepResponse:
         assert parsed.inputs is not None
         result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
         self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
