@@ -216,56 +216,52 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         as a whole is refused (nothing applied) only for its shape: no entries, too many, a session twice,
         more output than a message may carry. Every other refusal is its entry's StepError."""
         self._require_steppable()
-        entries = request.steps
-        self._check_entries(entries)
+        self._check_entries(request.steps)
+        # Every entry is parsed before any is stepped: a bad one is refused before the others start.
+        entries = [self._parse_entry(index, message) for index, message in enumerate(request.steps)]
+        self._check_output_size(entries)
         owner = self._owner(context)
-        results: list[pb.SessionStepResult] = []
-        valid: list[tuple[int, pb.SessionStep, _ParsedStep]] = []
-        for index, entry in enumerate(entries):  # every entry is parsed before any is stepped
-            try:
-                if not entry.session_id:
-                    raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
-                valid.append((index, entry, self._parse_step(entry)))
-                results.append(pb.SessionStepResult())  # filled in below
-            except ServeError as error:
-                results.append(self._entry_error(index, entry, error))
-        self._check_output_size(valid)
         self.requests_in_progress += 1
         try:
-            stepped = await asyncio.gather(
-                *(self._step_entry(index, entry, parsed, owner) for index, entry, parsed in valid)
-            )
+            results = await asyncio.gather(*(self._step_entry(entry, owner) for entry in entries))
         finally:
             self.requests_in_progress -= 1
-        for (index, _, _), result in zip(valid, stepped, strict=True):
-            results[index] = result
         return pb.StepSessionsResponse(results=results)
 
-    def _check_entries(self, entries: Sequence[pb.SessionStep]) -> None:
+    def _check_entries(self, steps: Sequence[pb.SessionStep]) -> None:
         """INVALID_ARGUMENT for a request with no entries, more than --max-sessions-per-request, or a session twice."""
         limit = self.config.max_sessions_per_request
-        if not entries:
+        if not steps:
             raise InvalidInput("StepSessions request has no steps")
-        if len(entries) > limit:
-            raise InvalidInput(f"request carries {len(entries)} steps, more than --max-sessions-per-request={limit}")
+        if len(steps) > limit:
+            raise InvalidInput(f"request carries {len(steps)} steps, more than --max-sessions-per-request={limit}")
         first_index: dict[str, int] = {}
-        for index, entry in enumerate(entries):
-            if not entry.session_id:
+        for index, message in enumerate(steps):
+            if not message.session_id:
                 continue  # refused on its own
-            earlier = first_index.setdefault(entry.session_id, index)
+            earlier = first_index.setdefault(message.session_id, index)
             if earlier != index:
                 raise InvalidInput(
-                    f"steps[{index}].session_id {shown(entry.session_id)} repeats steps[{earlier}]: "
+                    f"steps[{index}].session_id {shown(message.session_id)} repeats steps[{earlier}]: "
                     "a StepSessions request steps each session at most once"
                 )
 
-    def _check_output_size(self, valid: list[tuple[int, pb.SessionStep, _ParsedStep]]) -> None:
+    def _parse_entry(self, index: int, message: pb.SessionStep) -> _Entry:
+        """An entry with its validated step, or with the reason it is refused."""
+        try:
+            if not message.session_id:
+                raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
+            return _Entry(index, message, self._parse_step(message))
+        except ServeError as error:
+            return _Entry(index, message, error)
+
+    def _check_output_size(self, entries: list[_Entry]) -> None:
         """INVALID_ARGUMENT if the output the entries ask for cannot fit in one response message."""
-        size = sum(
-            messages.step_output_bytes(len(parsed.inputs), entry.output, entry.top_k, self.spec.output_size)
-            for _, entry, parsed in valid
-            if parsed.inputs is not None
-        )
+        size = 0
+        for entry in entries:
+            if isinstance(entry.outcome, _ParsedStep) and entry.outcome.inputs is not None:
+                positions, message = len(entry.outcome.inputs), entry.message
+                size += messages.step_output_bytes(positions, message.output, message.top_k, self.spec.output_size)
         limit = self.config.max_message_bytes
         if size > limit:
             raise InvalidInput(
@@ -273,24 +269,27 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
             )
 
-    async def _step_entry(
-        self, index: int, entry: pb.SessionStep, parsed: _ParsedStep, owner: str
-    ) -> pb.SessionStepResult:
+    async def _step_entry(self, entry: _Entry, owner: str) -> pb.SessionStepResult:
         """One entry stepped as Step steps a request: its result, or its refusal as a StepError."""
+        if isinstance(entry.outcome, ServeError):
+            return self._entry_refused(entry, entry.outcome)
+        session_id = entry.message.session_id
         try:
-            self._check_lease(entry.session_id)
-            session = await self.scheduler.find_session(entry.session_id, owner)
+            self._check_lease(session_id)
+            session = await self.scheduler.find_session(session_id, owner)
             self._check_lease(session.id)
-            return pb.SessionStepResult(response=await self._step(session, entry, parsed))
+            return pb.SessionStepResult(response=await self._step(session, entry.message, entry.outcome))
         except ServeError as error:
-            return self._entry_error(index, entry, error)
+            return self._entry_refused(entry, error)
 
-    def _entry_error(self, index: int, entry: pb.SessionStep, error: ServeError) -> pb.SessionStepResult:
+    def _entry_refused(self, entry: _Entry, error: ServeError) -> pb.SessionStepResult:
+        """An entry's refusal as its StepError (counted in the error metrics like a refused call)."""
         code = status_for(error)
         self.metrics.errors.labels(code=code.name).inc()
-        return pb.SessionStepResult(
-            error=pb.StepError(session_id=entry.session_id, code=code.value[0], message=f"steps[{index}]: {error}")
+        refusal = pb.StepError(
+            session_id=entry.message.session_id, code=code.value[0], message=f"steps[{entry.index}]: {error}"
         )
+        return pb.SessionStepResult(error=refusal)
 
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
@@ -388,3 +387,12 @@ class _ParsedStep:
     generate: GenerateParams | None = None
     sampler: Sampler | None = None
     expected_step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One entry of a StepSessions request: its position, its message, and its parsed step or why it is refused."""
+
+    index: int
+    message: pb.SessionStep
+    outcome: _ParsedStep | ServeError
