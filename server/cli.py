@@ -117,6 +117,7 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--max-generate-tokens", type=int, default=4096, help="most tokens one generation may ask for")
     _add(p, "--max-stop-strings", type=int, default=16, help="most stop strings one generation request may carry")
     _add(p, "--max-stop-chars", type=int, default=256, help="most characters in one stop string")
+    _add(p, "--max-sessions-per-request", type=int, default=1024, help="most sessions stepped by one StepSessions request")
     _add(p, "--max-queue", type=int, default=65_536, help="most requests waiting for the batcher")
     _add(p, "--max-inflight-per-session", type=int, default=64, help="most requests one session may have waiting")
     _add(p, "--max-message-bytes", type=int, default=16 * 1024 * 1024, help="largest gRPC message")
@@ -280,6 +281,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_generate_tokens=args.max_generate_tokens,
             max_stop_strings=args.max_stop_strings,
             max_stop_chars=args.max_stop_chars,
+            max_sessions_per_request=args.max_sessions_per_request,
             max_queue=args.max_queue,
             max_inflight_per_session=args.max_inflight_per_session,
             max_message_bytes=args.max_message_bytes,

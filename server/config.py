@@ -61,6 +61,7 @@ class ServerConfig:
         max_generate_tokens: most tokens one generation request may ask for.
         max_stop_strings: most stop strings one generation request may carry.
         max_stop_chars: most characters in one stop string.
+        max_sessions_per_request: most entries (sessions) in one StepSessions request.
         max_queue: most requests waiting for the batcher; more gets RESOURCE_EXHAUSTED.
         max_inflight_per_session: most requests one session may have waiting (pipelined on
             its stream); more gets RESOURCE_EXHAUSTED, so one client cannot fill the queue.
@@ -99,6 +100,7 @@ class ServerConfig:
     max_generate_tokens: int = 4096
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    max_sessions_per_request: int = 1024
     max_queue: int = 65_536
     max_inflight_per_session: int = 64
     max_message_bytes: int = 16 * 1024 * 1024
@@ -121,6 +123,7 @@ class ServerConfig:
             "max_generate_tokens": self.max_generate_tokens,
             "max_stop_strings": self.max_stop_strings,
             "max_stop_chars": self.max_stop_chars,
+            "max_sessions_per_request": self.max_sessions_per_request,
             "max_queue": self.max_queue,
             "max_inflight_per_session": self.max_inflight_per_session,
             "max_message_bytes": self.max_message_bytes,

@@ -19,6 +19,8 @@ from lstmserve.v1 import lstmserve_pb2 as pb
 
 DEFAULT_TOP_K = 5
 OUTPUT_KINDS = frozenset(pb.OutputKind.values())
+STEP_RESPONSE_BYTES = 160  # a StepResponse without its logits or top-k: ids, counters, tags (an upper bound)
+TOPK_BYTES_PER_ENTRY = 16  # one top-k id (varint, at most 10 bytes) and its float32 log-probability, packed
 
 
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
@@ -145,6 +147,15 @@ def step_outputs(response: pb.StepResponse, logits: np.ndarray, output: int, top
             response.topk.add(ids=row_ids.tolist(), logprobs=row_logprobs.tolist())
     elif output == pb.OUTPUT_SAMPLE and sampled is not None:
         response.token = sampled
+
+
+def step_output_bytes(positions: int, output: int, top_k: int, output_size: int) -> int:
+    """About how many bytes a step's response takes: its logits or top-k rows, plus a fixed allowance."""
+    if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
+        return STEP_RESPONSE_BYTES + 4 * positions * output_size
+    if output == pb.OUTPUT_TOPK:
+        return STEP_RESPONSE_BYTES + TOPK_BYTES_PER_ENTRY * positions * (top_k or DEFAULT_TOP_K)
+    return STEP_RESPONSE_BYTES
 
 
 def validate_output(output: int, top_k: int, spec: ModelSpec) -> None:

@@ -47,7 +47,7 @@ from lstmserve.server.oip_models import (
 )
 from lstmserve.server.runner import Runner
 from lstmserve.server.scheduler import Scheduler
-from lstmserve.server.service import new_session
+from lstmserve.server.session_ops import new_session
 from lstmserve.server.sessions import SEQUENCE_ID_PREFIX, Session
 from lstmserve.server.statistics import BatchTiming
 from lstmserve.server.status import refusals, status_for

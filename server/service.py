@@ -2,7 +2,8 @@
 
 Each RPC converts the request to plain values (`messages`), calls the
 scheduler, and converts the result back. A `ServeError` becomes a gRPC status
-with its message; the request that raised it changed no state.
+with its message; the request that raised it changed no state. In a
+StepSessions request, each entry's ServeError becomes that entry's StepError.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -25,7 +26,6 @@ from lstmserve.server.errors import (
     InvalidInput,
     NotSteppable,
     ServeError,
-    SessionExists,
     SessionMoved,
 )
 from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
@@ -34,10 +34,11 @@ from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
 from lstmserve.server.sampling import Sampler
 from lstmserve.server.scheduler import Scheduler
+from lstmserve.server.session_ops import new_session
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.sessions import Session, check_proposed_id
 from lstmserve.server.state import SessionState
-from lstmserve.server.status import refusals, refuse
+from lstmserve.server.status import refusals, refuse, status_for
 from lstmserve.server.text import shown
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -112,6 +113,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             cell=spec.cell,
             classes=list(spec.classes),
             state_tensors=len(spec.states),
+            max_sessions_per_request=config.max_sessions_per_request,
         )
 
     @refusals(pb.SessionInfo)
@@ -205,6 +207,90 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             finally:
                 self.requests_in_progress -= 1
 
+    # ---- many sessions in one request -------------------------------------
+    @refusals(pb.StepSessionsResponse)
+    async def StepSessions(
+        self, request: pb.StepSessionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepSessionsResponse:
+        """One step for each entry's session, all started at once so that they share batches. The request
+        as a whole is refused (nothing applied) only for its shape: no entries, too many, a session twice,
+        more output than a message may carry. Every other refusal is its entry's StepError."""
+        self._require_steppable()
+        self._check_entries(request.steps)
+        # Every entry is parsed before any is stepped: a bad one is refused before the others start.
+        entries = [self._parse_entry(index, message) for index, message in enumerate(request.steps)]
+        self._check_output_size(entries)
+        owner = self._owner(context)
+        self.requests_in_progress += 1
+        try:
+            results = await asyncio.gather(*(self._step_entry(entry, owner) for entry in entries))
+        finally:
+            self.requests_in_progress -= 1
+        return pb.StepSessionsResponse(results=results)
+
+    def _check_entries(self, steps: Sequence[pb.SessionStep]) -> None:
+        """INVALID_ARGUMENT for a request with no entries, more than --max-sessions-per-request, or a session twice."""
+        limit = self.config.max_sessions_per_request
+        if not steps:
+            raise InvalidInput("StepSessions request has no steps")
+        if len(steps) > limit:
+            raise InvalidInput(f"request carries {len(steps)} steps, more than --max-sessions-per-request={limit}")
+        first_index: dict[str, int] = {}
+        for index, message in enumerate(steps):
+            if not message.session_id:
+                continue  # refused on its own
+            earlier = first_index.setdefault(message.session_id, index)
+            if earlier != index:
+                raise InvalidInput(
+                    f"steps[{index}].session_id {shown(message.session_id)} repeats steps[{earlier}]: "
+                    "a StepSessions request steps each session at most once"
+                )
+
+    def _parse_entry(self, index: int, message: pb.SessionStep) -> _Entry:
+        """An entry with its validated step, or with the reason it is refused."""
+        try:
+            if not message.session_id:
+                raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
+            return _Entry(index, message, self._parse_step(message))
+        except ServeError as error:
+            return _Entry(index, message, error)
+
+    def _check_output_size(self, entries: list[_Entry]) -> None:
+        """INVALID_ARGUMENT if the output the entries ask for cannot fit in one response message."""
+        size = 0
+        for entry in entries:
+            if isinstance(entry.outcome, _ParsedStep) and entry.outcome.inputs is not None:
+                positions, message = len(entry.outcome.inputs), entry.message
+                size += messages.step_output_bytes(positions, message.output, message.top_k, self.spec.output_size)
+        limit = self.config.max_message_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"the steps ask for about {size} bytes of output, more than --max-message-bytes={limit}: "
+                "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+            )
+
+    async def _step_entry(self, entry: _Entry, owner: str) -> pb.SessionStepResult:
+        """One entry stepped as Step steps a request: its result, or its refusal as a StepError."""
+        if isinstance(entry.outcome, ServeError):
+            return self._entry_refused(entry, entry.outcome)
+        session_id = entry.message.session_id
+        try:
+            self._check_lease(session_id)
+            session = await self.scheduler.find_session(session_id, owner)
+            self._check_lease(session.id)
+            return pb.SessionStepResult(response=await self._step(session, entry.message, entry.outcome))
+        except ServeError as error:
+            return self._entry_refused(entry, error)
+
+    def _entry_refused(self, entry: _Entry, error: ServeError) -> pb.SessionStepResult:
+        """An entry's refusal as its StepError (counted in the error metrics like a refused call)."""
+        code = status_for(error)
+        self.metrics.errors.labels(code=code.name).inc()
+        refusal = pb.StepError(
+            session_id=entry.message.session_id, code=code.value[0], message=f"steps[{entry.index}]: {error}"
+        )
+        return pb.SessionStepResult(error=refusal)
+
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
             return await self.scheduler.find_session(session_id, owner)
@@ -224,15 +310,21 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             generate_params = messages.decode_generate(request.generate, self.spec, self._generate_limits)
         elif not has_input and first:
             return _ParsedStep(inputs=None)
+        return replace(self._parse_step(request), generate=generate_params)
+
+    def _parse_step(self, request: pb.StepRequest | pb.SessionStep) -> _ParsedStep:
+        """The input, output and expected step of one step (the fields StepRequest and SessionStep share)."""
         messages.validate_output(request.output, request.top_k, self.spec)
         inputs = messages.decode_inputs(
             request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
         )
         sampler = Sampler(messages.decode_sampling(request.sampling, self.spec)) if request.output == pb.OUTPUT_SAMPLE else None
         expected = request.expected_step if request.HasField("expected_step") else None
-        return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
+        return _ParsedStep(inputs=inputs, sampler=sampler, expected_step=expected)
 
-    async def _step(self, session: Session, request: pb.StepRequest, parsed: _ParsedStep) -> pb.StepResponse:
+    async def _step(
+        self, session: Session, request: pb.StepRequest | pb.SessionStep, parsed: _ParsedStep
+    ) -> pb.StepResponse:
         assert parsed.inputs is not None
         result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
         self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
@@ -287,28 +379,6 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         return response
 
 
-async def new_session(
-    scheduler: Scheduler,
-    cluster: Cluster | None,
-    owner: str,
-    session_id: str | None,
-    restored: tuple[SessionState, int] | None = None,
-) -> Session:
-    """A new session under `session_id` (ALREADY_EXISTS if taken) or a fresh id, with zero state or the
-    `restored` (state, step); recorded in the shared store when there are several replicas."""
-
-    async def make(new_id: str | None) -> Session:
-        if restored is None:
-            return scheduler.create_session(owner, new_id)
-        return await scheduler.restore_session(restored[0], restored[1], owner, new_id)
-
-    if cluster is not None:
-        return await cluster.create(owner, session_id, make)
-    if session_id is not None and scheduler.backend.holds(session_id):
-        raise SessionExists(f"session id {session_id!r} is already taken")
-    return await make(session_id)
-
-
 @dataclass(frozen=True, slots=True)
 class _ParsedStep:
     """A validated StepRequest: its input (None for an opening request) and what to do with it."""
@@ -317,3 +387,12 @@ class _ParsedStep:
     generate: GenerateParams | None = None
     sampler: Sampler | None = None
     expected_step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One entry of a StepSessions request: its position, its message, and its parsed step or why it is refused."""
+
+    index: int
+    message: pb.SessionStep
+    outcome: _ParsedStep | ServeError

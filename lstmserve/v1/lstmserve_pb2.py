@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clstmserve/v1/lstmserve.proto\x12\x0clstmserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"h\n\x08Generate\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.lstmserve.v1.Sampling\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x10\n\x08\x63oalesce\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x92\x03\n\tModelInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nvocabulary\x18\x02 \x03(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0enum_directions\x18\x06 \x01(\r\x12\x11\n\tproj_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x11\n\tsteppable\x18\t \x01(\x08\x12\x10\n\x08provider\x18\n \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12\x0c\n\x04head\x18\x0c \x01(\t\x12\x1e\n\x16max_tokens_per_request\x18\r \x01(\r\x12\x1b\n\x13max_generate_tokens\x18\x0e \x01(\r\x12\x15\n\rsession_ttl_s\x18\x0f \x01(\x01\x12\x14\n\x0cmax_sessions\x18\x10 \x01(\r\x12\x0c\n\x04\x63\x65ll\x18\x11 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x12 \x03(\t\x12\x15\n\rstate_tensors\x18\x13 \x01(\r\"*\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"U\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0e\n\x06idle_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x65xpires_in_s\x18\x04 \x01(\x01\"\x16\n\x14\x43loseSessionResponse\"-\n\x0fSessionSnapshot\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x0c\n\x04step\x18\x02 \x01(\x04\"9\n\x15RestoreSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xa8\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\x03\x12&\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\x12(\n\x06output\x18\x05 \x01(\x0e\x32\x18.lstmserve.v1.OutputKind\x12\r\n\x05top_k\x18\x06 \x01(\r\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.lstmserve.v1.Sampling\x12(\n\x08generate\x18\x08 \x01(\x0b\x32\x16.lstmserve.v1.Generate\x12\x1a\n\rexpected_step\x18\t \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"%\n\x04TopK\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x85\x02\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12$\n\x06logits\x18\x04 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\x12 \n\x04topk\x18\x05 \x03(\x0b\x32\x12.lstmserve.v1.TopK\x12\r\n\x05token\x18\x06 \x01(\x03\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x0e\n\x06tokens\x18\x0b \x03(\x03\x12\r\n\x05texts\x18\x0c \x03(\t\"F\n\x0cInferRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12&\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\"5\n\rInferResponse\x12$\n\x06logits\x18\x01 \x01(\x0b\x32\x14.lstmserve.v1.Tensor*l\n\nOutputKind\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rOUTPUT_LOGITS\x10\x01\x12\x0f\n\x0bOUTPUT_TOPK\x10\x02\x12\x11\n\rOUTPUT_SAMPLE\x10\x03\x12\x0f\n\x0bOUTPUT_NONE\x10\x04\x32\xa0\x05\n\tLstmServe\x12J\n\x0cGetModelInfo\x12!.lstmserve.v1.GetModelInfoRequest\x1a\x17.lstmserve.v1.ModelInfo\x12N\n\rCreateSession\x12\".lstmserve.v1.CreateSessionRequest\x1a\x19.lstmserve.v1.SessionInfo\x12\x41\n\nGetSession\x12\x18.lstmserve.v1.SessionRef\x1a\x19.lstmserve.v1.SessionInfo\x12\x43\n\x0cResetSession\x12\x18.lstmserve.v1.SessionRef\x1a\x19.lstmserve.v1.SessionInfo\x12L\n\x0c\x43loseSession\x12\x18.lstmserve.v1.SessionRef\x1a\".lstmserve.v1.CloseSessionResponse\x12J\n\x0fSnapshotSession\x12\x18.lstmserve.v1.SessionRef\x1a\x1d.lstmserve.v1.SessionSnapshot\x12P\n\x0eRestoreSession\x12#.lstmserve.v1.RestoreSessionRequest\x1a\x19.lstmserve.v1.SessionInfo\x12\x41\n\x04Step\x12\x19.lstmserve.v1.StepRequest\x1a\x1a.lstmserve.v1.StepResponse(\x01\x30\x01\x12@\n\x05Infer\x12\x1a.lstmserve.v1.InferRequest\x1a\x1b.lstmserve.v1.InferResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clstmserve/v1/lstmserve.proto\x12\x0clstmserve.v1\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"h\n\x08Generate\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.lstmserve.v1.Sampling\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x10\n\x08\x63oalesce\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xb4\x03\n\tModelInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nvocabulary\x18\x02 \x03(\t\x12\x12\n\ninput_size\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0enum_directions\x18\x06 \x01(\r\x12\x11\n\tproj_size\x18\x07 \x01(\r\x12\x13\n\x0boutput_size\x18\x08 \x01(\r\x12\x11\n\tsteppable\x18\t \x01(\x08\x12\x10\n\x08provider\x18\n \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x0b \x01(\t\x12\x0c\n\x04head\x18\x0c \x01(\t\x12\x1e\n\x16max_tokens_per_request\x18\r \x01(\r\x12\x1b\n\x13max_generate_tokens\x18\x0e \x01(\r\x12\x15\n\rsession_ttl_s\x18\x0f \x01(\x01\x12\x14\n\x0cmax_sessions\x18\x10 \x01(\r\x12\x0c\n\x04\x63\x65ll\x18\x11 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x12 \x03(\t\x12\x15\n\rstate_tensors\x18\x13 \x01(\r\x12 \n\x18max_sessions_per_request\x18\x14 \x01(\r\"*\n\x14\x43reateSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\nSessionRef\x12\x12\n\nsession_id\x18\x01 \x01(\t\"U\n\x0bSessionInfo\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0e\n\x06idle_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x65xpires_in_s\x18\x04 \x01(\x01\"\x16\n\x14\x43loseSessionResponse\"-\n\x0fSessionSnapshot\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x0c\n\x04step\x18\x02 \x01(\x04\"9\n\x15RestoreSessionRequest\x12\x0c\n\x04\x62lob\x18\x01 \x01(\x0c\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\xa8\x02\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\x03\x12&\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\x12(\n\x06output\x18\x05 \x01(\x0e\x32\x18.lstmserve.v1.OutputKind\x12\r\n\x05top_k\x18\x06 \x01(\r\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.lstmserve.v1.Sampling\x12(\n\x08generate\x18\x08 \x01(\x0b\x32\x16.lstmserve.v1.Generate\x12\x1a\n\rexpected_step\x18\t \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"%\n\x04TopK\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"\x85\x02\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12$\n\x06logits\x18\x04 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\x12 \n\x04topk\x18\x05 \x03(\x0b\x32\x12.lstmserve.v1.TopK\x12\r\n\x05token\x18\x06 \x01(\x03\x12\x0c\n\x04text\x18\x07 \x01(\t\x12\x10\n\x08\x66inished\x18\x08 \x01(\x08\x12\x15\n\rfinish_reason\x18\t \x01(\t\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x0e\n\x06tokens\x18\x0b \x03(\x03\x12\r\n\x05texts\x18\x0c \x03(\t\"?\n\x13StepSessionsRequest\x12(\n\x05steps\x18\x01 \x03(\x0b\x32\x19.lstmserve.v1.SessionStep\"\xfe\x01\n\x0bSessionStep\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\x03\x12&\n\x08\x66\x65\x61tures\x18\x04 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\x12(\n\x06output\x18\x05 \x01(\x0e\x32\x18.lstmserve.v1.OutputKind\x12\r\n\x05top_k\x18\x06 \x01(\r\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.lstmserve.v1.Sampling\x12\x1a\n\rexpected_step\x18\x08 \x01(\x04H\x00\x88\x01\x01\x42\x10\n\x0e_expected_step\"H\n\x14StepSessionsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.lstmserve.v1.SessionStepResult\"x\n\x11SessionStepResult\x12.\n\x08response\x18\x01 \x01(\x0b\x32\x1a.lstmserve.v1.StepResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.lstmserve.v1.StepErrorH\x00\x42\t\n\x07outcome\">\n\tStepError\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"F\n\x0cInferRequest\x12\x0e\n\x06tokens\x18\x01 \x03(\x03\x12&\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x14.lstmserve.v1.Tensor\"5\n\rInferResponse\x12$\n\x06logits\x18\x01 \x01(\x0b\x32\x14.lstmserve.v1.Tensor*l\n\nOutputKind\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x11\n\rOUTPUT_LOGITS\x10\x01\x12\x0f\n\x0bOUTPUT_TOPK\x10\x02\x12\x11\n\rOUTPUT_SAMPLE\x10\x03\x12\x0f\n\x0bOUTPUT_NONE\x10\x04\x32\xf7\x05\n\tLstmServe\x12J\n\x0cGetModelInfo\x12!.lstmserve.v1.GetModelInfoRequest\x1a\x17.lstmserve.v1.ModelInfo\x12N\n\rCreateSession\x12\".lstmserve.v1.CreateSessionRequest\x1a\x19.lstmserve.v1.SessionInfo\x12\x41\n\nGetSession\x12\x18.lstmserve.v1.SessionRef\x1a\x19.lstmserve.v1.SessionInfo\x12\x43\n\x0cResetSession\x12\x18.lstmserve.v1.SessionRef\x1a\x19.lstmserve.v1.SessionInfo\x12L\n\x0c\x43loseSession\x12\x18.lstmserve.v1.SessionRef\x1a\".lstmserve.v1.CloseSessionResponse\x12J\n\x0fSnapshotSession\x12\x18.lstmserve.v1.SessionRef\x1a\x1d.lstmserve.v1.SessionSnapshot\x12P\n\x0eRestoreSession\x12#.lstmserve.v1.RestoreSessionRequest\x1a\x19.lstmserve.v1.SessionInfo\x12\x41\n\x04Step\x12\x19.lstmserve.v1.StepRequest\x1a\x1a.lstmserve.v1.StepResponse(\x01\x30\x01\x12U\n\x0cStepSessions\x12!.lstmserve.v1.StepSessionsRequest\x1a\".lstmserve.v1.StepSessionsResponse\x12@\n\x05Infer\x12\x1a.lstmserve.v1.InferRequest\x1a\x1b.lstmserve.v1.InferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lstmserve.v1.lstmserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTKIND']._serialized_start=1734
-  _globals['_OUTPUTKIND']._serialized_end=1842
+  _globals['_OUTPUTKIND']._serialized_start=2350
+  _globals['_OUTPUTKIND']._serialized_end=2458
   _globals['_TENSOR']._serialized_start=46
   _globals['_TENSOR']._serialized_end=83
   _globals['_SAMPLING']._serialized_start=85
@@ -42,29 +42,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=282
   _globals['_GETMODELINFOREQUEST']._serialized_end=303
   _globals['_MODELINFO']._serialized_start=306
-  _globals['_MODELINFO']._serialized_end=708
-  _globals['_CREATESESSIONREQUEST']._serialized_start=710
-  _globals['_CREATESESSIONREQUEST']._serialized_end=752
-  _globals['_SESSIONREF']._serialized_start=754
-  _globals['_SESSIONREF']._serialized_end=786
-  _globals['_SESSIONINFO']._serialized_start=788
-  _globals['_SESSIONINFO']._serialized_end=873
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=875
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=897
-  _globals['_SESSIONSNAPSHOT']._serialized_start=899
-  _globals['_SESSIONSNAPSHOT']._serialized_end=944
-  _globals['_RESTORESESSIONREQUEST']._serialized_start=946
-  _globals['_RESTORESESSIONREQUEST']._serialized_end=1003
-  _globals['_STEPREQUEST']._serialized_start=1006
-  _globals['_STEPREQUEST']._serialized_end=1302
-  _globals['_TOPK']._serialized_start=1304
-  _globals['_TOPK']._serialized_end=1341
-  _globals['_STEPRESPONSE']._serialized_start=1344
-  _globals['_STEPRESPONSE']._serialized_end=1605
-  _globals['_INFERREQUEST']._serialized_start=1607
-  _globals['_INFERREQUEST']._serialized_end=1677
-  _globals['_INFERRESPONSE']._serialized_start=1679
-  _globals['_INFERRESPONSE']._serialized_end=1732
-  _globals['_LSTMSERVE']._serialized_start=1845
-  _globals['_LSTMSERVE']._serialized_end=2517
+  _globals['_MODELINFO']._serialized_end=742
+  _globals['_CREATESESSIONREQUEST']._serialized_start=744
+  _globals['_CREATESESSIONREQUEST']._serialized_end=786
+  _globals['_SESSIONREF']._serialized_start=788
+  _globals['_SESSIONREF']._serialized_end=820
+  _globals['_SESSIONINFO']._serialized_start=822
+  _globals['_SESSIONINFO']._serialized_end=907
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=909
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=931
+  _globals['_SESSIONSNAPSHOT']._serialized_start=933
+  _globals['_SESSIONSNAPSHOT']._serialized_end=978
+  _globals['_RESTORESESSIONREQUEST']._serialized_start=980
+  _globals['_RESTORESESSIONREQUEST']._serialized_end=1037
+  _globals['_STEPREQUEST']._serialized_start=1040
+  _globals['_STEPREQUEST']._serialized_end=1336
+  _globals['_TOPK']._serialized_start=1338
+  _globals['_TOPK']._serialized_end=1375
+  _globals['_STEPRESPONSE']._serialized_start=1378
+  _globals['_STEPRESPONSE']._serialized_end=1639
+  _globals['_STEPSESSIONSREQUEST']._serialized_start=1641
+  _globals['_STEPSESSIONSREQUEST']._serialized_end=1704
+  _globals['_SESSIONSTEP']._serialized_start=1707
+  _globals['_SESSIONSTEP']._serialized_end=1961
+  _globals['_STEPSESSIONSRESPONSE']._serialized_start=1963
+  _globals['_STEPSESSIONSRESPONSE']._serialized_end=2035
+  _globals['_SESSIONSTEPRESULT']._serialized_start=2037
+  _globals['_SESSIONSTEPRESULT']._serialized_end=2157
+  _globals['_STEPERROR']._serialized_start=2159
+  _globals['_STEPERROR']._serialized_end=2221
+  _globals['_INFERREQUEST']._serialized_start=2223
+  _globals['_INFERREQUEST']._serialized_end=2293
+  _globals['_INFERRESPONSE']._serialized_start=2295
+  _globals['_INFERRESPONSE']._serialized_end=2348
+  _globals['_LSTMSERVE']._serialized_start=2461
+  _globals['_LSTMSERVE']._serialized_end=3220
 # @@protoc_insertion_point(module_scope)

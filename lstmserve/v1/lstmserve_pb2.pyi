@@ -57,7 +57,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("kind", "vocabulary", "input_size", "hidden_size", "num_layers", "num_directions", "proj_size", "output_size", "steppable", "provider", "fingerprint", "head", "max_tokens_per_request", "max_generate_tokens", "session_ttl_s", "max_sessions", "cell", "classes", "state_tensors")
+    __slots__ = ("kind", "vocabulary", "input_size", "hidden_size", "num_layers", "num_directions", "proj_size", "output_size", "steppable", "provider", "fingerprint", "head", "max_tokens_per_request", "max_generate_tokens", "session_ttl_s", "max_sessions", "cell", "classes", "state_tensors", "max_sessions_per_request")
     KIND_FIELD_NUMBER: _ClassVar[int]
     VOCABULARY_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class ModelInfo(_message.Message):
     CELL_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     STATE_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     kind: str
     vocabulary: _containers.RepeatedScalarFieldContainer[str]
     input_size: int
@@ -96,7 +97,8 @@ class ModelInfo(_message.Message):
     cell: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     state_tensors: int
-    def __init__(self, kind: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_directions: _Optional[int] = ..., proj_size: _Optional[int] = ..., output_size: _Optional[int] = ..., steppable: _Optional[bool] = ..., provider: _Optional[str] = ..., fingerprint: _Optional[str] = ..., head: _Optional[str] = ..., max_tokens_per_request: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_sessions: _Optional[int] = ..., cell: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., state_tensors: _Optional[int] = ...) -> None: ...
+    max_sessions_per_request: int
+    def __init__(self, kind: _Optional[str] = ..., vocabulary: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_directions: _Optional[int] = ..., proj_size: _Optional[int] = ..., output_size: _Optional[int] = ..., steppable: _Optional[bool] = ..., provider: _Optional[str] = ..., fingerprint: _Optional[str] = ..., head: _Optional[str] = ..., max_tokens_per_request: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_sessions: _Optional[int] = ..., cell: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., state_tensors: _Optional[int] = ..., max_sessions_per_request: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id",)
@@ -199,6 +201,56 @@ class StepResponse(_message.Message):
     tokens: _containers.RepeatedScalarFieldContainer[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., step: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., topk: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., token: _Optional[int] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., batch_size: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepSessionsRequest(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[SessionStep]
+    def __init__(self, steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ...) -> None: ...
+
+class SessionStep(_message.Message):
+    __slots__ = ("session_id", "request_id", "tokens", "features", "output", "top_k", "sampling", "expected_step")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    request_id: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    features: Tensor
+    output: OutputKind
+    top_k: int
+    sampling: Sampling
+    expected_step: int
+    def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., expected_step: _Optional[int] = ...) -> None: ...
+
+class StepSessionsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SessionStepResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SessionStepResult, _Mapping]]] = ...) -> None: ...
+
+class SessionStepResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: StepResponse
+    error: StepError
+    def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("session_id", "code", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    code: int
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("tokens", "features")

@@ -74,6 +74,11 @@ class LstmServeStub:
                 request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StepSessions = channel.unary_unary(
+                '/lstmserve.v1.LstmServe/StepSessions',
+                request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsRequest.SerializeToString,
+                response_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsResponse.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/lstmserve.v1.LstmServe/Infer',
                 request_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.InferRequest.SerializeToString,
@@ -145,6 +150,19 @@ class LstmServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepSessions(self, request, context):
+        """One step for each of many existing sessions in one call (for a caller that holds many
+        streams: a gateway, a queue consumer). The entries are stepped together and each is
+        answered on its own, in request order: its StepResponse, or a StepError (one bad entry
+        fails only itself). expected_step works as in Step, replay included. The whole call is
+        refused (INVALID_ARGUMENT, nothing applied) if it has no entries, more than
+        ModelInfo.max_sessions_per_request, the same session_id twice, or asks for more output
+        than a message may carry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Infer(self, request, context):
         """Whole-sequence inference without a session (zero initial state). The only
         way to run a bidirectional model.
@@ -195,6 +213,11 @@ def add_LstmServeServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepRequest.FromString,
                     response_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepResponse.SerializeToString,
+            ),
+            'StepSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepSessions,
+                    request_deserializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsRequest.FromString,
+                    response_serializer=lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
@@ -418,6 +441,33 @@ class LstmServe:
             '/lstmserve.v1.LstmServe/Step',
             lstmserve_dot_v1_dot_lstmserve__pb2.StepRequest.SerializeToString,
             lstmserve_dot_v1_dot_lstmserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServe/StepSessions',
+            lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsRequest.SerializeToString,
+            lstmserve_dot_v1_dot_lstmserve__pb2.StepSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
