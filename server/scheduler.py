@@ -15,14 +15,14 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from lstmserve.server.backend import MemoryOnly, SessionBackend
 from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, draining, group_by_length, mismatch
-from lstmserve.server.errors import SessionNotFound
+from lstmserve.server.errors import ServeError, SessionNotFound
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import BindableState, Runner
 from lstmserve.server.session_manager import (
@@ -243,29 +243,56 @@ class Scheduler:
         self._require_steppable(session)
         digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
         if expected_step is not None:
-            if expected_step != session.step + session.queued_positions and replay and session.busy:
+            if _may_be_queued_resend(session, expected_step, replay):
                 # Maybe a resend of a step that is still queued or computing: wait for the
                 # session's earlier work to settle, then decide.
                 await self._run_op(session, lambda s: None)
                 self._require_live(session)
-            projected = session.step + session.queued_positions
-            last = session.last_result
-            if expected_step != projected:
-                if (
-                    replay
-                    and last is not None
-                    and session.queued_positions == 0
-                    and last.start_step == expected_step
-                    and last.step == session.step
-                    and last.input_digest == digest
-                ):
-                    return last
-                raise mismatch(session, expected_step)
+            replayed = _replayed(session, expected_step, digest, replay)
+            if replayed is not None:
+                return replayed
         work = Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and self._runs_inline(len(inputs), others_waiting=False):
             return self._run_now(session, work)
         result: StepResult = await self._enqueue(session, work)
         return result
+
+    async def step_many(self, steps: Sequence[tuple[Session, np.ndarray, int | None]]) -> list[StepResult | ServeError]:
+        """One step for each of many sessions (a multi-session request), each (session, inputs, expected_step)
+        checked and answered as `step` would, exactly-once rules included; returns each step's result or
+        refusal, in order.
+
+        Every step is queued before the loop wakes, so they share batches (with everything else queued),
+        and nothing per step is a task of its own: the steps wait on their futures one after another.
+        """
+        pending: list[StepResult | ServeError | asyncio.Future[StepResult] | asyncio.Task[StepResult]] = []
+        for session, inputs, expected_step in steps:
+            try:
+                self._require_steppable(session)
+                if expected_step is not None and _may_be_queued_resend(session, expected_step, True):
+                    pending.append(asyncio.ensure_future(self.step(session, inputs, expected_step)))
+                    continue
+                digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
+                replayed = _replayed(session, expected_step, digest, True) if expected_step is not None else None
+                if replayed is not None:
+                    pending.append(replayed)
+                    continue
+                work = Work(future=self._new_future(), inputs=inputs, digest=digest)
+                self.batcher.enqueue(session, work)
+                pending.append(work.future)
+            except ServeError as error:
+                pending.append(error)
+        self._wakeup.set()
+        outcomes: list[StepResult | ServeError] = []
+        for item in pending:
+            if isinstance(item, StepResult | ServeError):
+                outcomes.append(item)
+                continue
+            try:
+                outcomes.append(await item)
+            except ServeError as error:
+                outcomes.append(error)
+        return outcomes
 
     async def generate(
         self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
@@ -522,6 +549,30 @@ class Scheduler:
             await asyncio.sleep(interval)
             self._sweep_due = True  # the batching loop sweeps when nothing computes
             self._wakeup.set()
+
+
+def _may_be_queued_resend(session: Session, expected_step: int, replay: bool) -> bool:
+    """Whether a step whose `expected_step` is not where the session will be could still be the resend of a step
+    that is queued or computing (so the answer must wait for the session's earlier work)."""
+    return expected_step != session.step + session.queued_positions and replay and session.busy
+
+
+def _replayed(session: Session, expected_step: int, digest: bytes, replay: bool) -> StepResult | None:
+    """None if the session will be at `expected_step`; its stored result if this is the resend of its last
+    step (same input, applied once); else StepMismatch."""
+    if expected_step == session.step + session.queued_positions:
+        return None
+    last = session.last_result
+    if (
+        replay
+        and last is not None
+        and session.queued_positions == 0
+        and last.start_step == expected_step
+        and last.step == session.step
+        and last.input_digest == digest
+    ):
+        return last
+    raise mismatch(session, expected_step)
 
 
 def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:

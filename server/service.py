@@ -36,7 +36,7 @@ from lstmserve.server.sampling import Sampler
 from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.session_ops import new_session
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
-from lstmserve.server.sessions import Session, check_proposed_id
+from lstmserve.server.sessions import Session, StepResult, check_proposed_id
 from lstmserve.server.state import SessionState
 from lstmserve.server.status import refusals, refuse, status_for
 from lstmserve.server.text import shown
@@ -223,7 +223,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         owner = self._owner(context)
         self.requests_in_progress += 1
         try:
-            results = await asyncio.gather(*(self._step_entry(entry, owner) for entry in entries))
+            results = await self._step_entries(entries, owner)
         finally:
             self.requests_in_progress -= 1
         return pb.StepSessionsResponse(results=results)
@@ -269,18 +269,40 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
             )
 
-    async def _step_entry(self, entry: _Entry, owner: str) -> pb.SessionStepResult:
-        """One entry stepped as Step steps a request: its result, or its refusal as a StepError."""
-        if isinstance(entry.outcome, ServeError):
-            return self._entry_refused(entry, entry.outcome)
-        session_id = entry.message.session_id
-        try:
-            self._check_lease(session_id)
-            session = await self.scheduler.find_session(session_id, owner)
-            self._check_lease(session.id)
-            return pb.SessionStepResult(response=await self._step(session, entry.message, entry.outcome))
-        except ServeError as error:
-            return self._entry_refused(entry, error)
+    async def _step_entries(self, entries: list[_Entry], owner: str) -> list[pb.SessionStepResult]:
+        """Every entry stepped as Step steps a request, all queued at once (`Scheduler.step_many`): each entry's
+        result, or its refusal as a StepError."""
+        refusals: dict[int, ServeError] = {}
+        steps: list[tuple[Session, np.ndarray, int | None]] = []
+        stepped: list[_Entry] = []
+        for entry in entries:
+            if isinstance(entry.outcome, ServeError):
+                refusals[entry.index] = entry.outcome
+                continue
+            try:
+                self._check_lease(entry.message.session_id)
+                session = await self.scheduler.find_session(entry.message.session_id, owner)
+            except ServeError as error:
+                refusals[entry.index] = error
+                continue
+            assert entry.outcome.inputs is not None
+            steps.append((session, entry.outcome.inputs, entry.outcome.expected_step))
+            stepped.append(entry)
+        outcomes = await self.scheduler.step_many(steps)
+        responses: dict[int, pb.SessionStepResult] = {}
+        for entry, (session, _, _), outcome in zip(stepped, steps, outcomes, strict=True):
+            try:
+                if isinstance(outcome, ServeError):
+                    raise outcome
+                self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
+                response = self._step_response(session, entry.message, entry.outcome, outcome)  # type: ignore[arg-type]
+                responses[entry.index] = pb.SessionStepResult(response=response)
+            except ServeError as error:
+                refusals[entry.index] = error
+        return [
+            responses[entry.index] if entry.index in responses else self._entry_refused(entry, refusals[entry.index])
+            for entry in entries
+        ]
 
     def _entry_refused(self, entry: _Entry, error: ServeError) -> pb.SessionStepResult:
         """An entry's refusal as its StepError (counted in the error metrics like a refused call)."""
@@ -328,6 +350,13 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         assert parsed.inputs is not None
         result = await self.scheduler.step(session, parsed.inputs, parsed.expected_step)
         self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
+        return self._step_response(session, request, parsed, result)
+
+    @staticmethod
+    def _step_response(
+        session: Session, request: pb.StepRequest | pb.SessionStep, parsed: _ParsedStep, result: StepResult
+    ) -> pb.StepResponse:
+        """The answer to a step: the session's new step counter and the outputs the request asked for."""
         response = pb.StepResponse(
             session_id=session.id, request_id=request.request_id, step=result.step, batch_size=result.batch_size
         )
