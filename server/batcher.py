@@ -107,6 +107,10 @@ class Batcher:
         self.frozen = False
         # The session whose step was the only one in the last batch (None after a real batch).
         self.last_solo: Session | None = None
+        # Generation steps whose next token is sampled and whose sessions have nothing else queued: they join
+        # the next batch as they are, in the order of the last one, without a trip through the session queues
+        # (their sessions stay in flight meanwhile, so anything queued for them waits behind, in order).
+        self.carried: Taken = []
 
     # ---- queues ------------------------------------------------------------
     def enqueue(self, session: Session, work: Work) -> None:
@@ -134,6 +138,12 @@ class Batcher:
         """Fails every request still queued for a session that leaves (closed, expired, handed over)."""
         if self.last_solo is session:
             self.last_solo = None
+        if session.in_flight and self.carried:  # a carried generation step of this session fails too
+            for work in [w for s, w in self.carried if s is session]:
+                if not work.future.done():
+                    work.future.set_exception(error)
+            self.carried = [(s, w) for s, w in self.carried if s is not session]
+            session.in_flight = False
         while session.pending:  # requests queued behind a close: the session is gone
             work = session.pending.pop(0)
             self.queued -= 1
@@ -164,20 +174,35 @@ class Batcher:
                 break
             if not session.pending:
                 session.pending = None  # idle sessions keep no empty list
+        if self.carried and len(taken) < limit:
+            self._take_carried(taken, limit - len(taken))
         self.metrics.queue_depth.set(self.queued)
         return taken
+
+    def _take_carried(self, taken: Taken, room: int) -> None:
+        """Adds up to `room` carried generation steps to the batch (new arrivals went first); a step whose
+        client went away meanwhile is dropped, and its session freed for what it has queued."""
+        carried, self.carried = self.carried[:room], self.carried[room:]
+        for session, work in carried:
+            if work.future.done():  # cancelled: the client went away
+                session.in_flight = False
+                session.queued_positions -= 1
+                if session.pending:
+                    self.ready.setdefault(session.id, session)
+                continue
+            taken.append((session, work))
 
     def requeue(self, taken: Taken, live: Any) -> bool:
         """Marks the taken sessions that have more work (and are still in `live`) ready; returns whether
         any session is ready."""
         for session, _ in taken:
-            if session.pending and session in live:
+            if session.pending and not session.in_flight and session in live:
                 self.ready.setdefault(session.id, session)
-        return bool(self.ready)
+        return bool(self.ready or self.carried)
 
     def idle_for(self, session: Session) -> bool:
         """Whether nothing is queued anywhere, this session has no work, and the last batch was its alone."""
-        return self.last_solo is session and not (self.ready or self.queued or session.busy)
+        return self.last_solo is session and not (self.ready or self.queued or self.carried or session.busy)
 
     # ---- applying a batch --------------------------------------------------
     def finish(self, groups: list[Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
@@ -252,18 +277,21 @@ class Batcher:
         tokens = sample_rows([g.sampler for g in generations], last_logits)
         next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
         sessions = group.sessions
+        carried = self.carried
+        queued = 0
         # Iterating next_inputs gives each row a [1] view of its token.
         for row, work, generation, token, inputs in zip(rows, works, generations, tokens.tolist(), next_inputs):
             generation.fed = token
             work.inputs = inputs
-            # Behind anything queued meanwhile (a close ends the generation, as it would end a step).
             session = sessions[row]
-            if session.pending is None:
-                session.pending = [work]
-            else:
-                session.pending.append(work)
             session.queued_positions += 1
-        self.queued += len(works)
+            if session.pending is None:  # the common case: straight into the next batch
+                session.in_flight = True
+                carried.append((session, work))
+            else:  # behind what was queued meanwhile (a close ends the generation, as it would end a step)
+                session.pending.append(work)
+                queued += 1
+        self.queued += queued
 
     def _fail_group(self, group: Group, error: Exception) -> None:
         """Fails exactly the requests of a group whose compute raised; their state is unchanged."""

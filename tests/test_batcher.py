@@ -202,3 +202,32 @@ def test_an_operation_queued_behind_a_step_runs_after_it() -> None:
         assert work.future.result().step == 1
 
     run(body)
+
+
+def test_work_queued_during_a_generation_runs_between_its_tokens_in_order() -> None:
+    """A generation's next token joins the next batch directly, unless something was queued for its session
+    meanwhile: then the token waits behind it, as every request of a session runs in order."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        params = GenerateParams(max_tokens=4, sampling=SamplingParams(temperature=0.0))
+        generation = Generation(params, [str(i) for i in range(VOCAB)])
+        gen_work = step(batcher, a, [1], generation)
+        batcher.generating = 1
+        taken = batcher.collect()
+        run_batch(batcher, taken)  # the prompt ran; the first token (2) is sampled and carried
+        assert batcher.requeue(taken, {a, b}) and batcher.carried == [(a, gen_work)] and a.in_flight
+        seen: list[int] = []
+        op = Work(future=asyncio.get_running_loop().create_future(), op=lambda s: seen.append(s.step))
+        batcher.enqueue(a, op)  # waits: the session is in flight
+        other = step(batcher, b, [5])  # a new arrival goes first in the next batch
+        taken = batcher.collect()
+        assert taken == [(b, other), (a, gen_work)] and seen == []
+        run_batch(batcher, taken)
+        assert batcher.carried == [] and a.pending == [op, gen_work]  # the next token waits behind the op
+        batcher.requeue(taken, {a, b})
+        assert batcher.collect() == [(a, gen_work)] and seen == [2]
+        assert [event.token for event in generation.take()] == [2]
+
+    run(body)
