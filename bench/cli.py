@@ -21,6 +21,22 @@ def _levels(text: str) -> tuple[int, ...]:
     return levels
 
 
+def _model_problem(model: Path, mode: str) -> str:
+    """Why the model cannot be benchmarked in this mode ("" if it can): it must be steppable, and a
+    token model to generate."""
+    from lstmserve.server.runner import Runner, RunnerOptions
+
+    try:
+        spec = Runner(model, RunnerOptions(providers=("cpu",))).spec
+    except ValueError as error:  # ModelLoadError, ModelSpecError: not an exported model; say why, without a traceback
+        return f"cannot load {str(model)!r}: {error}"
+    if not spec.steppable:
+        return f"{str(model)!r} is bidirectional and cannot be stepped"
+    if mode == "generate" and spec.kind != "tokens":
+        return f"--mode generate needs a token model; {str(model)!r} takes {spec.kind}"
+    return ""
+
+
 def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Registers `bench`."""
     p = subparsers.add_parser(
@@ -28,8 +44,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="measure step latency and throughput against the transport and compute ceilings",
         description="Start lstmserve (or use --target), drive it with N concurrent sessions from separate "
         "load processes for each concurrency level, and measure side by side: the same server with batching "
-        "off, a gRPC echo server with the same message sizes (transport ceiling), ONNX Runtime in-process "
-        "(compute ceiling) and PyTorch eager stepping. Writes results.json, results.md and results.png.",
+        "off, a gRPC echo server with the same message sizes (transport ceiling), the server's batching engine "
+        "in-process without gRPC, ONNX Runtime in-process (compute ceiling) and PyTorch eager stepping. Writes "
+        "results.json, results.md and results.png.",
     )
     p.add_argument("--model", type=Path, default=Path("models/default/model.onnx"), help="exported model (default %(default)s)")
     p.add_argument("--target", help="measure an already running server at HOST:PORT instead of starting one")
@@ -43,8 +60,11 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--generate-tokens", type=int, default=32, help="tokens per generation in generate mode (default 32)")
     p.add_argument("--load-processes", type=int, default=1, help="load generator processes (default 1)")
     p.add_argument("--intra-op-threads", type=int, default=1, help="threads for ONNX Runtime in the server and the compute ceiling, and for PyTorch eager (default 1)")
-    p.add_argument("--series", default="server,unbatched,echo,onnxruntime,torch",
-                   help="which series to run, comma-separated (default all)")  # fmt: skip
+    p.add_argument("--series", default="server,unbatched,echo,engine,onnxruntime,torch",
+                   help="which series to run, comma-separated, from server, unbatched, echo, engine (the server's "
+                   "batching engine driven in this process, no gRPC, in batches of up to N; brings onnxruntime "
+                   "along for its ratio), onnxruntime, torch (default all; 'sessions' is reserved for the "
+                   "multi-session StepSessions RPC)")  # fmt: skip
     p.add_argument("--memory-sessions", type=int, default=0,
                    help="also measure the RSS cost of this many idle sessions (e.g. 100000; default 0: skip)")  # fmt: skip
     p.add_argument("--memory-settle-s", type=float, default=67.0,
@@ -63,10 +83,22 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lstmserve.bench.report import BenchReport, markdown_table, write
-    from lstmserve.bench.run import ALL_SERIES, BenchConfig, machine_description, median_rows, run_bench
+    from lstmserve.bench.run import (
+        ALL_SERIES,
+        RESERVED_SERIES,
+        BenchConfig,
+        machine_description,
+        median_rows,
+        run_bench,
+        with_required_series,
+    )
     from lstmserve.bench.targets import compare_to_targets, summarize_checks
 
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
+    for name in series:
+        if name in RESERVED_SERIES:
+            print(f"lstmserve bench: error: series {name!r} is reserved for {RESERVED_SERIES[name]}", file=sys.stderr)
+            return 2
     unknown = [s for s in series if s not in ALL_SERIES]
     if unknown:
         print(f"lstmserve bench: error: unknown series {unknown}; choose from {list(ALL_SERIES)}", file=sys.stderr)
@@ -74,6 +106,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if not args.model.is_file():
         print(f"lstmserve bench: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
+    problem = _model_problem(args.model, args.mode)
+    if problem:
+        print(f"lstmserve bench: error: {problem}", file=sys.stderr)
+        return 2
+    required = with_required_series(series)
+    if required != series:
+        added = ", ".join(name for name in required if name not in series)
+        print(f"lstmserve bench: also measuring {added}: the engine's ratio is taken against it", file=sys.stderr)
+        series = required
     for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes", "repeats"):
         if getattr(args, name) <= 0:
             print(f"lstmserve bench: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}", file=sys.stderr)
@@ -85,7 +126,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         replicas=args.replicas, repeats=args.repeats,
     )  # fmt: skip
     server_series = sum(1 for s in ("server", "unbatched", "echo") if s in series and not (args.target and s == "unbatched"))
-    in_process = sum(1 for s in ("onnxruntime", "torch") if s in series)
+    in_process = sum(1 for s in ("engine", "onnxruntime", "torch") if s in series)
     bar = tqdm(
         total=(server_series + in_process + len(args.replicas)) * len(args.levels) * args.repeats,
         desc="bench",

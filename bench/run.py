@@ -14,11 +14,13 @@ from typing import Protocol
 import numpy as np
 
 from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
+from lstmserve.bench.engine import EngineLoad, EngineResult, measure_engine
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
 from lstmserve.bench.report import Row, middle_index
 from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
 from lstmserve.bench.targets import (
     SERIES_ECHO,
+    SERIES_ENGINE,
     SERIES_ORT,
     SERIES_ORT_FORMED,
     SERIES_SERVER,
@@ -27,7 +29,19 @@ from lstmserve.bench.targets import (
     series_proxied,
 )
 
-ALL_SERIES = ("server", "unbatched", "echo", "onnxruntime", "torch")
+ALL_SERIES = ("server", "unbatched", "echo", "engine", "onnxruntime", "torch")
+
+# Series names taken for what is not measured yet, with what each waits for.
+RESERVED_SERIES = {
+    "sessions": "the multi-session RPC (StepSessions: many sessions' steps in one message), not implemented yet",
+}
+
+
+def with_required_series(series: Sequence[str]) -> tuple[str, ...]:
+    """`series` with those their ratios need: the engine's ratio is to ONNX Runtime at the same batch size."""
+    if "engine" in series and "onnxruntime" not in series:
+        return (*series, "onnxruntime")
+    return tuple(series)
 
 
 @dataclass(frozen=True)
@@ -63,13 +77,14 @@ def machine_description() -> dict[str, object]:
     }
 
 
-def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, int] | None) -> Row:
+def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, int | None] | None) -> Row:
+    """A row from what the load measured, with (CPU seconds, wall seconds, RSS bytes or None) of the server."""
     latencies = np.sort(np.asarray(load.latencies_s)) * 1e3
     quantile = (lambda q: float(np.quantile(latencies, q))) if latencies.size else (lambda q: None)
     cpu_pct = rss_mb = None
     if usage is not None:
         cpu_s, wall_s, rss = usage
-        cpu_pct, rss_mb = 100.0 * cpu_s / wall_s, rss / 2**20
+        cpu_pct, rss_mb = 100.0 * cpu_s / wall_s, None if rss is None else rss / 2**20
     return Row(
         series=series,
         level=level,
@@ -201,6 +216,9 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
                 by_series.setdefault(series, []).append(row)
                 if series == SERIES_SERVER and config.mode == "generate" and row.mean_batch:
                     by_series[SERIES_ORT_FORMED].append(_formed_batch_ceiling(row, config))
+            if "engine" in config.series:
+                tick(f"{label_prefix}{SERIES_ENGINE} @ {level}")
+                by_series.setdefault(SERIES_ENGINE, []).append(_engine_row(level, config))
             for label, measure in in_process:
                 tick(f"{label_prefix}{label} @ batch {level}")
                 measured = measure(
@@ -212,6 +230,18 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
                 )
                 by_series.setdefault(label, []).append(_in_process_row(label, level, level, measured))
     return [row for rows in by_series.values() for row in rows]
+
+
+def _engine_row(level: int, config: BenchConfig) -> Row:
+    """The batching engine in this process at one level: `level` sessions, batches of up to `level` (as the
+    compute ceiling's batch), the process's CPU over the run as the server's CPU."""
+    load = EngineLoad(
+        sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
+        prompt_len=config.prompt_len, generate_tokens=config.generate_tokens,
+    )  # fmt: skip
+    measured: EngineResult = measure_engine(config.model, load, intra_op_threads=config.intra_op_threads)
+    # The RSS of this process holds the whole benchmark, not the engine alone: not reported.
+    return _row(SERIES_ENGINE, level, measured.load, (measured.cpu_s, measured.wall_s, None))
 
 
 def _formed_batch_ceiling(row: Row, config: BenchConfig) -> Row:

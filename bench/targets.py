@@ -13,6 +13,10 @@ SERIES_ECHO = "gRPC echo (transport ceiling)"
 SERIES_ORT = "ONNX Runtime in-process (compute ceiling)"
 SERIES_TORCH = "PyTorch eager in-process"
 SERIES_ORT_FORMED = "ONNX Runtime at the batch size lstmserve formed"
+SERIES_ENGINE = "lstmserve engine in-process (no gRPC)"
+# Reserved for the multi-session RPC (`--series sessions`: many sessions' steps in one StepSessions message),
+# measured once that RPC exists; not measured yet.
+SERIES_SESSIONS = "lstmserve StepSessions (multi-session RPC)"
 
 # The 1-session budget on top of the echo server's p50 and one batch-1 model call.
 ONE_SESSION_SLACK_MS = 0.150
@@ -104,6 +108,25 @@ def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, re
                 note=f"batch {formed.mean_batch:.0f}",
             )
         )
+    checks.extend(_engine_checks(by, levels))
+    return checks
+
+
+def _engine_checks(by: dict[tuple[str, int], Row], levels: Sequence[int]) -> list[Check]:
+    """At each level: the in-process engine's throughput over the compute ceiling's at that batch size
+    (no target: it tells how much of the model's speed the batching loop keeps without gRPC)."""
+    checks = []
+    for level in levels:
+        engine, ceiling = by.get((SERIES_ENGINE, level)), by.get((SERIES_ORT, level))
+        if engine and ceiling and ceiling.steps_per_s:
+            checks.append(
+                Check(
+                    f"{level} session{'s' if level > 1 else ''}: engine in-process / compute ceiling at batch {level}, "
+                    "throughput",
+                    engine.steps_per_s / ceiling.steps_per_s,
+                    note=f"mean batch {engine.mean_batch:.0f}" if engine.mean_batch else "",
+                )
+            )
     return checks
 
 

@@ -25,8 +25,8 @@ def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, caps
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     series = {row["series"] for row in report["rows"]}
-    assert len(series) == 5
-    assert len(report["rows"]) == 5 * 2
+    assert len(series) == 6
+    assert len(report["rows"]) == 6 * 2
     for row in report["rows"]:
         assert row["level"] in (1, 4)
         assert row["steps_per_s"] > 0
@@ -219,3 +219,108 @@ def test_tables_and_plots_name_what_each_mode_measures(tmp_path: Path) -> None:
         assert panel_labels(report)[1:] == (unit, latency)
         plot(report, tmp_path / f"{mode}.png")
         assert (tmp_path / f"{mode}.png").stat().st_size > 0
+
+
+ENGINE = "lstmserve engine in-process (no gRPC)"
+ORT = "ONNX Runtime in-process (compute ceiling)"
+
+
+def _engine_ratio_name(level: int) -> str:
+    return f"{level} session{'s' if level > 1 else ''}: engine in-process / compute ceiling at batch {level}, throughput"
+
+
+@pytest.mark.parametrize("mode", ["step", "generate"])
+def test_engine_series_drives_the_scheduler_in_process(
+    token_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--series", "engine", "--mode", mode, "--levels", "1,4",
+        "--duration-s", "0.4", "--warmup-s", "0.2", "--generate-tokens", "4", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    assert "also measuring onnxruntime" in capsys.readouterr().err  # the ceiling its ratio needs
+    report = json.loads((out / "results.json").read_text())
+    rows = {(row["series"], row["level"]): row for row in report["rows"]}
+    assert set(rows) == {(series, level) for series in (ENGINE, ORT) for level in (1, 4)}
+    for level in (1, 4):
+        engine, ceiling = rows[(ENGINE, level)], rows[(ORT, level)]
+        assert engine["steps_per_s"] > 0 and engine["errors"] == 0
+        assert 1 <= engine["mean_batch"] <= level
+        assert engine["p50_ms"] <= engine["p95_ms"] <= engine["p99_ms"]
+        assert engine["server_cpu_pct"] > 0 and engine["server_rss_mb"] is None
+        (check,) = [c for c in report["check_rounds"][0] if c["name"] == _engine_ratio_name(level)]
+        assert check["value"] == pytest.approx(engine["steps_per_s"] / ceiling["steps_per_s"])
+        assert check["met"] is None  # a ratio without a target
+        assert report["checks"][_engine_ratio_name(level)].startswith(f"{check['value']:.2f}")
+    markdown = (out / "results.md").read_text()
+    assert ENGINE in markdown and ORT in markdown and _engine_ratio_name(4) in markdown
+    assert ("| tokens/s |" if mode == "generate" else "| steps/s |") in markdown
+
+
+def test_engine_series_repeats_report_the_median_round(token_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--series", "engine,onnxruntime", "--mode", "generate", "--levels", "2",
+        "--duration-s", "0.3", "--warmup-s", "0.1", "--generate-tokens", "4", "--repeats", "3", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert len(report["rounds"]) == 3
+    engine = next(row for row in report["rows"] if row["series"] == ENGINE)
+    measured = sorted(r["steps_per_s"] for rows in report["rounds"] for r in rows if r["series"] == ENGINE)
+    assert engine["rounds"] == 3 and engine["steps_per_s"] == measured[1]
+    assert (engine["steps_per_s_min"], engine["steps_per_s_max"]) == (measured[0], measured[2])
+    for rows, checks in zip(report["rounds"], report["check_rounds"], strict=True):  # each round from its own rows
+        by = {r["series"]: r["steps_per_s"] for r in rows}
+        (check,) = [c for c in checks if c["name"] == _engine_ratio_name(2)]
+        assert check["value"] == pytest.approx(by[ENGINE] / by[ORT])
+    assert "the median of 3 rounds" in report["checks"][_engine_ratio_name(2)]
+    assert "range over rounds" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("model", "options", "message"),
+    [
+        ("token_model", ["--series", "engine,sessions"], "series 'sessions' is reserved for the multi-session RPC"),
+        ("token_model", ["--series", "engine,engines"], "unknown series ['engines']"),
+        ("feature_model", ["--series", "engine", "--mode", "generate"], "--mode generate needs a token model"),
+        ("bidirectional_model", ["--series", "engine"], "is bidirectional and cannot be stepped"),
+    ],
+)
+def test_bench_rejects_what_the_engine_cannot_measure(
+    request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str], model: str, options: list[str], message: str
+) -> None:
+    path: Path = request.getfixturevalue(model)
+    assert main(["bench", "--model", str(path), "--levels", "1", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lstmserve bench: error: ") and message in err
+
+
+def test_engine_steps_a_feature_model(feature_model: Path) -> None:
+    from lstmserve.bench.engine import EngineLoad, measure_engine
+
+    measured = measure_engine(feature_model, EngineLoad(sessions=3, mode="prompt", warmup_s=0.05, duration_s=0.2, prompt_len=2))
+    assert measured.load.errors == 0 and measured.load.count > 0
+    assert measured.load.positions == pytest.approx(2 * measured.load.count, abs=2)
+    assert measured.cpu_s > 0 and measured.wall_s >= 0.25
+
+
+def test_engine_window_counts_the_share_of_an_answer_inside_it() -> None:
+    from lstmserve.bench.engine import _Window
+
+    window = _Window(start=10.0, end=20.0)
+    window.add(8.0, 12.0, 4, 4, (4,) * 4)  # straddles the start: half its time inside, no latency
+    window.add(12.0, 14.0, 3, 3, (2,) * 3)  # inside: counted whole, with its latency and batches
+    window.add(19.0, 23.0, 8, 8, (8,) * 8)  # straddles the end: a quarter
+    window.add(20.0, 21.0, 5, 5, (5,) * 5)  # after it
+    window.add(14.0, 15.0, 0, 0, ())  # a chunk with the finish only
+    assert window.count == pytest.approx(2 + 3 + 2)
+    assert window.result.latencies_s == [2.0] and window.result.batch_sizes == [2, 2, 2]
+
+
+def test_only_build_engine_constructs_the_scheduler() -> None:
+    """If the scheduler's constructor changes, bench/engine.py's build_engine is the one call to change."""
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    calls = {path.name: path.read_text().count("Scheduler(") for path in bench.glob("*.py")}
+    assert {name: count for name, count in calls.items() if count} == {"engine.py": 1}

@@ -1,0 +1,257 @@
+"""The engine series: lstmserve's batching engine (scheduler, state store, runner) driven in this process.
+
+N concurrent sessions, each an asyncio task with one step (or one generation) in flight, call the
+scheduler directly: no gRPC, no protobuf, no load-generator process. Set beside the server series,
+it separates what gRPC costs from what the engine costs; set beside the ONNX Runtime ceiling at the
+same batch size, it shows what the batching loop costs around the model call.
+
+`build_engine` is the one place the benchmark constructs the engine, as `server/app.py` does: if
+the scheduler's constructor changes, only that function changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import time
+from collections.abc import Coroutine, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from lstmserve.bench.loadgen import LoadResult
+from lstmserve.metadata import ModelSpec
+from lstmserve.server.app import make_store
+from lstmserve.server.cli import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S
+from lstmserve.server.config import ServerConfig
+from lstmserve.server.errors import ServeError
+from lstmserve.server.generation import GenerateParams, generate
+from lstmserve.server.metrics import Metrics
+from lstmserve.server.runner import Runner, RunnerOptions
+from lstmserve.server.sampling import SamplingParams
+from lstmserve.server.scheduler import Scheduler, SchedulerLimits
+from lstmserve.server.sessions import Session
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The server's batching engine, not started.
+
+    Args:
+        scheduler: the batching scheduler; `start()` it on a running event loop, `close()` it after.
+        spec: the model's metadata (input kind, vocabulary, input width).
+    """
+
+    scheduler: Scheduler
+    spec: ModelSpec
+
+
+def build_engine(
+    model: Path,
+    *,
+    max_sessions: int,
+    max_batch_size: int = 256,
+    intra_op_threads: int = 1,
+    providers: tuple[str, ...] = ("cpu",),
+) -> Engine:
+    """Constructs the runner, state store, limits, metrics and scheduler as `lstmserve serve` does
+    (`server/app.py`), from the same `ServerConfig`, so every other limit has the server's default.
+
+    Args:
+        model: the exported model.onnx.
+        max_sessions: most live sessions (the size of the state store).
+        max_batch_size: most sessions in one model call.
+        intra_op_threads: ONNX Runtime intra-op threads.
+        providers: ONNX Runtime providers (the CPU, as the ONNX Runtime ceiling uses).
+    """
+    config = ServerConfig(
+        model=model,
+        providers=providers,
+        intra_op_threads=intra_op_threads,
+        max_batch_size=max_batch_size,
+        max_sessions=max_sessions,
+    )
+    runner = Runner(config.model, RunnerOptions(providers=config.providers, intra_op_threads=config.intra_op_threads))
+    store = make_store(runner, config)
+    limits = SchedulerLimits(
+        max_batch_size=config.max_batch_size,
+        max_wait_us=config.max_wait_us,
+        idle_spin_us=config.idle_spin_us,
+        max_queue=config.max_queue,
+        session_ttl_s=config.session_ttl_s,
+        max_inflight_per_session=config.max_inflight_per_session,
+    )
+    return Engine(scheduler=Scheduler(runner, store, limits, Metrics()), spec=runner.spec)
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What one engine run does (the engine's counterpart of `LoadSpec`).
+
+    Args:
+        sessions: concurrent sessions, each an asyncio task with one request in flight.
+        mode: "step" (one token per request), "prompt" (prompt_len tokens per request) or
+            "generate" (generations of generate_tokens tokens at temperature 1, coalesced).
+        warmup_s, duration_s: warm-up, then measured time.
+    """
+
+    sessions: int
+    mode: str = "step"
+    warmup_s: float = 1.0
+    duration_s: float = 3.0
+    prompt_len: int = 16
+    generate_tokens: int = 32
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """What the sessions measured, and the CPU seconds the process used over the whole run."""
+
+    load: LoadResult
+    cpu_s: float
+    wall_s: float
+
+
+def measure_engine(
+    model: Path, load: EngineLoad, *, intra_op_threads: int = 1, max_batch_size: int | None = None
+) -> EngineResult:
+    """Builds an engine for `load.sessions` sessions (batches of up to that many, unless `max_batch_size`),
+    drives it on a fresh event loop (uvloop where installed, as `lstmserve serve` runs) with the server
+    process's GIL and GC settings, and stops it."""
+    engine = build_engine(
+        model,
+        max_sessions=load.sessions + 16,
+        max_batch_size=max_batch_size or load.sessions,
+        intra_op_threads=intra_op_threads,
+    )
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
+    with serve_process_settings():
+        result = _run_on_new_loop(drive(engine, load))
+    return EngineResult(result, time.process_time() - cpu_started, time.perf_counter() - wall_started)
+
+
+async def drive(engine: Engine, load: EngineLoad, seed_base: int = 0) -> LoadResult:
+    """Starts the engine on this event loop, runs the sessions through the warm-up and the measured window,
+    closes them and stops the engine; returns the steps (or generated tokens) made in the window, the
+    latencies of the answers sent and received inside it, and the batch each was computed in."""
+    scheduler = engine.scheduler
+    scheduler.start()
+    try:
+        start = time.perf_counter() + load.warmup_s
+        window = _Window(start, start + load.duration_s)
+        session_run = _generating_session if load.mode == "generate" else _stepping_session
+        await asyncio.gather(*(session_run(engine, load, seed_base + i, window) for i in range(load.sessions)))
+    finally:
+        await scheduler.close()
+    result = window.result
+    result.count, result.positions = round(window.count), round(window.positions)
+    result.elapsed_s = load.duration_s
+    return result
+
+
+@dataclass
+class _Window:
+    """The measured window and what the sessions counted in it.
+
+    An answer's items (one step, or the generated tokens of a chunk) are counted as made evenly over the
+    time since the previous answer (or the request), and the share of that time inside the window is
+    what counts: with thousands of sessions generating in step, a coalesced chunk carries most of a
+    generation, and counting whole chunks would make the count jump by thousands of tokens at a time.
+    Latencies and batch sizes are those of answers sent and received inside the window, as the load
+    generator takes them."""
+
+    start: float
+    end: float
+    count: float = 0.0
+    positions: float = 0.0
+    result: LoadResult = field(default_factory=LoadResult)
+
+    def add(self, sent: float, received: float, items: int, positions: int, batch_sizes: Iterable[int]) -> None:
+        """Records an answer of `items` steps or tokens (`positions` in all) received at `received` for a
+        request (or previous answer) at `sent`."""
+        inside = min(received, self.end) - max(sent, self.start)
+        if inside <= 0 or not items:
+            return
+        share = inside / (received - sent) if received > sent else 1.0
+        self.count += share * items
+        self.positions += share * positions
+        if self.start <= sent and received <= self.end:
+            self.result.latencies_s.append(received - sent)
+            self.result.batch_sizes.extend(batch_sizes)
+
+
+def _inputs(spec: ModelSpec, rng: np.random.Generator, positions: int) -> np.ndarray:
+    """A request's inputs: `positions` random tokens, or feature rows for a feature model."""
+    if spec.kind == "tokens":
+        return rng.integers(0, max(1, len(spec.vocabulary)), size=positions).astype(np.int64)
+    return rng.standard_normal((positions, spec.input_size)).astype(np.float32)
+
+
+async def _stepping_session(engine: Engine, load: EngineLoad, seed: int, window: _Window) -> None:
+    scheduler = engine.scheduler
+    rng = np.random.default_rng(seed)
+    length = load.prompt_len if load.mode == "prompt" else 1
+    session = scheduler.create_session()
+    try:
+        while (sent := time.perf_counter()) < window.end:
+            step = await scheduler.step(session, _inputs(engine.spec, rng, length))
+            window.add(sent, time.perf_counter(), 1, length, (step.batch_size,))
+    except ServeError:
+        window.result.errors += 1
+    await _close(scheduler, session)
+
+
+async def _generating_session(engine: Engine, load: EngineLoad, seed: int, window: _Window) -> None:
+    scheduler, vocabulary = engine.scheduler, engine.spec.vocabulary
+    params = GenerateParams(max_tokens=load.generate_tokens, sampling=SamplingParams(temperature=1.0), coalesce=True)
+    rng = np.random.default_rng(seed)
+    session = scheduler.create_session()
+    try:
+        while (sent := time.perf_counter()) < window.end:
+            async for chunk in generate(scheduler, session, _inputs(engine.spec, rng, 1), params, vocabulary):
+                received = time.perf_counter()
+                tokens = [event for event in chunk if not event.finish_reason]
+                # As the load generator: the latency recorded is the time between chunks.
+                window.add(sent, received, len(tokens), len(tokens), (event.batch_size for event in tokens))
+                sent = received
+    except ServeError:
+        window.result.errors += 1
+    await _close(scheduler, session)
+
+
+async def _close(scheduler: Scheduler, session: Session) -> None:
+    try:
+        await scheduler.close_session(session.id)
+    except ServeError:
+        pass  # already gone; the count above reports real errors
+
+
+@contextmanager
+def serve_process_settings() -> Iterator[None]:
+    """The GIL switch interval and garbage-collector settings `lstmserve serve` runs with, restored after."""
+    interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+        sys.setswitchinterval(interval)
+
+
+def _run_on_new_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine on a new event loop: uvloop's where installed (as `lstmserve serve`), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
