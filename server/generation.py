@@ -106,7 +106,8 @@ class Generation:
         self._matcher = StopMatcher(params.stop)
         self._vocabulary = vocabulary
         self._count = 0
-        self._events: list[GeneratedToken] = []
+        self._events: list[GeneratedToken] = []  # released by the stop matcher, with their text
+        self._made: list[tuple[int, int, int]] = []  # (token, step, batch size) of tokens made without stop strings
         self._taken_any = False
         self.changed = Wakeup()  # set when tokens are ready or the generation ended
 
@@ -114,36 +115,54 @@ class Generation:
         """Records that the session's step ran (now at `step`, in a batch of `batch_size`, with
         `generating` generations running in all); returns whether the generation is finished.
 
-        Runs for every generated token, in the batching loop: kept to plain attribute work.
+        Runs for every generated token, in the batching loop, while the model waits: without stop strings
+        it only notes the token; its text and event are made by `take`, in the streaming coroutine, which
+        runs while the next batch computes.
         """
         token = self.fed
         if token is None:  # the prompt was fed: the first token is still to be sampled
             return False
         self._count += 1
-        vocabulary = self._vocabulary
-        text = vocabulary[token] if token < len(vocabulary) else ""
         finished = self._count >= self.max_tokens
-        events = self._events
-        matcher = self._matcher
-        if not matcher.stops:  # the common case
-            events.append(GeneratedToken(token, text, step, batch_size))
+        if self._matcher.stops:
+            finished = self._match_stops(token, step, batch_size, finished)
+            held = len(self._events)
         else:
-            released = matcher.push(token, text)
-            finished = finished or matcher.stopped
-            if finished and not matcher.stopped:
-                released += matcher.flush()
-            events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
-        if finished:
-            self.finish_reason = "stop" if matcher.stopped else "length"
+            self._made.append((token, step, batch_size))
+            held = len(self._made)
+            if finished:
+                self.finish_reason = "length"
         # The held tokens make a response now if not coalescing, if they are the first, or if they are
         # enough (see RESPONSES_PER_ROUND).
-        if events and (not self._coalesce or not self._taken_any or len(events) * RESPONSES_PER_ROUND >= generating):
+        if held and (not self._coalesce or not self._taken_any or held * RESPONSES_PER_ROUND >= generating):
             self.changed.set()
+        return finished
+
+    def _match_stops(self, token: int, step: int, batch_size: int, finished: bool) -> bool:
+        """Passes the token through the stop matcher: releases the tokens that can no longer start a stop
+        string; returns whether the generation is finished (a stop string, or `finished` already)."""
+        vocabulary = self._vocabulary
+        text = vocabulary[token] if token < len(vocabulary) else ""
+        matcher = self._matcher
+        released = matcher.push(token, text)
+        finished = finished or matcher.stopped
+        if finished and not matcher.stopped:
+            released += matcher.flush()
+        self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
+        if finished:
+            self.finish_reason = "stop" if matcher.stopped else "length"
         return finished
 
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""
         events, self._events = self._events, []
+        if self._made:
+            made, self._made = self._made, []
+            vocabulary, known = self._vocabulary, len(self._vocabulary)
+            events.extend(
+                GeneratedToken(token, vocabulary[token] if token < known else "", step, batch_size)
+                for token, step, batch_size in made
+            )
         self._taken_any = self._taken_any or bool(events)
         return events
 
