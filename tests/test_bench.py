@@ -307,9 +307,9 @@ def test_engine_steps_a_feature_model(feature_model: Path) -> None:
 
 
 def test_engine_window_counts_the_share_of_an_answer_inside_it() -> None:
-    from lstmserve.bench.engine import _Window
+    from lstmserve.bench.loadgen import Window
 
-    window = _Window(start=10.0, end=20.0)
+    window = Window(start=10.0, end=20.0)
     window.add(8.0, 12.0, 4, 4, (4,) * 4)  # straddles the start: half its time inside, no latency
     window.add(12.0, 14.0, 3, 3, (2,) * 3)  # inside: counted whole, with its latency and batches
     window.add(19.0, 23.0, 8, 8, (8,) * 8)  # straddles the end: a quarter
