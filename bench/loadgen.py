@@ -23,6 +23,8 @@ from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 OUTPUTS = {"logits": pb.OUTPUT_LOGITS, "topk": pb.OUTPUT_TOPK, "sample": pb.OUTPUT_SAMPLE, "none": pb.OUTPUT_NONE}
 MODES = ("step", "prompt", "generate")
+# The load generators' channel: no port sharing, room for large answers.
+CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
 @dataclass(frozen=True)
@@ -166,8 +168,7 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
 async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
     """Runs the sessions on this event loop and returns what they measured."""
     result = LoadResult()
-    options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
+    async with grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) as channel:
         await channel.channel_ready()
         stub = pb_grpc.LstmServeStub(channel)
         start = time.perf_counter() + spec.warmup_s
