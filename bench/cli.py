@@ -63,8 +63,12 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--series", default="server,unbatched,echo,engine,onnxruntime,torch",
                    help="which series to run, comma-separated, from server, unbatched, echo, engine (the server's "
                    "batching engine driven in this process, no gRPC, in batches of up to N; brings onnxruntime "
-                   "along for its ratio), onnxruntime, torch (default all; 'sessions' is reserved for the "
-                   "multi-session StepSessions RPC)")  # fmt: skip
+                   "along for its ratio), onnxruntime, torch (default all of these), and sessions (one caller, one "
+                   "channel, stepping N sessions per StepSessions request; --mode step only; brings onnxruntime "
+                   "along for its ratio)")  # fmt: skip
+    p.add_argument("--calls-in-flight", type=int, default=2,
+                   help="sessions series: StepSessions requests kept in flight, each stepping its own share of the "
+                   "N sessions (2: two halves), so that a session has at most one step in flight (default 2)")  # fmt: skip
     p.add_argument("--memory-sessions", type=int, default=0,
                    help="also measure the RSS cost of this many idle sessions (e.g. 100000; default 0: skip)")  # fmt: skip
     p.add_argument("--memory-settle-s", type=float, default=67.0,
@@ -85,7 +89,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from lstmserve.bench.report import BenchReport, markdown_table, write
     from lstmserve.bench.run import (
         ALL_SERIES,
-        RESERVED_SERIES,
+        CEILING_RATIO_SERIES,
         BenchConfig,
         machine_description,
         median_rows,
@@ -95,14 +99,21 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from lstmserve.bench.targets import compare_to_targets, summarize_checks
 
     series = tuple(s.strip() for s in args.series.split(",") if s.strip())
-    for name in series:
-        if name in RESERVED_SERIES:
-            print(f"lstmserve bench: error: series {name!r} is reserved for {RESERVED_SERIES[name]}", file=sys.stderr)
-            return 2
     unknown = [s for s in series if s not in ALL_SERIES]
     if unknown:
         print(f"lstmserve bench: error: unknown series {unknown}; choose from {list(ALL_SERIES)}", file=sys.stderr)
         return 2
+    if "sessions" in series and args.mode != "step":
+        print(
+            f"lstmserve bench: error: --series sessions measures single-token steps (StepSessions has no generation "
+            f"and the target is for steps): use --mode step, not {args.mode!r}, or leave sessions out of --series",
+            file=sys.stderr,
+        )
+        return 2
+    for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes", "repeats", "calls_in_flight"):
+        if getattr(args, name) <= 0:
+            print(f"lstmserve bench: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}", file=sys.stderr)
+            return 2
     if not args.model.is_file():
         print(f"lstmserve bench: error: model file {str(args.model)!r} not found (run `lstmserve export`)", file=sys.stderr)
         return 2
@@ -113,19 +124,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
     required = with_required_series(series)
     if required != series:
         added = ", ".join(name for name in required if name not in series)
-        print(f"lstmserve bench: also measuring {added}: the engine's ratio is taken against it", file=sys.stderr)
+        needing = " and ".join(name for name in CEILING_RATIO_SERIES if name in series)
+        print(f"lstmserve bench: also measuring {added}: the {needing} series' ratio is taken against it", file=sys.stderr)
         series = required
-    for name in ("duration_s", "prompt_len", "generate_tokens", "load_processes", "repeats"):
-        if getattr(args, name) <= 0:
-            print(f"lstmserve bench: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}", file=sys.stderr)
-            return 2
     config = BenchConfig(
         model=args.model, levels=args.levels, mode=args.mode, output=args.output, duration_s=args.duration_s,
         warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
         load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
-        replicas=args.replicas, repeats=args.repeats,
+        replicas=args.replicas, repeats=args.repeats, calls_in_flight=args.calls_in_flight,
     )  # fmt: skip
-    server_series = sum(1 for s in ("server", "unbatched", "echo") if s in series and not (args.target and s == "unbatched"))
+    server_series = sum(
+        1 for s in ("server", "sessions", "unbatched", "echo") if s in series and not (args.target and s == "unbatched")
+    )
     in_process = sum(1 for s in ("engine", "onnxruntime", "torch") if s in series)
     bar = tqdm(
         total=(server_series + in_process + len(args.replicas)) * len(args.levels) * args.repeats,

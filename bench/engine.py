@@ -15,15 +15,15 @@ import asyncio
 import gc
 import sys
 import time
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from lstmserve.bench.loadgen import LoadResult
+from lstmserve.bench.loadgen import LoadResult, Window
 from lstmserve.metadata import ModelSpec
 from lstmserve.server.app import make_store
 from lstmserve.server.cli import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S
@@ -144,46 +144,12 @@ async def drive(engine: Engine, load: EngineLoad, seed_base: int = 0) -> LoadRes
     scheduler.start()
     try:
         start = time.perf_counter() + load.warmup_s
-        window = _Window(start, start + load.duration_s)
+        window = Window(start, start + load.duration_s)
         session_run = _generating_session if load.mode == "generate" else _stepping_session
         await asyncio.gather(*(session_run(engine, load, seed_base + i, window) for i in range(load.sessions)))
     finally:
         await scheduler.close()
-    result = window.result
-    result.count, result.positions = round(window.count), round(window.positions)
-    result.elapsed_s = load.duration_s
-    return result
-
-
-@dataclass
-class _Window:
-    """The measured window and what the sessions counted in it.
-
-    An answer's items (one step, or the generated tokens of a chunk) are counted as made evenly over the
-    time since the previous answer (or the request), and the share of that time inside the window is
-    what counts: with thousands of sessions generating in step, a coalesced chunk carries most of a
-    generation, and counting whole chunks would make the count jump by thousands of tokens at a time.
-    Latencies and batch sizes are those of answers sent and received inside the window, as the load
-    generator takes them."""
-
-    start: float
-    end: float
-    count: float = 0.0
-    positions: float = 0.0
-    result: LoadResult = field(default_factory=LoadResult)
-
-    def add(self, sent: float, received: float, items: int, positions: int, batch_sizes: Iterable[int]) -> None:
-        """Records an answer of `items` steps or tokens (`positions` in all) received at `received` for a
-        request (or previous answer) at `sent`."""
-        inside = min(received, self.end) - max(sent, self.start)
-        if inside <= 0 or not items:
-            return
-        share = inside / (received - sent) if received > sent else 1.0
-        self.count += share * items
-        self.positions += share * positions
-        if self.start <= sent and received <= self.end:
-            self.result.latencies_s.append(received - sent)
-            self.result.batch_sizes.extend(batch_sizes)
+    return window.measured()
 
 
 def _inputs(spec: ModelSpec, rng: np.random.Generator, positions: int) -> np.ndarray:
@@ -193,7 +159,7 @@ def _inputs(spec: ModelSpec, rng: np.random.Generator, positions: int) -> np.nda
     return rng.standard_normal((positions, spec.input_size)).astype(np.float32)
 
 
-async def _stepping_session(engine: Engine, load: EngineLoad, seed: int, window: _Window) -> None:
+async def _stepping_session(engine: Engine, load: EngineLoad, seed: int, window: Window) -> None:
     scheduler = engine.scheduler
     rng = np.random.default_rng(seed)
     length = load.prompt_len if load.mode == "prompt" else 1
@@ -207,7 +173,7 @@ async def _stepping_session(engine: Engine, load: EngineLoad, seed: int, window:
     await _close(scheduler, session)
 
 
-async def _generating_session(engine: Engine, load: EngineLoad, seed: int, window: _Window) -> None:
+async def _generating_session(engine: Engine, load: EngineLoad, seed: int, window: Window) -> None:
     scheduler, vocabulary = engine.scheduler, engine.spec.vocabulary
     params = GenerateParams(max_tokens=load.generate_tokens, sampling=SamplingParams(temperature=1.0), coalesce=True)
     rng = np.random.default_rng(seed)

@@ -11,7 +11,9 @@ import asyncio
 import multiprocessing as mp
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -21,6 +23,8 @@ from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 OUTPUTS = {"logits": pb.OUTPUT_LOGITS, "topk": pb.OUTPUT_TOPK, "sample": pb.OUTPUT_SAMPLE, "none": pb.OUTPUT_NONE}
 MODES = ("step", "prompt", "generate")
+# The load generators' channel: no port sharing, room for large answers.
+CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,44 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     errors: int = 0
+
+
+@dataclass
+class Window:
+    """The measured window and what the sessions counted in it.
+
+    An answer's items (one step, the steps of a StepSessions answer, or the generated tokens of a chunk) are counted as made evenly over the
+    time since the previous answer (or the request), and the share of that time inside the window is
+    what counts: with thousands of sessions generating in step, a coalesced chunk carries most of a
+    generation, and counting whole chunks would make the count jump by thousands of tokens at a time.
+    Latencies and batch sizes are those of answers sent and received inside the window, as the load
+    generator takes them."""
+
+    start: float
+    end: float
+    count: float = 0.0
+    positions: float = 0.0
+    result: LoadResult = field(default_factory=LoadResult)
+
+    def add(self, sent: float, received: float, items: int, positions: int, batch_sizes: Iterable[int]) -> None:
+        """Records an answer of `items` steps or tokens (`positions` in all) received at `received` for a
+        request (or previous answer) at `sent`."""
+        inside = min(received, self.end) - max(sent, self.start)
+        if inside <= 0 or not items:
+            return
+        share = inside / (received - sent) if received > sent else 1.0
+        self.count += share * items
+        self.positions += share * positions
+        if self.start <= sent and received <= self.end:
+            self.result.latencies_s.append(received - sent)
+            self.result.batch_sizes.extend(batch_sizes)
+
+    def measured(self) -> LoadResult:
+        """What was counted, as a load result over the window (counts rounded to whole items)."""
+        result = self.result
+        result.count, result.positions = round(self.count), round(self.positions)
+        result.elapsed_s = self.end - self.start
+        return result
 
 
 async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, window: tuple[float, float], result: LoadResult) -> None:
@@ -126,8 +168,7 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
 async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
     """Runs the sessions on this event loop and returns what they measured."""
     result = LoadResult()
-    options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    async with grpc.aio.insecure_channel(spec.target, options=options) as channel:
+    async with grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) as channel:
         await channel.channel_ready()
         stub = pb_grpc.LstmServeStub(channel)
         start = time.perf_counter() + spec.warmup_s
@@ -137,32 +178,46 @@ async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
     return result
 
 
-def _process_main(spec: LoadSpec, seed_base: int, connection: mp.connection.Connection) -> None:
+# A load function: runs a load spec on the running event loop, from a seed, and returns what it measured.
+LoadFunction = Callable[[Any, int], Awaitable[LoadResult]]
+
+
+def _process_main(run: LoadFunction, spec: object, seed_base: int, connection: mp.connection.Connection) -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    connection.send(asyncio.run(run_load(spec, seed_base)))
+    connection.send(asyncio.run(run(spec, seed_base)))  # type: ignore[arg-type]
     connection.close()
+
+
+def start_load_process(run: LoadFunction, spec: object, seed_base: int = 0) -> Callable[[], LoadResult]:
+    """Starts `run(spec, seed_base)` in a load process of its own (spawned: never the caller's); returns a
+    function that waits for its result."""
+    parent, child = mp.get_context("spawn").Pipe(duplex=False)
+    process = mp.get_context("spawn").Process(target=_process_main, args=(run, spec, seed_base, child), daemon=True)
+    process.start()
+
+    def result() -> LoadResult:
+        measured: LoadResult = parent.recv()
+        process.join()
+        return measured
+
+    return result
 
 
 def run_load_in_processes(spec: LoadSpec, processes: int = 1) -> LoadResult:
     """Splits the sessions over `processes` load processes (never the caller's) and merges their results."""
-    context = mp.get_context("spawn")
-    workers = []
     share = [spec.sessions // processes + (1 if i < spec.sessions % processes else 0) for i in range(processes)]
-    for index, sessions in enumerate(s for s in share if s):
-        parent, child = context.Pipe(duplex=False)
-        part = LoadSpec(**{**spec.__dict__, "sessions": sessions})
-        process = context.Process(target=_process_main, args=(part, index * 100_000, child), daemon=True)
-        process.start()
-        workers.append((process, parent))
+    waits = [
+        start_load_process(run_load, LoadSpec(**{**spec.__dict__, "sessions": sessions}), index * 100_000)
+        for index, sessions in enumerate(s for s in share if s)
+    ]
     merged = LoadResult(elapsed_s=spec.duration_s)
-    for process, parent in workers:
-        part_result: LoadResult = parent.recv()
-        process.join()
+    for wait in waits:
+        part_result = wait()
         merged.count += part_result.count
         merged.positions += part_result.positions
         merged.latencies_s += part_result.latencies_s

@@ -17,6 +17,7 @@ from lstmserve.bench.ceilings import onnxruntime_steps_per_s, torch_steps_per_s
 from lstmserve.bench.engine import EngineLoad, EngineResult, measure_engine
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
 from lstmserve.bench.report import Row, middle_index
+from lstmserve.bench.sessions import SessionsSpec, run_sessions_in_process
 from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
 from lstmserve.bench.targets import (
     SERIES_ECHO,
@@ -24,22 +25,23 @@ from lstmserve.bench.targets import (
     SERIES_ORT,
     SERIES_ORT_FORMED,
     SERIES_SERVER,
+    SERIES_SESSIONS,
     SERIES_TORCH,
     SERIES_UNBATCHED,
     series_proxied,
 )
 
-ALL_SERIES = ("server", "unbatched", "echo", "engine", "onnxruntime", "torch")
-
-# Series names taken for what is not measured yet, with what each waits for.
-RESERVED_SERIES = {
-    "sessions": "the multi-session RPC (StepSessions: many sessions' steps in one message), not implemented yet",
-}
+DEFAULT_SERIES = ("server", "unbatched", "echo", "engine", "onnxruntime", "torch")
+# `sessions` (one caller stepping N sessions per StepSessions request) runs only when asked for.
+ALL_SERIES = (*DEFAULT_SERIES, "sessions")
+# Series whose ratio is to ONNX Runtime at the same batch size, which they bring along.
+CEILING_RATIO_SERIES = ("engine", "sessions")
 
 
 def with_required_series(series: Sequence[str]) -> tuple[str, ...]:
-    """`series` with those their ratios need: the engine's ratio is to ONNX Runtime at the same batch size."""
-    if "engine" in series and "onnxruntime" not in series:
+    """`series` with those their ratios need: the engine's and the sessions series' ratios are to ONNX
+    Runtime at the same batch size."""
+    if any(name in series for name in CEILING_RATIO_SERIES) and "onnxruntime" not in series:
         return (*series, "onnxruntime")
     return tuple(series)
 
@@ -58,10 +60,11 @@ class BenchConfig:
     generate_tokens: int = 32
     load_processes: int = 1
     intra_op_threads: int = 1
-    series: tuple[str, ...] = ALL_SERIES
+    series: tuple[str, ...] = DEFAULT_SERIES
     target: str | None = None
     replicas: tuple[int, ...] = ()  # also measure this many replicas behind Envoy (each count a series)
     repeats: int = 1  # rounds of the whole run, one after another
+    calls_in_flight: int = 2  # the sessions series: StepSessions requests in flight, each for its group of sessions
 
 
 def machine_description() -> dict[str, object]:
@@ -107,18 +110,30 @@ def _measure_load(
     series: str, server: _Measured | None, target: str, level: int, config: BenchConfig, vocab: int
 ) -> Row:
     """One series at one concurrency level: the load generator's figures, and the server's CPU and RSS."""
-    spec = LoadSpec(
-        target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
-        output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
-    )  # fmt: skip
     before = server.usage() if server else None
-    load = run_load_in_processes(spec, config.load_processes)
+    load = _run_load(series, target, level, config, vocab)
     usage = None
     if server is not None and before is not None:
         after = server.usage()
         wall = config.duration_s + config.warmup_s
         usage = (after.cpu_s - before.cpu_s, wall, after.rss_bytes)
     return _row(series, level, load, usage)
+
+
+def _run_load(series: str, target: str, level: int, config: BenchConfig, vocab: int) -> LoadResult:
+    """The load of one series at one level, from load processes: for the sessions series one caller (one
+    channel) stepping `level` sessions through StepSessions, else `level` streams."""
+    if series == SERIES_SESSIONS:
+        sessions = SessionsSpec(
+            target=target, sessions=level, calls_in_flight=config.calls_in_flight, warmup_s=config.warmup_s,
+            duration_s=config.duration_s, output=config.output, vocab=vocab,
+        )  # fmt: skip
+        return run_sessions_in_process(sessions)
+    spec = LoadSpec(
+        target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
+        output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
+    )  # fmt: skip
+    return run_load_in_processes(spec, config.load_processes)
 
 
 def run_bench(config: BenchConfig, tick: Callable[[str], None] = lambda _: None) -> list[list[Row]]:
@@ -193,6 +208,15 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
             by_series[SERIES_SERVER] = []
             if config.mode == "generate":
                 by_series[SERIES_ORT_FORMED] = []  # measured right after the server, at the batch it formed
+        if "sessions" in config.series:  # a server of its own (or the target), stepped through StepSessions
+            if config.target:
+                served.append((SERIES_SESSIONS, None, config.target))
+            else:
+                command = lstmserve_command(
+                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
+                )
+                server = stack.enter_context(ServerProcess(command))
+                served.append((SERIES_SESSIONS, server, server.target))
         if "unbatched" in config.series and not config.target:
             command = lstmserve_command(
                 config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads

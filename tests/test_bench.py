@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -282,7 +283,9 @@ def test_engine_series_repeats_report_the_median_round(token_model: Path, tmp_pa
 @pytest.mark.parametrize(
     ("model", "options", "message"),
     [
-        ("token_model", ["--series", "engine,sessions"], "series 'sessions' is reserved for the multi-session RPC"),
+        ("token_model", ["--series", "sessions", "--calls-in-flight", "0"], "--calls-in-flight must be positive, got 0"),
+        ("token_model", ["--series", "sessions", "--mode", "generate"], "--series sessions measures single-token steps"),
+        ("token_model", ["--series", "server,sessions", "--mode", "prompt"], "use --mode step, not 'prompt'"),
         ("token_model", ["--series", "engine,engines"], "unknown series ['engines']"),
         ("feature_model", ["--series", "engine", "--mode", "generate"], "--mode generate needs a token model"),
         ("bidirectional_model", ["--series", "engine"], "is bidirectional and cannot be stepped"),
@@ -307,9 +310,9 @@ def test_engine_steps_a_feature_model(feature_model: Path) -> None:
 
 
 def test_engine_window_counts_the_share_of_an_answer_inside_it() -> None:
-    from lstmserve.bench.engine import _Window
+    from lstmserve.bench.loadgen import Window
 
-    window = _Window(start=10.0, end=20.0)
+    window = Window(start=10.0, end=20.0)
     window.add(8.0, 12.0, 4, 4, (4,) * 4)  # straddles the start: half its time inside, no latency
     window.add(12.0, 14.0, 3, 3, (2,) * 3)  # inside: counted whole, with its latency and batches
     window.add(19.0, 23.0, 8, 8, (8,) * 8)  # straddles the end: a quarter
@@ -324,3 +327,97 @@ def test_only_build_engine_constructs_the_scheduler() -> None:
     bench = Path(__file__).resolve().parent.parent / "bench"
     calls = {path.name: path.read_text().count("Scheduler(") for path in bench.glob("*.py")}
     assert {name: count for name, count in calls.items() if count} == {"engine.py": 1}
+
+
+SESSIONS = "lstmserve StepSessions (multi-session RPC)"
+
+
+def _sessions_ratio_name(level: int) -> str:
+    name = f"{level} session{'s' if level > 1 else ''}: StepSessions / compute ceiling at batch {level}, throughput"
+    return name + (" (target >= 0.70)" if level == 256 else "")
+
+
+def test_sessions_series_steps_many_sessions_per_request(
+    token_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "results"
+    code = main([
+        "bench", "--model", str(token_model), "--series", "sessions", "--levels", "1,4", "--calls-in-flight", "3",
+        "--duration-s", "0.4", "--warmup-s", "0.2", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    assert "also measuring onnxruntime" in capsys.readouterr().err  # the ceiling its ratio needs
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["calls_in_flight"] == "3"
+    rows = {(row["series"], row["level"]): row for row in report["rows"]}
+    assert set(rows) == {(series, level) for series in (SESSIONS, ORT) for level in (1, 4)}
+    for level in (1, 4):
+        sessions, ceiling = rows[(SESSIONS, level)], rows[(ORT, level)]
+        assert sessions["steps_per_s"] > 0 and sessions["errors"] == 0
+        assert 1 <= sessions["mean_batch"] <= level
+        assert sessions["p50_ms"] <= sessions["p95_ms"] <= sessions["p99_ms"]
+        assert sessions["server_cpu_pct"] > 0 and sessions["server_rss_mb"] > 0  # a real server process
+        (check,) = [c for c in report["check_rounds"][0] if c["name"] == _sessions_ratio_name(level)]
+        assert check["value"] == pytest.approx(sessions["steps_per_s"] / ceiling["steps_per_s"])
+        assert check["met"] is None  # the target is at 256 sessions
+    markdown = (out / "results.md").read_text()
+    assert SESSIONS in markdown and _sessions_ratio_name(4) in markdown
+
+
+def test_sessions_series_is_not_in_the_default_series(token_model: Path) -> None:
+    from lstmserve.bench.run import ALL_SERIES, DEFAULT_SERIES, BenchConfig, with_required_series
+
+    assert "sessions" in ALL_SERIES and "sessions" not in DEFAULT_SERIES
+    assert "sessions" not in BenchConfig(model=token_model).series
+    assert with_required_series(("sessions",)) == ("sessions", "onnxruntime")
+    assert with_required_series(("onnxruntime", "sessions")) == ("onnxruntime", "sessions")
+
+
+def test_bench_refuses_calls_in_flight_that_is_not_a_number(token_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--model", str(token_model), "--series", "sessions", "--calls-in-flight", "two"])
+    assert exit_.value.code == 2
+    assert "--calls-in-flight: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_sessions_are_split_so_that_each_has_one_step_in_flight() -> None:
+    from lstmserve.bench.sessions import split_sessions
+
+    ids = [f"s{index}" for index in range(7)]
+    halves = split_sessions(ids, 2, 1024)
+    assert halves == [ids[:3], ids[3:]]
+    for calls, limit, groups in ((2, 1024, 2), (3, 1024, 3), (1, 1024, 1), (10, 1024, 7), (2, 2, 4), (1, 3, 3)):
+        split = split_sessions(ids, calls, limit)
+        assert len(split) == groups
+        assert sorted(id_ for group in split for id_ in group) == sorted(ids)  # each session in exactly one group
+        assert max(map(len, split)) - min(map(len, split)) <= 1 and max(map(len, split)) <= limit
+    assert split_sessions([], 2, 1024) == []
+
+
+def test_sessions_target_is_checked_at_256_sessions() -> None:
+    from lstmserve.bench.targets import SERIES_ORT, SERIES_SESSIONS, compare_to_targets
+
+    rows = [Row(series=SERIES_SESSIONS, level=level, steps_per_s=750.0 * level, mean_batch=level / 2) for level in (4, 256)]
+    rows += [Row(series=SERIES_ORT, level=level, steps_per_s=1000.0 * level) for level in (4, 256)]
+    checks = {check.name: check for check in compare_to_targets(rows, (4, 256), "step", ())}
+    at_256, at_4 = checks[_sessions_ratio_name(256)], checks[_sessions_ratio_name(4)]
+    assert (at_256.value, at_256.bound, at_256.met(), at_256.note) == (pytest.approx(0.75), 0.70, True, "mean batch 128")
+    assert (at_4.value, at_4.bound, at_4.met()) == (pytest.approx(0.75), None, None)
+    slower = [replace(row, steps_per_s=row.steps_per_s * 0.9) if row.series == SERIES_SESSIONS else row for row in rows]
+    assert {c.name: c for c in compare_to_targets(slower, (4, 256), "step", ())}[_sessions_ratio_name(256)].met() is False
+
+
+def test_sessions_load_against_a_target_closes_its_sessions(token_model: Path) -> None:
+    """One caller, one channel: every session stepped in its group, and closed after the window."""
+    from lstmserve.bench.sessions import SessionsSpec, run_sessions_load
+
+    handle = start_server(token_model, max_sessions=8)
+    try:
+        for _ in range(3):  # more sessions in all than --max-sessions: each run frees its own
+            spec = SessionsSpec(target=handle.address, sessions=5, calls_in_flight=2, warmup_s=0.1, duration_s=0.3)
+            result = asyncio.run(run_sessions_load(spec))
+            assert result.errors == 0 and result.count > 0
+            assert result.latencies_s and all(1 <= size <= 5 for size in result.batch_sizes)
+            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+    finally:
+        handle.stop()
