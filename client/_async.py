@@ -3,13 +3,13 @@
 The same behaviour as the synchronous client (see `_sync`), on `grpc.aio`: a
 session's steps travel on one `Step` call (`write` then `read`), every step
 carries `expected_step`, and a broken stream is replaced and the step resent.
+Both clients are I/O shells over the same state machine (`_core`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -18,9 +18,9 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from lstmserve.client import _wire
-from lstmserve.client._errors import LstmServeError, SessionNotFound, StepMismatch, from_rpc_error
-from lstmserve.client._sync import Tokens
+from lstmserve.client import _core, _wire
+from lstmserve.client._core import Tokens
+from lstmserve.client._errors import LstmServeError, SessionNotFound
 from lstmserve.client._types import (
     Completion,
     GeneratedToken,
@@ -30,7 +30,6 @@ from lstmserve.client._types import (
     SessionInfo,
     StepOutput,
     as_features,
-    as_token_list,
 )
 from lstmserve.client._wire import StreamFailure
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -152,8 +151,7 @@ class AsyncClient:
 
     async def infer(self, tokens: Tokens | None = None, *, features: Any = None) -> np.ndarray:
         """Logits float32 [positions, output_size] of a whole sequence from zero state, without a session."""
-        if (tokens is None) == (features is None):
-            raise ValueError("pass exactly one of tokens or features")
+        _core.require_one_input(tokens, features)
         request = pb.InferRequest()
         if tokens is not None:
             request.tokens.extend(await self._token_ids(tokens))
@@ -181,25 +179,23 @@ class AsyncClient:
     # ---- internals -------------------------------------------------------
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         """Calls a unary RPC, retrying UNAVAILABLE."""
-        attempts = self.retry.max_attempts
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(self.retry.delay(attempt))
+        call = _core.UnaryCall(self.retry)
+        metadata = _wire.call_metadata(self._metadata, request)
+        while (delay := call.next_attempt()) is not None:
+            if delay:
+                await asyncio.sleep(delay)
             try:
-                return await method(request, timeout=self.timeout, metadata=_wire.call_metadata(self._metadata, request))
+                return await method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as error:
-                code = error.code()
-                if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
-                    continue
-                raise from_rpc_error(error) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+                call.failed(error)
+        raise call.error()
 
     async def _create(self, method: Callable[..., Awaitable[Any]], request: Any) -> SessionInfo:
-        """Creates (or restores) a session under the id `request` proposes; see `Client._create`."""
+        """Creates (or restores) a session under the id `request` proposes (see `_core.already_created`)."""
         try:
             return _wire.session_info(await self._unary(method, request))
         except LstmServeError as error:
-            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+            if not _core.already_created(error):
                 raise
             return await self._get_session(request.session_id)
 
@@ -207,13 +203,9 @@ class AsyncClient:
         return _wire.session_info(await self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
 
     async def _token_ids(self, tokens: Tokens) -> list[int]:
-        if isinstance(tokens, str):
-            info = self._info if self._info is not None else await self.model_info()
-            ids = info.vocabulary.encode(tokens)
-            if not ids:
-                raise ValueError("the text is empty: a step needs at least one token")
-            return ids
-        return as_token_list(tokens)
+        if isinstance(tokens, str) and self._info is None:
+            await self.model_info()
+        return _core.token_ids(tokens, self._info)
 
 
 class AsyncSession:
@@ -238,13 +230,11 @@ class AsyncSession:
         self._client = client
         self._resume = resume
         self._restore = restore
-        self._id: str | None = None
-        self._step: int | None = None
-        self.close_on_exit = close_on_exit if close_on_exit is not None else resume is None
+        self._core = _core.SessionState(None, None, client.timeout)
+        self.close_on_exit = _core.close_on_exit(resume, close_on_exit)
         self._stream: _AsyncStream | None = None
-        self._generation: AsyncGeneration | None = None
+        self._generation: AsyncGeneration | None = None  # the last one started; live while the core says so
         self._lock = asyncio.Lock()
-        self._closed = False
 
     def __await__(self) -> Generator[Any, None, AsyncSession]:
         return self.open().__await__()
@@ -261,7 +251,7 @@ class AsyncSession:
             await self.detach()
 
     def __repr__(self) -> str:
-        return f"AsyncSession(id={self._id!r}, step={self._step})"
+        return f"AsyncSession(id={self._core.session_id!r}, step={self._core.step})"
 
     async def open(self) -> AsyncSession:
         """Creates (or resumes) the session on the server; a no-op once open. Returns self.
@@ -271,8 +261,8 @@ class AsyncSession:
             ServerBusy: the server's max_sessions is reached.
         """
         async with self._lock:
-            self._check_open()
-            if self._id is None:
+            self._core.check_open()
+            if self._core.session_id is None:
                 if self._resume is not None:
                     info = await self._client._get_session(self._resume)
                 elif self._restore is not None:
@@ -281,25 +271,23 @@ class AsyncSession:
                 else:
                     request = pb.CreateSessionRequest(session_id=_wire.new_session_id())
                     info = await self._client._create(self._client._stub.CreateSession, request)
-                self._id, self._step = info.id, info.step
+                self._core.opened(info)
         return self
 
     @property
     def id(self) -> str:
         """The session id; `session(resume=id)` (on any client) reattaches to it."""
-        if self._id is None:
-            raise RuntimeError("the session is not open yet: `await` it or use `async with`")
-        return self._id
+        return self._core.id
 
     @property
     def position(self) -> int | None:
         """The step counter as this client last saw it (None before opening or right after an interrupted call)."""
-        return self._step
+        return self._core.step
 
     @property
     def closed(self) -> bool:
         """Whether `close()` was called."""
-        return self._closed
+        return self._core.closed
 
     async def step(
         self,
@@ -314,8 +302,7 @@ class AsyncSession:
         seed: int | None = None,
     ) -> StepOutput:
         """Feeds tokens or feature rows and returns what `output` asks for; see `Session.step`."""
-        if (tokens is None) == (features is None):
-            raise ValueError("pass exactly one of tokens or features")
+        _core.require_one_input(tokens, features)
         sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
         request = _wire.step_request(
             tokens=await self._client._token_ids(tokens) if tokens is not None else None,
@@ -326,9 +313,9 @@ class AsyncSession:
         )
         await self.open()
         async with self._lock:
-            self._check_open()
+            self._core.check_open()
             await self._settle()
-            response = await self._exchange(request)
+            response = await self._exchange(self._core.begin_step(request, self._client.retry))
         return _wire.step_output(response, output)
 
     async def generate(
@@ -366,11 +353,9 @@ class AsyncSession:
         generation = await self.generate(
             prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
         )
-        tokens = [item.token async for item in generation]
-        assert generation.finish_reason is not None
-        return Completion(
-            text=generation.text, tokens=tuple(tokens), finish_reason=generation.finish_reason, step=generation.step
-        )
+        async for _ in generation:
+            pass
+        return generation._state.completion()
 
     async def snapshot(self) -> bytes:
         """An opaque, versioned, integrity-checked copy of the session's state and step counter.
@@ -379,21 +364,21 @@ class AsyncSession:
         """
         await self.open()
         async with self._lock:
-            self._check_open()
+            self._core.check_open()
             await self._settle(resync=False)
             reply = await self._client._unary(self._client._stub.SnapshotSession, pb.SessionRef(session_id=self.id))
-            self._step = int(reply.step)
+            self._core.step = int(reply.step)
             return bytes(reply.blob)
 
     async def reset(self) -> SessionInfo:
         """Returns the session to zero state and step 0."""
         await self.open()
         async with self._lock:
-            self._check_open()
+            self._core.check_open()
             await self._settle(resync=False)
             reply = await self._client._unary(self._client._stub.ResetSession, pb.SessionRef(session_id=self.id))
             info = _wire.session_info(reply)
-            self._step = info.step
+            self._core.step = info.step
             return info
 
     async def info(self) -> SessionInfo:
@@ -404,32 +389,21 @@ class AsyncSession:
     async def close(self) -> None:
         """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""
         async with self._lock:  # taken first: an open() in another task finishes before we look at the id
-            if self._closed:
+            if not self._core.begin_close():
                 return
-            self._closed = True
-            if self._id is None:
-                return
-            if self._generation is not None:
-                self._generation._abandon()
             self._drop_stream()
             try:
-                await self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self._id))
+                await self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self.id))
             except SessionNotFound:
                 pass
 
     async def detach(self) -> None:
         """Ends this object's stream but keeps the server session (resume it later by `id`)."""
         async with self._lock:
-            if self._generation is not None:
-                self._generation._abandon()
-                self._step = None
+            self._core.detach()
             self._drop_stream()
 
     # ---- internals -------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"session {self._id!r} is closed")
-
     def _ensure_stream(self) -> _AsyncStream:
         if self._stream is None or not self._stream.alive:
             self._drop_stream()
@@ -444,64 +418,50 @@ class AsyncSession:
     async def _settle(self, *, resync: bool = True) -> None:
         """Finishes an unfinished generation and learns the step counter if it is unknown."""
         generation = self._generation
-        if generation is not None and not generation._done:
+        if generation is not None and self._core.generation is generation._state:
             try:
                 await generation._drain()
             except LstmServeError:
                 pass  # the step counter is re-read below
-        if resync and self._step is None:
-            self._step = (await self._client._get_session(self.id)).step
+        if self._core.needs_resync(resync):
+            self._core.step = (await self._client._get_session(self.id)).step
 
-    async def _exchange(self, request: pb.StepRequest) -> pb.StepResponse:
+    async def _exchange(self, exchange: _core.StepExchange) -> pb.StepResponse:
         """Sends a one-response request; after a transient stream failure resends it on a new stream."""
-        request.session_id = self.id
-        assert self._step is not None
-        request.expected_step = self._step
-        retry = self._client.retry
-        failure: StreamFailure | None = None
-        for attempt in range(retry.max_attempts):
-            if attempt:
-                await asyncio.sleep(retry.delay(attempt))
+        while (delay := exchange.next_attempt()) is not None:
+            if delay:
+                await asyncio.sleep(delay)
             stream = self._ensure_stream()
             try:
-                await stream.send(request)
+                await stream.send(exchange.request)
                 response = await stream.recv(self._client.timeout)
-            except StreamFailure as error:
-                self._drop_stream()
-                failure = error
-                if error.retryable:
-                    continue
-                break
+            except StreamFailure as failure:
+                self._drop_stream()  # the server ended the stream; the next call opens a new one
+                exchange.failed(failure)
+                continue
             except BaseException:  # interrupted (KeyboardInterrupt, task cancelled): a response may be pending
                 self._drop_stream()
-                self._step = None
+                exchange.interrupted()
                 raise
-            self._step = int(response.step)
-            return response
-        assert failure is not None
-        exc = failure.error(self._client.timeout)
-        if failure.timed_out or failure.retryable or isinstance(exc, StepMismatch):
-            self._step = None
-        raise exc
+            return exchange.succeeded(response)
+        raise exchange.error()
 
     async def _start_generation(self, generation: AsyncGeneration) -> None:
-        self._check_open()
-        await self._settle()
-        request = generation._request
-        request.session_id = self.id
-        assert self._step is not None
-        request.expected_step = self._step
-        self._step = None  # known again when the generation finishes
+        """Settles the session and sends the generation's request; a failure ends the generation."""
+        state = generation._state
+        try:
+            self._core.check_open()
+            await self._settle()
+        except BaseException as error:
+            raise state.broken(error) from None
+        request = self._core.begin_generation(state)
         self._generation = generation
-        stream = self._ensure_stream()
-        generation._stream = stream
+        generation._stream = stream = self._ensure_stream()  # a stream found broken is replaced before sending
         try:
             await stream.send(request)
-        except StreamFailure as failure:
-            generation._done = True
-            self._generation = None
+        except BaseException as error:  # the request may or may not have left: not resent
             self._drop_stream()
-            raise failure.error(self._client.timeout) from None
+            raise state.broken(error) from None
 
 
 class AsyncGeneration(AsyncIterator[GeneratedToken]):
@@ -513,85 +473,58 @@ class AsyncGeneration(AsyncIterator[GeneratedToken]):
 
     def __init__(self, session: AsyncSession, request: pb.StepRequest) -> None:
         self._session = session
-        self._request = request
+        self._state = _core.GenerationState(session._core, request)
         self._stream: _AsyncStream | None = None
-        self._started = False
-        self._done = False
-        self._superseded = False
-        self._tokens: list[GeneratedToken] = []
-        self._unread: deque[GeneratedToken] = deque()  # received in a multi-token response, not yet returned
-        self.finish_reason: str | None = None
-        self.step: int = -1
 
     def __aiter__(self) -> AsyncGeneration:
         return self
 
     async def __anext__(self) -> GeneratedToken:
         async with self._session._lock:
-            if self._superseded:
-                raise RuntimeError("this generation was ended early by another call on its session")
-            if self._unread:
-                return self._unread.popleft()
-            if self._done:
+            item = self._state.buffered()
+            if item is not None:
+                return item
+            if self._state.done:
                 raise StopAsyncIteration
-            if not self._started:
-                self._started = True
-                try:
-                    await self._session._start_generation(self)
-                except BaseException:
-                    self._done = True
-                    raise
+            if not self._state.started:
+                await self._session._start_generation(self)
             item = await self._read()
             if item is None:
                 raise StopAsyncIteration
             return item
 
     @property
+    def finish_reason(self) -> str | None:
+        """"length" or "stop" once finished, else None."""
+        return self._state.finish_reason
+
+    @property
+    def step(self) -> int:
+        """The session's step counter after the last token (-1 until finished)."""
+        return self._state.step
+
+    @property
     def tokens(self) -> list[GeneratedToken]:
         """The tokens received so far."""
-        return list(self._tokens)
+        return list(self._state.tokens)
 
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(item.text for item in self._tokens)
+        return self._state.text
 
     async def _read(self) -> GeneratedToken | None:
+        """The next token, or None after the final response."""
         assert self._stream is not None
-        session = self._session
         try:
-            response = await self._stream.recv(session._client.timeout)
-        except StreamFailure as failure:
-            self._done = True
-            session._generation = None
-            session._drop_stream()
-            raise failure.error(session._client.timeout) from None
-        except BaseException:  # interrupted: the rest of the generation cannot be read in order any more
-            self._done = True
-            session._generation = None
-            session._drop_stream()
-            raise
-        items = _wire.generated_tokens(response)
-        self._tokens.extend(items)
-        self._unread.extend(items)
-        if response.finished:
-            self._done = True
-            self.finish_reason = response.finish_reason
-            self.step = int(response.step)
-            session._step = self.step
-            session._generation = None
-        return self._unread.popleft() if self._unread else None
+            response = await self._stream.recv(self._session._client.timeout)
+        except BaseException as error:  # broken or interrupted: the rest cannot be read in order any more
+            self._session._drop_stream()
+            raise self._state.broken(error) from None
+        return self._state.received(response)
 
     async def _drain(self) -> None:
-        if not self._started:
-            self._done = True
-            self._session._generation = None
-            return
-        self._superseded = True
-        while not self._done:
-            await self._read()
-
-    def _abandon(self) -> None:
-        self._done = True
-        self._superseded = self._started
-        self._session._generation = None
+        """Reads the rest of the generation (another call on the session needs the stream)."""
+        if self._state.supersede():
+            while not self._state.done:
+                await self._read()

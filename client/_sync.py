@@ -13,16 +13,16 @@ import queue
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from lstmserve.client import _wire
-from lstmserve.client._errors import LstmServeError, SessionNotFound, StepMismatch, from_rpc_error
+from lstmserve.client import _core, _wire
+from lstmserve.client._core import Tokens
+from lstmserve.client._errors import LstmServeError, SessionNotFound
 from lstmserve.client._types import (
     Completion,
     GeneratedToken,
@@ -32,7 +32,6 @@ from lstmserve.client._types import (
     SessionInfo,
     StepOutput,
     as_features,
-    as_token_list,
 )
 from lstmserve.client._wire import StreamFailure
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -40,7 +39,6 @@ from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 _CLOSE = object()  # ends a stream's request iterator (half-close)
-Tokens: TypeAlias = int | Sequence[int] | np.ndarray | str
 
 
 class _Stream:
@@ -163,9 +161,8 @@ class Client:
 
         The only way to run a bidirectional model.
         """
+        _core.require_one_input(tokens, features)
         request = pb.InferRequest()
-        if (tokens is None) == (features is None):
-            raise ValueError("pass exactly one of tokens or features")
         if tokens is not None:
             request.tokens.extend(self._token_ids(tokens))
         else:
@@ -198,13 +195,11 @@ class Client:
             raise ValueError("pass at most one of resume and restore")
         if resume is not None:
             info = self._get_session(resume)
-            session = Session(self, info.id, info.step, close_on_exit=bool(close_on_exit))
         elif restore is not None:
             info = self._create(self._stub.RestoreSession, pb.RestoreSessionRequest(blob=restore, session_id=_wire.new_session_id()))
-            session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
         else:
             info = self._create(self._stub.CreateSession, pb.CreateSessionRequest(session_id=_wire.new_session_id()))
-            session = Session(self, info.id, info.step, close_on_exit=close_on_exit is not False)
+        session = Session(self, info.id, info.step, close_on_exit=_core.close_on_exit(resume, close_on_exit))
         with self._sessions_lock:
             self._sessions.add(session)
         return session
@@ -212,42 +207,33 @@ class Client:
     # ---- internals -------------------------------------------------------
     def _unary(self, method: Callable[..., T], request: Any) -> T:
         """Calls a unary RPC, retrying UNAVAILABLE."""
-        attempts = self.retry.max_attempts
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.retry.delay(attempt))
+        call = _core.UnaryCall(self.retry)
+        metadata = _wire.call_metadata(self._metadata, request)
+        while (delay := call.next_attempt()) is not None:
+            if delay:
+                time.sleep(delay)
             try:
-                return method(request, timeout=self.timeout, metadata=_wire.call_metadata(self._metadata, request))
+                return method(request, timeout=self.timeout, metadata=metadata)
             except grpc.RpcError as error:
-                code = error.code()
-                if code in _wire.UNARY_RETRY_CODES and attempt + 1 < attempts:
-                    continue
-                raise from_rpc_error(error) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+                call.failed(error)
+        raise call.error()
 
     def _create(self, method: Callable[..., Any], request: Any) -> SessionInfo:
-        """Creates (or restores) a session under the id `request` proposes. ALREADY_EXISTS means an
-        earlier attempt of this call created it and its answer was lost: that session is the one."""
+        """Creates (or restores) a session under the id `request` proposes (see `_core.already_created`)."""
         try:
             return _wire.session_info(self._unary(method, request))
         except LstmServeError as error:
-            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+            if not _core.already_created(error):
                 raise
             return self._get_session(request.session_id)
 
     def _get_session(self, session_id: str) -> SessionInfo:
         return _wire.session_info(self._unary(self._stub.GetSession, pb.SessionRef(session_id=session_id)))
 
-    def _cached_info(self) -> ModelInfo:
-        return self._info if self._info is not None else self.model_info()
-
     def _token_ids(self, tokens: Tokens) -> list[int]:
-        if isinstance(tokens, str):
-            ids = self._cached_info().vocabulary.encode(tokens)
-            if not ids:
-                raise ValueError("the text is empty: a step needs at least one token")
-            return ids
-        return as_token_list(tokens)
+        if isinstance(tokens, str) and self._info is None:
+            self.model_info()
+        return _core.token_ids(tokens, self._info)
 
 
 class Session:
@@ -265,13 +251,11 @@ class Session:
 
     def __init__(self, client: Client, session_id: str, step: int, *, close_on_exit: bool = True) -> None:
         self._client = client
-        self._id = session_id
-        self._step: int | None = step  # None: unknown (after an interrupted call), read from the server
+        self._core = _core.SessionState(session_id, step, client.timeout)
         self.close_on_exit = close_on_exit
         self._stream: _Stream | None = None
-        self._generation: Generation | None = None
+        self._generation: Generation | None = None  # the last one started; live while the core says so
         self._lock = threading.RLock()
-        self._closed = False
 
     def __enter__(self) -> Session:
         return self
@@ -291,22 +275,22 @@ class Session:
             pass
 
     def __repr__(self) -> str:
-        return f"Session(id={self._id!r}, step={self._step})"
+        return f"Session(id={self._core.session_id!r}, step={self._core.step})"
 
     @property
     def id(self) -> str:
         """The session id; `Client.session(resume=id)` (on any client) reattaches to it."""
-        return self._id
+        return self._core.id
 
     @property
     def position(self) -> int | None:
         """The step counter as this client last saw it (None right after an interrupted call)."""
-        return self._step
+        return self._core.step
 
     @property
     def closed(self) -> bool:
         """Whether `close()` was called."""
-        return self._closed
+        return self._core.closed
 
     def step(
         self,
@@ -337,8 +321,7 @@ class Session:
             SessionNotFound: the session is closed or expired.
             NotSteppable: the model is bidirectional.
         """
-        if (tokens is None) == (features is None):
-            raise ValueError("pass exactly one of tokens or features")
+        _core.require_one_input(tokens, features)
         sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
         request = _wire.step_request(
             tokens=self._client._token_ids(tokens) if tokens is not None else None,
@@ -348,9 +331,9 @@ class Session:
             sample=sample,
         )
         with self._lock:
-            self._check_open()
+            self._core.check_open()
             self._settle()
-            response = self._exchange(request)
+            response = self._exchange(self._core.begin_step(request, self._client.retry))
         return _wire.step_output(response, output)
 
     def generate(
@@ -395,26 +378,23 @@ class Session:
         generation = self.generate(
             prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop
         )
-        tokens = [item.token for item in generation]
-        assert generation.finish_reason is not None
-        return Completion(
-            text=generation.text, tokens=tuple(tokens), finish_reason=generation.finish_reason, step=generation.step
-        )
+        for _ in generation:
+            pass
+        return generation._state.completion()
 
     def reset(self) -> SessionInfo:
         """Returns the session to zero state and step 0."""
         with self._lock:
-            self._check_open()
+            self._core.check_open()
             self._settle(resync=False)
-            reply = self._client._unary(self._client._stub.ResetSession, pb.SessionRef(session_id=self._id))
+            reply = self._client._unary(self._client._stub.ResetSession, pb.SessionRef(session_id=self.id))
             info = _wire.session_info(reply)
-            self._step = info.step
+            self._core.step = info.step
             return info
 
     def info(self) -> SessionInfo:
         """The session as the server sees it (step counter, idle time, time to expiry)."""
-        info = self._client._get_session(self._id)
-        return info
+        return self._client._get_session(self.id)
 
     def snapshot(self) -> bytes:
         """An opaque, versioned, integrity-checked copy of the session's state and step counter.
@@ -422,43 +402,34 @@ class Session:
         `client.session(restore=blob)` recreates the session on any server of the same model.
         """
         with self._lock:
-            self._check_open()
+            self._core.check_open()
             self._settle(resync=False)
-            reply = self._client._unary(self._client._stub.SnapshotSession, pb.SessionRef(session_id=self._id))
-            self._step = int(reply.step)
+            reply = self._client._unary(self._client._stub.SnapshotSession, pb.SessionRef(session_id=self.id))
+            self._core.step = int(reply.step)
             return bytes(reply.blob)
 
     def close(self) -> None:
         """Closes the session on the server and frees its state. Idempotent: an expired session is not an error."""
         with self._lock:
-            if self._closed:
+            if not self._core.begin_close():
                 return
-            self._closed = True
-            if self._generation is not None:
-                self._generation._abandon()
             self._drop_stream()
             try:
-                self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self._id))
+                self._client._unary(self._client._stub.CloseSession, pb.SessionRef(session_id=self.id))
             except SessionNotFound:
                 pass
 
     def detach(self) -> None:
         """Ends this object's stream but keeps the server session (resume it later by `id`)."""
         with self._lock:
-            if self._generation is not None:
-                self._generation._abandon()
-                self._step = None
+            self._core.detach()
             self._drop_stream()
 
     # ---- internals -------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError(f"session {self._id!r} is closed")
-
     def _ensure_stream(self) -> _Stream:
         if self._stream is None or not self._stream.alive:
             self._drop_stream()
-            self._stream = _Stream(self._client._stub, _wire.with_session(self._client._metadata, self._id))
+            self._stream = _Stream(self._client._stub, _wire.with_session(self._client._metadata, self.id))
         return self._stream
 
     def _drop_stream(self) -> None:
@@ -469,58 +440,50 @@ class Session:
     def _settle(self, *, resync: bool = True) -> None:
         """Finishes an unfinished generation and learns the step counter if it is unknown."""
         generation = self._generation
-        if generation is not None and not generation._done:
+        if generation is not None and self._core.generation is generation._state:
             try:
                 generation._drain()
             except LstmServeError:
                 pass  # the step counter is re-read below
-        if resync and self._step is None:
-            self._step = self._client._get_session(self._id).step
+        if self._core.needs_resync(resync):
+            self._core.step = self._client._get_session(self.id).step
 
-    def _exchange(self, request: pb.StepRequest) -> pb.StepResponse:
+    def _exchange(self, exchange: _core.StepExchange) -> pb.StepResponse:
         """Sends a one-response request; after a transient stream failure resends it on a new stream."""
-        request.session_id = self._id
-        assert self._step is not None
-        request.expected_step = self._step
-        retry = self._client.retry
-        failure: StreamFailure | None = None
-        for attempt in range(retry.max_attempts):
-            if attempt:
-                time.sleep(retry.delay(attempt))
+        while (delay := exchange.next_attempt()) is not None:
+            if delay:
+                time.sleep(delay)
             stream = self._ensure_stream()
-            stream.send(request)
             try:
+                stream.send(exchange.request)
                 response = stream.recv(self._client.timeout)
-            except StreamFailure as error:
+            except StreamFailure as failure:
                 self._drop_stream()  # the server ended the stream; the next call opens a new one
-                failure = error
-                if error.retryable:
-                    continue
-                break
+                exchange.failed(failure)
+                continue
             except BaseException:  # interrupted (KeyboardInterrupt, task cancelled): a response may be pending
                 self._drop_stream()
-                self._step = None
+                exchange.interrupted()
                 raise
-            self._step = int(response.step)
-            return response
-        assert failure is not None
-        exc = failure.error(self._client.timeout)
-        if failure.timed_out or failure.retryable or isinstance(exc, StepMismatch):
-            self._step = None  # the request may or may not have been applied
-        raise exc
+            return exchange.succeeded(response)
+        raise exchange.error()
 
     def _start_generation(self, generation: Generation) -> None:
-        self._check_open()
-        self._settle()
-        request = generation._request
-        request.session_id = self._id
-        assert self._step is not None
-        request.expected_step = self._step
-        self._step = None  # known again when the generation finishes
+        """Settles the session and sends the generation's request; a failure ends the generation."""
+        state = generation._state
+        try:
+            self._core.check_open()
+            self._settle()
+        except BaseException as error:
+            raise state.broken(error) from None
+        request = self._core.begin_generation(state)
         self._generation = generation
-        stream = self._ensure_stream()  # a stream found broken is replaced before sending: safe
-        stream.send(request)
-        generation._stream = stream
+        generation._stream = stream = self._ensure_stream()  # a stream found broken is replaced before sending
+        try:
+            stream.send(request)
+        except BaseException as error:  # the request may or may not have left: not resent
+            self._drop_stream()
+            raise state.broken(error) from None
 
 
 class Generation(Iterator[GeneratedToken]):
@@ -532,88 +495,58 @@ class Generation(Iterator[GeneratedToken]):
 
     def __init__(self, session: Session, request: pb.StepRequest) -> None:
         self._session = session
-        self._request = request
+        self._state = _core.GenerationState(session._core, request)
         self._stream: _Stream | None = None
-        self._started = False
-        self._done = False
-        self._superseded = False
-        self._tokens: list[GeneratedToken] = []
-        self._unread: deque[GeneratedToken] = deque()  # received in a multi-token response, not yet returned
-        self.finish_reason: str | None = None
-        self.step: int = -1
 
     def __iter__(self) -> Generation:
         return self
 
     def __next__(self) -> GeneratedToken:
         with self._session._lock:
-            if self._superseded:
-                raise RuntimeError("this generation was ended early by another call on its session")
-            if self._unread:
-                return self._unread.popleft()
-            if self._done:
+            item = self._state.buffered()
+            if item is not None:
+                return item
+            if self._state.done:
                 raise StopIteration
-            if not self._started:
-                self._started = True
-                try:
-                    self._session._start_generation(self)
-                except BaseException:
-                    self._done = True
-                    raise
+            if not self._state.started:
+                self._session._start_generation(self)
             item = self._read()
             if item is None:
                 raise StopIteration
             return item
 
     @property
+    def finish_reason(self) -> str | None:
+        """"length" or "stop" once finished, else None."""
+        return self._state.finish_reason
+
+    @property
+    def step(self) -> int:
+        """The session's step counter after the last token (-1 until finished)."""
+        return self._state.step
+
+    @property
     def tokens(self) -> list[GeneratedToken]:
         """The tokens received so far."""
-        return list(self._tokens)
+        return list(self._state.tokens)
 
     @property
     def text(self) -> str:
         """The text received so far."""
-        return "".join(item.text for item in self._tokens)
+        return self._state.text
 
     def _read(self) -> GeneratedToken | None:
         """The next token, or None after the final response."""
         assert self._stream is not None
-        session = self._session
         try:
-            response = self._stream.recv(session._client.timeout)
-        except StreamFailure as failure:
-            self._done = True
-            session._generation = None
-            session._drop_stream()
-            raise failure.error(session._client.timeout) from None
-        except BaseException:  # interrupted: the rest of the generation cannot be read in order any more
-            self._done = True
-            session._generation = None
-            session._drop_stream()
-            raise
-        items = _wire.generated_tokens(response)
-        self._tokens.extend(items)
-        self._unread.extend(items)
-        if response.finished:
-            self._done = True
-            self.finish_reason = response.finish_reason
-            self.step = int(response.step)
-            session._step = self.step
-            session._generation = None
-        return self._unread.popleft() if self._unread else None
+            response = self._stream.recv(self._session._client.timeout)
+        except BaseException as error:  # broken or interrupted: the rest cannot be read in order any more
+            self._session._drop_stream()
+            raise self._state.broken(error) from None
+        return self._state.received(response)
 
     def _drain(self) -> None:
         """Reads the rest of the generation (another call on the session needs the stream)."""
-        if not self._started:
-            self._done = True
-            self._session._generation = None
-            return
-        self._superseded = True
-        while not self._done:
-            self._read()
-
-    def _abandon(self) -> None:
-        """Forgets the generation (its stream is being dropped)."""
-        self._done = True
-        self._superseded = self._started
-        self._session._generation = None
+        if self._state.supersede():
+            while not self._state.done:
+                self._read()

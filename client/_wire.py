@@ -1,6 +1,7 @@
 """Protobuf <-> plain values, request building and channel settings, shared by the sync and async clients.
 
-The only client module (with `_sync` and `_async`, which send what it builds) that knows protobuf.
+The only client module that builds and reads protobuf messages; `_core` stamps the session id and
+`expected_step` on the requests built here, and `_sync` and `_async` send them.
 """
 
 from __future__ import annotations
