@@ -85,7 +85,29 @@ class Group:
         return np.concatenate([w.inputs for w in self.works]).reshape(len(self.works), *first.shape)  # type: ignore[misc]
 
 
+@dataclass(eq=False)
+class Block:
+    """Steps of the same length for many sessions, from one multi-session request: queued, computed and
+    answered as one unit, with no queue entry, future or answer per session (`Scheduler.step_many`).
+    Its sessions are in flight from the moment it is queued, so their other work waits behind it."""
+
+    sessions: list[Session]
+    stacked_inputs: np.ndarray  # [rows, positions(, width)]
+    digests: list[bytes]
+    future: asyncio.Future[list[StepResult]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    def slots(self) -> np.ndarray:
+        """The state-store slots of the block's sessions, in row order."""
+        return np.fromiter((s.slot for s in self.sessions), dtype=np.int64, count=len(self.sessions))
+
+    def inputs(self) -> np.ndarray:
+        """The block's inputs [rows, positions(, width)]."""
+        return self.stacked_inputs
+
+
 Taken = list[tuple[Session, Work]]
+Computed = Group | Block
 
 
 class Batcher:
@@ -107,6 +129,8 @@ class Batcher:
         self.frozen = False
         # The session whose step was the only one in the last batch (None after a real batch).
         self.last_solo: Session | None = None
+        # Multi-session requests' blocks, in arrival order (taken before any other work, as far as they fit).
+        self.blocks: list[Block] = []
         # Generation steps whose next token is sampled and whose sessions have nothing else queued: they join
         # the next batch as they are, in the order of the last one, without a trip through the session queues
         # (their sessions stay in flight meanwhile, so anything queued for them waits behind, in order).
@@ -134,6 +158,32 @@ class Batcher:
         if not session.in_flight:
             self.ready.setdefault(session.id, session)
 
+    def enqueue_block(self, block: Block) -> None:
+        """Queues a block; Overloaded if its rows would overflow the queue. Its sessions must have no work
+        queued or running (the block runs before whatever is queued for them after it)."""
+        rows = len(block.sessions)
+        if self.queued + rows > self.limits.max_queue:
+            raise Overloaded(f"request queue is full ({self.limits.max_queue} waiting requests)")
+        positions = block.stacked_inputs.shape[1]
+        used = time.monotonic()
+        for session in block.sessions:
+            session.queued_positions += positions
+            session.in_flight = True
+            session.last_used = used
+        self.queued += rows
+        self.blocks.append(block)
+
+    def collect_blocks(self) -> list[Block]:
+        """The queued blocks that fit in one batch, oldest first (each is at most the largest batch)."""
+        taken: list[Block] = []
+        room = self.limits.max_batch_size
+        while self.blocks and len(self.blocks[0].sessions) <= room:
+            block = self.blocks.pop(0)
+            room -= len(block.sessions)
+            self.queued -= len(block.sessions)
+            taken.append(block)
+        return taken
+
     def discard(self, session: Session, error: Exception) -> None:
         """Fails every request still queued for a session that leaves (closed, expired, handed over)."""
         if self.last_solo is session:
@@ -152,10 +202,11 @@ class Batcher:
         session.pending = None
         self.ready.pop(session.id, None)
 
-    def collect(self) -> Taken:
-        """Takes at most one step per ready session (up to the largest batch), running lifecycle ops inline."""
+    def collect(self, room: int | None = None) -> Taken:
+        """Takes at most one step per ready session (up to `room` rows, the largest batch if not given), running
+        lifecycle ops inline."""
         taken: Taken = []
-        limit = self.limits.max_batch_size
+        limit = self.limits.max_batch_size if room is None else room
         while self.ready and len(taken) < limit:
             _, session = self.ready.popitem(last=False)
             while session.pending:
@@ -192,20 +243,26 @@ class Batcher:
                 continue
             taken.append((session, work))
 
-    def requeue(self, taken: Taken, live: Any) -> bool:
-        """Marks the taken sessions that have more work (and are still in `live`) ready; returns whether
-        any session is ready."""
+    def requeue(self, taken: Taken, live: Any, blocks: list[Block] = ()) -> bool:  # type: ignore[assignment]
+        """Marks the sessions of a finished batch that have more work (and are still in `live`) ready; returns
+        whether there is work for another batch."""
         for session, _ in taken:
             if session.pending and not session.in_flight and session in live:
                 self.ready.setdefault(session.id, session)
-        return bool(self.ready or self.carried)
+        for block in blocks:
+            for session in block.sessions:
+                if session.pending and not session.in_flight and session in live:
+                    self.ready.setdefault(session.id, session)
+        return bool(self.ready or self.carried or self.blocks)
 
     def idle_for(self, session: Session) -> bool:
         """Whether nothing is queued anywhere, this session has no work, and the last batch was its alone."""
-        return self.last_solo is session and not (self.ready or self.queued or self.carried or session.busy)
+        return self.last_solo is session and not (
+            self.ready or self.queued or self.carried or self.blocks or session.busy
+        )
 
     # ---- applying a batch --------------------------------------------------
-    def finish(self, groups: list[Group], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
+    def finish(self, groups: list[Computed], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
         """Advances every row's session, answers finished requests, queues continuing generations and
         records the batch in the model's statistics.
 
@@ -214,7 +271,7 @@ class Batcher:
         once.
         """
         now = time.perf_counter()
-        batch_size = sum(len(g.works) for g in groups)
+        batch_size = sum(len(g.sessions) for g in groups)
         self.last_solo = groups[0].sessions[0] if batch_size == 1 else None
         self.metrics.batch_size.observe(batch_size)
         observe_latency = self.metrics.step_latency.observe
@@ -228,9 +285,14 @@ class Batcher:
                 self._fail_group(group, logits)
                 continue
             length = logits.shape[1]  # every row of a group has this many positions
-            rows = len(group.works)
+            rows = len(group.sessions)
             positions += length * rows
             computed += rows
+            if isinstance(group, Block):
+                self._finish_block(group, logits, batch_size, used)
+                observe_latency(now - group.enqueued)
+                waiting_since_sum += rows * group.enqueued
+                continue
             continuing: list[int] = []  # rows of generations that go on: their next token is sampled below
             for row, session, work in zip(range(rows), group.sessions, group.works):
                 start_step = session.step
@@ -293,17 +355,52 @@ class Batcher:
                 queued += 1
         self.queued += queued
 
-    def _fail_group(self, group: Group, error: Exception) -> None:
+    @staticmethod
+    def _finish_block(block: Block, logits: np.ndarray, batch_size: int, used: float) -> None:
+        """Advances a block's sessions and answers it with every row's result (kept as each session's last
+        result, so a resent step is answered again, not applied twice)."""
+        length = logits.shape[1]
+        results: list[StepResult] = []
+        for row, session, digest in zip(range(len(block.sessions)), block.sessions, block.digests):
+            start_step = session.step
+            step = session.step = start_step + length
+            session.version += 1
+            session.queued_positions -= length
+            session.in_flight = False
+            session.last_used = used
+            result = StepResult(logits[row].copy(), start_step, step, batch_size, digest)  # a copy, as in finish
+            session.last_result = result
+            results.append(result)
+        if not block.future.done():
+            block.future.set_result(results)
+
+    def _fail_group(self, group: Computed, error: Exception) -> None:
         """Fails exactly the requests of a group whose compute raised; their state is unchanged."""
+        if isinstance(group, Block):
+            self._release_block(group, ComputeFailed(f"computing the step failed: {error}"))
+            return
         for session, work in zip(group.sessions, group.works, strict=True):
             session.in_flight = False
             session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
             if not work.future.done():
                 work.future.set_exception(ComputeFailed(f"computing the step failed: {error}"))
 
-    def fail(self, taken: Taken, error: Exception) -> None:
+    @staticmethod
+    def _release_block(block: Block, error: Exception) -> None:
+        """Fails a block whose compute did not happen; its sessions are unchanged and free for their next work."""
+        positions = block.stacked_inputs.shape[1]
+        for session in block.sessions:
+            if session.in_flight:
+                session.in_flight = False
+                session.queued_positions -= positions
+        if not block.future.done():
+            block.future.set_exception(error)
+
+    def fail(self, taken: Taken, error: Exception, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL) and frees their sessions for their next requests."""
+        for block in blocks:
+            self._release_block(block, ComputeFailed(f"the server failed on this request: {error}"))
         for session, work in taken:
             if session.in_flight:
                 session.in_flight = False

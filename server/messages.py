@@ -6,6 +6,8 @@ Pure functions: no server state. The gRPC service is their only user.
 from __future__ import annotations
 
 import math
+import sys
+from itertools import chain
 from dataclasses import dataclass
 from collections.abc import Sequence
 
@@ -23,6 +25,10 @@ STEP_RESPONSE_BYTES = 160  # a StepResponse without its logits or top-k: ids, co
 TOPK_BYTES_PER_ENTRY = 16  # one top-k id (varint, at most 10 bytes) and its float32 log-probability, packed
 
 
+# Byte orders that need no conversion for a Tensor's little-endian data ("|": not applicable, e.g. bytes).
+_LITTLE_ENDIAN = ("<", "|") if sys.byteorder == "big" else ("<", "=", "|")
+
+
 def encode_tensor(array: np.ndarray) -> pb.Tensor:
     """A numpy array as a Tensor message (little-endian bytes, row-major)."""
     tensor = pb.Tensor()
@@ -33,7 +39,9 @@ def encode_tensor(array: np.ndarray) -> pb.Tensor:
 def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
     """Writes an array into a Tensor field in place (no intermediate message)."""
     tensor.shape.extend(array.shape)
-    tensor.data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    if not (array.flags.c_contiguous and array.dtype.byteorder in _LITTLE_ENDIAN):
+        array = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+    tensor.data = array.tobytes()
 
 
 def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -80,6 +88,22 @@ def decode_inputs(
     if not np.all(np.isfinite(array)):
         raise InvalidInput("features contain NaN or infinity")
     return array
+
+
+def decode_token_batches(
+    token_lists: Sequence[Sequence[int]], spec: ModelSpec, max_positions: int
+) -> list[np.ndarray] | None:
+    """The tokens of many requests at once (a multi-session request), as `decode_inputs` would return each:
+    one conversion and one vocabulary check for all. None if any request is not valid as it stands (no
+    tokens, too many, an id outside the vocabulary): `decode_inputs` then says which, request by request."""
+    counts = [len(tokens) for tokens in token_lists]
+    if not counts or min(counts) == 0 or max(counts) > max_positions:
+        return None
+    vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
+    flat = np.fromiter(chain.from_iterable(token_lists), dtype=np.int64, count=sum(counts))
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+        return None
+    return np.split(flat, np.cumsum(counts[:-1]))
 
 
 def _check_count(count: int, limit: int) -> None:

@@ -15,14 +15,24 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from lstmserve.server.backend import MemoryOnly, SessionBackend
-from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, draining, group_by_length, mismatch
-from lstmserve.server.errors import ServeError, SessionNotFound
+from lstmserve.server.batcher import (
+    Batcher,
+    Block,
+    Computed,
+    SchedulerLimits,
+    Taken,
+    Work,
+    draining,
+    group_by_length,
+    mismatch,
+)
+from lstmserve.server.errors import InvalidInput, ServeError, SessionNotFound
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import BindableState, Runner
 from lstmserve.server.session_manager import (
@@ -260,39 +270,65 @@ class Scheduler:
     async def step_many(self, steps: Sequence[tuple[Session, np.ndarray, int | None]]) -> list[StepResult | ServeError]:
         """One step for each of many sessions (a multi-session request), each (session, inputs, expected_step)
         checked and answered as `step` would, exactly-once rules included; returns each step's result or
-        refusal, in order.
+        refusal, in order. Each session may appear once.
 
-        Every step is queued before the loop wakes, so they share batches (with everything else queued),
-        and nothing per step is a task of its own: the steps wait on their futures one after another.
+        The steps of sessions with nothing queued or running, the common case, go as blocks (one per
+        input length, at most the largest batch each): one queue entry and one answer per block, not per
+        session. A session with work queued takes its place in its own queue, as `step` would.
         """
-        pending: list[StepResult | ServeError | asyncio.Future[StepResult] | asyncio.Task[StepResult]] = []
-        for session, inputs, expected_step in steps:
+        outcomes: list[StepResult | ServeError | None] = [None] * len(steps)
+        waiting: list[tuple[int, asyncio.Future[StepResult] | asyncio.Task[StepResult]]] = []
+        by_shape: dict[tuple[int, ...], list[tuple[int, Session, np.ndarray, bytes]]] = {}
+        seen: set[str] = set()
+        for index, (session, inputs, expected_step) in enumerate(steps):
             try:
+                if session.id in seen:
+                    raise InvalidInput(f"session {session.id!r} appears twice in one multi-session request")
+                seen.add(session.id)
                 self._require_steppable(session)
                 if expected_step is not None and _may_be_queued_resend(session, expected_step, True):
-                    pending.append(asyncio.ensure_future(self.step(session, inputs, expected_step)))
+                    waiting.append((index, asyncio.ensure_future(self.step(session, inputs, expected_step))))
                     continue
                 digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
                 replayed = _replayed(session, expected_step, digest, True) if expected_step is not None else None
                 if replayed is not None:
-                    pending.append(replayed)
-                    continue
-                work = Work(future=self._new_future(), inputs=inputs, digest=digest)
-                self.batcher.enqueue(session, work)
-                pending.append(work.future)
+                    outcomes[index] = replayed
+                elif session.busy:
+                    work = Work(future=self._new_future(), inputs=inputs, digest=digest)
+                    self.batcher.enqueue(session, work)
+                    waiting.append((index, work.future))
+                else:
+                    by_shape.setdefault(inputs.shape, []).append((index, session, inputs, digest))
             except ServeError as error:
-                pending.append(error)
+                outcomes[index] = error
+        blocks = [self._queue_block(rows) for rows in _chunks(by_shape.values(), self.limits.max_batch_size)]
         self._wakeup.set()
-        outcomes: list[StepResult | ServeError] = []
-        for item in pending:
-            if isinstance(item, StepResult | ServeError):
-                outcomes.append(item)
-                continue
+        for rows, block in blocks:
             try:
-                outcomes.append(await item)
+                results = await block if isinstance(block, asyncio.Future) else block
             except ServeError as error:
-                outcomes.append(error)
-        return outcomes
+                results = error
+            for position, (index, *_) in enumerate(rows):
+                outcomes[index] = results if isinstance(results, ServeError) else results[position]
+        for index, future in waiting:
+            try:
+                outcomes[index] = await future
+            except ServeError as error:
+                outcomes[index] = error
+        return outcomes  # type: ignore[return-value]
+
+    def _queue_block(
+        self, rows: list[tuple[int, Session, np.ndarray, bytes]]
+    ) -> tuple[list[tuple[int, Session, np.ndarray, bytes]], asyncio.Future[list[StepResult]] | ServeError]:
+        """Queues the rows as one block; returns them with the block's future (or the refusal of all of them)."""
+        first = rows[0][2]
+        stacked = np.concatenate([inputs for _, _, inputs, _ in rows]).reshape(len(rows), *first.shape)
+        block = Block([s for _, s, _, _ in rows], stacked, [d for *_, d in rows], self._new_future())
+        try:
+            self.batcher.enqueue_block(block)
+        except ServeError as error:
+            return rows, error
+        return rows, block.future
 
     async def generate(
         self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
@@ -398,9 +434,9 @@ class Scheduler:
         self._wakeup.set()
         return await work.future
 
-    def _collect(self) -> Taken:
-        """The next batch's steps (see `Batcher.collect`)."""
-        return self.batcher.collect()
+    def _collect(self, room: int | None = None) -> Taken:
+        """The next batch's steps, up to `room` rows (see `Batcher.collect`)."""
+        return self.batcher.collect(room)
 
     async def _batch_loop(self) -> None:
         """Collects a batch, computes it on the worker thread, resolves it; and again.
@@ -433,17 +469,20 @@ class Scheduler:
             if self._copies_due:
                 self._copy_sessions()
             taken: Taken = []
+            blocks: list[Block] = []
             try:
-                taken = self._collect()
-                positions = len(taken[0][1].inputs) if len(taken) == 1 else 0  # type: ignore[arg-type]
+                blocks = self.batcher.collect_blocks()
+                room = self.limits.max_batch_size - sum(len(block.sessions) for block in blocks)
+                taken = self._collect(room) if room > 0 else []
+                positions = len(taken[0][1].inputs) if len(taken) == 1 and not blocks else 0  # type: ignore[arg-type]
                 if positions and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
                     self._run_here(taken)
                     self._keep_awake()
                     await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
-                elif taken:
-                    await self._run_on_worker(taken)
+                elif taken or blocks:
+                    await self._run_on_worker(taken, blocks)
             except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
-                self._recover(taken, error)
+                self._recover(taken, error, blocks)
 
     def _copy_sessions(self) -> None:
         """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
@@ -453,12 +492,13 @@ class Scheduler:
             if not future.done():
                 future.set_result(copies)
 
-    def _recover(self, taken: Taken, error: Exception) -> None:
+    def _recover(self, taken: Taken, error: Exception, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL), frees their sessions for their next requests, and logs it. The loop goes on."""
-        log.error("the batching loop failed on %d request(s); they fail and the loop goes on", len(taken), exc_info=error)
-        self.batcher.fail(taken, error)
-        self._requeue(taken)
+        count = len(taken) + sum(len(block.sessions) for block in blocks)
+        log.error("the batching loop failed on %d request(s); they fail and the loop goes on", count, exc_info=error)
+        self.batcher.fail(taken, error, blocks)
+        self._requeue(taken, blocks)
 
     # ---- the compute routine: gather, model call (here or on the worker), scatter; then apply ----
     def _run_here(self, taken: Taken) -> None:
@@ -468,20 +508,20 @@ class Scheduler:
         self.batcher.finish(groups, *_run_to_end(self._compute(groups, on_worker=False)))
         self._requeue(taken)
 
-    async def _run_on_worker(self, taken: Taken) -> None:
-        """Computes a batch with its model calls on the worker thread, while the event loop serves streams,
-        then applies it."""
-        groups = group_by_length(taken)
+    async def _run_on_worker(self, taken: Taken, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
+        """Computes a batch (steps and blocks) with its model calls on the worker thread, while the event loop
+        serves streams, then applies it."""
+        groups: list[Computed] = [*blocks, *(group_by_length(taken) if taken else [])]
         self._computing += 1
         try:
             outputs, timing = await self._compute(groups, on_worker=True)
         finally:
             self._computing -= 1
         self.batcher.finish(groups, outputs, timing)
-        self._requeue(taken)
+        self._requeue(taken, blocks)
 
     async def _compute(
-        self, groups: list[Group], *, on_worker: bool
+        self, groups: list[Computed], *, on_worker: bool
     ) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Gather, model call, scatter for each group in turn; returns each group's outputs and how long each
         phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
@@ -533,14 +573,14 @@ class Scheduler:
         logits = self.runner.run(inputs, buffers)
         return logits, time.perf_counter() - started
 
-    def _note_lone_run(self, group: Group, inputs: np.ndarray, seconds: float) -> None:
+    def _note_lone_run(self, group: Computed, inputs: np.ndarray, seconds: float) -> None:
         """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS that was the only row of
         its model call (alone, or the one row of its length in a batch: either way a batch-1 call)."""
-        if len(group.works) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
+        if len(group.sessions) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
             self._lone_seconds_per_position = seconds / inputs.shape[1]
 
-    def _requeue(self, taken: Taken) -> None:
-        if self.batcher.requeue(taken, self.sessions):
+    def _requeue(self, taken: Taken, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
+        if self.batcher.requeue(taken, self.sessions, blocks):
             self._wakeup.set()
 
     async def _sweep_loop(self) -> None:
@@ -549,6 +589,13 @@ class Scheduler:
             await asyncio.sleep(interval)
             self._sweep_due = True  # the batching loop sweeps when nothing computes
             self._wakeup.set()
+
+
+def _chunks(groups: Iterable[list[T]], size: int) -> Iterator[list[T]]:
+    """Every group cut into consecutive chunks of at most `size` items."""
+    for group in groups:
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
 
 
 def _may_be_queued_resend(session: Session, expected_step: int, replay: bool) -> bool:

@@ -218,15 +218,14 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         self._require_steppable()
         self._check_entries(request.steps)
         # Every entry is parsed before any is stepped: a bad one is refused before the others start.
-        entries = [self._parse_entry(index, message) for index, message in enumerate(request.steps)]
+        entries = self._parse_entries(request.steps)
         self._check_output_size(entries)
         owner = self._owner(context)
         self.requests_in_progress += 1
         try:
-            results = await self._step_entries(entries, owner)
+            return await self._step_entries(entries, owner)
         finally:
             self.requests_in_progress -= 1
-        return pb.StepSessionsResponse(results=results)
 
     def _check_entries(self, steps: Sequence[pb.SessionStep]) -> None:
         """INVALID_ARGUMENT for a request with no entries, more than --max-sessions-per-request, or a session twice."""
@@ -246,12 +245,23 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                     "a StepSessions request steps each session at most once"
                 )
 
-    def _parse_entry(self, index: int, message: pb.SessionStep) -> _Entry:
+    def _parse_entries(self, steps: Sequence[pb.SessionStep]) -> list[_Entry]:
+        """Every entry with its validated step or the reason it is refused. The tokens of all the entries are
+        converted and checked at once when they are all valid (else entry by entry, to name the bad one)."""
+        if self.spec.kind != "tokens" or any(message.HasField("features") for message in steps):
+            return [self._parse_entry(index, message) for index, message in enumerate(steps)]
+        limit = self.config.max_tokens_per_request
+        inputs = messages.decode_token_batches([message.tokens for message in steps], self.spec, limit)
+        if inputs is None:
+            return [self._parse_entry(index, message) for index, message in enumerate(steps)]
+        return [self._parse_entry(index, message, tokens) for index, (message, tokens) in enumerate(zip(steps, inputs))]
+
+    def _parse_entry(self, index: int, message: pb.SessionStep, tokens: np.ndarray | None = None) -> _Entry:
         """An entry with its validated step, or with the reason it is refused."""
         try:
             if not message.session_id:
                 raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
-            return _Entry(index, message, self._parse_step(message))
+            return _Entry(index, message, self._parse_step(message, tokens))
         except ServeError as error:
             return _Entry(index, message, error)
 
@@ -269,9 +279,10 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
             )
 
-    async def _step_entries(self, entries: list[_Entry], owner: str) -> list[pb.SessionStepResult]:
+    async def _step_entries(self, entries: list[_Entry], owner: str) -> pb.StepSessionsResponse:
         """Every entry stepped as Step steps a request, all queued at once (`Scheduler.step_many`): each entry's
-        result, or its refusal as a StepError."""
+        result, or its refusal as a StepError, in order. The answers are written in place into the response
+        (a message built apart and then added would be copied)."""
         refusals: dict[int, ServeError] = {}
         steps: list[tuple[Session, np.ndarray, int | None]] = []
         stepped: list[_Entry] = []
@@ -289,29 +300,32 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             steps.append((session, entry.outcome.inputs, entry.outcome.expected_step))
             stepped.append(entry)
         outcomes = await self.scheduler.step_many(steps)
-        responses: dict[int, pb.SessionStepResult] = {}
+        answers: dict[int, tuple[Session, StepResult]] = {}
         for entry, (session, _, _), outcome in zip(stepped, steps, outcomes, strict=True):
             try:
                 if isinstance(outcome, ServeError):
                     raise outcome
                 self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
-                response = self._step_response(session, entry.message, entry.outcome, outcome)  # type: ignore[arg-type]
-                responses[entry.index] = pb.SessionStepResult(response=response)
+                answers[entry.index] = (session, outcome)
             except ServeError as error:
                 refusals[entry.index] = error
-        return [
-            responses[entry.index] if entry.index in responses else self._entry_refused(entry, refusals[entry.index])
-            for entry in entries
-        ]
+        response = pb.StepSessionsResponse()
+        for entry in entries:
+            result = response.results.add()
+            answer = answers.get(entry.index)
+            if answer is None:
+                self._entry_refused(result.error, entry, refusals[entry.index])
+            else:
+                _fill_step_response(result.response, answer[0], entry.message, entry.outcome, answer[1])  # type: ignore[arg-type]
+        return response
 
-    def _entry_refused(self, entry: _Entry, error: ServeError) -> pb.SessionStepResult:
-        """An entry's refusal as its StepError (counted in the error metrics like a refused call)."""
+    def _entry_refused(self, refusal: pb.StepError, entry: _Entry, error: ServeError) -> None:
+        """Writes an entry's refusal as its StepError (counted in the error metrics like a refused call)."""
         code = status_for(error)
         self.metrics.errors.labels(code=code.name).inc()
-        refusal = pb.StepError(
-            session_id=entry.message.session_id, code=code.value[0], message=f"steps[{entry.index}]: {error}"
-        )
-        return pb.SessionStepResult(error=refusal)
+        refusal.session_id = entry.message.session_id
+        refusal.code = code.value[0]
+        refusal.message = f"steps[{entry.index}]: {error}"
 
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:
@@ -334,12 +348,20 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             return _ParsedStep(inputs=None)
         return replace(self._parse_step(request), generate=generate_params)
 
-    def _parse_step(self, request: pb.StepRequest | pb.SessionStep) -> _ParsedStep:
-        """The input, output and expected step of one step (the fields StepRequest and SessionStep share)."""
+    def _parse_step(self, request: pb.StepRequest | pb.SessionStep, tokens: np.ndarray | None = None) -> _ParsedStep:
+        """The input, output and expected step of one step (the fields StepRequest and SessionStep share);
+        `tokens`: its tokens, already decoded and checked."""
         messages.validate_output(request.output, request.top_k, self.spec)
-        inputs = messages.decode_inputs(
-            request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
-        )
+        if tokens is not None:
+            inputs = tokens
+        else:
+            inputs = messages.decode_inputs(
+                request.tokens,
+                request.features,
+                request.HasField("features"),
+                self.spec,
+                self.config.max_tokens_per_request,
+            )
         sampler = Sampler(messages.decode_sampling(request.sampling, self.spec)) if request.output == pb.OUTPUT_SAMPLE else None
         expected = request.expected_step if request.HasField("expected_step") else None
         return _ParsedStep(inputs=inputs, sampler=sampler, expected_step=expected)
@@ -357,11 +379,8 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         session: Session, request: pb.StepRequest | pb.SessionStep, parsed: _ParsedStep, result: StepResult
     ) -> pb.StepResponse:
         """The answer to a step: the session's new step counter and the outputs the request asked for."""
-        response = pb.StepResponse(
-            session_id=session.id, request_id=request.request_id, step=result.step, batch_size=result.batch_size
-        )
-        sampled = parsed.sampler.sample(result.logits[-1]) if parsed.sampler is not None else None
-        messages.step_outputs(response, result.logits, request.output, request.top_k, sampled)
+        response = pb.StepResponse()
+        _fill_step_response(response, session, request, parsed, result)
         return response
 
     async def _generate(
@@ -406,6 +425,22 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             response.token = events[0].token
             response.text = events[0].text
         return response
+
+
+def _fill_step_response(
+    response: pb.StepResponse,
+    session: Session,
+    request: pb.StepRequest | pb.SessionStep,
+    parsed: _ParsedStep,
+    result: StepResult,
+) -> None:
+    """Writes the answer to a step into `response`: the session's new step counter and the outputs asked for."""
+    response.session_id = session.id
+    response.request_id = request.request_id
+    response.step = result.step
+    response.batch_size = result.batch_size
+    sampled = parsed.sampler.sample(result.logits[-1]) if parsed.sampler is not None else None
+    messages.step_outputs(response, result.logits, request.output, request.top_k, sampled)
 
 
 @dataclass(frozen=True, slots=True)

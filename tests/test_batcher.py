@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lstmserve.server.batcher import Batcher, Group, SchedulerLimits, Taken, Work, group_by_length
+from lstmserve.server.batcher import Batcher, Block, Group, SchedulerLimits, Taken, Work, group_by_length
 from lstmserve.server.errors import ComputeFailed, Overloaded, SessionNotFound
 from lstmserve.server.generation import GenerateParams, Generation
 from lstmserve.server.metrics import Metrics
@@ -30,7 +30,7 @@ def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(body())
 
 
-def fake_model(group: Group) -> np.ndarray:
+def fake_model(group: Group | Block) -> np.ndarray:
     """Logits [rows, positions, VOCAB]: one-hot of each input token, so greedy sampling feeds back (token + 1) % VOCAB."""
     inputs = group.inputs()
     logits = np.zeros((*inputs.shape, VOCAB), np.float32)
@@ -229,5 +229,63 @@ def test_work_queued_during_a_generation_runs_between_its_tokens_in_order() -> N
         batcher.requeue(taken, {a, b})
         assert batcher.collect() == [(a, gen_work)] and seen == [2]
         assert [event.token for event in generation.take()] == [2]
+
+    run(body)
+
+
+def block_of(batcher: Batcher, members: list[Session], tokens: list[int]) -> Block:
+    inputs = np.array(tokens, np.int64).reshape(len(members), 1)
+    block = Block(members, inputs, [bytes([t]) for t in tokens], asyncio.get_running_loop().create_future())
+    batcher.enqueue_block(block)
+    return block
+
+
+def test_a_block_is_answered_as_one_and_its_sessions_work_waits_behind_it() -> None:
+    """A multi-session request's block: its sessions are in flight from the moment it is queued, it is taken
+    before anything else, and every row's result is its session's last result (for a resend)."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c = sessions(3)
+        block = block_of(batcher, [a, b], [1, 2])
+        later = step(batcher, a, [3])  # queued behind the block: a is in flight
+        other = step(batcher, c, [4])
+        assert a.id not in batcher.ready
+        blocks = batcher.collect_blocks()
+        taken = batcher.collect(batcher.limits.max_batch_size - 2)
+        assert blocks == [block] and taken == [(c, other)]
+        groups = [block, *group_by_length(taken)]
+        batcher.finish(groups, [fake_model(g) for g in groups], TIMING)
+        results = block.future.result()
+        assert [(r.step, r.batch_size, r.logits.argmax(-1).tolist()) for r in results] == [(1, 3, [2]), (1, 3, [3])]
+        assert a.last_result is results[0] and not a.in_flight and a.queued_positions == 1
+        assert batcher.requeue(taken, {a, b, c}, blocks) and batcher.collect() == [(a, later)]
+
+    run(body)
+
+
+def test_a_failed_block_leaves_its_sessions_as_they_were() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        block = block_of(batcher, [a, b], [1, 2])
+        blocks = batcher.collect_blocks()
+        batcher.finish(blocks, [RuntimeError("model failed")], TIMING)
+        with pytest.raises(ComputeFailed, match="model failed"):
+            block.future.result()
+        assert [(s.step, s.version, s.queued_positions, s.in_flight) for s in (a, b)] == [(0, 0, 0, False)] * 2
+
+    run(body)
+
+
+def test_blocks_wait_for_a_batch_with_room_and_count_against_the_queue() -> None:
+    async def body() -> None:
+        batcher = new_batcher(max_batch_size=3, max_queue=4)
+        a, b, c, d, e = sessions(5)
+        first, second = block_of(batcher, [a, b], [1, 1]), block_of(batcher, [c, d], [1, 1])
+        with pytest.raises(Overloaded, match="queue is full"):
+            block_of(batcher, [e], [1])
+        assert batcher.collect_blocks() == [first] and batcher.blocks == [second]
+        assert batcher.collect_blocks() == [second]
 
     run(body)

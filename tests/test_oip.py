@@ -100,11 +100,11 @@ def next_batch_holds_several(handle: ServerThread, sessions: int) -> Iterator[No
     scheduler = handle.server.scheduler
     collect = scheduler._collect
 
-    def held() -> list[Any]:
+    def held(*room: int | None) -> list[Any]:
         if len(scheduler.batcher.ready) < sessions:
             return []  # nothing taken: the loop waits for the next request
         scheduler.__dict__.pop("_collect", None)
-        return collect()
+        return collect(*room)
 
     handle.call_soon(lambda: setattr(scheduler, "_collect", held))
     try:
