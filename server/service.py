@@ -291,8 +291,12 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 refusals[entry.index] = entry.outcome
                 continue
             try:
-                self._check_lease(entry.message.session_id)
-                session = await self.scheduler.find_session(entry.message.session_id, owner)
+                session_id = entry.message.session_id
+                self._check_lease(session_id)
+                live = self.scheduler.sessions.find(session_id)  # the common case, without a coroutine per entry
+                if live is None or live.owner != owner:
+                    live = await self.scheduler.find_session(session_id, owner)
+                session = live
             except ServeError as error:
                 refusals[entry.index] = error
                 continue
