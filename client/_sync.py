@@ -100,7 +100,8 @@ class Client:
     server, and in the rare case it did, the unused session expires by the server's
     TTL. A step whose stream breaks (UNAVAILABLE, CANCELLED, INTERNAL) is resent on
     a new stream with the same `expected_step`, so it is applied exactly once (see
-    `Session.step`); a generation is not resent (see `Session.generate`).
+    `Session.step`); a generation is not resent (see `Session.generate`). `step_sessions`
+    resends its call the same way, each entry with its same `expected_step`.
 
     Args:
         target: "host:port" of the server.
