@@ -9,8 +9,9 @@ Both clients are I/O shells over the same state machine (`_core`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -176,7 +177,82 @@ class AsyncClient:
         self._sessions.add(session)
         return session
 
+    async def step_sessions(
+        self,
+        tokens: Mapping[AsyncSession, Tokens] | None = None,
+        *,
+        features: Mapping[AsyncSession, Any] | None = None,
+        output: OutputKind = "logits",
+        k: int = 5,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[StepOutput | LstmServeError]:
+        """One step of each of many sessions of this client, in one `StepSessions` call; see
+        `Client.step_sessions` (the same outcomes, resends and refusals). Sessions not yet opened are
+        opened first (an error opening one is raised)."""
+        sessions, requests = await self._session_steps(tokens, features, output, k, temperature, top_k, top_p, seed)
+        for session in sessions:
+            await session.open()
+        async with contextlib.AsyncExitStack() as locks:
+            for session in sorted(sessions, key=_lock_order):  # one order for every caller: no deadlock
+                await locks.enter_async_context(session._lock)
+            exchange = _core.MultiStepExchange([s._core for s in sessions], requests, self.retry)
+            for state in exchange.needs_resync():
+                try:
+                    state.step = (await self._get_session(state.id)).step
+                except LstmServeError as error:
+                    exchange.resync_failed(state, error)
+            while (delay := exchange.next_attempt()) is not None:
+                try:
+                    if delay:
+                        await asyncio.sleep(delay)
+                    call = self._stub.StepSessions(exchange.request(), timeout=self.timeout, metadata=self._metadata)
+                    response = await call
+                except grpc.RpcError as error:
+                    exchange.failed(error)
+                    continue
+                except BaseException:  # interrupted (task cancelled): the entries sent may have been applied
+                    exchange.interrupted()
+                    raise
+                exchange.answered(response)
+            return exchange.outcomes(output)
+
     # ---- internals -------------------------------------------------------
+    async def _session_steps(
+        self,
+        tokens: Mapping[AsyncSession, Tokens] | None,
+        features: Mapping[AsyncSession, Any] | None,
+        output: OutputKind,
+        k: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+    ) -> tuple[list[AsyncSession], list[pb.SessionStep]]:
+        """The sessions of a `step_sessions` call and each one's SessionStep (not yet stamped)."""
+        _core.require_one_input(tokens, features)
+        sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
+        sessions: list[AsyncSession] = []
+        requests: list[pb.SessionStep] = []
+        for session, value in (tokens or features or {}).items():
+            if not isinstance(session, AsyncSession) or session._client is not self:
+                raise ValueError(
+                    f"{session!r} is not an AsyncSession of this client: step_sessions steps its own sessions"
+                )
+            sessions.append(session)
+            requests.append(
+                _wire.session_step(
+                    tokens=await self._token_ids(value) if tokens is not None else None,
+                    features=as_features(value) if features is not None else None,
+                    output=output,
+                    k=k,
+                    sample=sample,
+                )
+            )
+        return sessions, requests
+
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         """Calls a unary RPC, retrying UNAVAILABLE."""
         call = _core.UnaryCall(self.retry)
@@ -206,6 +282,10 @@ class AsyncClient:
         if isinstance(tokens, str) and self._info is None:
             await self.model_info()
         return _core.token_ids(tokens, self._info)
+
+
+def _lock_order(session: AsyncSession) -> tuple[str, int]:
+    return session.id, id(session)
 
 
 class AsyncSession:

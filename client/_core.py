@@ -9,6 +9,8 @@ socket, a thread or an event loop, so tests drive it by feeding it responses and
 - `UnaryCall`: one idempotent unary call: retried on UNAVAILABLE, else its public error.
 - `SessionState`: one session's id, step counter, open/closed state and live generation.
 - `StepExchange`: one step's attempts; resent with the same `expected_step` after a broken stream.
+- `MultiStepExchange`: one `StepSessions` call's attempts: one step of each of many sessions, each
+  entry resent with its same `expected_step` until it is answered, each answer or refusal its own outcome.
 - `GenerationState`: one generation's tokens, its end, and how a broken stream ends it.
 """
 
@@ -16,24 +18,28 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import TypeAlias
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
 
 import grpc
 import numpy as np
 
 from lstmserve.client import _wire
-from lstmserve.client._errors import LstmServeError, StepMismatch, from_rpc_error
+from lstmserve.client._errors import LstmServeError, StepMismatch, error_for, from_rpc_error
 from lstmserve.client._types import (
     Completion,
     GeneratedToken,
     ModelInfo,
+    OutputKind,
     RetryPolicy,
     SessionInfo,
+    StepOutput,
     as_token_list,
 )
 from lstmserve.client._wire import StreamFailure
 from lstmserve.v1 import lstmserve_pb2 as pb
 
+Stampable = TypeVar("Stampable", pb.StepRequest, pb.SessionStep)
 Tokens: TypeAlias = int | Sequence[int] | np.ndarray | str
 """What a step or a prompt accepts: a token id, a sequence of ids, or text in the model's vocabulary."""
 
@@ -201,7 +207,7 @@ class SessionState:
             generation.superseded = generation.started
             self.generation = None
 
-    def _stamp(self, request: pb.StepRequest) -> pb.StepRequest:
+    def _stamp(self, request: Stampable) -> Stampable:
         if self.step is None:
             raise RuntimeError("the session's step counter is unknown: settle the session first")
         request.session_id = self.id
@@ -254,6 +260,167 @@ class StepExchange:
         if failure.timed_out or failure.retryable or isinstance(error, StepMismatch):
             self.session.step = None
         return error
+
+
+# ---- many sessions in one call ---------------------------------------------------------------
+@dataclass(eq=False)
+class MultiStepEntry:
+    """One session's entry of a `StepSessions` call.
+
+    Args:
+        session: the session it steps.
+        request: its SessionStep (stamped with the session id and `expected_step` before the first attempt).
+        outcome: its answer or refusal; None while it is still to be sent (again).
+        last_error: why the last attempt did not answer it (its outcome if no attempt is left).
+        in_doubt: an attempt may have applied it without its answer arriving.
+    """
+
+    session: SessionState
+    request: pb.SessionStep
+    outcome: pb.StepResponse | LstmServeError | None = None
+    last_error: LstmServeError | None = None
+    in_doubt: bool = False
+
+
+class MultiStepExchange:
+    """One `StepSessions` call: one step of each of many sessions, each entry answered on its own.
+
+    Every entry carries its session's `expected_step`, stamped once, so resending it is safe: the
+    server applies it once and answers a repeat from its stored copy. Each attempt sends the entries
+    not yet answered. Resent (within the retry budget): every entry, after a failure of the whole call
+    that a step's stream would be resent after (UNAVAILABLE, CANCELLED, INTERNAL); an entry refused
+    with one of those codes (its session moving between replicas, a drain, a failed batch). Final:
+    an entry's response, which sets its session's counter; any other refusal of an entry, which keeps
+    the counter, except a StepMismatch, or an entry an earlier attempt may have applied (the counter
+    becomes unknown: the shell reads it back before the session's next call); any other failure of
+    the whole call, the client's own timeout included (not resent, as a step is not), which becomes
+    the outcome of every entry not yet answered.
+
+    Refused before anything is sent: a closed session, one with a generation in progress (not
+    drained, unlike `Session.step`), a session given twice.
+
+    Args:
+        sessions: the sessions, in the caller's order.
+        requests: each session's SessionStep (input and output fields), in the same order.
+        retry: the retry policy (attempts of the whole call, the first included).
+    """
+
+    def __init__(
+        self, sessions: Sequence[SessionState], requests: Sequence[pb.SessionStep], retry: RetryPolicy
+    ) -> None:
+        if len(sessions) != len(requests):
+            raise ValueError(f"{len(sessions)} sessions but {len(requests)} requests: one request per session")
+        first: dict[str, int] = {}
+        for index, session in enumerate(sessions):
+            session.check_open()
+            if session.generation is not None:
+                raise RuntimeError(
+                    f"session {session.id!r} has a generation in progress: read it to its end before "
+                    "stepping the session with step_sessions (which does not drain it)"
+                )
+            earlier = first.setdefault(session.id, index)
+            if earlier != index:
+                raise ValueError(
+                    f"session {session.id!r} is given twice (entries {earlier} and {index}): "
+                    "one call steps each session at most once"
+                )
+        self.entries = [MultiStepEntry(session, request) for session, request in zip(sessions, requests, strict=True)]
+        self._attempts = Attempts(retry)
+        self._stamped = False
+        self._sent: list[MultiStepEntry] = []
+
+    def pending(self) -> list[MultiStepEntry]:
+        """The entries not yet answered."""
+        return [entry for entry in self.entries if entry.outcome is None]
+
+    def needs_resync(self) -> list[SessionState]:
+        """The sessions whose step counter the shell must read back from the server before the first attempt."""
+        return [entry.session for entry in self.pending() if entry.session.needs_resync()]
+
+    def resync_failed(self, session: SessionState, error: LstmServeError) -> None:
+        """Reading `session`'s counter back failed: that error is its entry's outcome, and it is not sent."""
+        for entry in self.entries:
+            if entry.session is session:
+                entry.outcome = error
+
+    def next_attempt(self) -> float | None:
+        """Seconds to wait before sending `request()` (again); None: the call is over, read `outcomes()`."""
+        pending = self.pending()
+        if not pending:
+            return None
+        if not self._stamped:  # once: a resend carries the expected_step of the first send
+            for entry in pending:
+                entry.session._stamp(entry.request)
+            self._stamped = True
+        return self._attempts.next()
+
+    def request(self) -> pb.StepSessionsRequest:
+        """The request to send: every entry not yet answered, as first stamped."""
+        self._sent = self.pending()
+        return pb.StepSessionsRequest(steps=[entry.request for entry in self._sent])
+
+    def answered(self, response: pb.StepSessionsResponse) -> None:
+        """The call's response: one result per entry sent, in order."""
+        results = response.results
+        if len(results) != len(self._sent):
+            message = f"the server answered {len(results)} results for {len(self._sent)} entries"
+            self._call_failed(LstmServeError(grpc.StatusCode.INTERNAL, message), resend=False, in_doubt=True)
+            return
+        for entry, result in zip(self._sent, results, strict=True):
+            kind = result.WhichOneof("outcome")
+            if kind == "response":
+                entry.outcome = result.response
+                entry.session.step = int(result.response.step)
+            elif kind == "error":
+                self._refused(entry, _wire.step_error(result.error))
+            else:
+                entry.in_doubt = True
+                self._refused(entry, LstmServeError(grpc.StatusCode.UNKNOWN, "the server's result has no outcome"))
+
+    def failed(self, error: grpc.RpcError) -> None:
+        """The whole call failed: resent if transient, else its error is the outcome of every entry not yet answered."""
+        public = from_rpc_error(error)
+        resend = public.code in _wire.STREAM_RETRY_CODES
+        self._call_failed(public, resend=resend, in_doubt=resend or public.code == grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def interrupted(self) -> None:
+        """The caller was interrupted (KeyboardInterrupt, task cancelled): the entries sent may have been applied."""
+        for entry in self._sent:
+            if entry.outcome is None:
+                entry.session.step = None
+
+    def outcomes(self, output: OutputKind) -> list[StepOutput | LstmServeError]:
+        """Each entry's outcome, in order, once `next_attempt()` said the call is over: its StepOutput
+        (of kind `output`), or the public error of its refusal (or of the whole call's failure)."""
+        for entry in self.pending():
+            if entry.last_error is None:
+                raise RuntimeError("the call is not over: an entry has neither an answer nor a failure")
+            self._settle(entry, entry.last_error)
+        return [
+            _wire.step_output(entry.outcome, output) if isinstance(entry.outcome, pb.StepResponse) else entry.outcome
+            for entry in self.entries
+            if entry.outcome is not None
+        ]
+
+    def _refused(self, entry: MultiStepEntry, error: LstmServeError) -> None:
+        if error.code in _wire.STREAM_RETRY_CODES:  # resent with the next attempt, if one is left
+            entry.in_doubt = True
+            entry.last_error = error
+        else:
+            self._settle(entry, error)
+
+    def _call_failed(self, error: LstmServeError, *, resend: bool, in_doubt: bool) -> None:
+        if not resend:
+            self._attempts.stop()
+        for entry in self._sent:
+            entry.last_error = error_for(error.code, error.details)  # each entry its own instance
+            entry.in_doubt = entry.in_doubt or in_doubt
+
+    @staticmethod
+    def _settle(entry: MultiStepEntry, error: LstmServeError) -> None:
+        entry.outcome = error
+        if entry.in_doubt or isinstance(error, StepMismatch):
+            entry.session.step = None
 
 
 # ---- generations -----------------------------------------------------------------------------

@@ -9,11 +9,12 @@ server either applies it or, if it already had, answers from its stored copy.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -99,7 +100,8 @@ class Client:
     server, and in the rare case it did, the unused session expires by the server's
     TTL. A step whose stream breaks (UNAVAILABLE, CANCELLED, INTERNAL) is resent on
     a new stream with the same `expected_step`, so it is applied exactly once (see
-    `Session.step`); a generation is not resent (see `Session.generate`).
+    `Session.step`); a generation is not resent (see `Session.generate`). `step_sessions`
+    resends its call the same way, each entry with its same `expected_step`.
 
     Args:
         target: "host:port" of the server.
@@ -204,7 +206,96 @@ class Client:
             self._sessions.add(session)
         return session
 
+    def step_sessions(
+        self,
+        tokens: Mapping[Session, Tokens] | None = None,
+        *,
+        features: Mapping[Session, Any] | None = None,
+        output: OutputKind = "logits",
+        k: int = 5,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[StepOutput | LstmServeError]:
+        """One step of each of many sessions of this client, in one `StepSessions` call.
+
+        `client.step_sessions({a: [1, 2], b: "hi"})` feeds each session its own input (tokens, or
+        `features={a: rows, ...}` for a feature model); the output options apply to every entry, as
+        `Session.step` takes them. The server computes the entries together, and each session's state
+        carries on exactly as if it had been stepped alone.
+
+        Returns one outcome per session, in the mapping's order: its `StepOutput`, or, when the server
+        refused that entry (or the whole call failed), the exception `Session.step` would have raised,
+        as a value (`SessionNotFound`, `InvalidRequest`, `StepMismatch`, `Unavailable`...): one bad
+        entry does not disturb the others, and nothing is raised for it.
+
+        Exactly once: each entry carries its session's expected step counter; a call that failed in
+        transit (UNAVAILABLE, CANCELLED, INTERNAL), or an entry refused as moving or draining, is resent
+        with the same counters, so an entry already applied is answered from the server's copy. The
+        client's own `timeout` is not resent (as for a step): its `DeadlineExceeded` is each unanswered
+        entry's outcome, and those sessions re-read their counters before their next call.
+
+        Raises (before anything is sent): ValueError for a bad option, a session of another client, or
+        one given twice; RuntimeError for a closed session or one with a generation in progress
+        (finish it first: unlike `Session.step`, this does not drain it).
+        """
+        sessions, requests = self._session_steps(tokens, features, output, k, temperature, top_k, top_p, seed)
+        with contextlib.ExitStack() as locks:
+            for session in sorted(sessions, key=_lock_order):  # one order for every caller: no deadlock
+                locks.enter_context(session._lock)
+            exchange = _core.MultiStepExchange([s._core for s in sessions], requests, self.retry)
+            for state in exchange.needs_resync():
+                try:
+                    state.step = self._get_session(state.id).step
+                except LstmServeError as error:
+                    exchange.resync_failed(state, error)
+            while (delay := exchange.next_attempt()) is not None:
+                try:
+                    if delay:
+                        time.sleep(delay)
+                    response = self._stub.StepSessions(exchange.request(), timeout=self.timeout, metadata=self._metadata)
+                except grpc.RpcError as error:
+                    exchange.failed(error)
+                    continue
+                except BaseException:  # interrupted (KeyboardInterrupt): the entries sent may have been applied
+                    exchange.interrupted()
+                    raise
+                exchange.answered(response)
+            return exchange.outcomes(output)
+
     # ---- internals -------------------------------------------------------
+    def _session_steps(
+        self,
+        tokens: Mapping[Session, Tokens] | None,
+        features: Mapping[Session, Any] | None,
+        output: OutputKind,
+        k: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+    ) -> tuple[list[Session], list[pb.SessionStep]]:
+        """The sessions of a `step_sessions` call and each one's SessionStep (not yet stamped)."""
+        _core.require_one_input(tokens, features)
+        sample = _wire.sampling(temperature, top_k, top_p, seed) if output == "sample" else None
+        sessions: list[Session] = []
+        requests: list[pb.SessionStep] = []
+        for session, value in (tokens or features or {}).items():
+            if not isinstance(session, Session) or session._client is not self:
+                raise ValueError(f"{session!r} is not a Session of this client: step_sessions steps its own sessions")
+            sessions.append(session)
+            requests.append(
+                _wire.session_step(
+                    tokens=self._token_ids(value) if tokens is not None else None,
+                    features=as_features(value) if features is not None else None,
+                    output=output,
+                    k=k,
+                    sample=sample,
+                )
+            )
+        return sessions, requests
+
     def _unary(self, method: Callable[..., T], request: Any) -> T:
         """Calls a unary RPC, retrying UNAVAILABLE."""
         call = _core.UnaryCall(self.retry)
@@ -234,6 +325,10 @@ class Client:
         if isinstance(tokens, str) and self._info is None:
             self.model_info()
         return _core.token_ids(tokens, self._info)
+
+
+def _lock_order(session: Session) -> tuple[str, int]:
+    return session.id, id(session)
 
 
 class Session:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -39,6 +39,8 @@ SESSION_HEADER = "lstmserve-session"
 STREAM_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
 # Codes after which an idempotent unary call is retried.
 UNARY_RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 _OUTPUTS: dict[str, int] = {
     "logits": pb.OUTPUT_LOGITS,
@@ -137,9 +139,37 @@ def step_request(
     sample: pb.Sampling | None,
 ) -> pb.StepRequest:
     """A StepRequest for one step (session id and expected_step are set when it is sent)."""
+    return _step_fields(pb.StepRequest(), tokens, features, output, k, sample)
+
+
+def session_step(
+    *,
+    tokens: list[int] | None,
+    features: np.ndarray | None,
+    output: OutputKind,
+    k: int,
+    sample: pb.Sampling | None,
+) -> pb.SessionStep:
+    """A SessionStep, one entry of a StepSessions request: the fields of `step_request` (session id and
+    expected_step are set when it is sent)."""
+    return _step_fields(pb.SessionStep(), tokens, features, output, k, sample)
+
+
+_Step = TypeVar("_Step", pb.StepRequest, pb.SessionStep)
+
+
+def _step_fields(
+    request: _Step,
+    tokens: list[int] | None,
+    features: np.ndarray | None,
+    output: OutputKind,
+    k: int,
+    sample: pb.Sampling | None,
+) -> _Step:
+    """Fills the input and output fields that StepRequest and SessionStep share."""
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {', '.join(map(repr, _OUTPUTS))}, got {output!r}")
-    request = pb.StepRequest(output=_OUTPUTS[output])  # type: ignore[arg-type]
+    request.output = _OUTPUTS[output]  # type: ignore[assignment]
     if tokens is not None:
         request.tokens.extend(tokens)
     if features is not None:
@@ -185,6 +215,11 @@ def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
         topk_logprobs=topk_logprobs,
         token=token,
     )
+
+
+def step_error(message: pb.StepError) -> LstmServeError:
+    """The public exception for one refused entry of a StepSessions response (its code is a number)."""
+    return error_for(_STATUS_BY_NUMBER.get(message.code, grpc.StatusCode.UNKNOWN), message.message)
 
 
 def generated_tokens(response: pb.StepResponse) -> list[GeneratedToken]:

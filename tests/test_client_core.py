@@ -196,6 +196,178 @@ def test_a_step_needs_a_known_counter() -> None:
         _core.SessionState(None, 0, None).begin_step(pb.StepRequest(tokens=[1]), NO_WAIT)
 
 
+# ---- many sessions in one call (StepSessions) -------------------------------------------------
+def answered(step: int) -> pb.SessionStepResult:
+    return pb.SessionStepResult(response=pb.StepResponse(step=step))
+
+
+def refused(code: grpc.StatusCode, message: str = "scripted") -> pb.SessionStepResult:
+    return pb.SessionStepResult(error=pb.StepError(code=code.value[0], message=message))
+
+
+def multi(*steps: int | None, retry: RetryPolicy = NO_WAIT) -> tuple[list[_core.SessionState], _core.MultiStepExchange]:
+    """Sessions at `steps` (ids "a...", "b...", ...) and an exchange stepping each by token 1."""
+    sessions = [_core.SessionState(chr(ord("a") + i) * 32, step, 2.5) for i, step in enumerate(steps)]
+    return sessions, _core.MultiStepExchange(sessions, [pb.SessionStep(tokens=[1]) for _ in sessions], retry)
+
+
+def sent(request: pb.StepSessionsRequest) -> list[tuple[str, int]]:
+    return [(step.session_id[0], step.expected_step) for step in request.steps]
+
+
+def test_step_sessions_stamps_every_entry_and_sets_each_counter_from_its_result() -> None:
+    sessions, exchange = multi(3, 0)
+    assert exchange.next_attempt() == 0.0
+    assert sent(exchange.request()) == [("a", 3), ("b", 0)]
+    exchange.answered(pb.StepSessionsResponse(results=[answered(5), answered(1)]))
+    assert exchange.next_attempt() is None  # every entry is answered: nothing is resent
+    assert [s.step for s in sessions] == [5, 1]
+    assert [out.step for out in exchange.outcomes("none")] == [5, 1]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("code", [Code.UNAVAILABLE, Code.CANCELLED, Code.INTERNAL])
+def test_step_sessions_resends_the_same_request_after_a_transient_failure(code: grpc.StatusCode) -> None:
+    sessions, exchange = multi(3, 7)
+    requests = []
+    for _ in range(2):
+        assert exchange.next_attempt() is not None
+        requests.append(exchange.request().SerializeToString())
+        exchange.failed(FakeRpcError(code))
+        assert [s.step for s in sessions] == [3, 7]  # counters untouched until an answer
+    assert exchange.next_attempt() is not None
+    requests.append(exchange.request().SerializeToString())
+    exchange.answered(pb.StepSessionsResponse(results=[answered(4), answered(8)]))
+    assert requests[0] == requests[1] == requests[2]  # the same expected_steps: the server applies each once
+    assert exchange.next_attempt() is None and [s.step for s in sessions] == [4, 8]
+
+
+def test_step_sessions_refusals_are_values_of_the_clients_exception_types() -> None:
+    sessions, exchange = multi(1, 2, 3, 4)
+    exchange.next_attempt()
+    exchange.request()
+    results = [
+        answered(2),
+        refused(Code.NOT_FOUND, "steps[1]: session 'b...' not found"),
+        refused(Code.INVALID_ARGUMENT, "steps[2]: token id 99 at position 0 is outside the vocabulary"),
+        refused(Code.FAILED_PRECONDITION, "steps[3]: expected_step 4 but the session is at step 6"),
+    ]
+    exchange.answered(pb.StepSessionsResponse(results=results))
+    assert exchange.next_attempt() is None  # a refusal is final: not resent
+    outcomes = exchange.outcomes("none")
+    assert [type(o).__name__ for o in outcomes] == ["StepOutput", "SessionNotFound", "InvalidRequest", "StepMismatch"]
+    assert isinstance(outcomes[2], InvalidRequest) and "token id 99" in outcomes[2].details
+    # a refused entry leaves its counter, except a mismatch: that one is read back before the next call
+    assert [s.step for s in sessions] == [2, 2, 3, None]
+
+
+def test_an_entry_refused_as_unavailable_is_resent_alone_with_its_expected_step() -> None:
+    sessions, exchange = multi(3, 7)
+    exchange.next_attempt()
+    exchange.request()
+    exchange.answered(pb.StepSessionsResponse(results=[answered(4), refused(Code.UNAVAILABLE, "moving")]))
+    assert sessions[0].step == 4 and sessions[1].step == 7
+    assert exchange.next_attempt() is not None
+    assert sent(exchange.request()) == [("b", 7)]
+    exchange.answered(pb.StepSessionsResponse(results=[answered(8)]))
+    assert exchange.next_attempt() is None
+    assert [o.step for o in exchange.outcomes("none")] == [4, 8]  # type: ignore[union-attr]
+    assert sessions[1].step == 8
+
+
+def test_step_sessions_retries_are_bounded_and_forget_the_counters_of_unanswered_entries() -> None:
+    sessions, exchange = multi(3, 7)
+    made = 0
+    while exchange.next_attempt() is not None:
+        made += 1
+        exchange.request()
+        exchange.failed(FakeRpcError(Code.UNAVAILABLE, "down"))
+    assert made == NO_WAIT.max_attempts
+    outcomes = exchange.outcomes("logits")
+    assert all(isinstance(o, Unavailable) and o.details == "down" for o in outcomes) and len(outcomes) == 2
+    assert outcomes[0] is not outcomes[1]  # each entry its own exception instance
+    assert [s.step for s in sessions] == [None, None]  # may have been applied: read back before the next call
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "steps"),
+    [
+        (Code.INVALID_ARGUMENT, InvalidRequest, [3, 7]),  # refused whole, nothing applied: counters kept
+        (Code.DEADLINE_EXCEEDED, DeadlineExceeded, [None, None]),  # the client's own timeout: maybe applied
+    ],
+)
+def test_a_call_that_fails_for_good_is_not_resent(
+    code: grpc.StatusCode, expected: type[LstmServeError], steps: list[int | None]
+) -> None:
+    sessions, exchange = multi(3, 7)
+    made = 0
+    while exchange.next_attempt() is not None:
+        made += 1
+        exchange.request()
+        exchange.failed(FakeRpcError(code))
+    assert made == 1
+    assert all(isinstance(o, expected) for o in exchange.outcomes("logits"))
+    assert [s.step for s in sessions] == steps
+
+
+def test_a_refusal_after_an_attempt_that_may_have_applied_the_entry_forgets_its_counter() -> None:
+    sessions, exchange = multi(3)
+    exchange.next_attempt()
+    exchange.request()
+    exchange.failed(FakeRpcError(Code.UNAVAILABLE))
+    exchange.next_attempt()
+    exchange.request()
+    exchange.answered(pb.StepSessionsResponse(results=[refused(Code.NOT_FOUND, "expired")]))
+    assert exchange.next_attempt() is None
+    assert type(exchange.outcomes("logits")[0]).__name__ == "SessionNotFound" and sessions[0].step is None
+
+
+def test_a_response_with_the_wrong_number_of_results_ends_the_call() -> None:
+    sessions, exchange = multi(3, 7)
+    exchange.next_attempt()
+    exchange.request()
+    exchange.answered(pb.StepSessionsResponse(results=[answered(4)]))
+    assert exchange.next_attempt() is None
+    outcomes = exchange.outcomes("logits")
+    assert all(o.code == Code.INTERNAL and "1 results for 2 entries" in o.details for o in outcomes)  # type: ignore[union-attr]
+    assert [s.step for s in sessions] == [None, None]
+
+
+def test_unknown_counters_are_read_back_first_and_a_failed_read_is_that_entrys_outcome() -> None:
+    sessions, exchange = multi(None, 2, None)
+    assert exchange.needs_resync() == [sessions[0], sessions[2]]
+    sessions[0].step = 5  # what the shell read back
+    exchange.resync_failed(sessions[2], LstmServeError(Code.NOT_FOUND, "gone"))
+    assert exchange.next_attempt() is not None
+    assert sent(exchange.request()) == [("a", 5), ("b", 2)]
+    exchange.answered(pb.StepSessionsResponse(results=[answered(6), answered(3)]))
+    outcomes = exchange.outcomes("none")
+    assert [getattr(o, "step", None) for o in outcomes[:2]] == [6, 3]
+    assert isinstance(outcomes[2], LstmServeError) and outcomes[2].details == "gone"
+
+
+def test_an_interrupted_call_forgets_the_counters_of_the_entries_sent() -> None:
+    sessions, exchange = multi(3, 7)
+    exchange.next_attempt()
+    exchange.request()
+    exchange.interrupted()
+    assert [s.step for s in sessions] == [None, None]
+
+
+def test_step_sessions_refuses_closed_generating_and_repeated_sessions_before_sending() -> None:
+    closed = session_at(3)
+    closed.begin_close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        _core.MultiStepExchange([closed], [pb.SessionStep()], NO_WAIT)
+    generating, _ = started_generation(5)
+    with pytest.raises(RuntimeError, match="generation in progress"):
+        _core.MultiStepExchange([generating], [pb.SessionStep()], NO_WAIT)
+    first, again = session_at(3), session_at(3)  # two handles of one server session
+    with pytest.raises(ValueError, match="given twice"):
+        _core.MultiStepExchange([first, again], [pb.SessionStep(), pb.SessionStep()], NO_WAIT)
+    sessions, exchange = multi()
+    assert exchange.next_attempt() is None and exchange.outcomes("logits") == []
+
+
 # ---- session lifecycle ------------------------------------------------------------------------
 def test_open_close_and_close_on_exit() -> None:
     session = _core.SessionState(None, None, None)
