@@ -264,7 +264,10 @@ class Scheduler:
         work = Work(future=self._new_future(), inputs=inputs, digest=digest)
         if self._idle_for(session) and self._runs_inline(len(inputs), others_waiting=False):
             return self._run_now(session, work)
-        result: StepResult = await self._enqueue(session, work)
+        # Queued right here (the session was checked live above, and nothing awaited since): the hot path.
+        self.batcher.enqueue(session, work)
+        self._wakeup.set()
+        result: StepResult = await work.future
         return result
 
     async def step_many(self, steps: Sequence[tuple[Session, np.ndarray, int | None]]) -> list[StepResult | ServeError]:
@@ -363,7 +366,7 @@ class Scheduler:
         """Whether this session is stepping alone: nothing queued or computing anywhere, and the last
         compute was this session's alone. Under concurrent load the last batch held other
         sessions, so steps go through the batcher and batches form."""
-        return not self._computing and self.batcher.idle_for(session)
+        return self.batcher.last_solo is session and not self._computing and self.batcher.idle_for(session)
 
     def _runs_inline(self, positions: int, *, others_waiting: bool) -> bool:
         """Whether a batch of one step of this many positions runs on the event loop: a short one always;
