@@ -25,7 +25,7 @@ import numpy as np
 
 from lstmserve.server.errors import ComputeFailed, Draining, Overloaded, StepMismatch
 from lstmserve.server.metrics import Metrics
-from lstmserve.server.sampling import sample_rows
+from lstmserve.server.sampling import Sampler, common_kind, sample_kind, sample_rows
 from lstmserve.server.sessions import Session, StepResult
 from lstmserve.server.statistics import BatchTiming
 
@@ -106,8 +106,100 @@ class Block:
         return self.stacked_inputs
 
 
+@dataclass(eq=False)
+class GenerationRows:
+    """Generations whose next token is sampled, carried into the next batch as columns: the rows' sessions,
+    their generations' steps, their state slots and their next tokens [rows, 1]. A batch of generations
+    goes from one model call to the next with a few array operations and one short loop over its rows
+    (`Batcher._finish_generation_rows`), not through the session queues.
+
+    Its sessions stay in flight (anything queued for them waits), each with its next token counted in
+    `queued_positions`. `kind` is the way all rows sample when they can be sampled as one (see
+    `sampling.common_kind`), else None.
+    """
+
+    sessions: list[Session]
+    works: list[Work]
+    samplers: list[Sampler]
+    row_slots: np.ndarray  # int64 [rows]
+    tokens: np.ndarray  # [rows, 1], the dtype of the generations' prompts
+    kind: tuple[float, int, float] | None
+    waiting_since: float  # when the tokens were sampled (ModelStatistics' queue time)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def slots(self) -> np.ndarray:
+        """The state-store slots of the rows' sessions, in row order."""
+        return self.row_slots
+
+    def inputs(self) -> np.ndarray:
+        """The rows' next tokens [rows, 1]."""
+        return self.tokens
+
+    def select(self, rows: list[int]) -> GenerationRows:
+        """These rows only, in this order."""
+        kind = self.kind
+        return GenerationRows(
+            [self.sessions[r] for r in rows],
+            [self.works[r] for r in rows],
+            [self.samplers[r] for r in rows],
+            self.row_slots[rows],
+            self.tokens[rows],
+            kind,
+            self.waiting_since,
+        )
+
+    def split(self, count: int) -> tuple[GenerationRows, GenerationRows]:
+        """The first `count` rows and the rest."""
+        head, tail = slice(None, count), slice(count, None)
+        return tuple(  # type: ignore[return-value]
+            GenerationRows(
+                self.sessions[part],
+                self.works[part],
+                self.samplers[part],
+                self.row_slots[part],
+                self.tokens[part],
+                self.kind,
+                self.waiting_since,
+            )
+            for part in (head, tail)
+        )
+
+    def as_taken(self) -> Taken:
+        """The rows as queued steps (for a generation running alone: its step then runs like any lone step)."""
+        taken: Taken = []
+        for session, work, token in zip(self.sessions, self.works, self.tokens):
+            work.inputs = token
+            work.waiting_since = self.waiting_since
+            work.generation.fed = int(token[0])  # type: ignore[union-attr]
+            taken.append((session, work))
+        return taken
+
+
+@dataclass(frozen=True)
+class Continuing:
+    """Rows of one part of a finished batch whose generations go on: what `GenerationRows` needs, with the rows'
+    last logits, from which their next tokens are sampled."""
+
+    sessions: list[Session]
+    works: list[Work]
+    samplers: list[Sampler]
+    slots: np.ndarray
+    kind: tuple[float, int, float] | None
+    last_logits: np.ndarray
+    since: float  # when the batch finished
+
+    def sample(self) -> np.ndarray:
+        """The rows' next tokens (int64 [rows])."""
+        if self.kind is not None:
+            return sample_kind(self.kind, self.last_logits)
+        return sample_rows(self.samplers, self.last_logits)
+
+
 Taken = list[tuple[Session, Work]]
-Computed = Group | Block
+Computed = Group | Block | GenerationRows
+Columns = Block | GenerationRows  # parts of a batch that are not the taken steps of single sessions
 
 
 class Batcher:
@@ -131,10 +223,10 @@ class Batcher:
         self.last_solo: Session | None = None
         # Multi-session requests' blocks, in arrival order (taken before any other work, as far as they fit).
         self.blocks: list[Block] = []
-        # Generation steps whose next token is sampled and whose sessions have nothing else queued: they join
-        # the next batch as they are, in the order of the last one, without a trip through the session queues
+        # Generations whose next token is sampled and whose sessions have nothing else queued: they join the
+        # next batch as they are, in the order of the last one, without a trip through the session queues
         # (their sessions stay in flight meanwhile, so anything queued for them waits behind, in order).
-        self.carried: Taken = []
+        self.carried: list[GenerationRows] = []
 
     # ---- queues ------------------------------------------------------------
     def enqueue(self, session: Session, work: Work) -> None:
@@ -189,11 +281,7 @@ class Batcher:
         if self.last_solo is session:
             self.last_solo = None
         if session.in_flight and self.carried:  # a carried generation step of this session fails too
-            for work in [w for s, w in self.carried if s is session]:
-                if not work.future.done():
-                    work.future.set_exception(error)
-            self.carried = [(s, w) for s, w in self.carried if s is not session]
-            session.in_flight = False
+            self._drop_carried(session, error)
         while session.pending:  # requests queued behind a close: the session is gone
             work = session.pending.pop(0)
             self.queued -= 1
@@ -225,25 +313,62 @@ class Batcher:
                 break
             if not session.pending:
                 session.pending = None  # idle sessions keep no empty list
-        if self.carried and len(taken) < limit:
-            self._take_carried(taken, limit - len(taken))
         self.metrics.queue_depth.set(self.queued)
         return taken
 
-    def _take_carried(self, taken: Taken, room: int) -> None:
-        """Adds up to `room` carried generation steps to the batch (new arrivals went first); a step whose
-        client went away meanwhile is dropped, and its session freed for what it has queued."""
-        carried, self.carried = self.carried[:room], self.carried[room:]
-        for session, work in carried:
-            if work.future.done():  # cancelled: the client went away
-                session.in_flight = False
-                session.queued_positions -= 1
-                if session.pending:
-                    self.ready.setdefault(session.id, session)
-                continue
-            taken.append((session, work))
+    def collect_batch(self) -> tuple[Taken, list[Columns]]:
+        """The next batch: multi-session blocks first, then one step of each ready session, then the carried
+        generations, up to the largest batch. A generation running alone goes as a lone step (the engine may
+        then run it inline, as any lone step)."""
+        blocks = self.collect_blocks()
+        room = self.limits.max_batch_size - sum(len(block.sessions) for block in blocks)
+        taken = self.collect(room) if room > 0 else []
+        room -= len(taken)
+        carried = self.collect_carried(room) if room > 0 else []
+        if not blocks and not taken and len(carried) == 1 and len(carried[0]) == 1:
+            return carried[0].as_taken(), []
+        return taken, [*blocks, *carried]
 
-    def requeue(self, taken: Taken, live: Any, blocks: list[Block] = ()) -> bool:  # type: ignore[assignment]
+    def collect_carried(self, room: int) -> list[GenerationRows]:
+        """Up to `room` rows of carried generations, for the batch that `collect` began (new arrivals go
+        first). A row whose client went away meanwhile is dropped, and its session freed for what it has queued."""
+        taken: list[GenerationRows] = []
+        while self.carried and room > 0:
+            rows = self.carried.pop(0)
+            if len(rows) > room:
+                rows, rest = rows.split(room)
+                self.carried.insert(0, rest)
+            gone = [row for row, work in enumerate(rows.works) if work.future.done()]  # cancelled
+            if gone:
+                for row in gone:
+                    session = rows.sessions[row]
+                    session.in_flight = False
+                    session.queued_positions -= 1
+                    if session.pending:
+                        self.ready.setdefault(session.id, session)
+                rows = rows.select(sorted(set(range(len(rows))) - set(gone)))
+            if len(rows):
+                taken.append(rows)
+                room -= len(rows)
+        return taken
+
+    def _drop_carried(self, session: Session, error: Exception) -> None:
+        """Fails the carried generation of a session that leaves and takes its row out."""
+        for index, rows in enumerate(self.carried):
+            if session in rows.sessions:
+                row = rows.sessions.index(session)
+                work = rows.works[row]
+                if not work.future.done():
+                    work.future.set_exception(error)
+                rest = rows.select([r for r in range(len(rows)) if r != row])
+                if len(rest):
+                    self.carried[index] = rest
+                else:
+                    del self.carried[index]
+                session.in_flight = False
+                return
+
+    def requeue(self, taken: Taken, live: Any, blocks: list[Columns] = ()) -> bool:  # type: ignore[assignment]
         """Marks the sessions of a finished batch that have more work (and are still in `live`) ready; returns
         whether there is work for another batch."""
         for session, _ in taken:
@@ -263,8 +388,8 @@ class Batcher:
 
     # ---- applying a batch --------------------------------------------------
     def finish(self, groups: list[Computed], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
-        """Advances every row's session, answers finished requests, queues continuing generations and
-        records the batch in the model's statistics.
+        """Advances every row's session, answers finished requests, carries continuing generations into the
+        next batch and records the batch in the model's statistics.
 
         Per row it keeps to plain attribute updates: for a 256-session generation this runs 256 rows per
         generated token of each. The next tokens of continuing generations are sampled for all rows at
@@ -280,6 +405,7 @@ class Batcher:
         used = time.monotonic()
         computed = 0  # rows that succeeded, and the sum of when each began waiting (for the statistics)
         waiting_since_sum = 0.0
+        going_on: list[Continuing] = []  # per part of the batch, its generations that go on
         for group, logits in zip(groups, outputs, strict=True):
             if isinstance(logits, Exception):
                 self._fail_group(group, logits)
@@ -288,6 +414,10 @@ class Batcher:
             rows = len(group.sessions)
             positions += length * rows
             computed += rows
+            if isinstance(group, GenerationRows):
+                waiting_since_sum += rows * group.waiting_since
+                self._finish_generation_rows(group, logits, batch_size, now, used, going_on)
+                continue
             if isinstance(group, Block):
                 self._finish_block(group, logits, batch_size, used)
                 observe_latency(now - group.enqueued)
@@ -298,17 +428,17 @@ class Batcher:
                 start_step = session.step
                 step = session.step = start_step + length
                 session.version += 1
-                session.queued_positions -= length
-                session.in_flight = False
                 session.last_used = used
                 waiting_since_sum += work.waiting_since or work.enqueued
                 generation = work.generation
                 # A generation goes on unless it finished or its client went away (its future is then done).
                 if generation is not None and not generation.consumed(step, batch_size, generating):
                     if not work.future.done():
-                        work.waiting_since = now  # its next token waits from here
+                        session.queued_positions -= length - 1  # in flight still, with its next token counted
                         continuing.append(row)
                         continue
+                session.queued_positions -= length
+                session.in_flight = False
                 # Step latency is a request's: from arrival to its answer (a generation's, to its end).
                 observe_latency(now - work.enqueued)
                 result = StepResult(
@@ -323,37 +453,92 @@ class Batcher:
                 if not work.future.done():
                     work.future.set_result(result)
             if continuing:
-                self._continue_generations(group, continuing, logits[continuing, -1])
+                going_on.append(_continuing_rows(group, continuing, logits[continuing, -1], now))
+        if going_on:
+            self._continue_generations(going_on)
         self.metrics.steps.inc(batch_size)
         self.metrics.tokens.inc(positions)
         self.metrics.statistics.record(batch_size, timing, computed, waiting_since_sum, now)
 
-    def _continue_generations(self, group: Group, rows: list[int], last_logits: np.ndarray) -> None:
-        """Samples the next token of each continuing generation (all rows at once) and queues it."""
-        works = [group.works[row] for row in rows]
+    def _finish_generation_rows(
+        self,
+        rows: GenerationRows,
+        logits: np.ndarray,
+        batch_size: int,
+        now: float,
+        used: float,
+        going_on: list[Continuing],
+    ) -> None:
+        """Applies a model call's outputs to carried generations: one short loop over the rows (counters, the
+        token to its generation), then the rows that go on, with their last logits, join `going_on`."""
+        generating = self.generating
+        ended: list[int] = []
+        for row, session, work, token in zip(range(len(rows)), rows.sessions, rows.works, rows.tokens[:, 0].tolist()):
+            step = session.step = session.step + 1
+            session.version += 1
+            session.last_used = used
+            if work.generation.consumed_token(token, step, batch_size, generating) or work.future.done():  # type: ignore[union-attr]
+                ended.append(row)
+        last_logits = logits[:, -1]
+        if ended:
+            for row in ended:
+                self._end_generation(rows.sessions[row], rows.works[row], logits[row], batch_size, now)
+            kept = sorted(set(range(len(rows))) - set(ended))
+            if not kept:
+                return
+            rows, last_logits = rows.select(kept), last_logits[kept]
+        going_on.append(
+            Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now)
+        )
+
+    def _end_generation(self, session: Session, work: Work, logits: np.ndarray, batch_size: int, now: float) -> None:
+        """A carried generation finished (or its client went away): its session is free, its request answered."""
+        session.queued_positions -= 1
+        session.in_flight = False
+        session.last_result = None  # a generation's last step is not a request the client can resend
+        self.metrics.step_latency.observe(now - work.enqueued)
+        if not work.future.done():
+            step = session.step
+            work.future.set_result(StepResult(logits.copy(), step - 1, step, batch_size, work.digest))
+
+    def _continue_generations(self, going_on: list[Continuing]) -> None:
+        """Samples the next token of every continuing generation of the batch (each part's rows at once) and
+        carries them into the next batch as one `GenerationRows`; a session with work queued meanwhile gets its
+        next token queued behind that work instead (a close then ends the generation, as it would end a step)."""
         if self.frozen:
-            for work in works:
-                work.future.set_exception(draining())
+            for part in going_on:
+                for session, work in zip(part.sessions, part.works):
+                    session.queued_positions -= 1
+                    session.in_flight = False
+                    work.future.set_exception(draining())
             return
-        generations: list[Generation] = [w.generation for w in works]  # type: ignore[misc]
-        tokens = sample_rows([g.sampler for g in generations], last_logits)
+        sampled = [part.sample() for part in going_on]
+        if len(going_on) == 1:
+            part, tokens = going_on[0], sampled[0]
+            sessions, works, samplers, slots, kind = part.sessions, part.works, part.samplers, part.slots, part.kind
+        else:
+            tokens = np.concatenate(sampled)
+            sessions = [s for part in going_on for s in part.sessions]
+            works = [w for part in going_on for w in part.works]
+            samplers = [x for part in going_on for x in part.samplers]
+            slots = np.concatenate([part.slots for part in going_on])
+            kinds = {part.kind for part in going_on}
+            kind = kinds.pop() if len(kinds) == 1 else None
         next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
-        sessions = group.sessions
-        carried = self.carried
-        queued = 0
-        # Iterating next_inputs gives each row a [1] view of its token.
-        for row, work, generation, token, inputs in zip(rows, works, generations, tokens.tolist(), next_inputs):
-            generation.fed = token
-            work.inputs = inputs
-            session = sessions[row]
-            session.queued_positions += 1
-            if session.pending is None:  # the common case: straight into the next batch
-                session.in_flight = True
-                carried.append((session, work))
-            else:  # behind what was queued meanwhile (a close ends the generation, as it would end a step)
-                session.pending.append(work)
-                queued += 1
-        self.queued += queued
+        carried = GenerationRows(sessions, works, samplers, slots, next_inputs, kind, going_on[0].since)
+        queued_behind = [row for row, session in enumerate(sessions) if session.pending is not None]
+        if queued_behind:
+            for row in queued_behind:
+                session, work = sessions[row], works[row]
+                work.inputs = next_inputs[row]
+                work.waiting_since = carried.waiting_since
+                work.generation.fed = int(tokens[row])  # type: ignore[union-attr]
+                session.in_flight = False
+                session.pending.append(work)  # type: ignore[union-attr]
+            self.queued += len(queued_behind)
+            carried = carried.select(sorted(set(range(len(sessions))) - set(queued_behind)))
+        if len(carried):
+            self.carried.append(carried)
 
     @staticmethod
     def _finish_block(block: Block, logits: np.ndarray, batch_size: int, used: float) -> None:
@@ -376,8 +561,8 @@ class Batcher:
 
     def _fail_group(self, group: Computed, error: Exception) -> None:
         """Fails exactly the requests of a group whose compute raised; their state is unchanged."""
-        if isinstance(group, Block):
-            self._release_block(group, ComputeFailed(f"computing the step failed: {error}"))
+        if not isinstance(group, Group):
+            self._release_columns(group, ComputeFailed(f"computing the step failed: {error}"))
             return
         for session, work in zip(group.sessions, group.works, strict=True):
             session.in_flight = False
@@ -386,27 +571,39 @@ class Batcher:
                 work.future.set_exception(ComputeFailed(f"computing the step failed: {error}"))
 
     @staticmethod
-    def _release_block(block: Block, error: Exception) -> None:
-        """Fails a block whose compute did not happen; its sessions are unchanged and free for their next work."""
-        positions = block.stacked_inputs.shape[1]
-        for session in block.sessions:
+    def _release_columns(columns: Columns, error: Exception) -> None:
+        """Fails a block or carried generations whose compute did not happen; their sessions are unchanged and
+        free for their next work."""
+        positions = columns.inputs().shape[1]
+        for session in columns.sessions:
             if session.in_flight:
                 session.in_flight = False
                 session.queued_positions -= positions
-        if not block.future.done():
-            block.future.set_exception(error)
+        futures = [columns.future] if isinstance(columns, Block) else [w.future for w in columns.works]
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
 
-    def fail(self, taken: Taken, error: Exception, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
+    def fail(self, taken: Taken, error: Exception, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL) and frees their sessions for their next requests."""
         for block in blocks:
-            self._release_block(block, ComputeFailed(f"the server failed on this request: {error}"))
+            self._release_columns(block, ComputeFailed(f"the server failed on this request: {error}"))
         for session, work in taken:
             if session.in_flight:
                 session.in_flight = False
                 session.queued_positions -= len(work.inputs) if work.inputs is not None else 0
             if not work.future.done():
                 work.future.set_exception(ComputeFailed(f"the server failed on this request: {error}"))
+
+
+def _continuing_rows(group: Group, rows: list[int], last_logits: np.ndarray, now: float) -> Continuing:
+    """The rows of a group whose generations go on, with their last logits."""
+    sessions = [group.sessions[row] for row in rows]
+    works = [group.works[row] for row in rows]
+    samplers = [w.generation.sampler for w in works]  # type: ignore[union-attr]
+    slots = np.fromiter((s.slot for s in sessions), dtype=np.int64, count=len(sessions))
+    return Continuing(sessions, works, samplers, slots, common_kind(samplers), last_logits, now)
 
 
 def group_by_length(taken: Taken) -> list[Group]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,24 @@ class Sampler:
         return int(sample_rows([self], logits[np.newaxis])[0])
 
 
-def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
+def common_kind(samplers: Sequence[Sampler]) -> tuple[float, int, float] | None:
+    """The (temperature, top-k, top-p) that all of `samplers` share when none has a seed of its own (their rows
+    can then be sampled together by `sample_kind`); None otherwise."""
+    first = samplers[0].group
+    if all(s.group == first and s.rng is None for s in samplers):
+        return first
+    return None
+
+
+def sample_kind(kind: tuple[float, int, float], logits: np.ndarray) -> np.ndarray:
+    """Picks one token per row of `logits` [rows, vocab] for unseeded rows that all sample the same way."""
+    temperature, top_k, top_p = kind
+    if temperature == 0:
+        return np.argmax(logits, axis=-1)
+    return _draw(logits, temperature, top_k, top_p, _SHARED_RNG.random(len(logits)))
+
+
+def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray) -> np.ndarray:
     """Picks one token per row of `logits` [rows, vocab], row i with `samplers[i]`.
 
     Rows with the same temperature, top-k and top-p are sampled together in a few
@@ -71,13 +89,9 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray) -> np.ndarray:
     """
     if not samplers:
         return np.empty(0, dtype=np.int64)
-    first = samplers[0].group
-    if all(s.group == first and s.rng is None for s in samplers):
-        temperature, top_k, top_p = first
-        # The common case, one kind of unseeded request: what the loop below does for one group.
-        if temperature == 0:
-            return np.argmax(logits, axis=-1)
-        return _draw(logits, temperature, top_k, top_p, _SHARED_RNG.random(len(samplers)))
+    kind = common_kind(samplers)
+    if kind is not None:  # the common case, one kind of unseeded request: what the loop below does for one group
+        return sample_kind(kind, logits)
     picked = np.empty(len(samplers), dtype=np.int64)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for row, sampler in enumerate(samplers):

@@ -24,6 +24,7 @@ from lstmserve.server.backend import MemoryOnly, SessionBackend
 from lstmserve.server.batcher import (
     Batcher,
     Block,
+    Columns,
     Computed,
     SchedulerLimits,
     Taken,
@@ -73,8 +74,6 @@ INLINE_MAX_POSITIONS = 4
 # default model: p50 0.928 to 1.003 ms on the loop against 1.195 to 1.269 through the worker;
 # docs/benchmarks.md). Longer steps run on the worker and leave the loop to the streams.
 INLINE_BUDGET_S = 0.001
-
-
 
 
 class Scheduler:
@@ -437,10 +436,6 @@ class Scheduler:
         self._wakeup.set()
         return await work.future
 
-    def _collect(self, room: int | None = None) -> Taken:
-        """The next batch's steps, up to `room` rows (see `Batcher.collect`)."""
-        return self.batcher.collect(room)
-
     async def _batch_loop(self) -> None:
         """Collects a batch, computes it on the worker thread, resolves it; and again.
 
@@ -472,20 +467,18 @@ class Scheduler:
             if self._copies_due:
                 self._copy_sessions()
             taken: Taken = []
-            blocks: list[Block] = []
+            columns: list[Columns] = []
             try:
-                blocks = self.batcher.collect_blocks()
-                room = self.limits.max_batch_size - sum(len(block.sessions) for block in blocks)
-                taken = self._collect(room) if room > 0 else []
-                positions = len(taken[0][1].inputs) if len(taken) == 1 and not blocks else 0  # type: ignore[arg-type]
+                taken, columns = self.batcher.collect_batch()
+                positions = len(taken[0][1].inputs) if len(taken) == 1 and not columns else 0  # type: ignore[arg-type]
                 if positions and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
                     self._run_here(taken)
                     self._keep_awake()
                     await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
-                elif taken or blocks:
-                    await self._run_on_worker(taken, blocks)
+                elif taken or columns:
+                    await self._run_on_worker(taken, columns)
             except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
-                self._recover(taken, error, blocks)
+                self._recover(taken, error, columns)
 
     def _copy_sessions(self) -> None:
         """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
@@ -495,7 +488,7 @@ class Scheduler:
             if not future.done():
                 future.set_result(copies)
 
-    def _recover(self, taken: Taken, error: Exception, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
+    def _recover(self, taken: Taken, error: Exception, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL), frees their sessions for their next requests, and logs it. The loop goes on."""
         count = len(taken) + sum(len(block.sessions) for block in blocks)
@@ -511,9 +504,9 @@ class Scheduler:
         self.batcher.finish(groups, *_run_to_end(self._compute(groups, on_worker=False)))
         self._requeue(taken)
 
-    async def _run_on_worker(self, taken: Taken, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
-        """Computes a batch (steps and blocks) with its model calls on the worker thread, while the event loop
-        serves streams, then applies it."""
+    async def _run_on_worker(self, taken: Taken, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
+        """Computes a batch (steps, blocks, carried generations) with its model calls on the worker thread, while
+        the event loop serves streams, then applies it."""
         groups: list[Computed] = [*blocks, *(group_by_length(taken) if taken else [])]
         self._computing += 1
         try:
@@ -526,28 +519,30 @@ class Scheduler:
     async def _compute(
         self, groups: list[Computed], *, on_worker: bool
     ) -> tuple[list[np.ndarray | Exception], BatchTiming]:
-        """Gather, model call, scatter for each group in turn; returns each group's outputs and how long each
-        phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
+        """Gather, model call, scatter for each model call in turn; returns each group's outputs and how long
+        each phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
         worker thread (and this awaits it); without, everything runs right here and nothing awaits.
+
+        Groups whose inputs have the same shape (single-token steps, carried generations, a multi-session
+        request's block) share one model call, and each gets its rows of the outputs.
 
         Only the model call leaves the loop: gather and scatter (a fraction of a millisecond for
         a full batch) stay on it. On the worker they would take the GIL several times each, and
         every time wait for the busy event loop to give it up (up to `sys.getswitchinterval()`):
         `scripts/worker_gil_wait.py` measured a 256-row gather, model call and scatter at 53 ms on a
-        worker beside a busy thread, against 5.3 ms alone. Groups run one after another: they share
+        worker beside a busy thread, against 5.3 ms alone. Calls run one after another: they share
         the store's batch buffers, and the runner reuses its output buffer from one call to the next.
 
-        A group that fails leaves its sessions' state untouched (scatter never ran) and
-        returns its exception; the other groups are unaffected.
+        A call that fails leaves its sessions' state untouched (scatter never ran) and
+        returns its exception for each of its groups; the other calls are unaffected.
         """
         started = time.perf_counter()
         loop = self._loop or asyncio.get_running_loop()
         phases = [0.0, 0.0, 0.0]  # gather, model call (with any hops), scatter: ModelStatistics' phases
-        outputs: list[np.ndarray | Exception] = []
-        for group in groups:
+        outputs: list[np.ndarray | Exception] = [None] * len(groups)  # type: ignore[list-item]
+        for members, slots, inputs in _model_calls(groups):
             try:
                 t0 = time.perf_counter()
-                slots, inputs = group.slots(), group.inputs()
                 buffers = self.store.gather(slots)
                 t1 = time.perf_counter()
                 if on_worker:
@@ -555,17 +550,19 @@ class Scheduler:
                 else:
                     logits, seconds = self._timed_run(inputs, buffers)
                 t2 = time.perf_counter()
-                self._note_lone_run(group, inputs, seconds)
+                self._note_lone_run(len(slots), inputs, seconds)
                 self.store.scatter(slots, buffers)
                 t3 = time.perf_counter()
-            except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this group
-                log.error("a batch of %d session(s) failed", len(group.sessions), exc_info=exc)
-                outputs.append(exc)
+            except Exception as exc:  # noqa: BLE001 - reported to exactly the requests of this call
+                log.error("a batch of %d session(s) failed", len(slots), exc_info=exc)
+                for index, _ in members:
+                    outputs[index] = exc
                 continue
             phases[0] += t1 - t0
             phases[1] += t2 - t1
             phases[2] += t3 - t2
-            outputs.append(logits)
+            for index, rows in members:
+                outputs[index] = logits if rows is None else logits[rows]
         self._last_compute_end = time.perf_counter()
         self.metrics.compute_latency.observe(self._last_compute_end - started)
         return outputs, BatchTiming(started, *phases)
@@ -576,13 +573,13 @@ class Scheduler:
         logits = self.runner.run(inputs, buffers)
         return logits, time.perf_counter() - started
 
-    def _note_lone_run(self, group: Computed, inputs: np.ndarray, seconds: float) -> None:
+    def _note_lone_run(self, rows: int, inputs: np.ndarray, seconds: float) -> None:
         """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS that was the only row of
         its model call (alone, or the one row of its length in a batch: either way a batch-1 call)."""
-        if len(group.sessions) == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
+        if rows == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
             self._lone_seconds_per_position = seconds / inputs.shape[1]
 
-    def _requeue(self, taken: Taken, blocks: list[Block] = ()) -> None:  # type: ignore[assignment]
+    def _requeue(self, taken: Taken, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
         if self.batcher.requeue(taken, self.sessions, blocks):
             self._wakeup.set()
 
@@ -592,6 +589,28 @@ class Scheduler:
             await asyncio.sleep(interval)
             self._sweep_due = True  # the batching loop sweeps when nothing computes
             self._wakeup.set()
+
+
+def _model_calls(groups: list[Computed]) -> list[tuple[list[tuple[int, slice | None]], np.ndarray, np.ndarray]]:
+    """The model calls of a batch: groups whose inputs have the same shape go together. Each call is its
+    members (a group's index and its rows of the call, None for all of them), its slots and its inputs."""
+    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for index, group in enumerate(groups):
+        inputs = group.inputs()
+        by_shape.setdefault(inputs.shape[1:], []).append((index, group.slots(), inputs))
+    calls: list[tuple[list[tuple[int, slice | None]], np.ndarray, np.ndarray]] = []
+    for parts in by_shape.values():
+        if len(parts) == 1:
+            index, slots, inputs = parts[0]
+            calls.append(([(index, None)], slots, inputs))
+            continue
+        members: list[tuple[int, slice | None]] = []
+        start = 0
+        for index, _, inputs in parts:
+            members.append((index, slice(start, start + len(inputs))))
+            start += len(inputs)
+        calls.append((members, np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])))
+    return calls
 
 
 def _chunks(groups: Iterable[list[T]], size: int) -> Iterator[list[T]]:

@@ -13,10 +13,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lstmserve.server.batcher import Batcher, Block, Group, SchedulerLimits, Taken, Work, group_by_length
+from lstmserve.server.batcher import (
+    Batcher,
+    Block,
+    Columns,
+    Computed,
+    GenerationRows,
+    Group,
+    SchedulerLimits,
+    Taken,
+    Work,
+    group_by_length,
+)
 from lstmserve.server.errors import ComputeFailed, Overloaded, SessionNotFound
 from lstmserve.server.generation import GenerateParams, Generation
 from lstmserve.server.metrics import Metrics
+from lstmserve.server.scheduler import _model_calls
 from lstmserve.server.sampling import SamplingParams
 from lstmserve.server.sessions import Session, StepResult
 from lstmserve.server.statistics import BatchTiming
@@ -30,7 +42,7 @@ def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(body())
 
 
-def fake_model(group: Group | Block) -> np.ndarray:
+def fake_model(group: Computed) -> np.ndarray:
     """Logits [rows, positions, VOCAB]: one-hot of each input token, so greedy sampling feeds back (token + 1) % VOCAB."""
     inputs = group.inputs()
     logits = np.zeros((*inputs.shape, VOCAB), np.float32)
@@ -39,7 +51,9 @@ def fake_model(group: Group | Block) -> np.ndarray:
 
 
 def step(batcher: Batcher, session: Session, tokens: list[int], generation: Generation | None = None) -> Work:
-    work = Work(future=asyncio.get_running_loop().create_future(), inputs=np.array(tokens, np.int64), generation=generation)
+    work = Work(
+        future=asyncio.get_running_loop().create_future(), inputs=np.array(tokens, np.int64), generation=generation
+    )
     batcher.enqueue(session, work)
     return work
 
@@ -53,6 +67,16 @@ def run_batch(batcher: Batcher, taken: Taken, fail: set[int] = frozenset()) -> l
     ]
     batcher.finish(groups, outputs, TIMING)
     return groups
+
+
+def run_next(batcher: Batcher, live: set[Session]) -> tuple[Taken, list[Columns]]:
+    """Forms the next batch as the engine does (`collect_batch`), computes it with the fake model, applies it and
+    marks the sessions with more work ready; returns what it took."""
+    taken, columns = batcher.collect_batch()
+    groups: list[Computed] = [*columns, *(group_by_length(taken) if taken else [])]
+    batcher.finish(groups, [fake_model(g) for g in groups], TIMING)
+    batcher.requeue(taken, live, columns)
+    return taken, columns
 
 
 def new_batcher(**limits: Any) -> Batcher:
@@ -132,9 +156,7 @@ def test_a_greedy_generation_feeds_back_each_token_until_max_tokens() -> None:
         batcher.generating = 1
         batches = 0
         while not work.future.done():
-            taken = batcher.collect()
-            run_batch(batcher, taken)
-            batcher.requeue(taken, {a})
+            run_next(batcher, {a})
             batches += 1
         assert batches == 4  # the prompt, then one step per generated token
         assert [event.token for event in generation.take()] == [4, 5, 6]
@@ -215,18 +237,17 @@ def test_work_queued_during_a_generation_runs_between_its_tokens_in_order() -> N
         generation = Generation(params, [str(i) for i in range(VOCAB)])
         gen_work = step(batcher, a, [1], generation)
         batcher.generating = 1
-        taken = batcher.collect()
-        run_batch(batcher, taken)  # the prompt ran; the first token (2) is sampled and carried
-        assert batcher.requeue(taken, {a, b}) and batcher.carried == [(a, gen_work)] and a.in_flight
+        run_next(batcher, {a, b})  # the prompt ran; the first token (2) is sampled and carried
+        (carried,) = batcher.carried
+        assert carried.sessions == [a] and carried.works == [gen_work] and carried.tokens.tolist() == [[2]]
+        assert a.in_flight and a.queued_positions == 1
         seen: list[int] = []
         op = Work(future=asyncio.get_running_loop().create_future(), op=lambda s: seen.append(s.step))
         batcher.enqueue(a, op)  # waits: the session is in flight
         other = step(batcher, b, [5])  # a new arrival goes first in the next batch
-        taken = batcher.collect()
-        assert taken == [(b, other), (a, gen_work)] and seen == []
-        run_batch(batcher, taken)
+        taken, columns = run_next(batcher, {a, b})
+        assert taken == [(b, other)] and [c.sessions for c in columns] == [[a]] and seen == []
         assert batcher.carried == [] and a.pending == [op, gen_work]  # the next token waits behind the op
-        batcher.requeue(taken, {a, b})
         assert batcher.collect() == [(a, gen_work)] and seen == [2]
         assert [event.token for event in generation.take()] == [2]
 
@@ -287,5 +308,130 @@ def test_blocks_wait_for_a_batch_with_room_and_count_against_the_queue() -> None
             block_of(batcher, [e], [1])
         assert batcher.collect_blocks() == [first] and batcher.blocks == [second]
         assert batcher.collect_blocks() == [second]
+
+    run(body)
+
+
+def greedy(batcher: Batcher, session: Session, prompt: int, max_tokens: int) -> tuple[Work, Generation]:
+    params = GenerateParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0))
+    generation = Generation(params, [str(i) for i in range(VOCAB)])
+    batcher.generating += 1
+    return step(batcher, session, [prompt], generation), generation
+
+
+def test_generations_go_on_as_columns_until_each_ends() -> None:
+    """After their prompts, generations are carried from batch to batch as one `GenerationRows` (no session
+    queue, no per-row work item); a row leaves when its generation ends, and each session advances by its own
+    tokens. The last generation left goes on as a lone step."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        members = sessions(3)
+        runs = [greedy(batcher, s, prompt, max_tokens) for s, prompt, max_tokens in zip(members, [1, 4, 6], [2, 3, 4])]
+        taken, columns = run_next(batcher, set(members))
+        assert len(taken) == 3 and columns == []
+        (carried,) = batcher.carried
+        assert carried.sessions == members and carried.slots().tolist() == [0, 1, 2]
+        assert carried.inputs().tolist() == [[2], [5], [7]]  # each prompt + 1: the fake model's greedy token
+        assert [(s.step, s.queued_positions, s.in_flight) for s in members] == [(1, 1, True)] * 3
+        shapes = []
+        while not all(work.future.done() for work, _ in runs):
+            taken, columns = run_next(batcher, set(members))
+            shapes.append((len(taken), [len(c) for c in columns]))
+        assert shapes == [(0, [3]), (0, [3]), (0, [2]), (1, [])]
+        for (work, generation), s, prompt, max_tokens in zip(runs, members, [1, 4, 6], [2, 3, 4]):
+            expected = [(prompt + 1 + i) % VOCAB for i in range(max_tokens)]
+            assert [event.token for event in generation.take()] == expected
+            assert [event.step for event in generation.take()] == []  # taken once
+            assert work.future.result().step == s.step == 1 + max_tokens and s.version == 1 + max_tokens
+            assert (s.queued_positions, s.in_flight, s.last_result) == (0, False, None)
+        assert batcher.carried == [] and not batcher.ready
+
+    run(body)
+
+
+def test_a_carried_generation_whose_client_went_away_is_dropped_before_its_next_step() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c = sessions(3)
+        (gone, _), (kept, _), _ = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5), greedy(batcher, c, 3, 5)
+        run_next(batcher, {a, b, c})
+        gone.future.cancel()
+        later = step(batcher, a, [7])  # queued behind the generation: runs once it is dropped
+        taken, columns = batcher.collect_batch()
+        assert taken == [] and [col.sessions for col in columns] == [[b, c]]
+        assert (a.step, a.queued_positions, a.in_flight) == (1, 1, False) and list(batcher.ready) == [a.id]
+        assert batcher.collect() == [(a, later)] and not kept.future.done()
+
+    run(body)
+
+
+def test_discard_fails_a_carried_generation_and_leaves_the_others() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        (work_a, _), (work_b, _) = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5)
+        run_next(batcher, {a, b})
+        batcher.discard(a, SessionNotFound("closed"))
+        with pytest.raises(SessionNotFound):
+            work_a.future.result()
+        (carried,) = batcher.carried
+        assert carried.sessions == [b] and carried.inputs().tolist() == [[3]] and not a.in_flight
+        batcher.discard(b, SessionNotFound("closed"))
+        assert batcher.carried == [] and work_b.future.done()
+
+    run(body)
+
+
+def test_a_failed_call_of_carried_generations_fails_them_and_keeps_their_counters() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        runs = [greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5)]
+        run_next(batcher, {a, b})
+        taken, columns = batcher.collect_batch()
+        batcher.finish([*columns], [RuntimeError("model failed")], TIMING)
+        for work, generation in runs:
+            with pytest.raises(ComputeFailed, match="model failed"):
+                work.future.result()
+            assert generation.take() == []
+        assert [(s.step, s.version, s.queued_positions, s.in_flight) for s in (a, b)] == [(1, 1, 0, False)] * 2
+        assert batcher.carried == []
+
+    run(body)
+
+
+def test_groups_of_the_same_shape_share_one_model_call() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c, d = sessions(4)
+        block = block_of(batcher, [a, b], [1, 2])
+        step(batcher, c, [3])
+        step(batcher, d, [4, 5])
+        taken, columns = batcher.collect_batch()
+        groups: list[Computed] = [*columns, *group_by_length(taken)]
+        calls = _model_calls(groups)
+        assert [members for members, _, _ in calls] == [[(0, slice(0, 2)), (1, slice(2, 3))], [(2, None)]]
+        assert [slots.tolist() for _, slots, _ in calls] == [[0, 1, 2], [3]]
+        assert [inputs.tolist() for _, _, inputs in calls] == [[[1], [2], [3]], [[4, 5]]]
+        assert groups[0] is block and isinstance(groups[1], Group)
+
+    run(body)
+
+
+def test_carried_generations_are_split_to_fit_the_batch() -> None:
+    async def body() -> None:
+        batcher = new_batcher(max_batch_size=2)
+        members = sessions(3)
+        for s, prompt in zip(members, [1, 2, 3]):
+            greedy(batcher, s, prompt, 4)
+        run_next(batcher, set(members))  # two prompts
+        a, b, c = members
+        run_next(batcher, set(members))  # the third prompt goes first; one carried row fits, the other waits
+        assert [rows.sessions for rows in batcher.carried] == [[b], [a, c]]  # a and c went on together
+        taken, columns = batcher.collect_batch()
+        assert taken == [] and [col.sessions for col in columns] == [[b], [a]]
+        assert all(isinstance(col, GenerationRows) for col in columns)
+        assert [rows.sessions for rows in batcher.carried] == [[c]]
 
     run(body)

@@ -97,20 +97,20 @@ def next_batch_holds_several(handle: ServerThread, sessions: int) -> Iterator[No
     """A barrier in the scheduler: its next batch is formed only once `sessions` sessions have a step
     ready, so that batch holds several sequences by construction, not by timing. Later batches form
     as usual."""
-    scheduler = handle.server.scheduler
-    collect = scheduler._collect
+    batcher = handle.server.scheduler.batcher
+    collect = batcher.collect
 
     def held(*room: int | None) -> list[Any]:
-        if len(scheduler.batcher.ready) < sessions:
+        if len(batcher.ready) < sessions:
             return []  # nothing taken: the loop waits for the next request
-        scheduler.__dict__.pop("_collect", None)
+        batcher.__dict__.pop("collect", None)
         return collect(*room)
 
-    handle.call_soon(lambda: setattr(scheduler, "_collect", held))
+    handle.call_soon(lambda: setattr(batcher, "collect", held))
     try:
         yield
     finally:
-        handle.call_soon(lambda: scheduler.__dict__.pop("_collect", None))
+        handle.call_soon(lambda: batcher.__dict__.pop("collect", None))
 
 
 def statistics(client: triton.InferenceServerClient, model: str) -> Any:
