@@ -69,6 +69,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--calls-in-flight", type=int, default=2,
                    help="sessions series: StepSessions requests kept in flight, each stepping its own share of the "
                    "N sessions (2: two halves), so that a session has at most one step in flight (default 2)")  # fmt: skip
+    p.add_argument("--batches-in-flight", type=int, choices=(1, 2), default=1,
+                   help="the server's and the engine series' --batches-in-flight: batches computing at once (default 1)")  # fmt: skip
     p.add_argument("--memory-sessions", type=int, default=0,
                    help="also measure the RSS cost of this many idle sessions (e.g. 100000; default 0: skip)")  # fmt: skip
     p.add_argument("--memory-settle-s", type=float, default=67.0,
@@ -132,6 +134,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
         load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
         replicas=args.replicas, repeats=args.repeats, calls_in_flight=args.calls_in_flight,
+        batches_in_flight=args.batches_in_flight,
     )  # fmt: skip
     server_series = sum(
         1 for s in ("server", "sessions", "unbatched", "echo") if s in series and not (args.target and s == "unbatched")

@@ -25,7 +25,7 @@ import numpy as np
 
 from lstmserve.bench.loadgen import LoadResult, Window
 from lstmserve.metadata import ModelSpec
-from lstmserve.server.app import make_store
+from lstmserve.server.app import make_store, scheduler_limits
 from lstmserve.server.cli import GC_YOUNG_THRESHOLD, GIL_SWITCH_INTERVAL_S
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import ServeError
@@ -33,7 +33,7 @@ from lstmserve.server.generation import GenerateParams, generate
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner, RunnerOptions
 from lstmserve.server.sampling import SamplingParams
-from lstmserve.server.scheduler import Scheduler, SchedulerLimits
+from lstmserve.server.scheduler import Scheduler
 from lstmserve.server.sessions import Session
 
 T = TypeVar("T")
@@ -59,6 +59,7 @@ def build_engine(
     max_batch_size: int = 256,
     intra_op_threads: int = 1,
     providers: tuple[str, ...] = ("cpu",),
+    batches_in_flight: int = 1,
 ) -> Engine:
     """Constructs the runner, state store, limits, metrics and scheduler as `lstmserve serve` does
     (`server/app.py`), from the same `ServerConfig`, so every other limit has the server's default.
@@ -69,6 +70,7 @@ def build_engine(
         max_batch_size: most sessions in one model call.
         intra_op_threads: ONNX Runtime intra-op threads.
         providers: ONNX Runtime providers (the CPU, as the ONNX Runtime ceiling uses).
+        batches_in_flight: batches computing at once (`lstmserve serve --batches-in-flight`).
     """
     config = ServerConfig(
         model=model,
@@ -76,18 +78,11 @@ def build_engine(
         intra_op_threads=intra_op_threads,
         max_batch_size=max_batch_size,
         max_sessions=max_sessions,
+        batches_in_flight=batches_in_flight,
     )
     runner = Runner(config.model, RunnerOptions(providers=config.providers, intra_op_threads=config.intra_op_threads))
     store = make_store(runner, config)
-    limits = SchedulerLimits(
-        max_batch_size=config.max_batch_size,
-        max_wait_us=config.max_wait_us,
-        idle_spin_us=config.idle_spin_us,
-        max_queue=config.max_queue,
-        session_ttl_s=config.session_ttl_s,
-        max_inflight_per_session=config.max_inflight_per_session,
-    )
-    return Engine(scheduler=Scheduler(runner, store, limits, Metrics()), spec=runner.spec)
+    return Engine(scheduler=Scheduler(runner, store, scheduler_limits(config), Metrics()), spec=runner.spec)
 
 
 @dataclass(frozen=True)
@@ -119,7 +114,12 @@ class EngineResult:
 
 
 def measure_engine(
-    model: Path, load: EngineLoad, *, intra_op_threads: int = 1, max_batch_size: int | None = None
+    model: Path,
+    load: EngineLoad,
+    *,
+    intra_op_threads: int = 1,
+    max_batch_size: int | None = None,
+    batches_in_flight: int = 1,
 ) -> EngineResult:
     """Builds an engine for `load.sessions` sessions (batches of up to that many, unless `max_batch_size`),
     drives it on a fresh event loop (uvloop where installed, as `lstmserve serve` runs) with the server
@@ -129,6 +129,7 @@ def measure_engine(
         max_sessions=load.sessions + 16,
         max_batch_size=max_batch_size or load.sessions,
         intra_op_threads=intra_op_threads,
+        batches_in_flight=batches_in_flight,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()
     with serve_process_settings():

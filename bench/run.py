@@ -65,6 +65,7 @@ class BenchConfig:
     replicas: tuple[int, ...] = ()  # also measure this many replicas behind Envoy (each count a series)
     repeats: int = 1  # rounds of the whole run, one after another
     calls_in_flight: int = 2  # the sessions series: StepSessions requests in flight, each for its group of sessions
+    batches_in_flight: int = 1  # the server's and the engine's --batches-in-flight
 
 
 def machine_description() -> dict[str, object]:
@@ -201,8 +202,9 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
                 served.append((SERIES_SERVER, None, config.target))
             else:
                 command = lstmserve_command(
-                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
-                )
+                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads,
+                    batches_in_flight=config.batches_in_flight,
+                )  # fmt: skip
                 server = stack.enter_context(ServerProcess(command))
                 served.append((SERIES_SERVER, server, server.target))
             by_series[SERIES_SERVER] = []
@@ -213,8 +215,9 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
                 served.append((SERIES_SESSIONS, None, config.target))
             else:
                 command = lstmserve_command(
-                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
-                )
+                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads,
+                    batches_in_flight=config.batches_in_flight,
+                )  # fmt: skip
                 server = stack.enter_context(ServerProcess(command))
                 served.append((SERIES_SESSIONS, server, server.target))
         if "unbatched" in config.series and not config.target:
@@ -263,7 +266,9 @@ def _engine_row(level: int, config: BenchConfig) -> Row:
         sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
         prompt_len=config.prompt_len, generate_tokens=config.generate_tokens,
     )  # fmt: skip
-    measured: EngineResult = measure_engine(config.model, load, intra_op_threads=config.intra_op_threads)
+    measured: EngineResult = measure_engine(
+        config.model, load, intra_op_threads=config.intra_op_threads, batches_in_flight=config.batches_in_flight
+    )
     # The RSS of this process holds the whole benchmark, not the engine alone: not reported.
     return _row(SERIES_ENGINE, level, measured.load, (measured.cpu_s, measured.wall_s, None))
 

@@ -60,12 +60,15 @@ class ServerProcess:
         self.stop()
 
 
-def lstmserve_command(model: Path, *, max_batch_size: int, max_sessions: int, intra_op_threads: int) -> list[str]:
+def lstmserve_command(
+    model: Path, *, max_batch_size: int, max_sessions: int, intra_op_threads: int, batches_in_flight: int = 1
+) -> list[str]:
     """The `lstmserve serve` command line the benchmark runs."""
     return [
         sys.executable, "-m", "lstmserve.cli", "serve", "--model", str(model), "--port", "0",
         "--max-batch-size", str(max_batch_size), "--max-sessions", str(max_sessions),
-        "--intra-op-threads", str(intra_op_threads), "--log-level", "WARNING",
+        "--intra-op-threads", str(intra_op_threads), "--batches-in-flight", str(batches_in_flight),
+        "--log-level", "WARNING",
     ]  # fmt: skip
 
 

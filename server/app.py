@@ -111,14 +111,7 @@ class LstmServer:
         self.scheduler = Scheduler(
             self.runner,
             self.store,
-            SchedulerLimits(
-                max_batch_size=config.max_batch_size,
-                max_wait_us=config.max_wait_us,
-                idle_spin_us=config.idle_spin_us,
-                max_queue=config.max_queue,
-                session_ttl_s=config.session_ttl_s,
-                max_inflight_per_session=config.max_inflight_per_session,
-            ),
+            scheduler_limits(config),
             self.metrics,
             backend,
         )
@@ -335,6 +328,19 @@ class LstmServer:
         """Returns when the gRPC server has stopped."""
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def scheduler_limits(config: ServerConfig) -> SchedulerLimits:
+    """The scheduler's limits from the server's settings."""
+    return SchedulerLimits(
+        max_batch_size=config.max_batch_size,
+        max_wait_us=config.max_wait_us,
+        idle_spin_us=config.idle_spin_us,
+        max_queue=config.max_queue,
+        session_ttl_s=config.session_ttl_s,
+        max_inflight_per_session=config.max_inflight_per_session,
+        batches_in_flight=config.batches_in_flight,
+    )
 
 
 def make_store(runner: Runner, config: ServerConfig) -> StateStore:

@@ -46,6 +46,9 @@ class SchedulerLimits:
     session_ttl_s: float = 900.0
     max_inflight_per_session: int = 64
     idle_spin_us: int = 500
+    # Batches computing at once (each in a lane of its own: `StateStore.max_lanes`): with 2, the event loop
+    # applies one batch's outputs and forms the next while the other computes.
+    batches_in_flight: int = 1
 
 
 @dataclass(eq=False)
@@ -265,10 +268,11 @@ class Batcher:
         self.queued += rows
         self.blocks.append(block)
 
-    def collect_blocks(self) -> list[Block]:
-        """The queued blocks that fit in one batch, oldest first (each is at most the largest batch)."""
+    def collect_blocks(self, room: int | None = None) -> list[Block]:
+        """The queued blocks that fit in `room` rows (the largest batch if not given), oldest first (each is at
+        most the largest batch)."""
         taken: list[Block] = []
-        room = self.limits.max_batch_size
+        room = self.limits.max_batch_size if room is None else room
         while self.blocks and len(self.blocks[0].sessions) <= room:
             block = self.blocks.pop(0)
             room -= len(block.sessions)
@@ -316,12 +320,16 @@ class Batcher:
         self.metrics.queue_depth.set(self.queued)
         return taken
 
-    def collect_batch(self) -> tuple[Taken, list[Columns]]:
-        """The next batch: multi-session blocks first, then one step of each ready session, then the carried
-        generations, up to the largest batch. A generation running alone goes as a lone step (the engine may
-        then run it inline, as any lone step)."""
-        blocks = self.collect_blocks()
-        room = self.limits.max_batch_size - sum(len(block.sessions) for block in blocks)
+    def waiting_rows(self) -> int:
+        """About how many rows the next batches could take now: ready sessions, carried generations, blocks."""
+        return len(self.ready) + sum(len(rows) for rows in self.carried) + sum(len(b.sessions) for b in self.blocks)
+
+    def collect_batch(self, room: int | None = None) -> tuple[Taken, list[Columns]]:
+        """The next batch of up to `room` rows (the largest batch if not given): multi-session blocks first,
+        then one step of each ready session, then the carried generations. A generation running alone goes as
+        a lone step (the engine may then run it inline, as any lone step)."""
+        blocks = self.collect_blocks(room)
+        room = (self.limits.max_batch_size if room is None else room) - sum(len(block.sessions) for block in blocks)
         taken = self.collect(room) if room > 0 else []
         room -= len(taken)
         carried = self.collect_carried(room) if room > 0 else []

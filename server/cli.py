@@ -108,6 +108,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     _add(p, "--device-id", type=int, default=0, help="CUDA device index")
     _add(p, "--intra-op-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     _add(p, "--max-batch-size", type=int, default=256, help="most sessions stepped in one ONNX Runtime call")
+    _add(p, "--batches-in-flight", type=int, default=1,
+         help="batches computing at once, 1 or 2 (2: the next batch forms while one computes; state in host memory only)")  # fmt: skip
     _add(p, "--max-wait-us", type=int, default=0, help="after an idle spell, wait this long for more requests before the first batch")
     _add(p, "--idle-spin-us", type=int, default=500,
          help="after a step of a session stepping alone, keep polling this long instead of sleeping (0 = off)")  # fmt: skip
@@ -273,6 +275,7 @@ def run_serve(args: argparse.Namespace) -> int:
             device_id=args.device_id,
             intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size,
+            batches_in_flight=args.batches_in_flight,
             max_wait_us=args.max_wait_us,
             idle_spin_us=args.idle_spin_us,
             max_sessions=args.max_sessions,

@@ -50,6 +50,8 @@ class ServerConfig:
         device_id: CUDA device index.
         intra_op_threads: ONNX Runtime intra-op threads (0 = ONNX Runtime's default).
         max_batch_size: most sessions stepped in one ONNX Runtime call.
+        batches_in_flight: batches computing at once, 1 or 2 (2: the next batch forms and waits while one
+            computes; with state in host memory only, else 1).
         max_wait_us: after an idle spell, how long the batcher waits for more requests once
             the first one arrives (0 = run at once; batches still form while a step runs).
         idle_spin_us: after a step of a session stepping alone, how long the event loop keeps
@@ -92,6 +94,7 @@ class ServerConfig:
     device_id: int = 0
     intra_op_threads: int = 0
     max_batch_size: int = 256
+    batches_in_flight: int = 1
     max_wait_us: int = 0
     idle_spin_us: int = 500
     max_sessions: int = 10_000
@@ -141,6 +144,8 @@ class ServerConfig:
             raise ConfigError(f"max_wait_us must be >= 0, got {self.max_wait_us}")
         if not 0 <= self.idle_spin_us <= MAX_IDLE_SPIN_US:
             raise ConfigError(f"idle_spin_us must be in 0..{MAX_IDLE_SPIN_US}, got {self.idle_spin_us}")
+        if self.batches_in_flight not in (1, 2):
+            raise ConfigError(f"batches_in_flight must be 1 or 2, got {self.batches_in_flight}")
         if self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.grace_s < 0:

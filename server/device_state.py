@@ -128,6 +128,10 @@ class DeviceStateStore:
         device: "cuda" or "cpu"; device_id: the device index.
     """
 
+    # One batch in flight at a time: its gather and scatter run ONNX Runtime graphs on the device, which have
+    # not been checked beside a model call computing on the worker thread.
+    max_lanes = 1
+
     def __init__(
         self,
         rows: int,
@@ -241,8 +245,10 @@ class DeviceStateStore:
             self._buffers[batch_size] = buffers
         return buffers
 
-    def gather(self, slots: np.ndarray) -> DeviceStateBuffers:
-        """Gathers the slots' rows into the batch's h0/c0 device buffers."""
+    def gather(self, slots: np.ndarray, lane: int = 0) -> DeviceStateBuffers:
+        """Gathers the slots' rows into the batch's h0/c0 device buffers (one lane: see `max_lanes`)."""
+        if lane >= self.max_lanes:
+            raise ValueError(f"the device state store has {self.max_lanes} lane(s), not lane {lane}")
         buffers = self.buffers(len(slots))
         self._run_gather(slots, buffers)
         return buffers

@@ -118,26 +118,27 @@ class Runner:
         self.provider_options = provider_options
         self.device_id = options.device_id
         self._input_dtype = np.int64 if self.spec.kind == "tokens" else np.float32
-        # For single-position batches (see _run_single_position).
-        position = (1,) if self.spec.kind == "tokens" else (1, self.spec.input_size)
-        self._step_inputs = np.empty((0, *position), dtype=self._input_dtype)
-        self._step_logits = np.empty((0, 1, self.spec.output_size), dtype=np.float32)
-        self._step_bindings: dict[tuple[int, int], tuple[BindableState, ort.IOBinding]] = {}
+        # For single-position batches (see _run_single_position): per lane, input and logits buffers, and bindings.
+        self._position = (1,) if self.spec.kind == "tokens" else (1, self.spec.input_size)
+        self._step_inputs: dict[int, np.ndarray] = {}
+        self._step_logits: dict[int, np.ndarray] = {}
+        self._step_bindings: dict[tuple[int, int, int], tuple[BindableState, ort.IOBinding]] = {}
         log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
 
-    def run(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
+    def run(self, inputs: np.ndarray, state: BindableState, lane: int = 0) -> np.ndarray:
         """Runs one batch.
 
         Args:
             inputs: int64 tokens [batch, time] or float32 features [batch, time, input_size].
             state: buffers whose h0/c0 hold the initial state and whose hn/cn receive the new
                 state, on the host (`StateBuffers`) or the device (`DeviceStateBuffers`).
+            lane: which batch in flight this is (see `StateStore.max_lanes`): each lane has its own logits buffer.
         Returns:
             float32 logits [batch, time, output_size]. For single-position batches this is a
-            buffer that the next single-position run overwrites: copy what you keep.
+            buffer that the next single-position run of the same lane overwrites: copy what you keep.
         """
         if inputs.shape[1] == 1:
-            return self._run_single_position(inputs, state)
+            return self._run_single_position(inputs, state, lane)
         if self.spec.time_major:  # the graph takes [time, batch, ...]: transpose in and out
             inputs = np.ascontiguousarray(np.swapaxes(inputs, 0, 1), dtype=self._input_dtype)
             logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
@@ -148,26 +149,29 @@ class Runner:
         self.session.run_with_iobinding(self._bind(inputs, logits, state))
         return logits
 
-    def _run_single_position(self, inputs: np.ndarray, state: BindableState) -> np.ndarray:
-        """Single steps, the hot path: an IO binding kept per batch size (binding anew costs about
-        30 microseconds, a quarter of a batch-1 step), over input and logits buffers sized for the
+    def _run_single_position(self, inputs: np.ndarray, state: BindableState, lane: int) -> np.ndarray:
+        """Single steps, the hot path: an IO binding kept per lane and batch size (binding anew costs about
+        30 microseconds, a quarter of a batch-1 step), over the lane's input and logits buffers sized for its
         largest batch so far; the state stores hand out the same buffers per batch size."""
         batch = inputs.shape[0]
-        if self._step_inputs.shape[0] < batch:  # grow the shared buffers; bindings over the old ones go
+        step_inputs = self._step_inputs.get(lane)
+        if step_inputs is None or step_inputs.shape[0] < batch:  # grow the lane's buffers; bindings over the old go
             capacity = 1 << (batch - 1).bit_length()
-            self._step_inputs = np.empty((capacity, *self._step_inputs.shape[1:]), dtype=self._input_dtype)
-            self._step_logits = np.empty((capacity, 1, self.spec.output_size), dtype=np.float32)
-            self._step_bindings.clear()
+            step_inputs = self._step_inputs[lane] = np.empty((capacity, *self._position), dtype=self._input_dtype)
+            self._step_logits[lane] = np.empty((capacity, 1, self.spec.output_size), dtype=np.float32)
+            for key in [k for k in self._step_bindings if k[0] == lane]:
+                del self._step_bindings[key]
+        step_logits = self._step_logits[lane]
         # Keyed on the state buffers too: a store may alternate two buffer sets of one size (see HostStateStore.gather).
-        key = (batch, id(state))
+        key = (lane, batch, id(state))
         cached = self._step_bindings.get(key)
         if cached is None or cached[0] is not state:
             swap = self.spec.time_major
-            cached = (state, self._bind(self._step_inputs[:batch], self._step_logits[:batch], state, swap_axes=swap))
+            cached = (state, self._bind(step_inputs[:batch], step_logits[:batch], state, swap_axes=swap))
             self._step_bindings[key] = cached
-        self._step_inputs[:batch] = inputs
+        step_inputs[:batch] = inputs
         self.session.run_with_iobinding(cached[1])
-        return self._step_logits[:batch]
+        return step_logits[:batch]
 
     def _bind(
         self, inputs: np.ndarray, logits: np.ndarray, state: BindableState, *, swap_axes: bool = False

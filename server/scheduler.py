@@ -75,6 +75,10 @@ INLINE_MAX_POSITIONS = 4
 # docs/benchmarks.md). Longer steps run on the worker and leave the loop to the streams.
 INLINE_BUDGET_S = 0.001
 
+# With two batches in flight, the fewest rows a batch is cut down to when the rows waiting are split between
+# the two (fewer rows waiting go as one batch).
+MIN_LANE_ROWS = 16
+
 
 class Scheduler:
     """Runs every step of every session through the batcher; the server's one engine.
@@ -105,8 +109,18 @@ class Scheduler:
         self.sessions: SessionTable = self.manager.sessions
         self._frozen = False
         self._wakeup = asyncio.Event()
-        # Batches being computed (0 or 1).
+        # Batches being computed (up to the lanes), and how many rows they hold.
         self._computing = 0
+        self._rows_computing = 0
+        # Lanes (`StateStore.max_lanes`) free for a batch: a batch computing holds one.
+        self._lanes = max(1, min(limits.batches_in_flight, store.max_lanes))
+        if self._lanes < limits.batches_in_flight:
+            log.warning(
+                "%d batches in flight asked, but this state store keeps %d at a time: running %d",
+                limits.batches_in_flight, store.max_lanes, self._lanes,
+            )  # fmt: skip
+        self._free_lanes = list(range(self._lanes - 1, -1, -1))
+        self._lane_tasks: set[asyncio.Task[None]] = set()
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
         # Callers of copy_all_sessions waiting for the batching loop to take the copies between batches.
@@ -150,7 +164,7 @@ class Scheduler:
 
     async def close(self) -> None:
         """Stops the loops and the worker thread."""
-        tasks = self._tasks + ([self._spinner] if self._spinner is not None else [])
+        tasks = self._tasks + list(self._lane_tasks) + ([self._spinner] if self._spinner is not None else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -442,20 +456,21 @@ class Scheduler:
         Requests that arrive while a batch computes form the next one. The idle sweep
         runs between batches, so it never touches state that a batch is using.
 
-        Measured four times and dropped: keeping two batches in flight (two buffer lanes,
-        ready sessions split in halves so that Python work overlaps the compute). The last two
-        tries, with only the model call on the worker, raised the scheduler's own generation rate
-        by a third (scripts/scheduler_generation_loop.py) but gave no steady gain through gRPC on
-        the 2-core development machine, where the streams and the machine they share are the
-        limit, and the varied batch sizes grew the buffers kept per size (docs/benchmarks.md).
-        One batch at a time is also what lets the runner hand back single-position logits
-        in a buffer that its next run reuses (`Runner.run`): `_resolve` copies them first.
+        With `batches_in_flight` 2 (and a store with two lanes), a second batch forms and is handed to the
+        worker while the first computes, so that applying one batch's outputs and forming the next overlap
+        the other's model call; the work waiting is then split between the two (`_room`). The model calls
+        still run one at a time, on the one worker thread. With 1 (the default), one batch at a time: the
+        lone-session paths below are the same in both.
+
+        One batch at a time is what measured best through gRPC on the 2-core development machine, where the
+        streams, not the model, are the limit (docs/benchmarks.md); two in flight is for a host where the
+        batching loop's own Python is (the in-process engine, a GPU).
         """
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             wait_s = self.limits.max_wait_us / 1e6
-            if wait_s and time.perf_counter() - self._last_compute_end > wait_s:
+            if wait_s and not self._computing and time.perf_counter() - self._last_compute_end > wait_s:
                 # The server was idle: give the requests arriving right behind this one a chance.
                 await asyncio.sleep(wait_s)
             if self._sweep_due:
@@ -466,19 +481,66 @@ class Scheduler:
                     log.exception("the idle sweep failed; the batching loop goes on")
             if self._copies_due:
                 self._copy_sessions()
-            taken: Taken = []
-            columns: list[Columns] = []
+            while self._free_lanes:
+                taken: Taken = []
+                columns: list[Columns] = []
+                try:
+                    taken, columns = self._next_batch()
+                    if not taken and not columns:
+                        break
+                    positions = len(taken[0][1].inputs) if len(taken) == 1 and not columns else 0  # type: ignore[arg-type]
+                    if positions and not self._computing and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
+                        self._run_here(taken)
+                        self._keep_awake()
+                        await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
+                        break
+                    if self._lanes == 1:
+                        await self._run_on_worker(taken, columns)
+                        break
+                    self._start_lane(taken, columns)
+                except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
+                    self._recover(taken, error, columns)
+                    break
+
+    def _next_batch(self) -> tuple[Taken, list[Columns]]:
+        """The next batch (see `Batcher.collect_batch`), of at most `_room` rows; a block larger than that room
+        goes alone rather than wait."""
+        room = self._room()
+        taken, columns = self.batcher.collect_batch(room)
+        if not taken and not columns and room < self.limits.max_batch_size and self.batcher.blocks:
+            taken, columns = self.batcher.collect_batch()
+        return taken, columns
+
+    def _room(self) -> int:
+        """How many rows the next batch may take: the largest batch, or with two lanes about half of the rows
+        waiting and computing, so that the two batches in flight are of about the same size."""
+        largest = self.limits.max_batch_size
+        if self._lanes == 1:
+            return largest
+        waiting = self.batcher.waiting_rows()
+        if not self._rows_computing and waiting < 2 * MIN_LANE_ROWS:
+            return largest  # too few to split: one batch
+        return max(MIN_LANE_ROWS, min(largest, -(-(waiting + self._rows_computing) // 2)))
+
+    def _start_lane(self, taken: Taken, columns: list[Columns]) -> None:
+        """Computes and applies a batch in a lane of its own, as a task, while the batching loop goes on."""
+        lane = self._free_lanes.pop()
+        rows = len(taken) + sum(len(c.sessions) for c in columns)
+        self._rows_computing += rows
+
+        async def run_lane() -> None:
             try:
-                taken, columns = self.batcher.collect_batch()
-                positions = len(taken[0][1].inputs) if len(taken) == 1 and not columns else 0  # type: ignore[arg-type]
-                if positions and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
-                    self._run_here(taken)
-                    self._keep_awake()
-                    await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
-                elif taken or columns:
-                    await self._run_on_worker(taken, columns)
-            except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
+                await self._run_on_worker(taken, columns, lane)
+            except Exception as error:  # noqa: BLE001 - as in the batching loop: its requests fail, the server goes on
                 self._recover(taken, error, columns)
+            finally:
+                self._rows_computing -= rows
+                self._free_lanes.append(lane)
+                self._wakeup.set()
+
+        task = (self._loop or asyncio.get_running_loop()).create_task(run_lane())
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
 
     def _copy_sessions(self) -> None:
         """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
@@ -504,20 +566,20 @@ class Scheduler:
         self.batcher.finish(groups, *_run_to_end(self._compute(groups, on_worker=False)))
         self._requeue(taken)
 
-    async def _run_on_worker(self, taken: Taken, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
+    async def _run_on_worker(self, taken: Taken, blocks: list[Columns] = (), lane: int = 0) -> None:  # type: ignore[assignment]
         """Computes a batch (steps, blocks, carried generations) with its model calls on the worker thread, while
         the event loop serves streams, then applies it."""
         groups: list[Computed] = [*blocks, *(group_by_length(taken) if taken else [])]
         self._computing += 1
         try:
-            outputs, timing = await self._compute(groups, on_worker=True)
+            outputs, timing = await self._compute(groups, on_worker=True, lane=lane)
         finally:
             self._computing -= 1
         self.batcher.finish(groups, outputs, timing)
         self._requeue(taken, blocks)
 
     async def _compute(
-        self, groups: list[Computed], *, on_worker: bool
+        self, groups: list[Computed], *, on_worker: bool, lane: int = 0
     ) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Gather, model call, scatter for each model call in turn; returns each group's outputs and how long
         each phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
@@ -543,12 +605,12 @@ class Scheduler:
         for members, slots, inputs in _model_calls(groups):
             try:
                 t0 = time.perf_counter()
-                buffers = self.store.gather(slots)
+                buffers = self.store.gather(slots, lane)
                 t1 = time.perf_counter()
                 if on_worker:
-                    logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers)
+                    logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers, lane)
                 else:
-                    logits, seconds = self._timed_run(inputs, buffers)
+                    logits, seconds = self._timed_run(inputs, buffers, lane)
                 t2 = time.perf_counter()
                 self._note_lone_run(len(slots), inputs, seconds)
                 self.store.scatter(slots, buffers)
@@ -567,10 +629,10 @@ class Scheduler:
         self.metrics.compute_latency.observe(self._last_compute_end - started)
         return outputs, BatchTiming(started, *phases)
 
-    def _timed_run(self, inputs: np.ndarray, buffers: BindableState) -> tuple[np.ndarray, float]:
+    def _timed_run(self, inputs: np.ndarray, buffers: BindableState, lane: int = 0) -> tuple[np.ndarray, float]:
         """The model call and its seconds, timed on the thread that runs it (so without the hops)."""
         started = time.perf_counter()
-        logits = self.runner.run(inputs, buffers)
+        logits = self.runner.run(inputs, buffers, lane)
         return logits, time.perf_counter() - started
 
     def _note_lone_run(self, rows: int, inputs: np.ndarray, seconds: float) -> None:

@@ -15,7 +15,7 @@ Only the scheduler touches the store, and never from two threads at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,6 +33,7 @@ class StateBuffers:
     c0: np.ndarray
     hn: np.ndarray
     cn: np.ndarray
+    lane: int = 0  # of the store that made them: which batch in flight uses them
 
     def bind(self, binding: ort.IOBinding, h: StateSpec, c: StateSpec | None) -> None:
         """Binds the buffers to the model's state inputs and outputs (no copies); without `c` (GRU, RNN)
@@ -99,11 +100,25 @@ class StateStore(Protocol):
     def write(self, slot: int, state: SessionState) -> None:
         """Sets a slot's state."""
 
-    def gather(self, slots: np.ndarray) -> Any:
-        """The rows of `slots`, in order, in batch buffers that the runner binds (see `runner.BindableState`)."""
+    max_lanes: int  # how many batches may be in flight at once, each in buffers of its own (its lane)
+
+    def gather(self, slots: np.ndarray, lane: int = 0) -> Any:
+        """The rows of `slots`, in order, in batch buffers of `lane` that the runner binds (see
+        `runner.BindableState`)."""
 
     def scatter(self, slots: np.ndarray, buffers: Any) -> None:
         """Copies the new state of a batch (from `gather`'s buffers, after the model call) back to its slots."""
+
+
+@dataclass
+class _Lane:
+    """The batch buffers of one lane (one batch in flight): flat h0, c0, hn, cn arrays for `capacity` rows, and
+    per batch size contiguous views of their beginnings, as they are and with inputs and outputs swapped."""
+
+    capacity: int = 0
+    flat: tuple[np.ndarray, ...] = ()
+    buffers: dict[int, StateBuffers] = field(default_factory=dict)
+    swapped: dict[int, StateBuffers] = field(default_factory=dict)
 
 
 class HostStateStore:
@@ -116,6 +131,8 @@ class HostStateStore:
         capacity: number of slots (the server's max sessions).
     """
 
+    max_lanes = 2
+
     def __init__(self, rows: int, h_width: int, c_width: int, capacity: int) -> None:
         self.rows = rows
         self.h_width = h_width
@@ -125,18 +142,14 @@ class HostStateStore:
         self._h = np.zeros((rows, capacity, h_width), dtype=np.float32)
         self._c = np.zeros((rows, capacity, c_width), dtype=np.float32)
         self._slots = SlotList(capacity)
-        # Batch buffers: h0, c0, hn, cn as flat arrays for `_batch_capacity` rows, and per batch size
-        # contiguous views of their beginnings (see `buffers`).
-        self._batch_capacity = 0
-        self._flat: tuple[np.ndarray, ...] = ()
-        self._buffers: dict[int, StateBuffers] = {}
-        # Per batch size, the same buffers with inputs and outputs swapped (see `gather`).
-        self._swapped: dict[int, StateBuffers] = {}
-        # The newest state of some slots when it is not in the pools yet: (slots, h, c), views of batch buffers.
-        # `scatter` leaves a batch's new state here; if the next batch has exactly the same slots in the same
-        # order (a generation running on every session), its `gather` swaps the buffers' roles instead of
-        # copying the state out and back in. Anything else writes it to the pools first (`_settle`).
-        self._unsettled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # Batch buffers per lane (see `buffers`): a batch in flight uses its lane's alone.
+        self._lanes: list[_Lane] = [_Lane() for _ in range(self.max_lanes)]
+        # Per lane, the newest state of some slots when it is not in the pools yet: (slots, h, c), views of
+        # that lane's batch buffers. `scatter` leaves a batch's new state here; if the lane's next batch has
+        # exactly the same slots in the same order (a generation running on every session), its `gather` swaps
+        # the buffers' roles instead of copying the state out and back in. Anything else writes it to the
+        # pools first (`_settle`). Only reads of batch buffers: safe while another lane's batch computes.
+        self._unsettled: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
     def in_use(self) -> int:
@@ -169,64 +182,68 @@ class HostStateStore:
         self._h[:, slot : slot + 1, :] = state.h
         self._c[:, slot : slot + 1, :] = state.c
 
-    def buffers(self, batch_size: int) -> StateBuffers:
-        """Contiguous buffers for a batch of this size: views of the start of four flat arrays.
+    def buffers(self, batch_size: int, lane: int = 0) -> StateBuffers:
+        """Contiguous buffers of a lane for a batch of this size: views of the start of four flat arrays.
 
-        Views of one size overlap those of every other size (one batch at a time uses them).
+        Views of one size overlap those of every other size of the lane (one batch at a time uses them).
         A buffer set of its own per size would cost 4 x rows x size x width floats each: about
         260 MB for the default model once the batcher has formed every size from 1 to 256.
         """
-        buffers = self._buffers.get(batch_size)
+        own = self._lanes[lane]
+        buffers = own.buffers.get(batch_size)
         if buffers is None:
             widths = (self.h_width, self.c_width, self.h_width, self.c_width)
-            if batch_size > self._batch_capacity:  # grow to the next power of two; the old views go
-                self._batch_capacity = 1 << (batch_size - 1).bit_length()
-                self._flat = tuple(np.empty(self.rows * self._batch_capacity * w, np.float32) for w in widths)
-                self._settle()  # the old views go: nothing may stay only in them
-                self._batch_capacity = 1 << (batch_size - 1).bit_length()
-                self._flat = tuple(np.empty(self.rows * self._batch_capacity * w, np.float32) for w in widths)
-                self._buffers.clear()
-                self._swapped.clear()
+            if batch_size > own.capacity:  # grow to the next power of two; the old views go
+                self._settle_lane(lane)  # nothing may stay only in them
+                own.capacity = 1 << (batch_size - 1).bit_length()
+                own.flat = tuple(np.empty(self.rows * own.capacity * w, np.float32) for w in widths)
+                own.buffers.clear()
+                own.swapped.clear()
             h0, c0, hn, cn = (
                 flat[: self.rows * batch_size * w].reshape(self.rows, batch_size, w)
-                for flat, w in zip(self._flat, widths, strict=True)
+                for flat, w in zip(own.flat, widths, strict=True)
             )
-            buffers = StateBuffers(h0=h0, c0=c0, hn=hn, cn=cn)
-            self._buffers[batch_size] = buffers
-            self._swapped[batch_size] = StateBuffers(h0=hn, c0=cn, hn=h0, cn=c0)
+            buffers = StateBuffers(h0=h0, c0=c0, hn=hn, cn=cn, lane=lane)
+            own.buffers[batch_size] = buffers
+            own.swapped[batch_size] = StateBuffers(h0=hn, c0=cn, hn=h0, cn=c0, lane=lane)
         return buffers
 
-    def gather(self, slots: np.ndarray) -> StateBuffers:
-        """The slots' rows in a batch's input buffers h0 and c0 (in slot order).
+    def gather(self, slots: np.ndarray, lane: int = 0) -> StateBuffers:
+        """The slots' rows in the input buffers h0 and c0 of a batch in `lane` (in slot order).
 
-        When the last batch had exactly these slots in this order and its new state is still in its output
-        buffers, those become this batch's inputs (no copy); otherwise the rows are copied from the pools.
+        When the lane's last batch had exactly these slots in this order and its new state is still in its
+        output buffers, those become this batch's inputs (no copy); otherwise the rows are copied from the pools.
         """
-        unsettled = self._unsettled
+        unsettled = self._unsettled.get(lane)
         if unsettled is not None and len(unsettled[0]) == len(slots) and np.array_equal(unsettled[0], slots):
-            last = self.buffers(len(slots))
+            last = self.buffers(len(slots), lane)
             if unsettled[1] is last.hn or unsettled[1] is last.h0:
                 # The newest state is in hn (a batch ran) or still in h0 (its model call failed): it is the input.
-                buffers = self._swapped[len(slots)] if unsettled[1] is last.hn else last
+                buffers = self._lanes[lane].swapped[len(slots)] if unsettled[1] is last.hn else last
                 if unsettled[1] is buffers.h0:
-                    self._unsettled = (unsettled[0], buffers.h0, buffers.c0)
+                    self._unsettled[lane] = (unsettled[0], buffers.h0, buffers.c0)
                     return buffers
         self._settle()
-        buffers = self.buffers(len(slots))
+        buffers = self.buffers(len(slots), lane)
         np.take(self._h, slots, axis=1, out=buffers.h0)
         np.take(self._c, slots, axis=1, out=buffers.c0)
         return buffers
 
     def scatter(self, slots: np.ndarray, buffers: StateBuffers) -> None:
         """Takes the batch's new state (in its output buffers hn and cn) as the slots' state. It is written
-        into the pools when anything else needs them; the next batch of the same slots reads it in place."""
-        self._unsettled = (slots, buffers.hn, buffers.cn)
+        into the pools when anything else needs them; the lane's next batch of the same slots reads it in place."""
+        # What this replaces is None (a gather of any lane settled it) or an older state of exactly these slots
+        # (this batch's gather found it in place).
+        self._unsettled[buffers.lane] = (slots, buffers.hn, buffers.cn)
 
     def _settle(self) -> None:
-        """Writes the newest state still held in batch buffers into the pools."""
-        unsettled = self._unsettled
+        """Writes the newest state still held in batch buffers (of every lane) into the pools."""
+        for lane in list(self._unsettled):
+            self._settle_lane(lane)
+
+    def _settle_lane(self, lane: int) -> None:
+        unsettled = self._unsettled.pop(lane, None)
         if unsettled is not None:
-            self._unsettled = None
             slots, h, c = unsettled
             self._h[:, slots, :] = h
             self._c[:, slots, :] = c

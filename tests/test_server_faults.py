@@ -67,10 +67,10 @@ def test_a_failing_group_fails_only_its_own_requests_and_changes_no_state(token_
     runner = handle.server.runner
     original = runner.run
 
-    def failing_run(inputs: np.ndarray, state: object) -> np.ndarray:
+    def failing_run(inputs: np.ndarray, state: object, lane: int = 0) -> np.ndarray:
         if inputs.shape[1] == 3:
             raise RuntimeError("injected failure for 3-position rows")
-        return original(inputs, state)  # type: ignore[arg-type]
+        return original(inputs, state, lane)  # type: ignore[arg-type]
 
     runner.run = failing_run  # type: ignore[method-assign]
     try:

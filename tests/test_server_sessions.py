@@ -245,9 +245,9 @@ def test_a_longer_step_alone_runs_on_the_event_loop_once_its_measured_time_fits_
         threads: list[str] = []
         run = scheduler.runner.run
 
-        def recording_run(inputs: np.ndarray, state: object) -> np.ndarray:
+        def recording_run(inputs: np.ndarray, state: object, lane: int = 0) -> np.ndarray:
             threads.append(threading.current_thread().name)
-            return run(inputs, state)  # type: ignore[arg-type]
+            return run(inputs, state, lane)  # type: ignore[arg-type]
 
         scheduler.runner.run = recording_run  # type: ignore[method-assign]
         long_step = [1] * (scheduler_module.INLINE_MAX_POSITIONS + 8)

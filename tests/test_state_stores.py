@@ -7,7 +7,7 @@ import pytest
 
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.errors import Overloaded
-from lstmserve.server.state import SessionState, HostStateStore
+from lstmserve.server.state import StateBuffers, SessionState, HostStateStore
 
 ROWS, H, C, CAPACITY = 2, 3, 5, 6
 
@@ -86,7 +86,7 @@ def test_host_batch_buffers_of_every_size_share_one_largest_set() -> None:
     for slot in slots:
         np.testing.assert_array_equal(store.read(int(slot)).h, expected[int(slot)].h)
         np.testing.assert_array_equal(store.read(int(slot)).c, expected[int(slot)].c)
-    owners = {id(array.base) for size in range(1, 101) for array in vars(store.buffers(size)).values()}
+    owners = {id(b.base) for size in range(1, 101) for b in _arrays(store.buffers(size))}
     assert len(owners) == 4  # h0, c0, hn, cn: one flat array each, for all sizes
     assert store.buffers(100).h0.base.nbytes == ROWS * 128 * H * 4
 
@@ -153,3 +153,30 @@ def test_host_store_after_a_failed_call_of_a_swapped_batch_keeps_the_state_it_ha
     store.reset(int(slots[1]))  # the newest state of slot 0 still sits in the batch buffers
     assert not store.read(int(slots[1])).h.any()
     np.testing.assert_array_equal(store.read(int(slots[0])).h, h3[:, :1])
+
+
+def _arrays(buffers: StateBuffers) -> tuple[np.ndarray, ...]:
+    return buffers.h0, buffers.c0, buffers.hn, buffers.cn
+
+
+def test_host_lanes_have_buffers_of_their_own_and_each_keeps_its_batch_in_place() -> None:
+    """Two batches in flight (lanes 0 and 1): their buffers never share memory, a lane's next batch of the same
+    slots reads its last new state in place, and whatever a lane leaves unsettled reaches the pools before
+    anything else reads them, whichever lane gathers next."""
+    store = HostStateStore(ROWS, H, C, 8)
+    first, second = np.array([0, 1, 2]), np.array([3, 4, 5])
+    a, b = store.gather(first, 0), store.gather(second, 1)
+    assert (a.lane, b.lane) == (0, 1)
+    assert not any(np.shares_memory(x, y) for x in _arrays(a) for y in _arrays(b))
+    a.hn[...], a.cn[...] = 1.0, -1.0
+    b.hn[...], b.cn[...] = 2.0, -2.0
+    store.scatter(second, b)  # lane 1 finishes first
+    store.scatter(first, a)
+    again = store.gather(first, 0)  # lane 0 again, the same slots: in place, the last outputs are the inputs
+    assert np.shares_memory(again.h0, a.hn) and float(again.h0[0, 0, 0]) == 1.0
+    other = store.gather(np.array([5, 6]), 1)  # lane 1, other slots: the pools first get every lane's newest state
+    assert other.h0[:, 0].tolist() == [[2.0] * H] * ROWS and other.h0[:, 1].tolist() == [[0.0] * H] * ROWS
+    again.hn[...] = 3.0
+    store.scatter(first, again)
+    assert store.read(0).h.ravel().tolist() == [3.0] * (ROWS * H)
+    assert store.read(4).c.ravel().tolist() == [-2.0] * (ROWS * C)
