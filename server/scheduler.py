@@ -489,7 +489,9 @@ class Scheduler:
                     if not taken and not columns:
                         break
                     positions = len(taken[0][1].inputs) if len(taken) == 1 and not columns else 0  # type: ignore[arg-type]
-                    if positions and not self._computing and self._runs_inline(positions, others_waiting=bool(self.batcher.ready)):
+                    if positions and not (self._computing or self._rows_computing) and self._runs_inline(
+                        positions, others_waiting=bool(self.batcher.ready)
+                    ):
                         self._run_here(taken)
                         self._keep_awake()
                         await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
