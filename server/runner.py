@@ -89,6 +89,29 @@ class RunnerOptions:
     intra_op_threads: int = 0
 
 
+@dataclass(frozen=True)
+class PreparedCall:
+    """A model call bound to its buffers (`Runner.prepare`), ready for `Runner.execute`.
+
+    Args:
+        binding: the IO binding of inputs, logits and state.
+        output: the logits buffer the call writes.
+        positions: positions per row.
+        inputs: the bound input buffer (kept alive while bound).
+        time_major: the output is [time, batch, ...] and `logits` transposes it.
+    """
+
+    binding: ort.IOBinding
+    output: np.ndarray
+    positions: int
+    inputs: np.ndarray
+    time_major: bool = False
+
+    def logits(self) -> np.ndarray:
+        """The call's logits [batch, time, output_size], once it ran."""
+        return np.ascontiguousarray(np.swapaxes(self.output, 0, 1)) if self.time_major else self.output
+
+
 class Runner:
     """Runs the exported model on batches: inputs plus initial state in, logits and new state out.
 
@@ -126,7 +149,7 @@ class Runner:
         log.info("model %s loaded on %s (providers asked: %s)", model_path, self.provider, providers)
 
     def run(self, inputs: np.ndarray, state: BindableState, lane: int = 0) -> np.ndarray:
-        """Runs one batch.
+        """Runs one batch: `prepare`, `execute`, then the call's logits.
 
         Args:
             inputs: int64 tokens [batch, time] or float32 features [batch, time, input_size].
@@ -137,19 +160,32 @@ class Runner:
             float32 logits [batch, time, output_size]. For single-position batches this is a
             buffer that the next single-position run of the same lane overwrites: copy what you keep.
         """
-        if inputs.shape[1] == 1:
-            return self._run_single_position(inputs, state, lane)
+        call = self.prepare(inputs, state, lane)
+        self.execute(call)
+        return call.logits()
+
+    def prepare(self, inputs: np.ndarray, state: BindableState, lane: int = 0) -> PreparedCall:
+        """Binds a batch's inputs, logits and state for `execute` (arguments as for `run`).
+
+        All the Python of a model call is here, so that the thread that executes it (the scheduler's worker)
+        holds the GIL only for a moment: a worker that runs Python makes the event loop wait for the GIL.
+        """
+        positions = inputs.shape[1]
+        if positions == 1:
+            return self._prepare_single_position(inputs, state, lane)
         if self.spec.time_major:  # the graph takes [time, batch, ...]: transpose in and out
             inputs = np.ascontiguousarray(np.swapaxes(inputs, 0, 1), dtype=self._input_dtype)
             logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
-            self.session.run_with_iobinding(self._bind(inputs, logits, state))
-            return np.ascontiguousarray(np.swapaxes(logits, 0, 1))
+            return PreparedCall(self._bind(inputs, logits, state), logits, positions, inputs, time_major=True)
         inputs = np.ascontiguousarray(inputs, dtype=self._input_dtype)
         logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
-        self.session.run_with_iobinding(self._bind(inputs, logits, state))
-        return logits
+        return PreparedCall(self._bind(inputs, logits, state), logits, positions, inputs)
 
-    def _run_single_position(self, inputs: np.ndarray, state: BindableState, lane: int) -> np.ndarray:
+    def execute(self, call: PreparedCall) -> None:
+        """Runs a prepared model call (on any thread; ONNX Runtime releases the GIL while it computes)."""
+        self.session.run_with_iobinding(call.binding)
+
+    def _prepare_single_position(self, inputs: np.ndarray, state: BindableState, lane: int) -> PreparedCall:
         """Single steps, the hot path: an IO binding kept per lane and batch size (binding anew costs about
         30 microseconds, a quarter of a batch-1 step), over the lane's input and logits buffers sized for its
         largest batch so far; the state stores hand out the same buffers per batch size."""
@@ -170,8 +206,7 @@ class Runner:
             cached = (state, self._bind(step_inputs[:batch], step_logits[:batch], state, swap_axes=swap))
             self._step_bindings[key] = cached
         step_inputs[:batch] = inputs
-        self.session.run_with_iobinding(cached[1])
-        return step_logits[:batch]
+        return PreparedCall(cached[1], step_logits[:batch], 1, step_inputs)
 
     def _bind(
         self, inputs: np.ndarray, logits: np.ndarray, state: BindableState, *, swap_axes: bool = False

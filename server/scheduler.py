@@ -35,7 +35,7 @@ from lstmserve.server.batcher import (
 )
 from lstmserve.server.errors import InvalidInput, ServeError, SessionNotFound
 from lstmserve.server.metrics import Metrics
-from lstmserve.server.runner import BindableState, Runner
+from lstmserve.server.runner import PreparedCall, Runner
 from lstmserve.server.session_manager import (
     REPLAY_WINDOW_S,
     SPILL_RETRY_S,
@@ -608,11 +608,13 @@ class Scheduler:
             try:
                 t0 = time.perf_counter()
                 buffers = self.store.gather(slots, lane)
+                call = self.runner.prepare(inputs, buffers, lane)
                 t1 = time.perf_counter()
                 if on_worker:
-                    logits, seconds = await loop.run_in_executor(self._executor, self._timed_run, inputs, buffers, lane)
+                    seconds = await loop.run_in_executor(self._executor, self._timed_execute, call)
                 else:
-                    logits, seconds = self._timed_run(inputs, buffers, lane)
+                    seconds = self._timed_execute(call)
+                logits = call.logits()
                 t2 = time.perf_counter()
                 self._note_lone_run(len(slots), inputs, seconds)
                 self.store.scatter(slots, buffers)
@@ -631,11 +633,11 @@ class Scheduler:
         self.metrics.compute_latency.observe(self._last_compute_end - started)
         return outputs, BatchTiming(started, *phases)
 
-    def _timed_run(self, inputs: np.ndarray, buffers: BindableState, lane: int = 0) -> tuple[np.ndarray, float]:
-        """The model call and its seconds, timed on the thread that runs it (so without the hops)."""
+    def _timed_execute(self, call: PreparedCall) -> float:
+        """Runs a prepared model call; returns its seconds, timed on the thread that runs it (so without the hops)."""
         started = time.perf_counter()
-        logits = self.runner.run(inputs, buffers, lane)
-        return logits, time.perf_counter() - started
+        self.runner.execute(call)
+        return time.perf_counter() - started
 
     def _note_lone_run(self, rows: int, inputs: np.ndarray, seconds: float) -> None:
         """Keeps the time per position of a step longer than INLINE_MAX_POSITIONS that was the only row of

@@ -13,6 +13,8 @@ import pytest
 from conftest import start_server
 from helpers import SyncStream, logits_of, wait_until
 
+from lstmserve.server.runner import PreparedCall
+
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -65,14 +67,14 @@ def test_resend_while_the_original_is_still_computing_is_answered_once(token_mod
 def test_a_failing_group_fails_only_its_own_requests_and_changes_no_state(token_model: Path) -> None:
     handle = start_server(token_model)
     runner = handle.server.runner
-    original = runner.run
+    original = runner.execute
 
-    def failing_run(inputs: np.ndarray, state: object, lane: int = 0) -> np.ndarray:
-        if inputs.shape[1] == 3:
+    def failing_execute(call: PreparedCall) -> None:
+        if call.positions == 3:
             raise RuntimeError("injected failure for 3-position rows")
-        return original(inputs, state, lane)  # type: ignore[arg-type]
+        original(call)
 
-    runner.run = failing_run  # type: ignore[method-assign]
+    runner.execute = failing_execute  # type: ignore[method-assign]
     try:
         with handle.channel() as channel:
             stub = pb_grpc.LstmServeStub(channel)
@@ -100,7 +102,7 @@ def test_a_failing_group_fails_only_its_own_requests_and_changes_no_state(token_
             control = SyncStream(channel).request(tokens=[4, 5])
             np.testing.assert_array_equal(logits_of(resumed)[0], logits_of(control)[1])
     finally:
-        runner.run = original  # type: ignore[method-assign]
+        runner.execute = original  # type: ignore[method-assign]
         handle.stop()
 
 

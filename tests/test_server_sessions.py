@@ -14,6 +14,8 @@ import pytest
 from conftest import ServerThread, start_server
 from helpers import SyncStream, logits_of, wait_until
 
+from lstmserve.server.runner import PreparedCall
+
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -243,13 +245,13 @@ def test_a_longer_step_alone_runs_on_the_event_loop_once_its_measured_time_fits_
         scheduler = handle.server.scheduler
         assert scheduler is not None
         threads: list[str] = []
-        run = scheduler.runner.run
+        execute = scheduler.runner.execute
 
-        def recording_run(inputs: np.ndarray, state: object, lane: int = 0) -> np.ndarray:
+        def recording_execute(call: PreparedCall) -> None:
             threads.append(threading.current_thread().name)
-            return run(inputs, state, lane)  # type: ignore[arg-type]
+            execute(call)
 
-        scheduler.runner.run = recording_run  # type: ignore[method-assign]
+        scheduler.runner.execute = recording_execute  # type: ignore[method-assign]
         long_step = [1] * (scheduler_module.INLINE_MAX_POSITIONS + 8)
         # A budget no timing on a busy machine can exceed, then one that nothing fits.
         monkeypatch.setattr(scheduler_module, "INLINE_BUDGET_S", 10.0)
