@@ -148,6 +148,11 @@ class Scheduler:
             asyncio.create_task(self._sweep_loop(), name="idle sweeper"),
         ]
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the scheduler runs on (looked up once, at `start`)."""
+        return self._loop or asyncio.get_running_loop()
+
     def stop_accepting(self) -> None:
         """Refuses new sessions from now on (draining); existing sessions keep working."""
         self.manager.accepting = False
