@@ -192,6 +192,9 @@ class Continuing:
     kind: tuple[float, int, float] | None
     last_logits: np.ndarray
     since: float  # when the batch finished
+    # Whether the sessions are still in flight with their next token counted in `queued_positions` (carried
+    # generations), or were released like any finished step (generations whose prompt just ran).
+    held: bool = False
 
     def sample(self) -> np.ndarray:
         """The rows' next tokens (int64 [rows])."""
@@ -333,6 +336,8 @@ class Batcher:
         taken = self.collect(room) if room > 0 else []
         room -= len(taken)
         carried = self.collect_carried(room) if room > 0 else []
+        if not blocks and not taken and not carried and self.ready:  # a dropped carried row's session has work
+            taken = self.collect(room)
         if not blocks and not taken and len(carried) == 1 and len(carried[0]) == 1:
             return carried[0].as_taken(), []
         return taken, [*blocks, *carried]
@@ -440,13 +445,12 @@ class Batcher:
                 waiting_since_sum += work.waiting_since or work.enqueued
                 generation = work.generation
                 # A generation goes on unless it finished or its client went away (its future is then done).
-                if generation is not None and not generation.consumed(step, batch_size, generating):
-                    if not work.future.done():
-                        session.queued_positions -= length - 1  # in flight still, with its next token counted
-                        continuing.append(row)
-                        continue
                 session.queued_positions -= length
                 session.in_flight = False
+                if generation is not None and not generation.consumed(step, batch_size, generating):
+                    if not work.future.done():
+                        continuing.append(row)  # taken in flight again with its next token (_continue_generations)
+                        continue
                 # Step latency is a request's: from arrival to its answer (a generation's, to its end).
                 observe_latency(now - work.enqueued)
                 result = StepResult(
@@ -496,7 +500,7 @@ class Batcher:
                 return
             rows, last_logits = rows.select(kept), last_logits[kept]
         going_on.append(
-            Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now)
+            Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now, held=True)
         )
 
     def _end_generation(self, session: Session, work: Work, logits: np.ndarray, batch_size: int, now: float) -> None:
@@ -516,10 +520,16 @@ class Batcher:
         if self.frozen:
             for part in going_on:
                 for session, work in zip(part.sessions, part.works):
-                    session.queued_positions -= 1
-                    session.in_flight = False
+                    if part.held:
+                        session.queued_positions -= 1
+                        session.in_flight = False
                     work.future.set_exception(draining())
             return
+        for part in going_on:
+            if not part.held:  # in flight again, with the next token counted (moved below if work is queued)
+                for session in part.sessions:
+                    session.queued_positions += 1
+                    session.in_flight = True
         sampled = [part.sample() for part in going_on]
         if len(going_on) == 1:
             part, tokens = going_on[0], sampled[0]

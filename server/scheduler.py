@@ -121,6 +121,8 @@ class Scheduler:
             )  # fmt: skip
         self._free_lanes = list(range(self._lanes - 1, -1, -1))
         self._lane_tasks: set[asyncio.Task[None]] = set()
+        # An error a lane's task could not contain; the batching loop raises it (as it would its own).
+        self._lane_failure: BaseException | None = None
         # Set by the sweeper; the batching loop runs the sweep between batches.
         self._sweep_due = False
         # Callers of copy_all_sessions waiting for the batching loop to take the copies between batches.
@@ -484,9 +486,11 @@ class Scheduler:
                     self.manager.sweep_idle()
                 except Exception:  # noqa: BLE001 - a sweep that failed is tried again at the next one
                     log.exception("the idle sweep failed; the batching loop goes on")
-            if self._copies_due:
-                self._copy_sessions()
-            while self._free_lanes:
+            if self._lane_failure is not None:
+                raise self._lane_failure  # the batching loop ends: the server stops (see `failure`)
+            if self._copies_due and len(self._free_lanes) == self._lanes:
+                self._copy_sessions()  # with no batch computing: a copy never sees a batch half applied
+            while self._free_lanes and not self._copies_due:
                 taken: Taken = []
                 columns: list[Columns] = []
                 try:
@@ -527,7 +531,10 @@ class Scheduler:
         waiting = self.batcher.waiting_rows()
         if not self._rows_computing and waiting < 2 * MIN_LANE_ROWS:
             return largest  # too few to split: one batch
-        return max(MIN_LANE_ROWS, min(largest, -(-(waiting + self._rows_computing) // 2)))
+        room = min(largest, max(MIN_LANE_ROWS, -(-(waiting + self._rows_computing) // 2)))
+        if self.batcher.blocks:  # the oldest multi-session block always fits (it is at most the largest batch)
+            room = max(room, len(self.batcher.blocks[0].sessions))
+        return room
 
     def _start_lane(self, taken: Taken, columns: list[Columns]) -> None:
         """Computes and applies a batch in a lane of its own, as a task, while the batching loop goes on."""
@@ -539,7 +546,10 @@ class Scheduler:
             try:
                 await self._run_on_worker(taken, columns, lane)
             except Exception as error:  # noqa: BLE001 - as in the batching loop: its requests fail, the server goes on
-                self._recover(taken, error, columns)
+                try:
+                    self._recover(taken, error, columns)
+                except BaseException as fatal:  # noqa: BLE001 - handed to the batching loop, which ends with it
+                    self._lane_failure = fatal
             finally:
                 self._rows_computing -= rows
                 self._free_lanes.append(lane)

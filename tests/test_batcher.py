@@ -435,3 +435,30 @@ def test_carried_generations_are_split_to_fit_the_batch() -> None:
         assert [rows.sessions for rows in batcher.carried] == [[c]]
 
     run(body)
+
+
+def test_a_batch_that_fails_while_it_is_applied_leaves_its_generations_counters_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If applying a batch raises half-way (a bug: the engine then fails what it took, `Batcher.fail`), a
+    generation whose prompt ran is answered with the error and its session is free, with no positions counted."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        (work_a, _), (work_b, _) = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5)
+        taken = batcher.collect()
+
+        def broken(self: Batcher, going_on: list[Any]) -> None:
+            raise RuntimeError("sampling broke")
+
+        monkeypatch.setattr(Batcher, "_continue_generations", broken)
+        with pytest.raises(RuntimeError, match="sampling broke") as raised:
+            run_batch(batcher, taken)
+        batcher.fail(taken, raised.value)
+        for work, session in ((work_a, a), (work_b, b)):
+            with pytest.raises(ComputeFailed, match="sampling broke"):
+                work.future.result()
+            assert (session.step, session.queued_positions, session.in_flight) == (1, 0, False)
+
+    run(body)

@@ -9,12 +9,14 @@ state buffers and logits buffers never mix.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lstmserve.bench.engine import build_engine
+from lstmserve.server.batcher import Block, Work
 from lstmserve.server.generation import GenerateParams, generate
 from lstmserve.server.sampling import SamplingParams
 
@@ -78,3 +80,61 @@ def test_two_batches_in_flight_answer_exactly_as_one(token_model: Path) -> None:
         np.testing.assert_array_equal(beside, alone, err_msg=f"stepping session {index}")
     assert two_tokens == one_tokens and all(len(made) == TOKENS for made in two_tokens)
     assert two_steps == one_steps == [2 * STEPS] + [STEPS] * (SESSIONS - 1) + [2 * (1 + TOKENS)] + [1 + TOKENS] * (SESSIONS - 1)
+
+
+def test_with_two_in_flight_session_copies_wait_for_no_batch_computing(token_model: Path) -> None:
+    """A checkpoint's copies are taken between batches: with a batch computing in a lane (the worker is held
+    by the test, so it cannot finish), the copies wait, and no new batch starts meanwhile; once it is done, each
+    copy's state is the state its step counter says."""
+
+    async def body() -> None:
+        engine = build_engine(token_model, max_sessions=8, batches_in_flight=2)
+        scheduler = engine.scheduler
+        scheduler.start()
+        release = threading.Event()
+        try:
+            first, second = scheduler.create_session(), scheduler.create_session()
+            prompt = np.arange(1, 17, dtype=np.int64)  # longer than a step run inline: it goes to the worker
+            scheduler._executor.submit(release.wait)  # the worker's one thread is busy until released
+            running = asyncio.ensure_future(scheduler.step(first, prompt))
+            for _ in range(1000):  # until the batch is handed to the worker: the loop's own turns, no timing
+                if scheduler._computing:
+                    break
+                await asyncio.sleep(0)
+            assert scheduler._computing == 1
+            copies = asyncio.ensure_future(scheduler.copy_all_sessions())
+            later = asyncio.ensure_future(scheduler.step(second, prompt))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert not copies.done() and not running.done() and not later.done()
+            assert second.in_flight is False  # no second batch started while the copies wait
+            release.set()
+            taken = {copy.session.id: copy for copy in await copies}
+            await asyncio.gather(running, later)
+            reference = scheduler.create_session()
+            await scheduler.step(reference, prompt)
+            assert taken[first.id].step == 16 and taken[second.id].step == 0
+            np.testing.assert_array_equal(taken[first.id].state.h, scheduler.store.read(reference.slot).h)
+            assert not taken[second.id].state.h.any()
+        finally:
+            release.set()
+            await scheduler.close()
+
+    asyncio.run(body())
+
+
+def test_with_two_in_flight_the_room_keeps_the_batch_limit_and_lets_a_block_in(token_model: Path) -> None:
+    async def body() -> None:
+        small = build_engine(token_model, max_sessions=64, max_batch_size=8, batches_in_flight=2).scheduler
+        for session in [small.create_session() for _ in range(40)]:
+            small.batcher.enqueue(session, Work(future=asyncio.get_running_loop().create_future(), inputs=np.array([1])))
+        assert small._room() == 8  # never more than --max-batch-size, however many wait
+
+        large = build_engine(token_model, max_sessions=256, max_batch_size=128, batches_in_flight=2).scheduler
+        members = [large.create_session() for _ in range(100)]
+        inputs = np.ones((100, 1), np.int64)
+        large.batcher.enqueue_block(Block(members, inputs, [b""] * 100, asyncio.get_running_loop().create_future()))
+        large._rows_computing = 20  # a batch of 20 rows computing: half of all would be 60 rows
+        assert large._room() == 100  # the oldest block fits, rather than wait behind smaller batches
+
+    asyncio.run(body())
