@@ -1,10 +1,12 @@
 """The batcher: the synchronous planner of the engine. It decides what runs and applies what ran.
 
-Each session has a queue of work (steps, generations, lifecycle operations); `collect` takes at most
-one step per ready session (so a session's requests run in order, and operations queued behind a step
-run after it), `group_by_length` splits the taken steps into model calls, and `finish` applies the
-outputs: step counters, answers, generations' next tokens. Nothing here awaits, touches a socket or
-runs the model: the engine (scheduler.py) does that, and unit tests drive this with a fake runner.
+Each session has a queue of work (steps, generations, lifecycle operations); `collect_batch` forms a
+batch: multi-session blocks, then at most one step per ready session (`collect`: a session's requests
+run in order, and operations queued behind a step run after it), then the generations carried from the
+last batch (`GenerationRows`, columns rather than a work item per row). `group_by_length` splits the
+taken steps by length, and `finish` applies the outputs: step counters, answers, and the next token of
+every generation that goes on, sampled for all its rows at once. Nothing here awaits, touches a socket
+or runs the model: the engine (scheduler.py) does that, and unit tests drive this with a fake runner.
 
 Grouping by length: the model has no per-row sequence lengths (a `sequence_lens` input would block
 CUDA graphs and costs a CPU copy), so rows of one call must have the same number of positions.
