@@ -144,31 +144,29 @@ class GenerationRows:
 
     def select(self, rows: list[int]) -> GenerationRows:
         """These rows only, in this order."""
-        kind = self.kind
         return GenerationRows(
             [self.sessions[r] for r in rows],
             [self.works[r] for r in rows],
             [self.samplers[r] for r in rows],
             self.row_slots[rows],
             self.tokens[rows],
-            kind,
+            self.kind,
             self.waiting_since,
         )
 
     def split(self, count: int) -> tuple[GenerationRows, GenerationRows]:
         """The first `count` rows and the rest."""
-        head, tail = slice(None, count), slice(count, None)
-        return tuple(  # type: ignore[return-value]
-            GenerationRows(
-                self.sessions[part],
-                self.works[part],
-                self.samplers[part],
-                self.row_slots[part],
-                self.tokens[part],
-                self.kind,
-                self.waiting_since,
-            )
-            for part in (head, tail)
+        return self._part(slice(None, count)), self._part(slice(count, None))
+
+    def _part(self, rows: slice) -> GenerationRows:
+        return GenerationRows(
+            self.sessions[rows],
+            self.works[rows],
+            self.samplers[rows],
+            self.row_slots[rows],
+            self.tokens[rows],
+            self.kind,
+            self.waiting_since,
         )
 
     def as_taken(self) -> Taken:
