@@ -514,13 +514,8 @@ class Scheduler:
                     break
 
     def _next_batch(self) -> tuple[Taken, list[Columns]]:
-        """The next batch (see `Batcher.collect_batch`), of at most `_room` rows; a block larger than that room
-        goes alone rather than wait."""
-        room = self._room()
-        taken, columns = self.batcher.collect_batch(room)
-        if not taken and not columns and room < self.limits.max_batch_size and self.batcher.blocks:
-            taken, columns = self.batcher.collect_batch()
-        return taken, columns
+        """The next batch (see `Batcher.collect_batch`), of at most `_room` rows."""
+        return self.batcher.collect_batch(self._room())
 
     def _room(self) -> int:
         """How many rows the next batch may take: the largest batch, or with two lanes about half of the rows
