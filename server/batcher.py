@@ -80,7 +80,7 @@ class Group:
 
     def slots(self) -> np.ndarray:
         """The state-store slots of the group's sessions, in row order."""
-        return np.fromiter((s.slot for s in self.sessions), dtype=np.int64, count=len(self.sessions))
+        return slots_of(self.sessions)
 
     def inputs(self) -> np.ndarray:
         """The group's inputs as one array [rows, positions(, width)]."""
@@ -104,7 +104,7 @@ class Block:
 
     def slots(self) -> np.ndarray:
         """The state-store slots of the block's sessions, in row order."""
-        return np.fromiter((s.slot for s in self.sessions), dtype=np.int64, count=len(self.sessions))
+        return slots_of(self.sessions)
 
     def inputs(self) -> np.ndarray:
         """The block's inputs [rows, positions(, width)]."""
@@ -142,32 +142,26 @@ class GenerationRows:
         """The rows' next tokens [rows, 1]."""
         return self.tokens
 
-    def select(self, rows: list[int]) -> GenerationRows:
-        """These rows only, in this order."""
+    def select(self, rows: list[int] | slice) -> GenerationRows:
+        """These rows only (a list of rows, in its order, or a slice)."""
+        if isinstance(rows, slice):
+            sessions, works, samplers = self.sessions[rows], self.works[rows], self.samplers[rows]
+        else:
+            sessions = [self.sessions[r] for r in rows]
+            works = [self.works[r] for r in rows]
+            samplers = [self.samplers[r] for r in rows]
         return GenerationRows(
-            [self.sessions[r] for r in rows],
-            [self.works[r] for r in rows],
-            [self.samplers[r] for r in rows],
-            self.row_slots[rows],
-            self.tokens[rows],
-            self.kind,
-            self.waiting_since,
+            sessions, works, samplers, self.row_slots[rows], self.tokens[rows], self.kind, self.waiting_since
         )
+
+    def without(self, rows: list[int]) -> GenerationRows:
+        """All but these rows, in order."""
+        gone = set(rows)
+        return self.select([r for r in range(len(self.sessions)) if r not in gone])
 
     def split(self, count: int) -> tuple[GenerationRows, GenerationRows]:
         """The first `count` rows and the rest."""
-        return self._part(slice(None, count)), self._part(slice(count, None))
-
-    def _part(self, rows: slice) -> GenerationRows:
-        return GenerationRows(
-            self.sessions[rows],
-            self.works[rows],
-            self.samplers[rows],
-            self.row_slots[rows],
-            self.tokens[rows],
-            self.kind,
-            self.waiting_since,
-        )
+        return self.select(slice(None, count)), self.select(slice(count, None))
 
     def as_taken(self) -> Taken:
         """The rows as queued steps (for a generation running alone: its step then runs like any lone step)."""
@@ -359,7 +353,7 @@ class Batcher:
                     session.queued_positions -= 1
                     if session.pending:
                         self.ready.setdefault(session.id, session)
-                rows = rows.select(sorted(set(range(len(rows))) - set(gone)))
+                rows = rows.without(gone)
             if len(rows):
                 taken.append(rows)
                 room -= len(rows)
@@ -373,7 +367,7 @@ class Batcher:
                 work = rows.works[row]
                 if not work.future.done():
                     work.future.set_exception(error)
-                rest = rows.select([r for r in range(len(rows)) if r != row])
+                rest = rows.without([row])
                 if len(rest):
                     self.carried[index] = rest
                 else:
@@ -495,10 +489,10 @@ class Batcher:
         if ended:
             for row in ended:
                 self._end_generation(rows.sessions[row], rows.works[row], logits[row], batch_size, now)
-            kept = sorted(set(range(len(rows))) - set(ended))
-            if not kept:
+            if len(ended) == len(rows):
                 return
-            rows, last_logits = rows.select(kept), last_logits[kept]
+            last_logits = np.delete(last_logits, ended, axis=0)
+            rows = rows.without(ended)
         going_on.append(
             Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now, held=True)
         )
@@ -554,7 +548,7 @@ class Batcher:
                 session.in_flight = False
                 session.pending.append(work)  # type: ignore[union-attr]
             self.queued += len(queued_behind)
-            carried = carried.select(sorted(set(range(len(sessions))) - set(queued_behind)))
+            carried = carried.without(queued_behind)
         if len(carried):
             self.carried.append(carried)
 
@@ -620,8 +614,12 @@ def _continuing_rows(group: Group, rows: list[int], last_logits: np.ndarray, now
     sessions = [group.sessions[row] for row in rows]
     works = [group.works[row] for row in rows]
     samplers = [w.generation.sampler for w in works]  # type: ignore[union-attr]
-    slots = np.fromiter((s.slot for s in sessions), dtype=np.int64, count=len(sessions))
-    return Continuing(sessions, works, samplers, slots, common_kind(samplers), last_logits, now)
+    return Continuing(sessions, works, samplers, slots_of(sessions), common_kind(samplers), last_logits, now)
+
+
+def slots_of(sessions: list[Session]) -> np.ndarray:
+    """The state-store slots of these sessions, in order (int64)."""
+    return np.fromiter((s.slot for s in sessions), dtype=np.int64, count=len(sessions))
 
 
 def group_by_length(taken: Taken) -> list[Group]:
