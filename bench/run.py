@@ -196,16 +196,20 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
     ]
     by_series: dict[str, list[Row]] = {}
     with ExitStack() as stack:
+
+        def start_lstmserve(max_batch_size: int, batches_in_flight: int) -> ServerProcess:
+            command = lstmserve_command(
+                config.model, max_batch_size=max_batch_size, max_sessions=max_sessions,
+                intra_op_threads=config.intra_op_threads, batches_in_flight=batches_in_flight,
+            )  # fmt: skip
+            return stack.enter_context(ServerProcess(command))
+
         served: list[tuple[str, _Measured | None, str]] = []  # (series, process to measure, address)
         if "server" in config.series:
             if config.target:
                 served.append((SERIES_SERVER, None, config.target))
             else:
-                command = lstmserve_command(
-                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads,
-                    batches_in_flight=config.batches_in_flight,
-                )  # fmt: skip
-                server = stack.enter_context(ServerProcess(command))
+                server = start_lstmserve(256, config.batches_in_flight)
                 served.append((SERIES_SERVER, server, server.target))
             by_series[SERIES_SERVER] = []
             if config.mode == "generate":
@@ -214,17 +218,10 @@ def run_round(config: BenchConfig, tick: Callable[[str], None] = lambda _: None,
             if config.target:
                 served.append((SERIES_SESSIONS, None, config.target))
             else:
-                command = lstmserve_command(
-                    config.model, max_batch_size=256, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads,
-                    batches_in_flight=config.batches_in_flight,
-                )  # fmt: skip
-                server = stack.enter_context(ServerProcess(command))
+                server = start_lstmserve(256, config.batches_in_flight)
                 served.append((SERIES_SESSIONS, server, server.target))
         if "unbatched" in config.series and not config.target:
-            command = lstmserve_command(
-                config.model, max_batch_size=1, max_sessions=max_sessions, intra_op_threads=config.intra_op_threads
-            )
-            server = stack.enter_context(ServerProcess(command))
+            server = start_lstmserve(1, 1)  # the baseline: no batching, one step at a time
             served.append((SERIES_UNBATCHED, server, server.target))
         for count in config.replicas:
             from lstmserve.bench.proxy import ProxiedReplicas
