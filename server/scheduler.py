@@ -109,7 +109,7 @@ class Scheduler:
         self.sessions: SessionTable = self.manager.sessions
         self._frozen = False
         self._wakeup = asyncio.Event()
-        # Batches being computed (up to the lanes), and how many rows they hold.
+        # Model calls on the worker (up to the lanes), and the rows of the batches that hold a lane.
         self._computing = 0
         self._rows_computing = 0
         # Lanes (`StateStore.max_lanes`) free for a batch: a batch computing holds one.
@@ -498,20 +498,23 @@ class Scheduler:
                     if not taken and not columns:
                         break
                     positions = len(taken[0][1].inputs) if len(taken) == 1 and not columns else 0  # type: ignore[arg-type]
-                    if positions and not (self._computing or self._rows_computing) and self._runs_inline(
+                    if positions and not self._rows_computing and self._runs_inline(
                         positions, others_waiting=bool(self.batcher.ready)
                     ):
                         self._run_here(taken)
                         self._keep_awake()
                         await asyncio.sleep(0)  # a session generating alone streams its tokens as they come
                         break
-                    if self._lanes == 1:
-                        await self._run_on_worker(taken, columns)
-                        break
-                    self._start_lane(taken, columns)
                 except Exception as error:  # noqa: BLE001 - a bug here must fail its requests, not stop every session
                     self._recover(taken, error, columns)
                     break
+                lane = self._in_lane(taken, columns)
+                if self._lanes == 1:
+                    await lane  # one batch at a time: the loop goes on once it is applied
+                    break
+                task = (self._loop or asyncio.get_running_loop()).create_task(lane)
+                self._lane_tasks.add(task)
+                task.add_done_callback(self._lane_freed)
 
     def _next_batch(self) -> tuple[Taken, list[Columns]]:
         """The next batch (see `Batcher.collect_batch`), of at most `_room` rows."""
@@ -531,28 +534,31 @@ class Scheduler:
             room = max(room, len(self.batcher.blocks[0].sessions))
         return room
 
-    def _start_lane(self, taken: Taken, columns: list[Columns]) -> None:
-        """Computes and applies a batch in a lane of its own, as a task, while the batching loop goes on."""
+    def _in_lane(self, taken: Taken, columns: list[Columns]) -> Coroutine[Any, Any, None]:
+        """Takes a free lane for a batch at once (so that the next batch sees it taken) and returns the coroutine
+        that computes and applies the batch there: awaited with one lane, a task of its own with two."""
         lane = self._free_lanes.pop()
         rows = len(taken) + sum(len(c.sessions) for c in columns)
         self._rows_computing += rows
+        return self._run_lane(lane, rows, taken, columns)
 
-        async def run_lane() -> None:
+    async def _run_lane(self, lane: int, rows: int, taken: Taken, columns: list[Columns]) -> None:
+        try:
+            await self._run_on_worker(taken, columns, lane)
+        except Exception as error:  # noqa: BLE001 - as in the batching loop: its requests fail, the server goes on
             try:
-                await self._run_on_worker(taken, columns, lane)
-            except Exception as error:  # noqa: BLE001 - as in the batching loop: its requests fail, the server goes on
-                try:
-                    self._recover(taken, error, columns)
-                except BaseException as fatal:  # noqa: BLE001 - handed to the batching loop, which ends with it
-                    self._lane_failure = fatal
-            finally:
-                self._rows_computing -= rows
-                self._free_lanes.append(lane)
+                self._recover(taken, error, columns)
+            except BaseException as fatal:  # noqa: BLE001 - handed to the batching loop, which ends with it
+                self._lane_failure = fatal
                 self._wakeup.set()
+        finally:
+            self._rows_computing -= rows
+            self._free_lanes.append(lane)
 
-        task = (self._loop or asyncio.get_running_loop()).create_task(run_lane())
-        self._lane_tasks.add(task)
-        task.add_done_callback(self._lane_tasks.discard)
+    def _lane_freed(self, task: asyncio.Task[None]) -> None:
+        """A batch computed as a task of its own is applied: its lane is free for the next batch."""
+        self._lane_tasks.discard(task)
+        self._wakeup.set()
 
     def _copy_sessions(self) -> None:
         """Answers the waiting `copy_all_sessions` calls (run by the batching loop, between batches)."""
