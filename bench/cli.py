@@ -69,6 +69,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--calls-in-flight", type=int, default=2,
                    help="sessions series: StepSessions requests kept in flight, each stepping its own share of the "
                    "N sessions (2: two halves), so that a session has at most one step in flight (default 2)")  # fmt: skip
+    p.add_argument("--sessions-form", choices=("columns", "steps"), default="columns",
+                   help="sessions series: how each StepSessions request carries its sessions: columns (SessionColumns, "
+                   "no message per session) or steps (a SessionStep each) (default columns)")  # fmt: skip
     p.add_argument("--batches-in-flight", type=int, choices=(1, 2), default=1,
                    help="the server's and the engine series' --batches-in-flight: batches computing at once (default 1)")  # fmt: skip
     p.add_argument("--memory-sessions", type=int, default=0,
@@ -134,7 +137,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s, prompt_len=args.prompt_len, generate_tokens=args.generate_tokens,
         load_processes=args.load_processes, intra_op_threads=args.intra_op_threads, series=series, target=args.target,
         replicas=args.replicas, repeats=args.repeats, calls_in_flight=args.calls_in_flight,
-        batches_in_flight=args.batches_in_flight,
+        sessions_form=args.sessions_form, batches_in_flight=args.batches_in_flight,
     )  # fmt: skip
     server_series = sum(
         1 for s in ("server", "sessions", "unbatched", "echo") if s in series and not (args.target and s == "unbatched")

@@ -65,6 +65,7 @@ class BenchConfig:
     replicas: tuple[int, ...] = ()  # also measure this many replicas behind Envoy (each count a series)
     repeats: int = 1  # rounds of the whole run, one after another
     calls_in_flight: int = 2  # the sessions series: StepSessions requests in flight, each for its group of sessions
+    sessions_form: str = "columns"  # the sessions series: SessionColumns ("columns") or a SessionStep each ("steps")
     batches_in_flight: int = 1  # the server's and the engine's --batches-in-flight
 
 
@@ -127,7 +128,7 @@ def _run_load(series: str, target: str, level: int, config: BenchConfig, vocab: 
     if series == SERIES_SESSIONS:
         sessions = SessionsSpec(
             target=target, sessions=level, calls_in_flight=config.calls_in_flight, warmup_s=config.warmup_s,
-            duration_s=config.duration_s, output=config.output, vocab=vocab,
+            duration_s=config.duration_s, output=config.output, vocab=vocab, form=config.sessions_form,
         )  # fmt: skip
         return run_sessions_in_process(sessions)
     spec = LoadSpec(

@@ -40,6 +40,7 @@ class SessionsSpec:
         warmup_s, duration_s: warm-up (which includes creating the sessions), then measured time.
         output: what each entry asks back (logits, topk, sample, none).
         vocab: token ids are drawn from [0, vocab).
+        form: "columns" (SessionColumns: no message per session) or "steps" (a SessionStep per session).
     """
 
     target: str
@@ -49,6 +50,7 @@ class SessionsSpec:
     duration_s: float = 3.0
     output: str = "logits"
     vocab: int = 2
+    form: str = "columns"
 
 
 def split_sessions(session_ids: Sequence[str], calls_in_flight: int, max_per_request: int) -> list[list[str]]:
@@ -96,9 +98,14 @@ async def _step_group(
     output = OUTPUTS[spec.output]
     while time.perf_counter() < window.end:
         tokens = rng.integers(0, spec.vocab, size=len(session_ids)).tolist()
-        request = pb.StepSessionsRequest(
-            steps=[pb.SessionStep(session_id=id_, tokens=[token], output=output) for id_, token in zip(session_ids, tokens)]
-        )
+        if spec.form == "columns":
+            request = pb.StepSessionsRequest(
+                columns=pb.SessionColumns(session_ids=session_ids, tokens=tokens, output=output)
+            )
+        else:
+            request = pb.StepSessionsRequest(
+                steps=[pb.SessionStep(session_id=id_, tokens=[token], output=output) for id_, token in zip(session_ids, tokens)]
+            )
         sent = time.perf_counter()
         try:
             response = await stub.StepSessions(request)
@@ -106,9 +113,17 @@ async def _step_group(
             window.result.errors += 1
             return
         received = time.perf_counter()
-        answered = [result.response for result in response.results if result.HasField("response")]
-        window.result.errors += len(response.results) - len(answered)
-        window.add(sent, received, len(answered), len(answered), (step.batch_size for step in answered))
+        batch_sizes = _answered_batch_sizes(response, spec.form)
+        window.result.errors += len(session_ids) - len(batch_sizes)
+        window.add(sent, received, len(batch_sizes), len(batch_sizes), batch_sizes)
+
+
+def _answered_batch_sizes(response: pb.StepSessionsResponse, form: str) -> list[int]:
+    """The batch size of each answered session of a response (its refused ones left out)."""
+    if form == "columns":
+        refused = {error.index for error in response.columns.errors}
+        return [size for row, size in enumerate(response.columns.batch_sizes) if row not in refused]
+    return [result.response.batch_size for result in response.results if result.HasField("response")]
 
 
 async def _create_sessions(stub: pb_grpc.LstmServeStub, count: int, result: LoadResult) -> list[str]:

@@ -21,6 +21,7 @@ import numpy as np
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
 from lstmserve.server.auth import bearer_key, owner_of
+from lstmserve.server.columns import ColumnsStep, decode_columns, fill_columns_result, first_repeat
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import (
     InvalidInput,
@@ -216,11 +217,26 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         as a whole is refused (nothing applied) only for its shape: no entries, too many, a session twice,
         more output than a message may carry. Every other refusal is its entry's StepError."""
         self._require_steppable()
+        owner = self._owner(context)
+        if request.HasField("columns"):
+            if request.steps:
+                raise InvalidInput("the StepSessions request carries both steps and columns: send one of them")
+            config = self.config
+            step = decode_columns(
+                request.columns,
+                self.spec,
+                max_sessions=config.max_sessions_per_request,
+                max_message_bytes=config.max_message_bytes,
+            )
+            self.requests_in_progress += 1
+            try:
+                return await self._step_columns(step, owner)
+            finally:
+                self.requests_in_progress -= 1
         self._check_entries(request.steps)
         # Every entry is parsed before any is stepped: a bad one is refused before the others start.
         entries = self._parse_entries(request.steps)
         self._check_output_size(entries)
-        owner = self._owner(context)
         self.requests_in_progress += 1
         try:
             return await self._step_entries(entries, owner)
@@ -234,16 +250,13 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             raise InvalidInput("StepSessions request has no steps")
         if len(steps) > limit:
             raise InvalidInput(f"request carries {len(steps)} steps, more than --max-sessions-per-request={limit}")
-        first_index: dict[str, int] = {}
-        for index, message in enumerate(steps):
-            if not message.session_id:
-                continue  # refused on its own
-            earlier = first_index.setdefault(message.session_id, index)
-            if earlier != index:
-                raise InvalidInput(
-                    f"steps[{index}].session_id {shown(message.session_id)} repeats steps[{earlier}]: "
-                    "a StepSessions request steps each session at most once"
-                )
+        repeat = first_repeat([message.session_id for message in steps])  # an empty id is refused on its own
+        if repeat is not None:
+            earlier, index = repeat
+            raise InvalidInput(
+                f"steps[{index}].session_id {shown(steps[index].session_id)} repeats steps[{earlier}]: "
+                "a StepSessions request steps each session at most once"
+            )
 
     def _parse_entries(self, steps: Sequence[pb.SessionStep]) -> list[_Entry]:
         """Every entry with its validated step or the reason it is refused. The tokens of all the entries are
@@ -291,12 +304,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 refusals[entry.index] = entry.outcome
                 continue
             try:
-                session_id = entry.message.session_id
-                self._check_lease(session_id)
-                live = self.scheduler.sessions.find(session_id)  # the common case, without a coroutine per entry
-                if live is None or live.owner != owner:
-                    live = await self.scheduler.find_session(session_id, owner)
-                session = live
+                session = await self._entry_session(entry.message.session_id, owner)
             except ServeError as error:
                 refusals[entry.index] = error
                 continue
@@ -323,13 +331,60 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 _fill_step_response(result.response, answer[0], entry.message, entry.outcome, answer[1])  # type: ignore[arg-type]
         return response
 
+    async def _entry_session(self, session_id: str, owner: str) -> Session:
+        """The live session of one entry (or row) of a StepSessions request, brought back if spilled."""
+        self._check_lease(session_id)
+        live = self.scheduler.sessions.find(session_id)  # the common case, without a coroutine per entry
+        if live is None or live.owner != owner:
+            live = await self.scheduler.find_session(session_id, owner)
+        return live
+
     def _entry_refused(self, refusal: pb.StepError, entry: _Entry, error: ServeError) -> None:
-        """Writes an entry's refusal as its StepError (counted in the error metrics like a refused call)."""
+        """Writes an entry's refusal as its StepError."""
+        self._write_refusal(refusal, entry.index, entry.message.session_id, f"steps[{entry.index}]", error)
+
+    def _write_refusal(self, refusal: pb.StepError, index: int, session_id: str, where: str, error: ServeError) -> None:
+        """Writes one entry's (or row's) refusal, counted in the error metrics like a refused call."""
         code = status_for(error)
         self.metrics.errors.labels(code=code.name).inc()
-        refusal.session_id = entry.message.session_id
+        refusal.session_id = session_id
+        refusal.index = index
         refusal.code = code.value[0]
-        refusal.message = f"steps[{entry.index}]: {error}"
+        refusal.message = f"{where}: {error}"
+
+    async def _step_columns(self, step: ColumnsStep, owner: str) -> pb.StepSessionsResponse:
+        """Every row stepped as an entry of the steps form is (`Scheduler.step_many`, the same exactly-once
+        rules), answered in columns: the answered rows' counters and outputs, and each refused row's StepError."""
+        refusals: dict[int, ServeError] = {}
+        rows: list[int] = []
+        steps: list[tuple[Session, np.ndarray, int | None]] = []
+        expected_steps = step.expected_steps
+        for row, session_id in enumerate(step.session_ids):
+            try:
+                if not session_id:
+                    raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
+                session = await self._entry_session(session_id, owner)
+            except ServeError as error:
+                refusals[row] = error
+                continue
+            rows.append(row)
+            steps.append((session, step.inputs[row], expected_steps[row] if expected_steps is not None else None))
+        outcomes = await self.scheduler.step_many(steps)
+        answers: dict[int, StepResult] = {}
+        for row, (session, _, _), outcome in zip(rows, steps, outcomes, strict=True):
+            try:
+                if isinstance(outcome, ServeError):
+                    raise outcome
+                self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
+                answers[row] = outcome
+            except ServeError as error:
+                refusals[row] = error
+        response = pb.StepSessionsResponse()
+        result = response.columns
+        fill_columns_result(result, step, answers, self.spec.output_size)
+        for row in sorted(refusals):
+            self._write_refusal(result.errors.add(), row, step.session_ids[row], f"session_ids[{row}]", refusals[row])
+        return response
 
     async def _open(self, session_id: str, owner: str) -> Session:
         if session_id:

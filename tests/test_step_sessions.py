@@ -181,6 +181,7 @@ def test_a_bad_entry_fails_only_itself(server: ServerThread) -> None:
         assert_error(results[6], grpc.StatusCode.NOT_FOUND, "steps[6]", "not a session id")
         assert_error(results[7], grpc.StatusCode.INVALID_ARGUMENT, "steps[7]", "no tokens")
         assert [r.error.session_id for r in results[1:3]] == [UNKNOWN_ID, bad_token]
+        assert [r.error.index for r in results[1:]] == list(range(1, 8))
         # No refused entry cost its session anything: each goes on exactly as a session that never saw it.
         assert [step_of(stub, s) for s in (bad_token, mismatched, bad_output, control)] == [0, 2, 0, 2]
         for session_id, fresh in zip((bad_token, bad_output), new_sessions(stub, 2), strict=True):

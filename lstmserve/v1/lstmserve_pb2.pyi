@@ -203,10 +203,30 @@ class StepResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., step: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., topk: _Optional[_Iterable[_Union[TopK, _Mapping]]] = ..., token: _Optional[int] = ..., text: _Optional[str] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., batch_size: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepSessionsRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "columns")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[SessionStep]
-    def __init__(self, steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ...) -> None: ...
+    columns: SessionColumns
+    def __init__(self, steps: _Optional[_Iterable[_Union[SessionStep, _Mapping]]] = ..., columns: _Optional[_Union[SessionColumns, _Mapping]] = ...) -> None: ...
+
+class SessionColumns(_message.Message):
+    __slots__ = ("session_ids", "tokens", "features", "expected_steps", "output", "top_k", "sampling")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    features: Tensor
+    expected_steps: _containers.RepeatedScalarFieldContainer[int]
+    output: OutputKind
+    top_k: int
+    sampling: Sampling
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., expected_steps: _Optional[_Iterable[int]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
 
 class SessionStep(_message.Message):
     __slots__ = ("session_id", "request_id", "tokens", "features", "output", "top_k", "sampling", "expected_step")
@@ -229,10 +249,30 @@ class SessionStep(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., request_id: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[_Union[OutputKind, str]] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., expected_step: _Optional[int] = ...) -> None: ...
 
 class StepSessionsResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "columns")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SessionStepResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[SessionStepResult, _Mapping]]] = ...) -> None: ...
+    columns: SessionColumnsResult
+    def __init__(self, results: _Optional[_Iterable[_Union[SessionStepResult, _Mapping]]] = ..., columns: _Optional[_Union[SessionColumnsResult, _Mapping]] = ...) -> None: ...
+
+class SessionColumnsResult(_message.Message):
+    __slots__ = ("steps", "batch_sizes", "logits", "topk_ids", "topk_logprobs", "tokens", "errors")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    logits: Tensor
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    errors: _containers.RepeatedCompositeFieldContainer[StepError]
+    def __init__(self, steps: _Optional[_Iterable[int]] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[StepError, _Mapping]]] = ...) -> None: ...
 
 class SessionStepResult(_message.Message):
     __slots__ = ("response", "error")
@@ -243,14 +283,16 @@ class SessionStepResult(_message.Message):
     def __init__(self, response: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
 class StepError(_message.Message):
-    __slots__ = ("session_id", "code", "message")
+    __slots__ = ("session_id", "code", "message", "index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     code: int
     message: str
-    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    index: int
+    def __init__(self, session_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("tokens", "features")
