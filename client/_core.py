@@ -277,7 +277,7 @@ class MultiStepEntry:
 
     session: SessionState
     request: pb.SessionStep
-    outcome: pb.StepResponse | LstmServeError | None = None
+    outcome: pb.StepResponse | StepOutput | LstmServeError | None = None  # StepOutput: answered in columns
     last_error: LstmServeError | None = None
     in_doubt: bool = False
 
@@ -355,12 +355,20 @@ class MultiStepExchange:
         return self._attempts.next()
 
     def request(self) -> pb.StepSessionsRequest:
-        """The request to send: every entry not yet answered, as first stamped."""
+        """The request to send: every entry not yet answered, as first stamped; in columns (SessionColumns)
+        when the entries fit them (one position each, one output kind), else a SessionStep each."""
         self._sent = self.pending()
-        return pb.StepSessionsRequest(steps=[entry.request for entry in self._sent])
+        steps = [entry.request for entry in self._sent]
+        columns = _wire.session_columns(steps)
+        if columns is not None:
+            return pb.StepSessionsRequest(columns=columns)
+        return pb.StepSessionsRequest(steps=steps)
 
     def answered(self, response: pb.StepSessionsResponse) -> None:
-        """The call's response: one result per entry sent, in order."""
+        """The call's response: one result per entry sent, in order (as results, or in columns)."""
+        if response.HasField("columns"):
+            self._answered_in_columns(response.columns)
+            return
         results = response.results
         if len(results) != len(self._sent):
             message = f"the server answered {len(results)} results for {len(self._sent)} entries"
@@ -376,6 +384,22 @@ class MultiStepExchange:
             else:
                 entry.in_doubt = True
                 self._refused(entry, LstmServeError(grpc.StatusCode.UNKNOWN, "the server's result has no outcome"))
+
+    def _answered_in_columns(self, result: pb.SessionColumnsResult) -> None:
+        """The columns answer to the entries sent: row i for the i-th entry sent."""
+        if len(result.steps) != len(self._sent) or len(result.batch_sizes) != len(self._sent):
+            message = f"the server answered {len(result.steps)} rows for {len(self._sent)} entries"
+            self._call_failed(LstmServeError(grpc.StatusCode.INTERNAL, message), resend=False, in_doubt=True)
+            return
+        refusals = {error.index: error for error in result.errors}
+        outputs = _wire.column_outputs(result, self._sent[0].request.output)
+        for row, (entry, output) in enumerate(zip(self._sent, outputs, strict=True)):
+            refusal = refusals.get(row)
+            if refusal is not None:
+                self._refused(entry, _wire.step_error(refusal))
+            else:
+                entry.outcome = output
+                entry.session.step = output.step
 
     def failed(self, error: grpc.RpcError) -> None:
         """The whole call failed: resent if transient, else its error is the outcome of every entry not yet answered."""

@@ -223,7 +223,10 @@ class Client:
         `client.step_sessions({a: [1, 2], b: "hi"})` feeds each session its own input (tokens, or
         `features={a: rows, ...}` for a feature model); the output options apply to every entry, as
         `Session.step` takes them. The server computes the entries together, and each session's state
-        carries on exactly as if it had been stepped alone.
+        carries on exactly as if it had been stepped alone. When every session gets one token (or one
+        feature row) and no seed is set, the call goes in columns (`SessionColumns`: no message per
+        session, the cheapest form for a caller stepping many streams in lockstep); else one
+        `SessionStep` per session. The outcomes are the same either way.
 
         Returns one outcome per session, in the mapping's order: its `StepOutput`, or, when the server
         refused that entry (or the whole call failed), the exception `Session.step` would have raised,

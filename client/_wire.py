@@ -217,6 +217,64 @@ def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
     )
 
 
+def session_columns(steps: Sequence[pb.SessionStep]) -> pb.SessionColumns | None:
+    """The stamped entries of a StepSessions call as one SessionColumns, which costs both sides less per
+    session; None where they do not fit it: an entry of more than one position, entries asking for
+    different outputs, seeded sampling (a seed is per session), expected steps on some entries only."""
+    first = steps[0]
+    if first.sampling.HasField("seed"):
+        return None
+    has_features = first.HasField("features")
+    has_expected = first.HasField("expected_step")
+    for step in steps:
+        positions = step.features.shape[0] if has_features and step.features.shape else len(step.tokens)
+        if (
+            positions != 1
+            or step.HasField("features") != has_features
+            or step.HasField("expected_step") != has_expected
+            or (step.output, step.top_k) != (first.output, first.top_k)
+            or step.sampling != first.sampling
+        ):
+            return None
+    columns = pb.SessionColumns(session_ids=[step.session_id for step in steps], output=first.output, top_k=first.top_k)
+    if first.HasField("sampling"):
+        columns.sampling.CopyFrom(first.sampling)
+    if has_expected:
+        columns.expected_steps.extend(step.expected_step for step in steps)
+    if has_features:
+        columns.features.shape.extend((len(steps), first.features.shape[1]))
+        columns.features.data = b"".join(step.features.data for step in steps)
+    else:
+        columns.tokens.extend(step.tokens[0] for step in steps)
+    return columns
+
+
+def column_outputs(result: pb.SessionColumnsResult, output: int) -> list[StepOutput]:
+    """Each row of a SessionColumnsResult (for the OutputKind number `output`) as the StepOutput its entry
+    would have had in the steps form (arrays of one position); a refused row's too (its zeros): the caller
+    reads `result.errors` first."""
+    count = len(result.steps)
+    logits = topk_ids = topk_logprobs = tokens = None
+    if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
+        logits = decode_logits(result.logits).reshape(count, 1, -1)
+    elif output == pb.OUTPUT_TOPK:
+        topk_ids = np.frombuffer(result.topk_ids.data, dtype="<i8").reshape(count, 1, -1).astype(np.int64, copy=False)
+        topk_logprobs = decode_logits(result.topk_logprobs).reshape(count, 1, -1)
+    elif output == pb.OUTPUT_SAMPLE:
+        tokens = list(result.tokens)
+    return [
+        StepOutput(
+            step=int(step),
+            batch_size=int(batch_size),
+            logits=None if logits is None else logits[row],
+            topk_ids=None if topk_ids is None else topk_ids[row],
+            topk_logprobs=None if topk_logprobs is None else topk_logprobs[row],
+            token=None if tokens is None else int(tokens[row]),
+        )
+        for row, (step, batch_size) in enumerate(zip(result.steps, result.batch_sizes, strict=True))
+    ]
+
+
 def step_error(message: pb.StepError) -> LstmServeError:
     """The public exception for one refused entry of a StepSessions response (its code is a number)."""
     return error_for(_STATUS_BY_NUMBER.get(message.code, grpc.StatusCode.UNKNOWN), message.message)

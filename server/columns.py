@@ -37,6 +37,8 @@ class ColumnsStep:
         output: the OutputKind for every row.
         top_k: k for OUTPUT_TOPK.
         sampling: how to sample for OUTPUT_SAMPLE, else None.
+        refused: the rows refused for their own input (a token outside the vocabulary, a feature row with
+            NaN or infinity): refused alone, as a bad entry of the steps form is.
     """
 
     session_ids: list[str]
@@ -45,6 +47,7 @@ class ColumnsStep:
     output: int
     top_k: int
     sampling: SamplingParams | None
+    refused: dict[int, InvalidInput]
 
 
 def first_repeat(session_ids: Sequence[str]) -> tuple[int, int] | None:
@@ -66,8 +69,8 @@ def decode_columns(
 ) -> ColumnsStep:
     """Validates a SessionColumns request as a whole; InvalidInput, naming the bad value, for anything
     that refuses all of it (nothing is applied then): no sessions, too many, a session twice, an input or
-    expected_steps column whose length is not the number of sessions, a token outside the vocabulary, a
-    bad output option, more output than a message may carry."""
+    expected_steps column whose length is not the number of sessions, a bad output option, more output
+    than a message may carry. A row whose own input is bad is refused alone (`ColumnsStep.refused`)."""
     session_ids = list(columns.session_ids)
     count = len(session_ids)
     if count == 0:
@@ -81,7 +84,7 @@ def decode_columns(
             f"columns.session_ids[{later}] {shown(session_ids[later])} repeats session_ids[{earlier}]: "
             "a StepSessions request steps each session at most once"
         )
-    inputs = _decode_inputs(columns, spec, count)
+    inputs, refused = _decode_inputs(columns, spec, count)
     expected_steps = [int(step) for step in columns.expected_steps] or None
     if expected_steps is not None and len(expected_steps) != count:
         raise InvalidInput(
@@ -101,11 +104,14 @@ def decode_columns(
             f"the columns ask for about {size} bytes of output, more than --max-message-bytes={max_message_bytes}: "
             "send fewer sessions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
         )
-    return ColumnsStep(session_ids, inputs, expected_steps, columns.output, columns.top_k, sampling)
+    return ColumnsStep(session_ids, inputs, expected_steps, columns.output, columns.top_k, sampling, refused)
 
 
-def _decode_inputs(columns: pb.SessionColumns, spec: ModelSpec, count: int) -> np.ndarray:
-    """The input column, one position per session: int64 [count, 1] or float32 [count, 1, input_size]."""
+def _decode_inputs(
+    columns: pb.SessionColumns, spec: ModelSpec, count: int
+) -> tuple[np.ndarray, dict[int, InvalidInput]]:
+    """The input column, one position per session (int64 [count, 1] or float32 [count, 1, input_size]), and
+    the rows whose input is refused."""
     if spec.kind == "tokens":
         if columns.HasField("features"):
             raise InvalidInput("this model takes tokens, but the columns carry features")
@@ -114,10 +120,10 @@ def _decode_inputs(columns: pb.SessionColumns, spec: ModelSpec, count: int) -> n
         tokens = np.fromiter(columns.tokens, dtype=np.int64, count=count)
         vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
         outside = np.flatnonzero((tokens < 0) | (tokens >= vocab))
-        if outside.size:
-            row = int(outside[0])
-            raise InvalidInput(f"columns.tokens[{row}] = {int(tokens[row])} is outside the vocabulary [0, {vocab})")
-        return tokens.reshape(count, 1)
+        refused = {
+            int(row): InvalidInput(f"token id {int(tokens[row])} is outside the vocabulary [0, {vocab})") for row in outside
+        }
+        return tokens.reshape(count, 1), refused
     if columns.tokens:
         raise InvalidInput("this model takes features, but the columns carry tokens")
     features = messages.decode_float_tensor(columns.features, "columns.features")
@@ -125,9 +131,9 @@ def _decode_inputs(columns: pb.SessionColumns, spec: ModelSpec, count: int) -> n
         raise InvalidInput(
             f"columns.features shape {list(features.shape)} must be [sessions, input_size] = [{count}, {spec.input_size}]"
         )
-    if not np.all(np.isfinite(features)):
-        raise InvalidInput("columns.features contain NaN or infinity")
-    return features.reshape(count, 1, spec.input_size)
+    not_finite = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    refused = {int(row): InvalidInput("its feature row contains NaN or infinity") for row in not_finite}
+    return features.reshape(count, 1, spec.input_size), refused
 
 
 def fill_columns_result(

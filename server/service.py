@@ -355,11 +355,13 @@ class LstmServeService(pb_grpc.LstmServeServicer):
     async def _step_columns(self, step: ColumnsStep, owner: str) -> pb.StepSessionsResponse:
         """Every row stepped as an entry of the steps form is (`Scheduler.step_many`, the same exactly-once
         rules), answered in columns: the answered rows' counters and outputs, and each refused row's StepError."""
-        refusals: dict[int, ServeError] = {}
+        refusals: dict[int, ServeError] = dict(step.refused)
         rows: list[int] = []
         steps: list[tuple[Session, np.ndarray, int | None]] = []
         expected_steps = step.expected_steps
         for row, session_id in enumerate(step.session_ids):
+            if row in refusals:
+                continue
             try:
                 if not session_id:
                     raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from conftest import ServerThread
 
@@ -205,10 +206,13 @@ def refused(code: grpc.StatusCode, message: str = "scripted") -> pb.SessionStepR
     return pb.SessionStepResult(error=pb.StepError(code=code.value[0], message=message))
 
 
-def multi(*steps: int | None, retry: RetryPolicy = NO_WAIT) -> tuple[list[_core.SessionState], _core.MultiStepExchange]:
-    """Sessions at `steps` (ids "a...", "b...", ...) and an exchange stepping each by token 1."""
+def multi(
+    *steps: int | None, retry: RetryPolicy = NO_WAIT, tokens: tuple[int, ...] = (1, 2)
+) -> tuple[list[_core.SessionState], _core.MultiStepExchange]:
+    """Sessions at `steps` (ids "a...", "b...", ...) and an exchange stepping each by `tokens` (two
+    positions by default: sent as a SessionStep each; one position goes in columns)."""
     sessions = [_core.SessionState(chr(ord("a") + i) * 32, step, 2.5) for i, step in enumerate(steps)]
-    return sessions, _core.MultiStepExchange(sessions, [pb.SessionStep(tokens=[1]) for _ in sessions], retry)
+    return sessions, _core.MultiStepExchange(sessions, [pb.SessionStep(tokens=tokens) for _ in sessions], retry)
 
 
 def sent(request: pb.StepSessionsRequest) -> list[tuple[str, int]]:
@@ -223,6 +227,64 @@ def test_step_sessions_stamps_every_entry_and_sets_each_counter_from_its_result(
     assert exchange.next_attempt() is None  # every entry is answered: nothing is resent
     assert [s.step for s in sessions] == [5, 1]
     assert [out.step for out in exchange.outcomes("none")] == [5, 1]  # type: ignore[union-attr]
+
+
+def columns_answer(steps: list[int], logits: np.ndarray, *errors: pb.StepError) -> pb.StepSessionsResponse:
+    result = pb.SessionColumnsResult(steps=steps, batch_sizes=[len(steps)] * len(steps), errors=errors)
+    result.logits.shape.extend(logits.shape)
+    result.logits.data = logits.astype("<f4").tobytes()
+    return pb.StepSessionsResponse(columns=result)
+
+
+def test_single_position_entries_go_in_columns_and_are_answered_per_row() -> None:
+    sessions, exchange = multi(3, 0, 5, tokens=(4,))
+    exchange.next_attempt()
+    request = exchange.request()
+    assert not request.steps
+    columns = request.columns
+    assert [s[0] for s in columns.session_ids] == ["a", "b", "c"]
+    assert (list(columns.tokens), list(columns.expected_steps)) == ([4, 4, 4], [3, 0, 5])
+    logits = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mismatch = pb.StepError(index=1, code=Code.FAILED_PRECONDITION.value[0], message="session_ids[1]: expected_step 0")
+    moving = pb.StepError(index=2, code=Code.UNAVAILABLE.value[0], message="session_ids[2]: moving")
+    exchange.answered(columns_answer([4, 0, 0], logits, mismatch, moving))
+    assert [s.step for s in sessions] == [4, None, 5]  # a mismatch is read back; the moving row is resent
+    assert exchange.next_attempt() is not None
+    resent = exchange.request().columns
+    assert ([s[0] for s in resent.session_ids], list(resent.expected_steps)) == (["c"], [5])
+    exchange.answered(columns_answer([6], logits[2:]))
+    assert exchange.next_attempt() is None
+    outcomes = exchange.outcomes("logits")
+    assert isinstance(outcomes[1], StepMismatch)
+    for row in (0, 2):
+        np.testing.assert_array_equal(outcomes[row].logits, logits[row : row + 1])  # type: ignore[union-attr]
+    assert [outcomes[0].step, outcomes[2].step] == [4, 6]  # type: ignore[union-attr]
+    assert sessions[2].step == 6
+
+
+def test_entries_that_do_not_fit_columns_go_as_steps() -> None:
+    seeded = {"output": pb.OUTPUT_SAMPLE, "sampling": pb.Sampling(temperature=1.0, seed=3)}
+    for first, second in (
+        ({"tokens": [1]}, {"tokens": [1, 2]}),  # an entry of two positions
+        ({"tokens": [1], **seeded}, {"tokens": [1], **seeded}),  # a seed is per session
+        ({"tokens": [1]}, {"tokens": [1], "output": pb.OUTPUT_TOPK}),  # two output kinds
+    ):
+        states = [_core.SessionState(name * 32, 0, 2.5) for name in "ab"]
+        requests = [pb.SessionStep(**first), pb.SessionStep(**second)]  # type: ignore[arg-type]
+        exchange = _core.MultiStepExchange(states, requests, NO_WAIT)
+        exchange.next_attempt()
+        request = exchange.request()
+        assert len(request.steps) == 2 and not request.HasField("columns")
+
+
+def test_a_columns_answer_with_the_wrong_row_count_fails_the_call_in_doubt() -> None:
+    sessions, exchange = multi(3, 7, tokens=(1,))
+    exchange.next_attempt()
+    exchange.request()
+    exchange.answered(columns_answer([4], np.zeros((1, 2), np.float32)))
+    assert exchange.next_attempt() is None
+    assert all(o.code == Code.INTERNAL for o in exchange.outcomes("logits"))  # type: ignore[union-attr]
+    assert [s.step for s in sessions] == [None, None]
 
 
 @pytest.mark.parametrize("code", [Code.UNAVAILABLE, Code.CANCELLED, Code.INTERNAL])

@@ -2,7 +2,8 @@
 
 The script steps three sessions together, with a session the server no longer knows, a bad token, a
 session stepped behind the client's back, and a call whose answer is lost (the server applied it; the
-client resends it and gets the server's copy). Both clients must give the same outcomes, and every
+client resends it and gets the server's copy). Its first call goes as a SessionStep per session, the
+others (one token per session) in columns. Both clients must give the same outcomes, and every
 logit must equal the same session stepped alone through `Session.step`.
 """
 
@@ -43,14 +44,17 @@ class AnswerLost(grpc.RpcError):
 
 
 class Recorder:
-    """Counts StepSessions sends, and loses the answer of the next `lose` of them."""
+    """Counts StepSessions sends, notes the form of the last (columns or steps), and loses the answer of
+    the next `lose` of them."""
 
     def __init__(self) -> None:
         self.sends = 0
         self.lose = 0
+        self.form = ""
 
-    def sent(self) -> None:
+    def sent(self, request: pb.StepSessionsRequest) -> None:
         self.sends += 1
+        self.form = "columns" if request.HasField("columns") else "steps"
         if self.lose:
             self.lose -= 1
             raise AnswerLost()
@@ -67,6 +71,7 @@ class Transcript:
         self.recorder = recorder
         self.events: list[Event] = []
         self.logits: Logits = {}
+        self.forms: dict[str, str] = {}  # the call -> the form its request went in
 
     def record(self, call: str, labels: list[str], outcomes: list[Outcome], positions: list[int | None]) -> None:
         assert len(outcomes) == len(labels)
@@ -75,6 +80,7 @@ class Transcript:
                 assert outcome.logits is not None
                 self.logits[call, label] = outcome.logits
         self.events.append((call, [describe(o) for o in outcomes], positions, self.recorder.sends))
+        self.forms[call] = self.recorder.form
         self.recorder.sends = 0
 
 
@@ -98,7 +104,7 @@ def sync_script(server: ServerThread) -> Transcript:
 
         def step_sessions(request: pb.StepSessionsRequest, **kwargs: Any) -> pb.StepSessionsResponse:
             response = real(request, **kwargs)
-            recorder.sent()
+            recorder.sent(request)
             return response
 
         client._stub.StepSessions = step_sessions
@@ -128,7 +134,7 @@ def async_script(server: ServerThread) -> Transcript:
 
             async def step_sessions(request: pb.StepSessionsRequest, **kwargs: Any) -> pb.StepSessionsResponse:
                 response = await real(request, **kwargs)
-                recorder.sent()
+                recorder.sent(request)
                 return response  # type: ignore[no-any-return]
 
             client._stub.StepSessions = step_sessions
@@ -179,9 +185,17 @@ def transcripts(server: ServerThread) -> Iterator[tuple[Transcript, Transcript, 
 def test_sync_and_async_clients_give_identical_outcomes(transcripts: tuple[Transcript, Transcript, Logits]) -> None:
     sync, asynchronous, _ = transcripts
     assert sync.events == asynchronous.events
+    assert sync.forms == asynchronous.forms
     assert sync.logits.keys() == asynchronous.logits.keys()
     for key, logits in sync.logits.items():
         np.testing.assert_array_equal(asynchronous.logits[key], logits, err_msg=str(key))
+
+
+def test_one_token_per_session_goes_in_columns(transcripts: tuple[Transcript, Transcript, Logits]) -> None:
+    """The first call feeds longer inputs (a SessionStep each); the others one token each (SessionColumns),
+    so the outcomes below hold for both forms of the request, resends and refusals included."""
+    forms = transcripts[0].forms
+    assert forms == {call: "columns" for call in forms} | {"first": "steps"}
 
 
 def test_outcomes_and_counters(transcripts: tuple[Transcript, Transcript, Logits]) -> None:

@@ -152,7 +152,10 @@ def test_feature_rows_match_step(feature_model: Path) -> None:
                 (pb.SessionColumns(session_ids=many[:2], features=features_tensor(rows)), f"[2, {width}]"),
             ):
                 assert fragment in refusal(stub, pb.StepSessionsRequest(columns=bad), [])
-            assert [step_of(stub, s) for s in many] == [1, 1, 1]
+            rows[1, 0] = np.nan  # refuses its row alone
+            result = step_columns(stub, session_ids=many, features=features_tensor(rows))
+            assert [(e.index, "NaN" in e.message) for e in result.errors] == [(1, True)]
+            assert [step_of(stub, s) for s in many] == [2, 1, 2]
     finally:
         handle.stop()
 
@@ -174,10 +177,14 @@ def test_a_bad_row_fails_only_itself(limited: ServerThread) -> None:
         logits = array_of(result.logits, "<f4")
         assert np.any(logits[0]) and not np.any(logits[1:])  # a refused row's output is zeros
         assert (step_of(stub, mismatched, key), step_of(stub, theirs, bearer(KEY_B))) == (0, 0)
-        empty = step_columns(stub, key, session_ids=[good, ""], tokens=[3, 3])
-        assert [(e.index, e.code) for e in empty.errors] == [(1, grpc.StatusCode.INVALID_ARGUMENT.value[0])]
-        assert "session_id is empty" in empty.errors[0].message
-        assert list(empty.steps) == [2, 0]
+        vocab = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=key).output_size
+        bad_input = step_columns(stub, key, session_ids=[good, "", mismatched], tokens=[3, 3, vocab + 2])
+        invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert [(e.index, e.code) for e in bad_input.errors] == [(1, invalid), (2, invalid)]
+        assert "session_ids[1]: session_id is empty" in bad_input.errors[0].message
+        assert f"session_ids[2]: token id {vocab + 2} is outside the vocabulary" in bad_input.errors[1].message
+        assert list(bad_input.steps) == [2, 0, 0]
+        assert step_of(stub, mismatched, key) == 0
 
 
 def test_a_resent_request_is_answered_again_not_applied_twice(server: ServerThread) -> None:
@@ -212,7 +219,6 @@ def test_whole_request_refusals_apply_nothing(limited: ServerThread) -> None:
     key = bearer(KEY_A)
     with limited.channel() as channel:
         stub = pb_grpc.LstmServeStub(channel)
-        vocab = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=key).output_size
         sessions = new_sessions(stub, LIMIT + 1, key)
         one = sessions[:1]
         cases = [
@@ -220,7 +226,6 @@ def test_whole_request_refusals_apply_nothing(limited: ServerThread) -> None:
             (pb.SessionColumns(session_ids=sessions, tokens=[1] * (LIMIT + 1)), f"more than --max-sessions-per-request={LIMIT}"),
             (pb.SessionColumns(session_ids=[one[0], sessions[1], one[0]], tokens=[1, 1, 1]), f"columns.session_ids[2] '{one[0]}' repeats session_ids[0]"),
             (pb.SessionColumns(session_ids=sessions[:2], tokens=[1]), "columns.tokens has 1 tokens for 2 sessions"),
-            (pb.SessionColumns(session_ids=sessions[:2], tokens=[1, vocab + 3]), f"columns.tokens[1] = {vocab + 3} is outside the vocabulary"),
             (pb.SessionColumns(session_ids=one, tokens=[1], expected_steps=[0, 0]), "expected_steps has 2 values for 1 sessions"),
             (pb.SessionColumns(session_ids=one, tokens=[1], output=pb.OUTPUT_SAMPLE, sampling=pb.Sampling(seed=1)), "seed"),
             (pb.SessionColumns(session_ids=one, tokens=[1], output=77), "output 77"),
