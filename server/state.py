@@ -225,8 +225,10 @@ class HostStateStore:
                     return buffers
         self._settle()
         buffers = self.buffers(len(slots), lane)
-        np.take(self._h, slots, axis=1, out=buffers.h0)
-        np.take(self._c, slots, axis=1, out=buffers.c0)
+        # mode="clip": with the default mode="raise", numpy writes `out` through a temporary buffer (2.5x the
+        # time at 124 rows of the default model's state, 2.6x at 2,048); the slots are valid indices anyway.
+        np.take(self._h, slots, axis=1, out=buffers.h0, mode="clip")
+        np.take(self._c, slots, axis=1, out=buffers.c0, mode="clip")
         return buffers
 
     def scatter(self, slots: np.ndarray, buffers: StateBuffers) -> None:
