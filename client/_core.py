@@ -99,6 +99,10 @@ class Attempts:
         """Makes no further attempt (the last failure is not worth retrying)."""
         self._stopped = True
 
+    def give_back(self) -> None:
+        """The last attempt does not count: it was refused for its form, with nothing done, and is made again."""
+        self.made -= 1
+
 
 class UnaryCall:
     """One idempotent unary call: retried on UNAVAILABLE within the budget, else its public error.
@@ -328,6 +332,8 @@ class MultiStepExchange:
         self._attempts = Attempts(retry)
         self._stamped = False
         self._sent: list[MultiStepEntry] = []
+        self._sent_columns = False  # the last request went in columns
+        self._steps_only = False  # the server does not know the columns form (older than it): steps from now on
 
     def pending(self) -> list[MultiStepEntry]:
         """The entries not yet answered."""
@@ -359,7 +365,8 @@ class MultiStepExchange:
         when the entries fit them (one position each, one output kind), else a SessionStep each."""
         self._sent = self.pending()
         steps = [entry.request for entry in self._sent]
-        columns = _wire.session_columns(steps)
+        columns = None if self._steps_only else _wire.session_columns(steps)
+        self._sent_columns = columns is not None
         if columns is not None:
             return pb.StepSessionsRequest(columns=columns)
         return pb.StepSessionsRequest(steps=steps)
@@ -392,7 +399,14 @@ class MultiStepExchange:
             self._call_failed(LstmServeError(grpc.StatusCode.INTERNAL, message), resend=False, in_doubt=True)
             return
         refusals = {error.index: error for error in result.errors}
-        outputs = _wire.column_outputs(result, self._sent[0].request.output)
+        try:
+            if any(index >= len(self._sent) for index in refusals):
+                raise ValueError(f"a refusal names row {max(refusals)} of {len(self._sent)}")
+            outputs = _wire.column_outputs(result, self._sent[0].request.output)
+        except ValueError as error:  # a malformed answer (a faulty server or proxy): the rows may have been applied
+            message = f"the server's columns answer is malformed: {error}"
+            self._call_failed(LstmServeError(grpc.StatusCode.INTERNAL, message), resend=False, in_doubt=True)
+            return
         for row, (entry, output) in enumerate(zip(self._sent, outputs, strict=True)):
             refusal = refusals.get(row)
             if refusal is not None:
@@ -404,6 +418,10 @@ class MultiStepExchange:
     def failed(self, error: grpc.RpcError) -> None:
         """The whole call failed: resent if transient, else its error is the outcome of every entry not yet answered."""
         public = from_rpc_error(error)
+        if self._sent_columns and _wire.columns_not_understood(public):
+            self._steps_only = True  # nothing was applied: the same entries go again, as steps
+            self._attempts.give_back()
+            return
         resend = public.code in _wire.STREAM_RETRY_CODES
         self._call_failed(public, resend=resend, in_doubt=resend or public.code == grpc.StatusCode.DEADLINE_EXCEEDED)
 

@@ -219,18 +219,22 @@ def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
 
 def session_columns(steps: Sequence[pb.SessionStep]) -> pb.SessionColumns | None:
     """The stamped entries of a StepSessions call as one SessionColumns, which costs both sides less per
-    session; None where they do not fit it: an entry of more than one position, entries asking for
-    different outputs, seeded sampling (a seed is per session), expected steps on some entries only."""
+    session; None where they do not fit it: an entry of more than one position, feature rows of different
+    shapes (each is then checked, and refused if it must be, on its own), entries asking for different
+    outputs, seeded sampling (a seed is per session), expected steps on some entries only."""
     first = steps[0]
     if first.sampling.HasField("seed"):
         return None
     has_features = first.HasField("features")
     has_expected = first.HasField("expected_step")
+    feature_shape = list(first.features.shape)
+    if has_features and (len(feature_shape) != 2 or feature_shape[0] != 1):
+        return None
     for step in steps:
-        positions = step.features.shape[0] if has_features and step.features.shape else len(step.tokens)
         if (
-            positions != 1
-            or step.HasField("features") != has_features
+            step.HasField("features") != has_features
+            or (list(step.features.shape) != feature_shape or len(step.features.data) != len(first.features.data))
+            or (not has_features and len(step.tokens) != 1)
             or step.HasField("expected_step") != has_expected
             or (step.output, step.top_k) != (first.output, first.top_k)
             or step.sampling != first.sampling
@@ -249,6 +253,16 @@ def session_columns(steps: Sequence[pb.SessionStep]) -> pb.SessionColumns | None
     return columns
 
 
+# What a server older than SessionColumns answers a request in columns: it does not know the field, so it
+# sees a request without steps and refuses it whole, having applied nothing.
+_NO_STEPS_REFUSAL = "StepSessions request has no steps"
+
+
+def columns_not_understood(error: LstmServeError) -> bool:
+    """Whether a StepSessions call in columns was refused by a server that does not know the columns form."""
+    return error.code == grpc.StatusCode.INVALID_ARGUMENT and _NO_STEPS_REFUSAL in error.details
+
+
 def column_outputs(result: pb.SessionColumnsResult, output: int) -> list[StepOutput]:
     """Each row of a SessionColumnsResult (for the OutputKind number `output`) as the StepOutput its entry
     would have had in the steps form (arrays of one position); a refused row's too (its zeros): the caller
@@ -256,12 +270,16 @@ def column_outputs(result: pb.SessionColumnsResult, output: int) -> list[StepOut
     count = len(result.steps)
     logits = topk_ids = topk_logprobs = tokens = None
     if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
-        logits = decode_logits(result.logits).reshape(count, 1, -1)
+        logits = _rows(decode_logits(result.logits), count)
     elif output == pb.OUTPUT_TOPK:
-        topk_ids = np.frombuffer(result.topk_ids.data, dtype="<i8").reshape(count, 1, -1).astype(np.int64, copy=False)
-        topk_logprobs = decode_logits(result.topk_logprobs).reshape(count, 1, -1)
+        topk_ids = _rows(np.frombuffer(result.topk_ids.data, dtype="<i8").astype(np.int64, copy=False), count)
+        topk_logprobs = _rows(decode_logits(result.topk_logprobs), count)
+        if topk_ids.shape != topk_logprobs.shape:
+            raise ValueError(f"topk_ids {topk_ids.shape[0::2]} and topk_logprobs {topk_logprobs.shape[0::2]} differ")
     elif output == pb.OUTPUT_SAMPLE:
         tokens = list(result.tokens)
+        if len(tokens) != count:
+            raise ValueError(f"{len(tokens)} tokens for {count} rows")
     return [
         StepOutput(
             step=int(step),
@@ -273,6 +291,13 @@ def column_outputs(result: pb.SessionColumnsResult, output: int) -> list[StepOut
         )
         for row, (step, batch_size) in enumerate(zip(result.steps, result.batch_sizes, strict=True))
     ]
+
+
+def _rows(values: np.ndarray, count: int) -> np.ndarray:
+    """`values` as `count` rows of one position each, [count, 1, width]; ValueError if they do not split so."""
+    if count == 0 or values.size % count:
+        raise ValueError(f"{values.size} values do not make {count} rows")
+    return values.reshape(count, 1, -1)
 
 
 def step_error(message: pb.StepError) -> LstmServeError:

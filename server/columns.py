@@ -98,7 +98,9 @@ def decode_columns(
             raise InvalidInput(
                 "columns.sampling.seed is set: a seed is per session, so seeded sampling needs the steps form"
             )
-    size = count * (COLUMN_ROW_BYTES + messages.step_output_bytes(1, columns.output, columns.top_k, spec.output_size))
+    # Per row, its counters and its output: no message per row, so never more than the steps form's estimate.
+    row_output = messages.step_output_bytes(1, columns.output, columns.top_k, spec.output_size) - messages.STEP_RESPONSE_BYTES
+    size = count * (COLUMN_ROW_BYTES + row_output)
     if size > max_message_bytes:
         raise InvalidInput(
             f"the columns ask for about {size} bytes of output, more than --max-message-bytes={max_message_bytes}: "
@@ -126,6 +128,8 @@ def _decode_inputs(
         return tokens.reshape(count, 1), refused
     if columns.tokens:
         raise InvalidInput("this model takes features, but the columns carry tokens")
+    if not columns.HasField("features"):
+        raise InvalidInput(f"columns.features is missing: this model takes features, [sessions, {spec.input_size}]")
     features = messages.decode_float_tensor(columns.features, "columns.features")
     if features.shape != (count, spec.input_size):
         raise InvalidInput(

@@ -47,14 +47,19 @@ def fill_tensor(tensor: pb.Tensor, array: np.ndarray) -> None:
 def decode_float_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     """A float32 Tensor message as a numpy array; InvalidInput if shape and data disagree."""
     shape = tuple(int(d) for d in tensor.shape)
+    if not shape:
+        raise InvalidInput(f"{field} has no shape (is it missing?)")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{field}.shape {list(shape)} has a negative dimension")
-    count = math.prod(shape) if shape else 0  # Python ints: a huge shape cannot overflow to a small count
+    count = math.prod(shape)  # Python ints: a huge shape cannot overflow to a small count
     if len(tensor.data) != 4 * count:
         raise InvalidInput(
             f"{field}.data has {len(tensor.data)} bytes but shape {list(shape)} needs {4 * count} (float32)"
         )
-    return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+    try:
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)
+    except ValueError as error:  # an empty array of a shape numpy cannot make, e.g. [2**62, 0]
+        raise InvalidInput(f"{field}.shape {list(shape)} is not an array shape numpy can make: {error}") from None
 
 
 def decode_inputs(
@@ -81,6 +86,8 @@ def decode_inputs(
         return token_array
     if count:
         raise InvalidInput("this model takes features, but the request carries tokens")
+    if not has_features:
+        _check_count(0, max_positions)  # refuses it: no input at all
     array = decode_float_tensor(features, "features")
     if array.ndim != 2 or array.shape[1] != spec.input_size:
         raise InvalidInput(f"features shape {list(array.shape)} must be [positions, {spec.input_size}]")

@@ -262,12 +262,58 @@ def test_single_position_entries_go_in_columns_and_are_answered_per_row() -> Non
     assert sessions[2].step == 6
 
 
+def test_a_server_that_does_not_know_columns_gets_the_same_entries_as_steps() -> None:
+    """A server older than SessionColumns ignores the field and refuses the call as empty, applying nothing:
+    the entries go again as steps, at once and without using up an attempt, and the exchange stays on steps."""
+    sessions, exchange = multi(3, 7, tokens=(1,), retry=RetryPolicy(max_attempts=1))
+    assert exchange.next_attempt() == 0.0
+    assert exchange.request().HasField("columns")
+    exchange.failed(FakeRpcError(Code.INVALID_ARGUMENT, "StepSessions request has no steps"))
+    assert [s.step for s in sessions] == [3, 7]
+    assert exchange.next_attempt() == 0.0
+    assert sent(exchange.request()) == [("a", 3), ("b", 7)]
+    exchange.answered(pb.StepSessionsResponse(results=[answered(4), refused(Code.UNAVAILABLE, "moving")]))
+    assert exchange.next_attempt() is None  # the one attempt was the steps one: the moving entry is not resent
+    assert [s.step for s in sessions] == [4, 7]
+
+
+def test_other_refusals_of_a_columns_call_are_not_taken_for_an_old_server() -> None:
+    sessions, exchange = multi(3, tokens=(1,))
+    exchange.next_attempt()
+    exchange.request()
+    exchange.failed(FakeRpcError(Code.INVALID_ARGUMENT, "columns carry 2000 sessions, more than ..."))
+    assert exchange.next_attempt() is None
+    (outcome,) = exchange.outcomes("logits")
+    assert isinstance(outcome, InvalidRequest) and sessions[0].step == 3
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        lambda result: result.logits.ClearField("data"),  # no logits for the rows
+        lambda result: result.errors.add(index=5, code=Code.NOT_FOUND.value[0]),  # a refusal of no row sent
+    ],
+)
+def test_a_malformed_columns_answer_fails_the_call_in_doubt(malformed: Callable[[pb.SessionColumnsResult], object]) -> None:
+    sessions, exchange = multi(3, 7, tokens=(1,))
+    exchange.next_attempt()
+    exchange.request()
+    response = columns_answer([4, 8], np.zeros((2, 3), np.float32))
+    malformed(response.columns)
+    exchange.answered(response)
+    assert exchange.next_attempt() is None
+    assert all(o.code == Code.INTERNAL for o in exchange.outcomes("logits"))  # type: ignore[union-attr]
+    assert [s.step for s in sessions] == [None, None]  # the server may have applied them: read back next time
+
+
 def test_entries_that_do_not_fit_columns_go_as_steps() -> None:
     seeded = {"output": pb.OUTPUT_SAMPLE, "sampling": pb.Sampling(temperature=1.0, seed=3)}
     for first, second in (
         ({"tokens": [1]}, {"tokens": [1, 2]}),  # an entry of two positions
         ({"tokens": [1], **seeded}, {"tokens": [1], **seeded}),  # a seed is per session
         ({"tokens": [1]}, {"tokens": [1], "output": pb.OUTPUT_TOPK}),  # two output kinds
+        ({"features": pb.Tensor(shape=[1, 3], data=bytes(12))}, {"features": pb.Tensor(shape=[1, 2], data=bytes(8))}),
+        ({"features": pb.Tensor(shape=[1, 3], data=bytes(12))}, {"tokens": [1]}),  # the server refuses the tokens
     ):
         states = [_core.SessionState(name * 32, 0, 2.5) for name in "ab"]
         requests = [pb.SessionStep(**first), pb.SessionStep(**second)]  # type: ignore[arg-type]

@@ -287,6 +287,31 @@ def test_feature_model_sessions(feature_model: Any) -> None:
                 np.testing.assert_array_equal(outcome.logits, expected)
             (bad,) = client.step_sessions({many[0]: [1]})
             assert type(bad).__name__ == "InvalidRequest" and many[0].position == 1
+            # One row each, of the model's width, goes in columns, and equals Session.step alone.
+            forms: list[str] = []
+            real = client._stub.StepSessions
+
+            def recording(request: pb.StepSessionsRequest, **kwargs: Any) -> pb.StepSessionsResponse:
+                forms.append("columns" if request.HasField("columns") else "steps")
+                return real(request, **kwargs)  # type: ignore[no-any-return]
+
+            client._stub.StepSessions = recording
+            fresh, solo = [client.session() for _ in range(3)], [client.session() for _ in range(3)]
+            one_row = [np.random.default_rng(10 + i).normal(size=(1, width)).astype(np.float32) for i in range(3)]
+            outcomes = client.step_sessions(features=dict(zip(fresh, one_row, strict=True)))
+            for outcome, session, features in zip(outcomes, solo, one_row, strict=True):
+                assert isinstance(outcome, StepOutput) and outcome.logits is not None
+                np.testing.assert_array_equal(outcome.logits, session.step(features=features).logits)
+            # Rows of the wrong width go as steps (not glued into one column), each refused on its own.
+            widths = (width, width - 1, width + 1)
+            uneven = [np.random.default_rng(20 + i).normal(size=(1, w)).astype(np.float32) for i, w in enumerate(widths)]
+            outcomes = client.step_sessions(features=dict(zip(fresh, uneven, strict=True)))
+            assert isinstance(outcomes[0], StepOutput)
+            assert [type(o).__name__ for o in outcomes[1:]] == ["InvalidRequest", "InvalidRequest"]
+            assert [s.position for s in fresh] == [2, 1, 1]  # the refused rows changed nothing
+            assert forms == ["columns", "steps"]
+            for session in fresh + solo:
+                session.close()
             for session in many + alone:
                 session.close()
     finally:

@@ -150,6 +150,9 @@ def test_feature_rows_match_step(feature_model: Path) -> None:
             for bad, fragment in (
                 (pb.SessionColumns(session_ids=many[:1], tokens=[1]), "takes features"),
                 (pb.SessionColumns(session_ids=many[:2], features=features_tensor(rows)), f"[2, {width}]"),
+                (pb.SessionColumns(session_ids=many[:1]), "columns.features is missing"),
+                (pb.SessionColumns(session_ids=many[:1], features=pb.Tensor(shape=[2**62, 0])), "is not an array shape"),
+                (pb.SessionColumns(session_ids=many[:1], features=pb.Tensor(shape=[1, width], data=b"\0")), "has 1 bytes"),
             ):
                 assert fragment in refusal(stub, pb.StepSessionsRequest(columns=bad), [])
             rows[1, 0] = np.nan  # refuses its row alone

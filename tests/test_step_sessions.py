@@ -137,8 +137,17 @@ def test_feature_entries_match_step(feature_model: Path) -> None:
             for result, reference_id, r in zip(results, alone, rows, strict=True):
                 expected = step_alone(channel, reference_id, features=features_tensor(r))
                 np.testing.assert_array_equal(logits_of(result.response), logits_of(expected))
-            bad = step_sessions(stub, [pb.SessionStep(session_id=many[0], tokens=[1])])
+            bad = step_sessions(
+                stub,
+                [
+                    pb.SessionStep(session_id=many[0], tokens=[1]),
+                    pb.SessionStep(session_id=many[1]),
+                    pb.SessionStep(session_id=many[2], features=pb.Tensor(shape=[2**62, 0])),
+                ],
+            )
             assert_error(bad[0], grpc.StatusCode.INVALID_ARGUMENT, "steps[0]", "takes features")
+            assert_error(bad[1], grpc.StatusCode.INVALID_ARGUMENT, "steps[1]", "no tokens or feature rows")
+            assert_error(bad[2], grpc.StatusCode.INVALID_ARGUMENT, "steps[2]", "is not an array shape")
     finally:
         handle.stop()
 
