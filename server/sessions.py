@@ -6,7 +6,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -21,9 +21,11 @@ SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 SEQUENCE_ID_PREFIX = "oip-"
 
 
-@dataclass(frozen=True, slots=True)
-class StepResult:
+class StepResult(NamedTuple):
     """What one step request produced.
+
+    A named tuple, not a frozen dataclass: the batching loop makes one per row of a multi-session block,
+    and a frozen dataclass sets each field through `object.__setattr__` (about five times the time).
 
     Args:
         logits: float32 [positions, output_size] for every fed position.
