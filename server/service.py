@@ -304,7 +304,10 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 refusals[entry.index] = entry.outcome
                 continue
             try:
-                session = await self._entry_session(entry.message.session_id, owner)
+                session_id = entry.message.session_id
+                session = self._live_entry_session(session_id, owner) or await self.scheduler.find_session(
+                    session_id, owner
+                )
             except ServeError as error:
                 refusals[entry.index] = error
                 continue
@@ -331,13 +334,12 @@ class LstmServeService(pb_grpc.LstmServeServicer):
                 _fill_step_response(result.response, answer[0], entry.message, entry.outcome, answer[1])  # type: ignore[arg-type]
         return response
 
-    async def _entry_session(self, session_id: str, owner: str) -> Session:
-        """The live session of one entry (or row) of a StepSessions request, brought back if spilled."""
+    def _live_entry_session(self, session_id: str, owner: str) -> Session | None:
+        """The live session of one entry (or row) of a StepSessions request when it is in memory, the common
+        case, found without a coroutine; None when `Scheduler.find_session` must look further (or refuse)."""
         self._check_lease(session_id)
-        live = self.scheduler.sessions.find(session_id)  # the common case, without a coroutine per entry
-        if live is None or live.owner != owner:
-            live = await self.scheduler.find_session(session_id, owner)
-        return live
+        live = self.scheduler.sessions.find(session_id)
+        return live if live is not None and live.owner == owner else None
 
     def _entry_refused(self, refusal: pb.StepError, entry: _Entry, error: ServeError) -> None:
         """Writes an entry's refusal as its StepError."""
@@ -365,7 +367,9 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             try:
                 if not session_id:
                     raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
-                session = await self._entry_session(session_id, owner)
+                session = self._live_entry_session(session_id, owner) or await self.scheduler.find_session(
+                    session_id, owner
+                )
             except ServeError as error:
                 refusals[row] = error
                 continue
