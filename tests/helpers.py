@@ -73,6 +73,30 @@ class SyncStream:
         self._queue.put(None)
 
 
+def bearer(key: str) -> list[tuple[str, str]]:
+    """Call metadata carrying an API key."""
+    return [("authorization", f"Bearer {key}")]
+
+
+def new_sessions(stub: pb_grpc.LstmServeStub, count: int, metadata: list[tuple[str, str]] | None = None) -> list[str]:
+    """The ids of `count` new sessions."""
+    return [stub.CreateSession(pb.CreateSessionRequest(), metadata=metadata).session_id for _ in range(count)]
+
+
+def step_of(stub: pb_grpc.LstmServeStub, session_id: str, metadata: list[tuple[str, str]] | None = None) -> int:
+    """A session's step counter, as GetSession reports it."""
+    return stub.GetSession(pb.SessionRef(session_id=session_id), metadata=metadata).step
+
+
+def step_alone(channel: grpc.Channel, session_id: str, **fields: object) -> pb.StepResponse:
+    """One request of `session_id` on a Step stream of its own."""
+    stream = SyncStream(channel)
+    try:
+        return stream.request(session_id=session_id, **fields)
+    finally:
+        stream.close()
+
+
 def reference_logits(model_path: Path, inputs: np.ndarray) -> np.ndarray:
     """Whole-sequence logits [positions, output_size] from the exported PyTorch checkpoint, zero state."""
     import torch

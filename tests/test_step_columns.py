@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ServerThread, start_server
-from helpers import SyncStream, features_tensor, logits_of
+from helpers import bearer, features_tensor, logits_of, new_sessions, step_alone, step_of
 
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -23,35 +23,12 @@ LIMIT = 4  # --max-sessions-per-request of the `limited` server
 UNKNOWN_ID = "0123456789abcdef0123456789abcdef"  # a well-formed id that no session has
 
 
-def bearer(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
-
-
 @pytest.fixture(scope="module")
 def limited(token_model: Path) -> Iterator[ServerThread]:
     """A token-model server with API keys and a small --max-sessions-per-request."""
-    handle = start_server(
-        token_model, api_keys=frozenset({KEY_A, KEY_B}), max_sessions_per_request=LIMIT
-    )
+    handle = start_server(token_model, api_keys=frozenset({KEY_A, KEY_B}), max_sessions_per_request=LIMIT)
     yield handle
     handle.stop()
-
-
-def new_sessions(stub: pb_grpc.LstmServeStub, count: int, metadata: list[tuple[str, str]] | None = None) -> list[str]:
-    return [stub.CreateSession(pb.CreateSessionRequest(), metadata=metadata).session_id for _ in range(count)]
-
-
-def step_of(stub: pb_grpc.LstmServeStub, session_id: str, metadata: list[tuple[str, str]] | None = None) -> int:
-    return stub.GetSession(pb.SessionRef(session_id=session_id), metadata=metadata).step
-
-
-def step_alone(channel: grpc.Channel, session_id: str, **fields: object) -> pb.StepResponse:
-    """One request of `session_id` on a Step stream of its own."""
-    stream = SyncStream(channel)
-    try:
-        return stream.request(session_id=session_id, **fields)
-    finally:
-        stream.close()
 
 
 def step_columns(
