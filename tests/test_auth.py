@@ -11,6 +11,7 @@ import grpc
 import pytest
 from conftest import ServerThread, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import bearer
 
 from lstmserve.client import Client, SessionNotFound, Unauthenticated
 from lstmserve.server.auth import ApiKeyError, load_api_keys
@@ -18,10 +19,6 @@ from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 KEY_A, KEY_B = "key-a-0123456789abcdef", "key-b-fedcba9876543210"
-
-
-def bearer(key: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {key}")]
 
 
 @pytest.fixture(scope="module")
