@@ -205,6 +205,8 @@ def step_output(response: pb.StepResponse, output: OutputKind) -> StepOutput:
     elif output == "topk":
         topk_ids = np.array([list(row.ids) for row in response.topk], dtype=np.int64)
         topk_logprobs = np.array([list(row.logprobs) for row in response.topk], dtype=np.float32)
+        for array in (topk_ids, topk_logprobs):
+            array.flags.writeable = False  # read-only, as StepOutput says (and as the logits and the columns form are)
     elif output == "sample":
         token = int(response.token)
     return StepOutput(
