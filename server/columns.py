@@ -17,13 +17,16 @@ import numpy as np
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.sampling import SamplingParams, sample_kind, top_k_logprobs
+from lstmserve.server.sampling import Sampler, SamplingParams, sample_kind, top_k_logprobs
 from lstmserve.server.sessions import StepResult
 from lstmserve.server.text import shown
 from lstmserve.v1 import lstmserve_pb2 as pb
 
 # What one row adds to the response beyond its output: its step counter and batch size (varints).
 COLUMN_ROW_BYTES = 16
+
+# Why an entry (or row) with an empty session id is refused, in both forms of StepSessions.
+EMPTY_SESSION_ID = "session_id is empty: StepSessions steps existing sessions (see CreateSession)"
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class ColumnsStep:
         top_k: k for OUTPUT_TOPK.
         sampling: how to sample for OUTPUT_SAMPLE, else None.
         refused: the rows refused for their own input (a token outside the vocabulary, a feature row with
-            NaN or infinity): refused alone, as a bad entry of the steps form is.
+            NaN or infinity) or an empty session id: refused alone, as a bad entry of the steps form is.
     """
 
     session_ids: list[str]
@@ -85,6 +88,9 @@ def decode_columns(
             "a StepSessions request steps each session at most once"
         )
     inputs, refused = _decode_inputs(columns, spec, count)
+    for row, session_id in enumerate(session_ids):
+        if not session_id:
+            refused.setdefault(row, InvalidInput(EMPTY_SESSION_ID))
     expected_steps = [int(step) for step in columns.expected_steps] or None
     if expected_steps is not None and len(expected_steps) != count:
         raise InvalidInput(
@@ -166,10 +172,9 @@ def fill_columns_result(
         messages.fill_tensor(result.topk_ids, _scattered(ids, rows, count))
         messages.fill_tensor(result.topk_logprobs, _scattered(logprobs, rows, count))
     elif output == pb.OUTPUT_SAMPLE and step.sampling is not None:
-        kind = (step.sampling.temperature, step.sampling.top_k, step.sampling.top_p)
         tokens = np.zeros(count, dtype=np.int64)
         if answered:
-            tokens[rows] = sample_kind(kind, logits)
+            tokens[rows] = sample_kind(Sampler(step.sampling).group, logits)  # one kind for all rows, no seed
         result.tokens.extend(tokens.tolist())
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from lstmserve.metadata import ModelSpec
 from lstmserve.server import messages
 from lstmserve.server.auth import bearer_key, owner_of
-from lstmserve.server.columns import ColumnsStep, decode_columns, fill_columns_result, first_repeat
+from lstmserve.server.columns import EMPTY_SESSION_ID, ColumnsStep, decode_columns, fill_columns_result, first_repeat
 from lstmserve.server.config import ServerConfig
 from lstmserve.server.errors import (
     InvalidInput,
@@ -273,7 +273,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         """An entry with its validated step, or with the reason it is refused."""
         try:
             if not message.session_id:
-                raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
+                raise InvalidInput(EMPTY_SESSION_ID)
             return _Entry(index, message, self._parse_step(message, tokens))
         except ServeError as error:
             return _Entry(index, message, error)
@@ -293,37 +293,18 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             )
 
     async def _step_entries(self, entries: list[_Entry], owner: str) -> pb.StepSessionsResponse:
-        """Every entry stepped as Step steps a request, all queued at once (`Scheduler.step_many`): each entry's
-        result, or its refusal as a StepError, in order. The answers are written in place into the response
-        (a message built apart and then added would be copied)."""
+        """Every entry stepped as Step steps a request, all queued at once (`_step_each`): each entry's result,
+        or its refusal as a StepError, in order. The answers are written in place into the response (a message
+        built apart and then added would be copied)."""
         refusals: dict[int, ServeError] = {}
-        steps: list[tuple[Session, np.ndarray, int | None]] = []
-        stepped: list[_Entry] = []
+        steps: list[tuple[int, str, np.ndarray, int | None]] = []
         for entry in entries:
             if isinstance(entry.outcome, ServeError):
                 refusals[entry.index] = entry.outcome
-                continue
-            try:
-                session_id = entry.message.session_id
-                session = self._live_entry_session(session_id, owner) or await self.scheduler.find_session(
-                    session_id, owner
-                )
-            except ServeError as error:
-                refusals[entry.index] = error
-                continue
-            assert entry.outcome.inputs is not None
-            steps.append((session, entry.outcome.inputs, entry.outcome.expected_step))
-            stepped.append(entry)
-        outcomes = await self.scheduler.step_many(steps)
-        answers: dict[int, tuple[Session, StepResult]] = {}
-        for entry, (session, _, _), outcome in zip(stepped, steps, outcomes, strict=True):
-            try:
-                if isinstance(outcome, ServeError):
-                    raise outcome
-                self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
-                answers[entry.index] = (session, outcome)
-            except ServeError as error:
-                refusals[entry.index] = error
+            else:
+                assert entry.outcome.inputs is not None
+                steps.append((entry.index, entry.message.session_id, entry.outcome.inputs, entry.outcome.expected_step))
+        answers = await self._step_each(steps, owner, refusals)
         response = pb.StepSessionsResponse()
         for entry in entries:
             result = response.results.add()
@@ -341,6 +322,36 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         live = self.scheduler.sessions.find(session_id)
         return live if live is not None and live.owner == owner else None
 
+    async def _step_each(
+        self, steps: list[tuple[int, str, np.ndarray, int | None]], owner: str, refusals: dict[int, ServeError]
+    ) -> dict[int, tuple[Session, StepResult]]:
+        """Steps each (position, session id, inputs, expected step) of a StepSessions request, all queued at once
+        (`Scheduler.step_many`): returns the answered positions' sessions and results; a position refused (its
+        session not found or not the caller's, its step refused) goes into `refusals` instead."""
+        stepped: list[int] = []
+        sessions: list[tuple[Session, np.ndarray, int | None]] = []
+        for position, session_id, inputs, expected_step in steps:
+            try:
+                session = self._live_entry_session(session_id, owner) or await self.scheduler.find_session(
+                    session_id, owner
+                )
+            except ServeError as error:
+                refusals[position] = error
+                continue
+            stepped.append(position)
+            sessions.append((session, inputs, expected_step))
+        outcomes = await self.scheduler.step_many(sessions)
+        answers: dict[int, tuple[Session, StepResult]] = {}
+        for position, (session, _, _), outcome in zip(stepped, sessions, outcomes, strict=True):
+            try:
+                if isinstance(outcome, ServeError):
+                    raise outcome
+                self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
+                answers[position] = (session, outcome)
+            except ServeError as error:
+                refusals[position] = error
+        return answers
+
     def _entry_refused(self, refusal: pb.StepError, entry: _Entry, error: ServeError) -> None:
         """Writes an entry's refusal as its StepError."""
         self._write_refusal(refusal, entry.index, entry.message.session_id, f"steps[{entry.index}]", error)
@@ -355,36 +366,16 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         refusal.message = f"{where}: {error}"
 
     async def _step_columns(self, step: ColumnsStep, owner: str) -> pb.StepSessionsResponse:
-        """Every row stepped as an entry of the steps form is (`Scheduler.step_many`, the same exactly-once
-        rules), answered in columns: the answered rows' counters and outputs, and each refused row's StepError."""
+        """Every row stepped as an entry of the steps form is (`_step_each`, the same exactly-once rules), answered
+        in columns: the answered rows' counters and outputs, and each refused row's StepError."""
         refusals: dict[int, ServeError] = dict(step.refused)
-        rows: list[int] = []
-        steps: list[tuple[Session, np.ndarray, int | None]] = []
         expected_steps = step.expected_steps
-        for row, session_id in enumerate(step.session_ids):
-            if row in refusals:
-                continue
-            try:
-                if not session_id:
-                    raise InvalidInput("session_id is empty: StepSessions steps existing sessions (see CreateSession)")
-                session = self._live_entry_session(session_id, owner) or await self.scheduler.find_session(
-                    session_id, owner
-                )
-            except ServeError as error:
-                refusals[row] = error
-                continue
-            rows.append(row)
-            steps.append((session, step.inputs[row], expected_steps[row] if expected_steps is not None else None))
-        outcomes = await self.scheduler.step_many(steps)
-        answers: dict[int, StepResult] = {}
-        for row, (session, _, _), outcome in zip(rows, steps, outcomes, strict=True):
-            try:
-                if isinstance(outcome, ServeError):
-                    raise outcome
-                self._check_lease(session.id)  # acknowledged only while no other replica can have taken the session
-                answers[row] = outcome
-            except ServeError as error:
-                refusals[row] = error
+        steps = [
+            (row, session_id, step.inputs[row], expected_steps[row] if expected_steps is not None else None)
+            for row, session_id in enumerate(step.session_ids)
+            if row not in refusals
+        ]
+        answers = {row: result for row, (_, result) in (await self._step_each(steps, owner, refusals)).items()}
         response = pb.StepSessionsResponse()
         result = response.columns
         fill_columns_result(result, step, answers, self.spec.output_size)
