@@ -435,7 +435,7 @@ class Scheduler:
             return
         self._spin_until = time.perf_counter() + self.limits.idle_spin_us / 1e6
         if self._spinner is None or self._spinner.done():
-            self._spinner = (self._loop or asyncio.get_running_loop()).create_task(self._spin())
+            self._spinner = self.loop.create_task(self._spin())
 
     async def _spin(self) -> None:
         """Yields to the event loop until `_spin_until` (each step alone moves it on), or until a batch
@@ -445,7 +445,7 @@ class Scheduler:
 
     # ---- internals -------------------------------------------------------
     def _new_future(self) -> asyncio.Future[Any]:
-        return (self._loop or asyncio.get_running_loop()).create_future()
+        return self.loop.create_future()
 
     async def _run_op(self, session: Session, op: Any) -> Any:
         """Runs a lifecycle operation in the session's queue, after its queued steps; returns what it returns."""
@@ -512,7 +512,7 @@ class Scheduler:
                 if self._lanes == 1:
                     await lane  # one batch at a time: the loop goes on once it is applied
                     break
-                task = (self._loop or asyncio.get_running_loop()).create_task(lane)
+                task = self.loop.create_task(lane)
                 self._lane_tasks.add(task)
                 task.add_done_callback(self._lane_freed)
 
@@ -617,7 +617,7 @@ class Scheduler:
         returns its exception for each of its groups; the other calls are unaffected.
         """
         started = time.perf_counter()
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self.loop
         phases = [0.0, 0.0, 0.0]  # gather, model call (with any hops), scatter: ModelStatistics' phases
         outputs: list[np.ndarray | Exception] = [None] * len(groups)  # type: ignore[list-item]
         for members, slots, inputs in _model_calls(groups):
