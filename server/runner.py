@@ -96,16 +96,19 @@ class PreparedCall:
     Args:
         binding: the IO binding of inputs, logits and state.
         output: the logits buffer the call writes.
-        positions: positions per row.
         inputs: the bound input buffer (kept alive while bound).
         time_major: the output is [time, batch, ...] and `logits` transposes it.
     """
 
     binding: ort.IOBinding
     output: np.ndarray
-    positions: int
     inputs: np.ndarray
     time_major: bool = False
+
+    @property
+    def positions(self) -> int:
+        """Positions per row."""
+        return self.output.shape[0] if self.time_major else self.output.shape[1]
 
     def logits(self) -> np.ndarray:
         """The call's logits [batch, time, output_size], once it ran."""
@@ -170,16 +173,15 @@ class Runner:
         All the Python of a model call is here, so that the thread that executes it (the scheduler's worker)
         holds the GIL only for a moment: a worker that runs Python makes the event loop wait for the GIL.
         """
-        positions = inputs.shape[1]
-        if positions == 1:
+        if inputs.shape[1] == 1:
             return self._prepare_single_position(inputs, state, lane)
         if self.spec.time_major:  # the graph takes [time, batch, ...]: transpose in and out
             inputs = np.ascontiguousarray(np.swapaxes(inputs, 0, 1), dtype=self._input_dtype)
             logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
-            return PreparedCall(self._bind(inputs, logits, state), logits, positions, inputs, time_major=True)
+            return PreparedCall(self._bind(inputs, logits, state), logits, inputs, time_major=True)
         inputs = np.ascontiguousarray(inputs, dtype=self._input_dtype)
         logits = np.empty((inputs.shape[0], inputs.shape[1], self.spec.output_size), dtype=np.float32)
-        return PreparedCall(self._bind(inputs, logits, state), logits, positions, inputs)
+        return PreparedCall(self._bind(inputs, logits, state), logits, inputs)
 
     def execute(self, call: PreparedCall) -> None:
         """Runs a prepared model call (on any thread; ONNX Runtime releases the GIL while it computes)."""
@@ -206,7 +208,7 @@ class Runner:
             cached = (state, self._bind(step_inputs[:batch], step_logits[:batch], state, swap_axes=swap))
             self._step_bindings[key] = cached
         step_inputs[:batch] = inputs
-        return PreparedCall(cached[1], step_logits[:batch], 1, step_inputs)
+        return PreparedCall(cached[1], step_logits[:batch], step_inputs)
 
     def _bind(
         self, inputs: np.ndarray, logits: np.ndarray, state: BindableState, *, swap_axes: bool = False
