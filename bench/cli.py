@@ -64,7 +64,8 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
                    help="which series to run, comma-separated, from server, unbatched, echo, engine (the server's "
                    "batching engine driven in this process, no gRPC, in batches of up to N; brings onnxruntime "
                    "along for its ratio), onnxruntime, torch (default all of these), and sessions (one caller, one "
-                   "channel, stepping N sessions per StepSessions request; --mode step only; brings onnxruntime "
+                   "channel, stepping N sessions per StepSessions request, or with --mode generate feeding each the token "
+                   "sampled for it in the previous answer; not --mode prompt; brings onnxruntime "
                    "along for its ratio)")  # fmt: skip
     p.add_argument("--calls-in-flight", type=int, default=2,
                    help="sessions series: StepSessions requests kept in flight, each stepping its own share of the "
@@ -108,10 +109,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if unknown:
         print(f"lstmserve bench: error: unknown series {unknown}; choose from {list(ALL_SERIES)}", file=sys.stderr)
         return 2
-    if "sessions" in series and args.mode != "step":
+    if "sessions" in series and args.mode == "prompt":
         print(
-            f"lstmserve bench: error: --series sessions measures single-token steps (StepSessions has no generation "
-            f"and the target is for steps): use --mode step, not {args.mode!r}, or leave sessions out of --series",
+            "lstmserve bench: error: --series sessions steps one position per session (a prompt of several is "
+            "not what StepSessions columns carry): use --mode step or generate, not 'prompt', or leave sessions "
+            "out of --series",
             file=sys.stderr,
         )
         return 2

@@ -124,11 +124,12 @@ def _measure_load(
 
 def _run_load(series: str, target: str, level: int, config: BenchConfig, vocab: int) -> LoadResult:
     """The load of one series at one level, from load processes: for the sessions series one caller (one
-    channel) stepping `level` sessions through StepSessions, else `level` streams."""
+    channel) stepping (or generating for) `level` sessions through StepSessions, else `level` streams."""
     if series == SERIES_SESSIONS:
         sessions = SessionsSpec(
             target=target, sessions=level, calls_in_flight=config.calls_in_flight, warmup_s=config.warmup_s,
             duration_s=config.duration_s, output=config.output, vocab=vocab, form=config.sessions_form,
+            mode=config.mode,
         )  # fmt: skip
         return run_sessions_in_process(sessions)
     spec = LoadSpec(

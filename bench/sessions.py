@@ -7,9 +7,14 @@ and gives each group one request in flight: send the group's StepSessions reques
 answer, send the next. So a session is in at most one request at a time and its steps are applied
 in the order they were sent, and the number of requests in flight is the number of groups.
 
-Steps are counted per session stepped (an answered entry), with the engine series' window rule: a
-request's steps count in the share of its time inside the measured window. Latencies are per
-request, of requests sent and received inside the window.
+In generate mode the caller generates for its sessions itself: each request feeds every session of
+its group the token sampled for it in the group's previous answer (OUTPUT_SAMPLE at temperature 1, no
+seed; a random first token), as a game server or an agent runtime that decides each step drives many
+generations. A refused row feeds its previous token again.
+
+Steps (in generate mode, generated tokens) are counted per session stepped (an answered entry), with
+the engine series' window rule: a request's steps count in the share of its time inside the measured
+window. Latencies are per request, of requests sent and received inside the window.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class SessionsSpec:
         output: what each entry asks back (logits, topk, sample, none).
         vocab: token ids are drawn from [0, vocab).
         form: "columns" (SessionColumns: no message per session) or "steps" (a SessionStep per session).
+        mode: "step" (random tokens, `output` asked back) or "generate" (each session fed the token
+            sampled for it in the previous answer; `output` is not used).
     """
 
     target: str
@@ -51,6 +58,7 @@ class SessionsSpec:
     output: str = "logits"
     vocab: int = 2
     form: str = "columns"
+    mode: str = "step"
 
 
 def split_sessions(session_ids: Sequence[str], calls_in_flight: int, max_per_request: int) -> list[list[str]]:
@@ -93,19 +101,15 @@ def run_sessions_in_process(spec: SessionsSpec) -> LoadResult:
 async def _step_group(
     stub: pb_grpc.LstmServeStub, session_ids: Sequence[str], spec: SessionsSpec, seed: int, window: Window
 ) -> None:
-    """One request in flight for this group: a single-token step for each of its sessions, again and again."""
+    """One request in flight for this group: a single-token step for each of its sessions, again and again
+    (in generate mode, each session's token the one sampled for it in the previous answer)."""
     rng = np.random.default_rng(seed)
-    output = OUTPUTS[spec.output]
+    generating = spec.mode == "generate"
+    output = pb.OUTPUT_SAMPLE if generating else OUTPUTS[spec.output]
+    sampling = pb.Sampling(temperature=1.0) if generating else None
+    tokens = rng.integers(0, spec.vocab, size=len(session_ids)).tolist()
     while time.perf_counter() < window.end:
-        tokens = rng.integers(0, spec.vocab, size=len(session_ids)).tolist()
-        if spec.form == "columns":
-            request = pb.StepSessionsRequest(
-                columns=pb.SessionColumns(session_ids=session_ids, tokens=tokens, output=output)
-            )
-        else:
-            request = pb.StepSessionsRequest(
-                steps=[pb.SessionStep(session_id=id_, tokens=[token], output=output) for id_, token in zip(session_ids, tokens)]
-            )
+        request = _request(session_ids, tokens, output, sampling, spec.form)
         sent = time.perf_counter()
         try:
             response = await stub.StepSessions(request)
@@ -116,6 +120,37 @@ async def _step_group(
         batch_sizes = _answered_batch_sizes(response, spec.form)
         window.result.errors += len(session_ids) - len(batch_sizes)
         window.add(sent, received, len(batch_sizes), len(batch_sizes), batch_sizes)
+        if generating:
+            tokens = _sampled_tokens(response, spec.form, tokens)
+        else:
+            tokens = rng.integers(0, spec.vocab, size=len(session_ids)).tolist()
+
+
+def _request(
+    session_ids: Sequence[str], tokens: list[int], output: int, sampling: pb.Sampling | None, form: str
+) -> pb.StepSessionsRequest:
+    """A StepSessions request of one token for each session, in `form`."""
+    if form == "columns":
+        return pb.StepSessionsRequest(
+            columns=pb.SessionColumns(session_ids=session_ids, tokens=tokens, output=output, sampling=sampling)
+        )
+    return pb.StepSessionsRequest(
+        steps=[
+            pb.SessionStep(session_id=id_, tokens=[token], output=output, sampling=sampling)
+            for id_, token in zip(session_ids, tokens, strict=True)
+        ]
+    )
+
+
+def _sampled_tokens(response: pb.StepSessionsResponse, form: str, previous: list[int]) -> list[int]:
+    """Each session's next token: the one sampled for it in `response`, or for a refused row its previous one."""
+    if form == "columns":
+        refused = {error.index for error in response.columns.errors}
+        return [previous[row] if row in refused else token for row, token in enumerate(response.columns.tokens)]
+    return [
+        result.response.token if result.HasField("response") else previous[row]
+        for row, result in enumerate(response.results)
+    ]
 
 
 def _answered_batch_sizes(response: pb.StepSessionsResponse, form: str) -> list[int]:

@@ -22,6 +22,10 @@ ONE_SESSION_SLACK_MS = 0.150
 # (the issue states it for the default model; the check is printed for whatever model was measured).
 SESSIONS_TARGET_LEVEL = 256
 SESSIONS_TARGET_RATIO = 0.70
+# Generation through gRPC at the top level: tokens/s / the compute ceiling at the formed batch (issue 20 raised
+# it from 0.50). The sessions series in generate mode is held to it against the ceiling at batch N, which is
+# at least the ceiling at the (smaller) batches it forms.
+GENERATION_TARGET_RATIO = 0.70
 
 
 def series_proxied(replicas: int) -> str:
@@ -104,14 +108,15 @@ def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, re
     if mode == "generate" and server and formed and formed.steps_per_s:
         checks.append(
             Check(
-                f"{top} sessions generating: tokens/s / compute ceiling at the formed batch (target >= 0.50)",
+                f"{top} sessions generating: tokens/s / compute ceiling at the formed batch "
+                f"(target >= {GENERATION_TARGET_RATIO:.2f})",
                 server.steps_per_s / formed.steps_per_s,
-                0.50,
+                GENERATION_TARGET_RATIO,
                 note=f"batch {formed.mean_batch:.0f}",
             )
         )
     checks.extend(_engine_checks(by, levels))
-    checks.extend(_sessions_checks(by, levels))
+    checks.extend(_sessions_checks(by, levels, mode))
     return checks
 
 
@@ -133,20 +138,25 @@ def _engine_checks(by: dict[tuple[str, int], Row], levels: Sequence[int]) -> lis
     return checks
 
 
-def _sessions_checks(by: dict[tuple[str, int], Row], levels: Sequence[int]) -> list[Check]:
-    """At each level: one caller's StepSessions throughput (sessions stepped per second) over the compute
-    ceiling's at that batch size; the target at 256 sessions (the series measures single-token steps only)."""
+def _sessions_checks(by: dict[tuple[str, int], Row], levels: Sequence[int], mode: str) -> list[Check]:
+    """At each level: one caller's StepSessions throughput (sessions stepped, or tokens generated, per second)
+    over the compute ceiling's at that batch size; the target at 256 sessions: the multi-session target for
+    steps, the gRPC generation target in generate mode."""
     checks = []
+    generating = mode == "generate"
+    bound = GENERATION_TARGET_RATIO if generating else SESSIONS_TARGET_RATIO
     for level in levels:
         sessions, ceiling = by.get((SERIES_SESSIONS, level)), by.get((SERIES_ORT, level))
         if sessions and ceiling and ceiling.steps_per_s:
             targeted = level == SESSIONS_TARGET_LEVEL
+            count = f"{level} session{'s' if level > 1 else ''}"
+            what = f"{count} generating: StepSessions tokens/s" if generating else f"{count}: StepSessions"
             checks.append(
                 Check(
-                    f"{level} session{'s' if level > 1 else ''}: StepSessions / compute ceiling at batch {level}, "
-                    "throughput" + (f" (target >= {SESSIONS_TARGET_RATIO:.2f})" if targeted else ""),
+                    f"{what} / compute ceiling at batch {level}, throughput"
+                    + (f" (target >= {bound:.2f})" if targeted else ""),
                     sessions.steps_per_s / ceiling.steps_per_s,
-                    SESSIONS_TARGET_RATIO if targeted else None,
+                    bound if targeted else None,
                     note=f"mean batch {sessions.mean_batch:.0f}" if sessions.mean_batch else "",
                 )
             )

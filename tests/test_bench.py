@@ -14,6 +14,7 @@ from lstmserve.bench.report import Row
 from lstmserve.bench.run import median_rows
 from lstmserve.bench.targets import Check, summarize_checks
 from lstmserve.cli import main
+from lstmserve.v1 import lstmserve_pb2 as pb
 from conftest import start_server
 
 
@@ -187,6 +188,24 @@ def test_step_targets_are_checked_only_for_single_token_steps() -> None:
     assert [(check.name, check.met()) for check in generating] == [("256 sessions: lstmserve / echo throughput", None)]
 
 
+def test_generation_through_grpc_is_held_to_the_issue_20_target_in_both_series() -> None:
+    from lstmserve.bench.targets import SERIES_ORT, SERIES_ORT_FORMED, SERIES_SERVER, SERIES_SESSIONS, compare_to_targets
+
+    rows = [
+        Row(series=SERIES_SERVER, level=256, steps_per_s=30_000.0),
+        Row(series=SERIES_ORT_FORMED, level=256, steps_per_s=60_000.0, mean_batch=240.0),
+        Row(series=SERIES_SESSIONS, level=256, steps_per_s=48_000.0),
+        Row(series=SERIES_ORT, level=256, steps_per_s=64_000.0),
+    ]
+    checks = {check.name: check for check in compare_to_targets(rows, (256,), "generate", ())}
+    streams = checks["256 sessions generating: tokens/s / compute ceiling at the formed batch (target >= 0.70)"]
+    assert (streams.value, streams.met()) == (0.5, False)
+    columns = checks["256 sessions generating: StepSessions tokens/s / compute ceiling at batch 256, throughput (target >= 0.70)"]
+    assert (columns.value, columns.met()) == (0.75, True)
+    stepping = {check.name for check in compare_to_targets(rows, (256,), "step", ())}
+    assert "256 sessions: StepSessions / compute ceiling at batch 256, throughput (target >= 0.70)" in stepping
+
+
 def test_a_round_measures_every_series_at_one_level_before_the_next(token_model: Path) -> None:
     """Levels outside, series inside: the ratios pair measurements seconds apart; rows come back by series."""
     from lstmserve.bench.run import BenchConfig, run_bench
@@ -284,8 +303,8 @@ def test_engine_series_repeats_report_the_median_round(token_model: Path, tmp_pa
     ("model", "options", "message"),
     [
         ("token_model", ["--series", "sessions", "--calls-in-flight", "0"], "--calls-in-flight must be positive, got 0"),
-        ("token_model", ["--series", "sessions", "--mode", "generate"], "--series sessions measures single-token steps"),
-        ("token_model", ["--series", "server,sessions", "--mode", "prompt"], "use --mode step, not 'prompt'"),
+        ("token_model", ["--series", "sessions", "--mode", "prompt"], "--series sessions steps one position per session"),
+        ("token_model", ["--series", "server,sessions", "--mode", "prompt"], "use --mode step or generate, not 'prompt'"),
         ("token_model", ["--series", "engine,engines"], "unknown series ['engines']"),
         ("feature_model", ["--series", "engine", "--mode", "generate"], "--mode generate needs a token model"),
         ("bidirectional_model", ["--series", "engine"], "is bidirectional and cannot be stepped"),
@@ -362,6 +381,70 @@ def test_sessions_series_steps_many_sessions_per_request(
         assert check["met"] is None  # the target is at 256 sessions
     markdown = (out / "results.md").read_text()
     assert SESSIONS in markdown and _sessions_ratio_name(4) in markdown
+
+
+@pytest.mark.parametrize("form", ["columns", "steps"])
+def test_sessions_series_generates_by_feeding_back_the_sampled_tokens(
+    token_model: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """In generate mode each request feeds every session the token sampled for it in the previous answer."""
+    from lstmserve.bench import sessions as sessions_module
+    from lstmserve.bench.sessions import SessionsSpec, run_sessions_load
+
+    exchanges: list[tuple[object, object]] = []
+    real_stub = sessions_module.pb_grpc.LstmServeStub
+
+    class RecordingStub:  # the real stub; StepSessions calls are recorded on their way through
+        def __init__(self, channel: object) -> None:
+            self._stub = real_stub(channel)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._stub, name)
+
+        async def StepSessions(self, request: object) -> object:  # noqa: N802 - the RPC's name
+            response = await self._stub.StepSessions(request)
+            exchanges.append((request, response))
+            return response
+
+    monkeypatch.setattr(sessions_module.pb_grpc, "LstmServeStub", RecordingStub)
+    handle = start_server(token_model, max_sessions=8)
+    try:
+        spec = SessionsSpec(
+            target=handle.address, sessions=3, calls_in_flight=1, warmup_s=0.1, duration_s=0.3, mode="generate",
+            vocab=4, form=form, output="logits",  # generate mode asks for sampled tokens whatever the output
+        )  # fmt: skip
+        result = asyncio.run(run_sessions_load(spec))
+    finally:
+        handle.stop()
+    assert result.errors == 0 and result.count > 0
+    assert len(exchanges) >= 3
+    for request, response in exchanges:
+        if form == "columns":
+            assert request.columns.output == pb.OUTPUT_SAMPLE and request.columns.sampling.temperature == 1.0
+            assert not response.columns.errors and len(response.columns.tokens) == 3
+        else:
+            assert all(entry.output == pb.OUTPUT_SAMPLE for entry in request.steps)
+    for (_, answer), (following, _) in zip(exchanges, exchanges[1:]):
+        if form == "columns":
+            assert list(following.columns.tokens) == list(answer.columns.tokens)
+        else:
+            assert [entry.tokens[0] for entry in following.steps] == [r.response.token for r in answer.results]
+
+
+def test_a_refused_row_feeds_its_previous_token_again() -> None:
+    from lstmserve.bench.sessions import _sampled_tokens
+
+    columns = pb.StepSessionsResponse(
+        columns=pb.SessionColumnsResult(tokens=[7, 0, 9], errors=[pb.StepError(index=1, code=5)])
+    )
+    assert _sampled_tokens(columns, "columns", [1, 2, 3]) == [7, 2, 9]
+    steps = pb.StepSessionsResponse(
+        results=[
+            pb.SessionStepResult(response=pb.StepResponse(token=5)),
+            pb.SessionStepResult(error=pb.StepError(index=1, code=5)),
+        ]
+    )
+    assert _sampled_tokens(steps, "steps", [1, 2]) == [5, 2]
 
 
 def test_sessions_series_is_not_in_the_default_series(token_model: Path) -> None:
