@@ -138,3 +138,49 @@ def test_with_two_in_flight_the_room_keeps_the_batch_limit_and_lets_a_block_in(t
         assert large._room() == 100  # the oldest block fits, rather than wait behind smaller batches
 
     asyncio.run(body())
+
+
+def test_with_two_in_flight_lanes_go_on_by_themselves_and_still_let_copies_in(token_model: Path) -> None:
+    """Under a load that never pauses (generations without end), the lanes form their next batches themselves
+    (`_next_in_lane`), and a checkpoint's copies still get their turn between batches: a lane hands back to the
+    batching loop when copies are due, and the copies are taken while the generations go on."""
+
+    async def body() -> None:
+        engine = build_engine(token_model, max_sessions=16, batches_in_flight=2)
+        scheduler = engine.scheduler
+        formed_by_lanes = 0
+        next_in_lane = scheduler._next_in_lane
+
+        def counting() -> Any:
+            nonlocal formed_by_lanes
+            taken, columns = next_in_lane()
+            formed_by_lanes += bool(taken or columns)
+            return taken, columns
+
+        scheduler._next_in_lane = counting  # type: ignore[method-assign]
+        scheduler.start()
+        sessions = [scheduler.create_session() for _ in range(8)]
+        params = GenerateParams(max_tokens=1_000_000, sampling=SamplingParams(temperature=1.0), coalesce=True)
+        made = [0] * len(sessions)
+
+        async def generating(index: int) -> None:
+            prompt = np.array([index + 1], np.int64)
+            async for chunk in generate(scheduler, sessions[index], prompt, params, engine.spec.vocabulary):
+                made[index] += len(chunk)
+
+        running = [asyncio.ensure_future(generating(i)) for i in range(len(sessions))]
+        try:
+            while min(made) < 20:  # every generation under way (the loop's own turns, no timing)
+                await asyncio.sleep(0)
+            copies = await asyncio.wait_for(scheduler.copy_all_sessions(), timeout=60)  # a hang fails, not a delay
+            assert not any(task.done() for task in running)  # taken while the generations went on
+            assert {copy.session.id for copy in copies} == {session.id for session in sessions}
+            assert all(copy.step >= 20 for copy in copies)
+            assert formed_by_lanes > 0
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            await scheduler.close()
+
+    asyncio.run(body())
