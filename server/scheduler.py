@@ -466,8 +466,9 @@ class Scheduler:
         With `batches_in_flight` 2 (and a store with two lanes), a second batch forms and is handed to the
         worker while the first computes, so that applying one batch's outputs and forming the next overlap
         the other's model call; the work waiting is then split between the two (`_room`). The model calls
-        still run one at a time, on the one worker thread. With 1 (the default), one batch at a time: the
-        lone-session paths below are the same in both.
+        still run one at a time, on the one worker thread. A lane whose batch was applied forms its next batch
+        itself while work waits (`_run_lane`); this loop starts a lane again once one is free. With 1 (the
+        default), one batch at a time: the lone-session paths below are the same in both.
 
         One batch at a time is what measured best through gRPC on the 2-core development machine, where the
         streams, not the model, are the limit (docs/benchmarks.md); two in flight is for a host where the
