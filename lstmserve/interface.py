@@ -87,13 +87,13 @@ def check_graph(
                 f"(declared inputs: {', '.join(sorted(declared))})"
             )
     for wanted, graph, kind in [(w, graph_in, "input") for w in want_in] + [(w, graph_out, "output") for w in want_out]:
-        tensor = graph.get(wanted.name)
-        if tensor is None:
+        found = graph.get(wanted.name)
+        if found is None:
             raise ModelInterfaceError(
                 f"{where}: the metadata's {wanted.role} {wanted.name!r} is not a graph {kind} "
                 f"(graph {kind}s: {', '.join(sorted(graph)) or 'none'})"
             )
-        _check_tensor(wanted, tensor, where)
+        _check_tensor(wanted, found, where)
 
 
 def _check_tensor(wanted: _Expected, tensor: GraphTensor, where: str) -> None:

@@ -599,6 +599,28 @@ def test_feature_model_sequences(feature_model: Path) -> None:
         handle.stop()
 
 
+def test_a_single_state_model_describes_its_one_state_and_keeps_sequences(gru_model: Path) -> None:
+    """A GRU keeps h only: ModelConfig describes that one state tensor, and sequences are exact."""
+    spec, tokens = model_spec(gru_model), np.array([3, 1, 4, 1, 5], np.int64)
+    assert spec.c is None
+    handle = start_server(gru_model)
+    try:
+        with triton.InferenceServerClient(handle.address) as client:
+            name = name_of(handle)
+            batching = client.get_model_config(name).config.sequence_batching
+            (state,) = batching.state
+            assert (state.input_name, state.output_name) == (spec.h.input_name, spec.h.output_name)
+            assert list(state.dims) == [spec.state_rows, spec.h.width]
+            pieces = [
+                client.infer(name, [tokens_input(tokens[a:b])], sequence_id=7, sequence_start=a == 0, sequence_end=b == 5)
+                .as_numpy("logits")[0]
+                for a, b in ((0, 2), (2, 5))
+            ]
+        assert np.abs(np.concatenate(pieces) - reference_logits(gru_model, tokens)).max() <= TOLERANCE
+    finally:
+        handle.stop()
+
+
 def test_bidirectional_model_runs_whole_sequences_only(bidirectional_model: Path) -> None:
     handle = start_server(bidirectional_model)
     try:
