@@ -19,9 +19,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	PYTHON=$(PY) bash scripts/demo.sh
 
-## make test: create .venv if missing, install, lint, run the whole test suite
+## make test: create .venv if missing, install, lint, type-check, run the whole test suite
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 ## make proto: regenerate the gRPC code from proto/

@@ -127,7 +127,7 @@ async def _step_group(
 
 
 def _request(
-    session_ids: Sequence[str], tokens: list[int], output: int, sampling: pb.Sampling | None, form: str
+    session_ids: Sequence[str], tokens: list[int], output: pb.OutputKind, sampling: pb.Sampling | None, form: str
 ) -> pb.StepSessionsRequest:
     """A StepSessions request of one token for each session, in `form`."""
     if form == "columns":

@@ -188,7 +188,7 @@ def _dtype(value: onnx.ValueInfoProto) -> str:
 
 
 def _tensor(value: onnx.ValueInfoProto) -> GraphTensor:
-    dims = []
+    dims: list[int | str | None] = []
     for dim in value.type.tensor_type.shape.dim:
         if dim.HasField("dim_value"):
             dims.append(int(dim.dim_value))

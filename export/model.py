@@ -112,6 +112,12 @@ class RecurrentModel(nn.Module):
         config: the architecture.
     """
 
+    # Buffers registered in __init__ when the config standardises inputs or outputs.
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+    output_mean: torch.Tensor
+    output_std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

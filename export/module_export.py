@@ -35,7 +35,7 @@ from lstmserve.export.parity import check_parity
 from lstmserve.export.pipeline import REPORT_NAME, staging_dir
 from lstmserve.export.report import versions, write_report
 from lstmserve.export.vocabulary import read_vocabulary
-from lstmserve.metadata import HeadKind, ModelSpec
+from lstmserve.metadata import HeadKind, ModelKind, ModelSpec
 
 ONNX_NAME = "model.onnx"
 CELL_OF: dict[type[nn.Module], str] = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}
@@ -158,7 +158,7 @@ def export_module(
     layout_batch_first = layer.batch_first if batch_first is None else bool(batch_first)
     wrapper = BatchMajor(module, cell, layout_batch_first).eval()
     example = _batch_major_example(module, layer, example_input, layout_batch_first)
-    kind = "tokens" if not torch.is_floating_point(example) else "features"
+    kind: ModelKind = "tokens" if not torch.is_floating_point(example) else "features"
     rows = layer.num_layers * (2 if layer.bidirectional else 1)
     h, c = state_specs(cell, layer.proj_size or layer.hidden_size, layer.hidden_size)
     zero_state = tuple(torch.zeros(rows, example.shape[0], s.width) for s in ((h,) if c is None else (h, c)))

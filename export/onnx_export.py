@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -61,7 +62,7 @@ def make_spec(model: RecurrentModel, vocabulary: tuple[str, ...], **extra: objec
     such as head, classes or normalization)."""
     cfg = model.config
     h, c = state_specs(cfg.cell, cfg.h_width, cfg.hidden_size)
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(
         head=HEADS["tokens" if cfg.kind == "tokens" else "features"],
         h=h,
         c=c,
@@ -70,7 +71,7 @@ def make_spec(model: RecurrentModel, vocabulary: tuple[str, ...], **extra: objec
         cell=cfg.cell,
     )
     fields.update(extra)
-    return ModelSpec(  # type: ignore[arg-type]
+    return ModelSpec(
         kind="tokens" if cfg.kind == "tokens" else "features",
         input_name=input_name(cfg.kind),
         output_name=OUTPUT_NAME,
@@ -144,7 +145,7 @@ def torchscript_export(
         torch.onnx.export(
             model,
             (example, *state),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch's annotation says a path; a file object works, as its docs say
             dynamo=False,
             opset_version=OPSET,
             do_constant_folding=True,

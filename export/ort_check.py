@@ -28,6 +28,7 @@ def random_inputs(spec: ModelSpec, batch: int, seq_len: int, seed: int) -> tuple
     """Batch-major random inputs (features in the data's units when the model standardises them) and a
     random (non-zero) initial state for every state tensor."""
     rng = np.random.default_rng(seed)
+    inputs: np.ndarray
     if spec.kind == "tokens":
         inputs = rng.integers(0, max(1, len(spec.vocabulary)), size=(batch, seq_len)).astype(np.int64)
     else:

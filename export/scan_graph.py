@@ -9,6 +9,8 @@ all batch-major, batch and time dynamic. Works for proj_size == 0 too (used as a
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 import torch
@@ -37,7 +39,7 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(array.copy(order="C"), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], stem: str | None = None, outputs: int = 1, **attrs: object) -> list[str]:
+    def op(self, op_type: str, inputs: list[str], stem: str | None = None, outputs: int = 1, **attrs: Any) -> list[str]:
         names = [self.name(stem or op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, name=self.name(op_type), **attrs))
         return names

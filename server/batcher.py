@@ -389,9 +389,9 @@ class Batcher:
 
     def idle_for(self, session: Session) -> bool:
         """Whether nothing is queued anywhere, this session has no work, and the last batch was its alone."""
-        return self.last_solo is session and not (
-            self.ready or self.queued or self.carried or self.blocks or session.busy
-        )
+        if session.busy or self.last_solo is not session:
+            return False
+        return not (self.ready or self.queued or self.carried or self.blocks)
 
     # ---- applying a batch --------------------------------------------------
     def finish(self, groups: list[Computed], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -381,7 +382,7 @@ class Cluster:
                 await asyncio.sleep(REQUEST_WAIT_S)
                 continue
             if session_id is not None and is_session_id(session_id):
-                self._spawn(self._per_key.submit(session_id, lambda sid=session_id: self._give(sid)))
+                self._spawn(self._per_key.submit(session_id, functools.partial(self._give, session_id)))
 
     async def _heartbeat_loop(self) -> None:
         refreshed = time.monotonic()

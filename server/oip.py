@@ -17,6 +17,7 @@ the session table, TTL expiry, state files and spilling need no second table.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -202,7 +203,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     task.add_done_callback(tasks.discard)
                     if key is not None:
                         last_of_sequence[key] = task
-                        task.add_done_callback(lambda t, k=key: _forget(last_of_sequence, k, t))
+                        task.add_done_callback(functools.partial(_forget, last_of_sequence, key))
                     answers.put_nowait(task)
             except Exception as error:  # noqa: BLE001 - the client went away mid-stream
                 log.debug("ModelStreamInfer stream ended: %s", error)

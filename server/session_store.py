@@ -282,7 +282,7 @@ class RedisStore:
         expiry (spilled sessions), else it expires after the idle TTL once released.
         """
         ttl = 0 if keep else (self._released_ms if release else self._held_ms)
-        args = [self.replica, blob, b"1" if release else b"0", ttl]
+        args: list[str | bytes | int] = [self.replica, blob, b"1" if release else b"0", ttl]
         return bool(await self._save(keys=[self.key(session_id)], args=args))
 
     async def remove(self, session_id: str) -> bool:
