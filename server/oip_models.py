@@ -141,7 +141,7 @@ def _describe_sequence_batching(
         batching.control_input.add(
             name=name, control=[control(kind=kind, int32_false_true=[0, 1], data_type=config_pb.TYPE_INT32)]
         )
-    for state in (spec.h, spec.c) if spec.c is not None else (spec.h,):  # GRU and RNN models keep h only
+    for state in spec.states:  # (h, c) for an LSTM, h alone for a GRU or RNN
         dims = [spec.state_rows, state.width]  # per sequence; the ONNX graph has the batch in the middle
         batching.state.add(
             input_name=state.input_name,
