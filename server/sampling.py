@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,7 +133,45 @@ def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draw
         np.put_along_axis(keep, order, before < top_p, axis=-1)  # the smallest set reaching top_p
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    cumulative = np.cumsum(probs, axis=-1, out=probs)
-    thresholds = draws * cumulative[:, -1]
-    index = np.count_nonzero(cumulative <= thresholds[:, np.newaxis], axis=-1)
-    return np.minimum(index, vocab - 1)
+    return np.minimum(_inverse_cdf(probs, draws), vocab - 1)
+
+
+# From this many rows on, `_inverse_cdf` sums along the vocabulary one column at a time over all rows at once:
+# numpy's cumsum along the last axis costs about 3.5 ns an element whatever the batch (1.15 ms for 2,048 rows of
+# 164 logits on this project's 2-core machine), the column loop about 0.8 us a column plus a transposed copy
+# into a kept buffer (0.5 ms there), and the two break even near 300 rows of 164. Up to this many elements
+# only, so that the kept buffer stays small (16 MiB) whatever the vocabulary.
+COLUMN_SCAN_ROWS = 384
+COLUMN_SCAN_ELEMENTS = 2**21
+
+_scratch = threading.local()
+
+
+def _column_buffer(vocab: int, rows: int) -> np.ndarray:
+    """A float64 [vocab, rows] array to overwrite, kept between calls (per thread): a fresh array of a few MiB
+    costs more in page faults than the whole column loop."""
+    kept: np.ndarray | None = getattr(_scratch, "buffer", None)
+    if kept is None or kept.size < vocab * rows:
+        kept = _scratch.buffer = np.empty(COLUMN_SCAN_ELEMENTS, dtype=np.float64)
+    return kept[: vocab * rows].reshape(vocab, rows)
+
+
+def _inverse_cdf(probs: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Per row of `probs` [rows, vocab] (float64, may be overwritten), the number of running sums at or below
+    `draws` times the row's total: the token the draw picks, or vocab for a draw at the very top.
+
+    Both ways add each row's probabilities one after another from the first, so they give the same sums to
+    the last bit, and the same tokens.
+    """
+    rows, vocab = probs.shape
+    if rows < COLUMN_SCAN_ROWS or rows * vocab > COLUMN_SCAN_ELEMENTS:
+        cumulative = np.cumsum(probs, axis=-1, out=probs)
+        thresholds = draws * cumulative[:, -1]
+        return np.count_nonzero(cumulative <= thresholds[:, np.newaxis], axis=-1)
+    columns = _column_buffer(vocab, rows)  # each running sum below adds one contiguous column to the next
+    np.copyto(columns, probs.T)
+    add = np.add
+    for column in range(1, vocab):
+        add(columns[column - 1], columns[column], out=columns[column])
+    thresholds = draws * columns[-1]
+    return np.count_nonzero(columns <= thresholds, axis=0)

@@ -98,3 +98,36 @@ def test_greedy_rows_take_the_argmax() -> None:
     logits = np.random.default_rng(2).normal(size=(8, 30)).astype(np.float32)
     samplers = [Sampler(SamplingParams(temperature=0.0)) for _ in range(8)]
     np.testing.assert_array_equal(sample_rows(samplers, logits), logits.argmax(axis=-1))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    kind=st.sampled_from([(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 20, 1.0), (1.0, 0, 0.8)]),
+    rows=st.sampled_from([sampling.COLUMN_SCAN_ROWS - 1, sampling.COLUMN_SCAN_ROWS, 1000]),
+    vocab=st.sampled_from([2, 40, 164]),
+    data_seed=st.integers(0, 2**32 - 1),
+)
+def test_a_large_batch_draws_the_textbook_token_for_every_row(
+    kind: tuple[float, int, float], rows: int, vocab: int, data_seed: int
+) -> None:
+    """From COLUMN_SCAN_ROWS rows on the running sums are taken a column at a time across rows: the tokens must
+    be those of the one-row reference, bit for bit, on both sides of that size."""
+    temperature, top_k, top_p = kind
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = np.random.default_rng(data_seed).normal(scale=4.0, size=(rows, vocab)).astype(np.float32)
+    replay = np.random.Generator(np.random.PCG64())
+    replay.bit_generator.state = sampling._SHARED_RNG.bit_generator.state
+    picked = sampling.sample_kind(kind, logits)
+    draws = replay.random(rows)
+    expected = [reference_sample(params, logits[row], draws[row]) for row in range(rows)]
+    np.testing.assert_array_equal(picked, expected)
+
+
+def test_draws_at_the_ends_pick_the_first_and_the_last_possible_token() -> None:
+    """A draw of 0 picks the first token with any probability; a draw just below 1 the last one."""
+    rows = sampling.COLUMN_SCAN_ROWS
+    logits = np.full((rows, 6), -np.inf, dtype=np.float32)
+    logits[:, 1:4] = 0.0  # tokens 1, 2 and 3 only
+    for draw, token in ((0.0, 1), (np.nextafter(1.0, 0.0), 3)):
+        np.testing.assert_array_equal(sampling._draw(logits, 1.0, 0, 1.0, np.full(rows, draw)), np.full(rows, token))
+        np.testing.assert_array_equal(sampling._draw(logits[:2], 1.0, 0, 1.0, np.full(2, draw)), np.full(2, token))
