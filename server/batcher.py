@@ -30,6 +30,7 @@ from lstmserve.server.metrics import Metrics
 from lstmserve.server.sampling import Sampler, common_kind, sample_kind, sample_rows
 from lstmserve.server.sessions import Session, StepResult
 from lstmserve.server.statistics import BatchTiming
+from lstmserve.server.token_log import TokenLog
 
 if TYPE_CHECKING:
     from lstmserve.server.generation import Generation
@@ -227,6 +228,9 @@ class Batcher:
         # next batch as they are, in the order of the last one, without a trip through the session queues
         # (their sessions stay in flight meanwhile, so anything queued for them waits behind, in order).
         self.carried: list[GenerationRows] = []
+        # The tokens and counters of running generations, by state slot (generations attach when their prompt
+        # has run).
+        self.token_log = TokenLog()
 
     # ---- queues ------------------------------------------------------------
     def enqueue(self, session: Session, work: Work) -> None:
@@ -441,6 +445,8 @@ class Batcher:
                 # A generation goes on unless it finished or its client went away (its future is then done).
                 session.queued_positions -= length
                 session.in_flight = False
+                if generation is not None and generation.fed is None:  # its prompt ran: its tokens begin
+                    generation.attach(self.token_log, session.slot)
                 if generation is not None and not generation.consumed(step, batch_size, generating):
                     if not work.future.done():
                         continuing.append(row)  # taken in flight again with its next token (_continue_generations)
@@ -475,20 +481,26 @@ class Batcher:
         used: float,
         going_on: list[Continuing],
     ) -> None:
-        """Applies a model call's outputs to carried generations: one short loop over the rows (counters, the
-        token to its generation), then the rows that go on, with their last logits, join `going_on`."""
-        generating = self.generating
-        ended: list[int] = []
-        for row, session, work, token in zip(range(len(rows)), rows.sessions, rows.works, rows.tokens[:, 0].tolist()):
+        """Applies a model call's outputs to carried generations: one short loop over the rows (the sessions'
+        counters), the rows' tokens into the token log with a few array operations (a generation with stop
+        strings passes its token through its matcher instead), then the rows that go on, with their last logits,
+        join `going_on`."""
+        sessions, works = rows.sessions, rows.works
+        steps: list[int] = []
+        ended: list[int] = []  # rows whose client went away, then rows whose generation finished
+        for row, session, work in zip(range(len(rows)), sessions, works):
             step = session.step = session.step + 1
             session.version += 1
             session.last_used = used
-            if work.generation.consumed_token(token, step, batch_size, generating) or work.future.done():  # type: ignore[union-attr]
+            steps.append(step)
+            if work.future.done():
                 ended.append(row)
+        ended.extend(self._record_tokens(rows, np.array(steps, dtype=np.int64), batch_size))
         last_logits = logits[:, -1]
         if ended:
+            ended = sorted(set(ended))
             for row in ended:
-                self._end_generation(rows.sessions[row], rows.works[row], logits[row], batch_size, now)
+                self._end_generation(sessions[row], works[row], logits[row], batch_size, now)
             if len(ended) == len(rows):
                 return
             last_logits = np.delete(last_logits, ended, axis=0)
@@ -496,6 +508,32 @@ class Batcher:
         going_on.append(
             Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now, held=True)
         )
+
+    def _record_tokens(self, rows: GenerationRows, steps: np.ndarray, batch_size: int) -> list[int]:
+        """Records the token each row's step fed (at `steps`) with its generation, wakes the streams with tokens
+        enough for a response, and returns the rows whose generation made its last token."""
+        log, generating, works = self.token_log, self.generating, rows.works
+        slots, tokens = rows.row_slots, rows.tokens[:, 0]
+        finished: list[int] = []
+        keeps = log.keeps[slots]
+        logged = slice(None) if keeps.all() else np.flatnonzero(keeps)
+        for row in np.flatnonzero(~keeps).tolist():  # generations with stop strings, one token at a time
+            if works[row].generation.consumed_token(int(tokens[row]), int(steps[row]), batch_size, generating):  # type: ignore[union-attr]
+                finished.append(row)
+        rows_logged = np.arange(len(rows))[logged]
+        slots = slots[logged]
+        full = np.flatnonzero(log.backlog(slots) >= log.width)
+        for index in full.tolist():  # streams that fell a whole row behind: their tokens move out first
+            works[rows_logged[index]].generation.keep_backlog()  # type: ignore[union-attr]
+        log.record(slots, tokens[logged], steps[logged], batch_size)
+        for index in np.flatnonzero(log.due(slots, generating)).tolist():
+            works[rows_logged[index]].generation.changed.set()  # type: ignore[union-attr]
+        last = np.flatnonzero(log.made[slots] >= log.limit[slots])
+        for index in last.tolist():
+            row = int(rows_logged[index])
+            works[row].generation.finish_reason = "length"  # type: ignore[union-attr]
+            finished.append(row)
+        return finished
 
     def _end_generation(self, session: Session, work: Work, logits: np.ndarray, batch_size: int, now: float) -> None:
         """A carried generation finished (or its client went away): its session is free, its request answered."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from itertools import repeat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -22,6 +23,7 @@ import numpy as np
 from lstmserve.server.sampling import Sampler, SamplingParams
 from lstmserve.server.sessions import Session
 from lstmserve.server.stops import StopMatcher
+from lstmserve.server.token_log import RESPONSES_PER_ROUND, TokenLog
 
 if TYPE_CHECKING:
     from lstmserve.server.scheduler import Scheduler
@@ -54,12 +56,6 @@ class GeneratedToken(NamedTuple):
 # Makes a GeneratedToken from a tuple of all its fields without a Python-level call: a quarter less time per
 # token than GeneratedToken(...) in `Generation.take`, which makes one per generated token.
 _new_event = functools.partial(tuple.__new__, GeneratedToken)
-
-# With coalescing, a generation hands its tokens to the streaming coroutine in chunks sized so
-# that N generating sessions send about this many responses per token each makes: a response
-# costs the event loop tens of microseconds, so one response per token per session would make
-# gRPC, not the model, the limit. A session generating alone still gets every token at once.
-RESPONSES_PER_ROUND = 32
 
 
 class Wakeup:
@@ -100,8 +96,11 @@ class Wakeup:
 class Generation:
     """One running generation: what the scheduler needs to continue it, and the tokens it made so far.
 
-    The batcher calls `consumed_token` after every step that fed a generated token (or `consumed` with the
-    token in `fed`, when the step went through the session's queue); the streaming coroutine calls `take`.
+    The batcher attaches it to its token log when its prompt is queued (`attach`). A generation without stop
+    strings keeps its tokens and counters there, in rows indexed by its session's state slot, which the
+    batching loop updates for a whole batch of generations at once (`Batcher._finish_generation_rows`). A
+    generation with stop strings passes each token through its stop matcher instead (`consumed_token`). The
+    streaming coroutine calls `take`.
     """
 
     def __init__(
@@ -114,11 +113,38 @@ class Generation:
         self.finish_reason = ""
         self._matcher = StopMatcher(params.stop)
         self._vocabulary = vocabulary
-        self._count = 0
+        self._count = 0  # tokens made (with stop strings; without, the token log counts them)
         self._events: list[GeneratedToken] = []  # released by the stop matcher, with their text
-        self._made: list[tuple[int, int, int]] = []  # (token, step, batch size) of tokens made without stop strings
+        self._kept: list[tuple[int, int, int]] = []  # (token, step, batch size) moved out of the token log
         self._taken_any = False
+        self._log: TokenLog | None = None
+        self._slot = 0
         self.changed = Wakeup(loop)  # set when tokens are ready or the generation ended
+
+    @property
+    def uses_log(self) -> bool:
+        """Whether the generation keeps its tokens in the token log (it has no stop strings)."""
+        return not self._matcher.stops
+
+    def attach(self, log: TokenLog, slot: int) -> None:
+        """Keeps the generation's counters (and, without stop strings, its tokens) in `log`'s row `slot`. The row's
+        previous generation, if its stream has not taken all its tokens yet, keeps them in a list of its own."""
+        previous = log.claim(slot, self)
+        if previous is not None and previous is not self:
+            previous.detach()
+        self._log, self._slot = log, slot
+        log.begin(slot, self.max_tokens, coalesce=self._coalesce, keeps=self.uses_log)
+
+    def detach(self) -> None:
+        """Leaves the token log, moving the tokens not taken yet out of it first: called once the generation's
+        stream is done with it, or when its row is wanted for the slot's next generation."""
+        log, slot = self._log, self._slot
+        if log is None:
+            return
+        if self.uses_log and log.made[slot] > log.taken[slot]:
+            self.keep_backlog()
+        log.release(slot, self)
+        self._log = None
 
     def consumed(self, step: int, batch_size: int, generating: int) -> bool:
         """Records that the session's step that fed `fed` ran (see `consumed_token`); the prompt's step (`fed` None)
@@ -132,25 +158,40 @@ class Generation:
         """Records that the session's step feeding the generated `token` ran (now at `step`, in a batch of
         `batch_size`, with `generating` generations running in all); returns whether the generation is finished.
 
-        Runs for every generated token, in the batching loop, while the model waits: without stop strings
-        it only notes the token; its text and event are made by `take`, in the streaming coroutine, which
-        runs while the next batch computes.
+        The batching loop calls it for one row at a time: for generations with stop strings, and for steps that
+        went through the session's queue. The tokens of a batch of carried generations without stop strings
+        are recorded for all rows at once instead (`Batcher._finish_generation_rows`).
         """
-        self._count += 1
-        finished = self._count >= self.max_tokens
         if self._matcher.stops:
-            finished = self._match_stops(token, step, batch_size, finished)
+            self._count += 1
+            finished = self._match_stops(token, step, batch_size, self._count >= self.max_tokens)
             held = len(self._events)
-        else:
-            self._made.append((token, step, batch_size))
-            held = len(self._made)
-            if finished:
-                self.finish_reason = "length"
-        # The held tokens make a response now if not coalescing, if they are the first, or if they are
-        # enough (see RESPONSES_PER_ROUND).
-        if held and (not self._coalesce or not self._taken_any or held * RESPONSES_PER_ROUND >= generating):
+            if held and (not self._coalesce or not self._taken_any or held * RESPONSES_PER_ROUND >= generating):
+                self.changed.set()
+            return finished
+        log, slot = self._attached()
+        if log.made[slot] - log.taken[slot] >= log.width:
+            self.keep_backlog()
+        log.record_one(slot, token, step, batch_size)
+        finished = bool(log.made[slot] >= self.max_tokens)
+        if finished:
+            self.finish_reason = "length"
+        if log.due_one(slot, generating):
             self.changed.set()
         return finished
+
+    def _attached(self) -> tuple[TokenLog, int]:
+        """The token log and row the generation keeps its tokens in (a log of its own if the batcher gave none)."""
+        if self._log is None:
+            self.attach(TokenLog(), 0)
+        assert self._log is not None
+        return self._log, self._slot
+
+    def keep_backlog(self) -> None:
+        """Moves the tokens made and not taken out of the token log, into a list of the generation's own (before
+        the log's row fills up)."""
+        log, slot = self._attached()
+        self._kept.extend(zip(*log.take(slot)))
 
     def _match_stops(self, token: int, step: int, batch_size: int, finished: bool) -> bool:
         """Passes the token through the stop matcher: releases the tokens that can no longer start a stop
@@ -170,15 +211,16 @@ class Generation:
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""
         events, self._events = self._events, []
-        if self._made:
-            made, self._made = self._made, []
+        log = self._log
+        if self._kept or log is not None and self.uses_log:
+            tokens, steps, sizes = log.take(self._slot) if log is not None and self.uses_log else ([], [], [])
+            if self._kept:
+                kept, self._kept = self._kept, []
+                kept_tokens, kept_steps, kept_sizes = map(list, zip(*kept))
+                tokens, steps, sizes = kept_tokens + tokens, kept_steps + steps, kept_sizes + sizes
             vocabulary, known = self._vocabulary, len(self._vocabulary)
-            events.extend(
-                map(
-                    _new_event,
-                    [(token, vocabulary[token] if token < known else "", step, size, "") for token, step, size in made],
-                )
-            )
+            texts = [vocabulary[token] if token < known else "" for token in tokens]
+            events.extend(map(_new_event, zip(tokens, texts, steps, sizes, repeat("", len(tokens)))))
         self._taken_any = self._taken_any or bool(events)
         return events
 
@@ -217,3 +259,5 @@ async def generate(
     finally:
         if not running.done():
             running.cancel()
+        else:
+            generation.detach()

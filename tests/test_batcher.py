@@ -32,6 +32,7 @@ from lstmserve.server.scheduler import _model_calls
 from lstmserve.server.sampling import SamplingParams
 from lstmserve.server.sessions import Session, StepResult
 from lstmserve.server.statistics import BatchTiming
+from lstmserve.server.token_log import TokenLog
 
 VOCAB = 8
 TIMING = BatchTiming(0.0, 0.0, 0.0, 0.0)
@@ -346,6 +347,65 @@ def test_generations_go_on_as_columns_until_each_ends() -> None:
             assert work.future.result().step == s.step == 1 + max_tokens and s.version == 1 + max_tokens
             assert (s.queued_positions, s.in_flight, s.last_result) == (0, False, None)
         assert batcher.carried == [] and not batcher.ready
+
+    run(body)
+
+
+def test_a_stream_that_falls_a_whole_token_log_row_behind_still_gets_every_token_in_order() -> None:
+    """The token log keeps `width` tokens per slot; a generation whose stream takes nothing for longer has them
+    moved out to a list of its own before the row would be overwritten."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        batcher.token_log = TokenLog(width=4)
+        members = sessions(2)
+        runs = [greedy(batcher, s, prompt, 11) for s, prompt in zip(members, [1, 3])]
+        while not all(work.future.done() for work, _ in runs):
+            run_next(batcher, set(members))
+        for (work, generation), prompt in zip(runs, [1, 3]):
+            events = generation.take()
+            assert [event.token for event in events] == [(prompt + 1 + i) % VOCAB for i in range(11)]
+            assert [event.step for event in events] == list(range(2, 13))  # the prompt was step 1
+            assert generation.finish_reason == "length" and work.future.result().step == 12
+
+    run(body)
+
+
+def test_a_generation_keeps_its_tokens_when_its_slot_begins_the_next_one_before_they_are_taken() -> None:
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        (first_work, first), _ = greedy(batcher, a, 1, 3), greedy(batcher, b, 5, 9)
+        while not first_work.future.done():
+            run_next(batcher, {a, b})
+        second_work, second = greedy(batcher, a, 4, 2)
+        while not second_work.future.done():
+            run_next(batcher, {a, b})
+        assert [event.token for event in first.take()] == [2, 3, 4]
+        assert [event.token for event in second.take()] == [5, 6] and [event.step for event in second.take()] == []
+
+    run(body)
+
+
+def test_carried_generations_with_and_without_stop_strings_share_a_batch() -> None:
+    """A generation with stop strings passes each token through its matcher, in the same carried batch as one
+    whose tokens go to the token log."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b = sessions(2)
+        plain_work, plain = greedy(batcher, a, 1, 5)
+        params = GenerateParams(max_tokens=5, sampling=SamplingParams(temperature=0.0), stop=("4",))
+        stopping = Generation(params, [str(i) for i in range(VOCAB)])
+        batcher.generating += 1
+        stop_work = step(batcher, b, [1], stopping)
+        shapes = []
+        while not (plain_work.future.done() and stop_work.future.done()):
+            taken, columns = run_next(batcher, {a, b})
+            shapes.append((len(taken), [len(c) for c in columns]))
+        assert shapes[:3] == [(2, []), (0, [2]), (0, [2])]  # the prompts, then both carried together
+        assert [event.token for event in plain.take()] == [2, 3, 4, 5, 6] and plain.finish_reason == "length"
+        assert [event.token for event in stopping.take()] == [2, 3] and stopping.finish_reason == "stop"
 
     run(body)
 
