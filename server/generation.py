@@ -96,7 +96,7 @@ class Wakeup:
 class Generation:
     """One running generation: what the scheduler needs to continue it, and the tokens it made so far.
 
-    The batcher attaches it to its token log when its prompt is queued (`attach`). A generation without stop
+    The batcher attaches it to its token log once its prompt has run (`attach`). A generation without stop
     strings keeps its tokens and counters there, in rows indexed by its session's state slot, which the
     batching loop updates for a whole batch of generations at once (`Batcher._finish_generation_rows`). A
     generation with stop strings passes each token through its stop matcher instead (`consumed_token`). The
