@@ -134,6 +134,30 @@ def test_concurrent_coalesced_generations_each_equal_their_solo_run(server: Serv
     assert max(r.batch_size for responses in results if responses for r in responses) > 1
 
 
+def test_a_reader_that_falls_far_behind_gets_every_token_in_order(server: ServerThread) -> None:
+    """A client that reads nothing until the server has made all of 4,000 tokens, one response each (more than
+    HTTP/2 flow control lets the server send unread, and than a token log row holds: the stream's tokens wait
+    there, then in its generation's own list), gets the same tokens and steps as a client that reads at once."""
+    prompt, sampling, count = [3, 1], pb.Sampling(temperature=1.0, seed=77), 4000
+    read_at_once, _ = _generate(server, prompt, max_tokens=count, sampling=sampling)
+    with server.channel() as channel:
+        stub = pb_grpc.LstmServeStub(channel)
+        stream = SyncStream(channel)
+        stream.send(tokens=prompt, generate=pb.Generate(max_tokens=count, sampling=sampling))
+        responses = [stream.read()]  # the first token: the session exists
+        for _ in range(600):  # the generation runs on while nothing is read (at most a minute)
+            if stub.GetSession(pb.SessionRef(session_id=responses[0].session_id)).step == len(prompt) + count:
+                break
+            threading.Event().wait(0.1)
+        else:
+            pytest.fail("the generation did not finish while its reader waited")
+        while not responses[-1].finished:
+            responses.append(stream.read())
+        stream.close()
+    assert [(r.token, r.step) for r in responses] == [(r.token, r.step) for r in read_at_once]
+    assert len(responses) == count + 1 and responses[-1].finish_reason == "length"
+
+
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
     with server.channel() as channel:
         stream = SyncStream(channel)
