@@ -128,6 +128,7 @@ class GenerationRows:
     works: list[Work]
     samplers: list[Sampler]
     row_slots: np.ndarray  # int64 [rows]
+    logged: np.ndarray  # bool [rows]: whether the row's generation keeps its tokens in its slot's token log row
     tokens: np.ndarray  # [rows, 1], the dtype of the generations' prompts
     kind: tuple[float, int, float] | None
     waiting_since: float  # when the tokens were sampled (ModelStatistics' queue time)
@@ -152,7 +153,14 @@ class GenerationRows:
             works = [self.works[r] for r in rows]
             samplers = [self.samplers[r] for r in rows]
         return GenerationRows(
-            sessions, works, samplers, self.row_slots[rows], self.tokens[rows], self.kind, self.waiting_since
+            sessions,
+            works,
+            samplers,
+            self.row_slots[rows],
+            self.logged[rows],
+            self.tokens[rows],
+            self.kind,
+            self.waiting_since,
         )
 
     def without(self, rows: list[int]) -> GenerationRows:
@@ -184,6 +192,7 @@ class Continuing:
     works: list[Work]
     samplers: list[Sampler]
     slots: np.ndarray
+    logged: np.ndarray  # as in GenerationRows
     kind: tuple[float, int, float] | None
     last_logits: np.ndarray
     since: float  # when the batch finished
@@ -447,6 +456,7 @@ class Batcher:
                 session.in_flight = False
                 if generation is not None and generation.fed is None:  # its prompt ran: its tokens begin
                     generation.attach(self.token_log, session.slot)
+                    work.future.add_done_callback(generation.ended)
                 if generation is not None and not generation.consumed(step, batch_size, generating):
                     if not work.future.done():
                         continuing.append(row)  # taken in flight again with its next token (_continue_generations)
@@ -506,7 +516,9 @@ class Batcher:
             last_logits = np.delete(last_logits, ended, axis=0)
             rows = rows.without(ended)
         going_on.append(
-            Continuing(rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.kind, last_logits, now, held=True)
+            Continuing(
+                rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.logged, rows.kind, last_logits, now, True
+            )
         )
 
     def _record_tokens(self, rows: GenerationRows, steps: np.ndarray, batch_size: int) -> list[int]:
@@ -515,9 +527,9 @@ class Batcher:
         log, generating, works = self.token_log, self.generating, rows.works
         slots, tokens = rows.row_slots, rows.tokens[:, 0]
         finished: list[int] = []
-        keeps = log.keeps[slots]
+        keeps = rows.logged
         logged = slice(None) if keeps.all() else np.flatnonzero(keeps)
-        for row in np.flatnonzero(~keeps).tolist():  # generations with stop strings, one token at a time
+        for row in np.flatnonzero(~keeps).tolist():  # stop strings, or a second generation of the session: per row
             if works[row].generation.consumed_token(int(tokens[row]), int(steps[row]), batch_size, generating):  # type: ignore[union-attr]
                 finished.append(row)
         rows_logged = np.arange(len(rows))[logged]
@@ -565,17 +577,19 @@ class Batcher:
         sampled = [part.sample() for part in going_on]
         if len(going_on) == 1:
             part, tokens = going_on[0], sampled[0]
-            sessions, works, samplers, slots, kind = part.sessions, part.works, part.samplers, part.slots, part.kind
+            sessions, works, samplers, slots, logged = part.sessions, part.works, part.samplers, part.slots, part.logged
+            kind = part.kind
         else:
             tokens = np.concatenate(sampled)
             sessions = [s for part in going_on for s in part.sessions]
             works = [w for part in going_on for w in part.works]
             samplers = [x for part in going_on for x in part.samplers]
             slots = np.concatenate([part.slots for part in going_on])
+            logged = np.concatenate([part.logged for part in going_on])
             kinds = {part.kind for part in going_on}
             kind = kinds.pop() if len(kinds) == 1 else None
         next_inputs = tokens.astype(works[0].inputs.dtype, copy=False).reshape(-1, 1)  # type: ignore[union-attr]
-        carried = GenerationRows(sessions, works, samplers, slots, next_inputs, kind, going_on[0].since)
+        carried = GenerationRows(sessions, works, samplers, slots, logged, next_inputs, kind, going_on[0].since)
         queued_behind = [row for row, session in enumerate(sessions) if session.pending is not None]
         if queued_behind:
             for row in queued_behind:
@@ -652,7 +666,8 @@ def _continuing_rows(group: Group, rows: list[int], last_logits: np.ndarray, now
     sessions = [group.sessions[row] for row in rows]
     works = [group.works[row] for row in rows]
     samplers = [w.generation.sampler for w in works]  # type: ignore[union-attr]
-    return Continuing(sessions, works, samplers, slots_of(sessions), common_kind(samplers), last_logits, now)
+    logged = np.array([w.generation.owns_log_row for w in works], dtype=np.bool_)  # type: ignore[union-attr]
+    return Continuing(sessions, works, samplers, slots_of(sessions), logged, common_kind(samplers), last_logits, now)
 
 
 def slots_of(sessions: list[Session]) -> np.ndarray:

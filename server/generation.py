@@ -119,21 +119,37 @@ class Generation:
         self._taken_any = False
         self._log: TokenLog | None = None
         self._slot = 0
+        self.owns_log_row = False  # whether its tokens are in the batcher's token log, in its slot's row
+        self.running = True
         self.changed = Wakeup(loop)  # set when tokens are ready or the generation ended
 
     @property
     def uses_log(self) -> bool:
-        """Whether the generation keeps its tokens in the token log (it has no stop strings)."""
+        """Whether the generation keeps its tokens in a token log (it has no stop strings)."""
         return not self._matcher.stops
 
     def attach(self, log: TokenLog, slot: int) -> None:
-        """Keeps the generation's counters (and, without stop strings, its tokens) in `log`'s row `slot`. The row's
-        previous generation, if its stream has not taken all its tokens yet, keeps them in a list of its own."""
-        previous = log.claim(slot, self)
-        if previous is not None and previous is not self:
-            previous.detach()
+        """Once its prompt has run: keeps the generation's tokens and counters in `log`'s row `slot` (its session's
+        state slot), where the batching loop records them for a whole batch at once. The row's previous owner, an
+        ended generation of the slot whose stream has not taken all its tokens yet, keeps them in a list of its own.
+        If that generation still runs (a second generation was queued on the session while it ran), this one keeps
+        its tokens in a log of its own and has them recorded one at a time (`consumed_token`)."""
+        if not self.uses_log:
+            return
+        previous = log.owner(slot)
+        if previous is not None and previous is not self and previous.running:
+            log, slot = TokenLog(), 0
+        else:
+            if previous is not None and previous is not self:
+                previous.detach()
+            self.owns_log_row = True
+        log.claim(slot, self, self.max_tokens, coalesce=self._coalesce)
         self._log, self._slot = log, slot
-        log.begin(slot, self.max_tokens, coalesce=self._coalesce, keeps=self.uses_log)
+
+    def ended(self, _: object = None) -> None:
+        """Its request ended (answered, failed or cancelled): the next generation of its slot may take its token
+        log row. The batcher calls this from the request's future."""
+        self.running = False
 
     def detach(self) -> None:
         """Leaves the token log, moving the tokens not taken yet out of it first: called once the generation's
@@ -141,10 +157,11 @@ class Generation:
         log, slot = self._log, self._slot
         if log is None:
             return
-        if self.uses_log and log.made[slot] > log.taken[slot]:
+        if log.made[slot] > log.taken[slot]:
             self.keep_backlog()
         log.release(slot, self)
         self._log = None
+        self.owns_log_row = False
 
     def consumed(self, step: int, batch_size: int, generating: int) -> bool:
         """Records that the session's step that fed `fed` ran (see `consumed_token`); the prompt's step (`fed` None)
@@ -181,10 +198,11 @@ class Generation:
         return finished
 
     def _attached(self) -> tuple[TokenLog, int]:
-        """The token log and row the generation keeps its tokens in (a log of its own if the batcher gave none)."""
+        """The token log and row the generation keeps its tokens in (a log of its own if it has none: it was never
+        attached, or left the batcher's log and still gets a step)."""
         if self._log is None:
-            self.attach(TokenLog(), 0)
-        assert self._log is not None
+            self._log, self._slot = TokenLog(), 0
+            self._log.claim(0, self, self.max_tokens, coalesce=self._coalesce)
         return self._log, self._slot
 
     def keep_backlog(self) -> None:

@@ -4,7 +4,8 @@ A session runs one generation at a time, so its state slot names its generation'
 loop writes the tokens of a whole batch of generations with a few array operations (`record`), reads
 which generations ended or have tokens to send from the counters (`made`, `limit`, `backlog`), and the
 streaming coroutine of each generation takes its tokens (`take`). Generations with stop strings keep
-their tokens in their stop matcher instead (see `Generation`).
+their tokens in their stop matcher instead, and a second generation queued on a session while its first
+still runs keeps them in a log of its own (see `Generation.attach`).
 
 Each slot keeps the last `width` tokens made and not taken: a stream that falls that far behind has its
 tokens moved out to a list of its generation first (`Generation.keep_backlog`), so nothing is overwritten.
@@ -29,7 +30,7 @@ LOG_WIDTH = 128
 
 
 class TokenLog:
-    """Per state slot: the tokens the slot's generation made and not yet taken, with the step each token was
+    """Per state slot: the tokens the slot's generation (its owner) made and not yet taken, with the step each token was
     fed at and the size of its batch, and how many tokens the generation made and may make.
 
     Args:
@@ -43,29 +44,26 @@ class TokenLog:
         self.taken = np.zeros(0, dtype=np.int64)  # of which taken (or moved out) by the stream
         self.limit = np.zeros(0, dtype=np.int64)  # the generation's max_tokens
         self.coalesce = np.zeros(0, dtype=bool)  # whether the generation's responses may carry several tokens
-        self.keeps = np.zeros(0, dtype=bool)  # whether the generation keeps its tokens here (no stop strings)
         self.owners: list[Any] = []  # the generation each slot's row belongs to (None: none yet)
 
-    def claim(self, slot: int, owner: Any) -> Any:
-        """Gives the slot's row to `owner` (a generation); returns the previous owner (None if none), whose tokens
-        not taken yet the caller moves out before `begin`."""
+    def owner(self, slot: int) -> Any:
+        """The generation the slot's row belongs to (None if none)."""
+        return self.owners[slot] if slot < len(self.owners) else None
+
+    def claim(self, slot: int, owner: Any, max_tokens: int, *, coalesce: bool) -> None:
+        """Gives the slot's row to `owner`, a generation of at most `max_tokens` tokens, and starts it afresh (the
+        caller has moved the previous owner's tokens out)."""
         if slot >= len(self.made):
             self._grow(slot + 1)
-        previous, self.owners[slot] = self.owners[slot], owner
-        return previous
+        self.owners[slot] = owner
+        self.made[slot] = self.taken[slot] = 0
+        self.limit[slot] = max_tokens
+        self.coalesce[slot] = coalesce
 
     def release(self, slot: int, owner: Any) -> None:
         """Forgets `owner` as the slot's generation, if it still is (so that the log does not keep it alive)."""
         if self.owners[slot] is owner:
             self.owners[slot] = None
-
-    def begin(self, slot: int, max_tokens: int, *, coalesce: bool, keeps: bool) -> None:
-        """Starts the slot's row afresh for a generation of at most `max_tokens` tokens; `keeps`: whether its tokens
-        are kept here (False for a generation with stop strings: only its counters are kept)."""
-        self.made[slot] = self.taken[slot] = 0
-        self.limit[slot] = max_tokens
-        self.coalesce[slot] = coalesce
-        self.keeps[slot] = keeps
 
     def due(self, slots: np.ndarray, generating: int) -> np.ndarray:
         """Which of `slots` have tokens enough to make a response now: any token without coalescing or before the stream took its first; with coalescing, a share of the round
@@ -119,7 +117,7 @@ class TokenLog:
         size = max(slots, 2 * len(self.made))
         self.entries = _resized(self.entries, size)
         self.made, self.taken, self.limit = (_resized(a, size) for a in (self.made, self.taken, self.limit))
-        self.coalesce, self.keeps = _resized(self.coalesce, size), _resized(self.keeps, size)
+        self.coalesce = _resized(self.coalesce, size)
         self.owners.extend([None] * (size - len(self.owners)))
 
 

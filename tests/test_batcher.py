@@ -387,6 +387,27 @@ def test_a_generation_keeps_its_tokens_when_its_slot_begins_the_next_one_before_
     run(body)
 
 
+def test_a_generation_queued_while_another_runs_on_its_session_counts_its_own_tokens() -> None:
+    """A second generation queued on a session runs interleaved with the first (the first's next token waits
+    behind the second's prompt): the slot's token log row stays the first's, the second keeps a log of its own,
+    and each makes exactly its max_tokens."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        (a,) = sessions(1)
+        first_work, first = greedy(batcher, a, 1, 6)
+        run_next(batcher, {a})  # the first prompt: the first generation is carried
+        second_work, second = greedy(batcher, a, 3, 4)
+        while not (first_work.future.done() and second_work.future.done()):
+            run_next(batcher, {a})
+        assert [event.token for event in first.take()] == [2, 3, 4, 5, 6, 7]
+        assert [event.token for event in second.take()] == [4, 5, 6, 7]
+        assert first.owns_log_row and not second.owns_log_row
+        assert a.step == 1 + 6 + 1 + 4 and max(first_work.future.result().step, second_work.future.result().step) == 12
+
+    run(body)
+
+
 def test_carried_generations_with_and_without_stop_strings_share_a_batch() -> None:
     """A generation with stop strings passes each token through its matcher, in the same carried batch as one
     whose tokens go to the token log."""

@@ -158,6 +158,25 @@ def test_a_reader_that_falls_far_behind_gets_every_token_in_order(server: Server
     assert len(responses) == count + 1 and responses[-1].finish_reason == "length"
 
 
+def test_two_generations_on_one_session_at_once_each_make_their_own_tokens(server: ServerThread) -> None:
+    """Two Generate requests on one session, sent together, run interleaved: each gets exactly its max_tokens
+    and the session consumes both prompts and every token of both."""
+    with server.channel() as channel:
+        stub = pb_grpc.LstmServeStub(channel)
+        session_id = stub.CreateSession(pb.CreateSessionRequest()).session_id
+        streams = [SyncStream(channel), SyncStream(channel)]
+        jobs = [([1, 2], 300), ([5], 200)]
+        for stream, (prompt, count) in zip(streams, jobs):
+            stream.send(session_id=session_id, tokens=prompt, generate=pb.Generate(max_tokens=count, coalesce=True))
+        for stream, (_, count) in zip(streams, jobs):
+            responses = [stream.read()]
+            while not responses[-1].finished:
+                responses.append(stream.read())
+            stream.close()
+            assert sum(len(r.tokens) for r in responses) == count and responses[-1].finish_reason == "length"
+        assert stub.GetSession(pb.SessionRef(session_id=session_id)).step == 2 + 300 + 1 + 200
+
+
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
     with server.channel() as channel:
         stream = SyncStream(channel)

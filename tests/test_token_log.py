@@ -10,8 +10,8 @@ from lstmserve.server.token_log import RESPONSES_PER_ROUND, TokenLog
 
 
 def started(log: TokenLog, slot: int, max_tokens: int = 100, *, coalesce: bool = False) -> None:
-    assert log.claim(slot, f"generation {slot}") is None
-    log.begin(slot, max_tokens, coalesce=coalesce, keeps=True)
+    assert log.owner(slot) is None
+    log.claim(slot, f"generation {slot}", max_tokens, coalesce=coalesce)
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,11 +69,15 @@ def test_streams_are_due_at_every_token_until_they_take_one_then_at_their_share_
     assert log.due(both, 10**6).tolist() == [True, True]
 
 
-def test_a_slot_names_its_last_owner_until_released_and_grows_on_demand() -> None:
+def test_a_slot_names_its_owner_until_released_and_grows_on_demand() -> None:
     log = TokenLog(width=2)
-    assert log.claim(200, "first") is None and len(log.made) >= 201
-    assert log.claim(200, "second") == "first"
+    assert log.owner(200) is None
+    log.claim(200, "first", 5, coalesce=False)
+    assert len(log.made) >= 201 and log.owner(200) == "first" and log.limit[200] == 5
+    log.record_one(200, 1, 1, 1)
+    log.claim(200, "second", 7, coalesce=True)  # starts the row afresh
+    assert (log.owner(200), log.made[200], log.taken[200], log.limit[200]) == ("second", 0, 0, 7)
     log.release(200, "first")  # no longer the owner: nothing changes
-    assert log.claim(200, "third") == "second"
-    log.release(200, "third")
-    assert log.claim(200, "fourth") is None
+    assert log.owner(200) == "second"
+    log.release(200, "second")
+    assert log.owner(200) is None and log.owner(10**6) is None
