@@ -455,8 +455,7 @@ class Batcher:
                 session.queued_positions -= length
                 session.in_flight = False
                 if generation is not None and generation.fed is None:  # its prompt ran: its tokens begin
-                    generation.attach(self.token_log, session.slot)
-                    work.future.add_done_callback(generation.ended)
+                    generation.attach(self.token_log, session.slot, work.future)
                 if generation is not None and not generation.consumed(step, batch_size, generating):
                     if not work.future.done():
                         continuing.append(row)  # taken in flight again with its next token (_continue_generations)

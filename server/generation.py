@@ -16,7 +16,7 @@ import functools
 from itertools import repeat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -120,7 +120,7 @@ class Generation:
         self._log: TokenLog | None = None
         self._slot = 0
         self.owns_log_row = False  # whether its tokens are in the batcher's token log, in its slot's row
-        self.running = True
+        self._request: asyncio.Future[Any] | None = None
         self.changed = Wakeup(loop)  # set when tokens are ready or the generation ended
 
     @property
@@ -128,12 +128,13 @@ class Generation:
         """Whether the generation keeps its tokens in a token log (it has no stop strings)."""
         return not self._matcher.stops
 
-    def attach(self, log: TokenLog, slot: int) -> None:
-        """Once its prompt has run: keeps the generation's tokens and counters in `log`'s row `slot` (its session's
+    def attach(self, log: TokenLog, slot: int, request: asyncio.Future[Any]) -> None:
+        """Once its prompt has run (`request` is the future that answers it): keeps the generation's tokens and counters in `log`'s row `slot` (its session's
         state slot), where the batching loop records them for a whole batch at once. The row's previous owner, an
         ended generation of the slot whose stream has not taken all its tokens yet, keeps them in a list of its own.
         If that generation still runs (a second generation was queued on the session while it ran), this one keeps
         its tokens in a log of its own and has them recorded one at a time (`consumed_token`)."""
+        self._request = request
         if not self.uses_log:
             return
         previous = log.owner(slot)
@@ -146,10 +147,11 @@ class Generation:
         log.claim(slot, self, self.max_tokens, coalesce=self._coalesce)
         self._log, self._slot = log, slot
 
-    def ended(self, _: object = None) -> None:
-        """Its request ended (answered, failed or cancelled): the next generation of its slot may take its token
-        log row. The batcher calls this from the request's future."""
-        self.running = False
+    @property
+    def running(self) -> bool:
+        """Whether its request is still unanswered (not answered, failed or cancelled): while it is, the next
+        generation of its slot may not take its token log row."""
+        return self._request is not None and not self._request.done()
 
     def detach(self) -> None:
         """Leaves the token log, moving the tokens not taken yet out of it first: called once the generation's

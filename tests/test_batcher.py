@@ -381,6 +381,7 @@ def test_a_generation_keeps_its_tokens_when_its_slot_begins_the_next_one_before_
         second_work, second = greedy(batcher, a, 4, 2)
         while not second_work.future.done():
             run_next(batcher, {a, b})
+        assert second.owns_log_row and not first.owns_log_row  # the first's tokens moved out to its own list
         assert [event.token for event in first.take()] == [2, 3, 4]
         assert [event.token for event in second.take()] == [5, 6] and [event.step for event in second.take()] == []
 
