@@ -58,6 +58,9 @@ class StopAutomaton:
             state = self.fail[state]
 
 
+_NO_STOPS = StopAutomaton(())
+
+
 class StopMatcher:
     """Holds back text that could be the start of a stop string, and finds a stop string.
 
@@ -69,7 +72,9 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.stopped = False
-        self._automaton = StopAutomaton(self.stops)
+        # Most generations have no stop strings: they share one empty automaton (building one per request was up
+        # to 3% of the in-process engine's time with 4,096 sessions generating 32 tokens each, in `py-spy record`).
+        self._automaton = StopAutomaton(self.stops) if self.stops else _NO_STOPS
         self._state = 0
         self._held: deque[tuple[int, str]] = deque()
         self._held_chars = 0
