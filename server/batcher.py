@@ -361,6 +361,7 @@ class Batcher:
             gone = [row for row, work in enumerate(rows.works) if work.future.done()]  # cancelled
             if gone:
                 for row in gone:
+                    rows.works[row].generation.abandon()  # type: ignore[union-attr]
                     session = rows.sessions[row]
                     session.in_flight = False
                     session.queued_positions -= 1
@@ -516,7 +517,15 @@ class Batcher:
             rows = rows.without(ended)
         going_on.append(
             Continuing(
-                rows.sessions, rows.works, rows.samplers, rows.row_slots, rows.logged, rows.kind, last_logits, now, True
+                rows.sessions,
+                rows.works,
+                rows.samplers,
+                rows.row_slots,
+                rows.logged,
+                rows.kind,
+                last_logits,
+                now,
+                held=True,
             )
         )
 
@@ -524,24 +533,24 @@ class Batcher:
         """Records the token each row's step fed (at `steps`) with its generation, wakes the streams with tokens
         enough for a response, and returns the rows whose generation made its last token."""
         log, generating, works = self.token_log, self.generating, rows.works
-        slots, tokens = rows.row_slots, rows.tokens[:, 0]
+        tokens = rows.tokens[:, 0]
         finished: list[int] = []
-        keeps = rows.logged
-        logged = slice(None) if keeps.all() else np.flatnonzero(keeps)
-        for row in np.flatnonzero(~keeps).tolist():  # stop strings, or a second generation of the session: per row
-            if works[row].generation.consumed_token(int(tokens[row]), int(steps[row]), batch_size, generating):  # type: ignore[union-attr]
+        # Rows whose generation keeps no row of the token log (stop strings, or a second generation queued on
+        # its session while the first ran) record their token one at a time.
+        for row in np.flatnonzero(~rows.logged).tolist():
+            generation = works[row].generation
+            assert generation is not None
+            if generation.consumed_token(int(tokens[row]), int(steps[row]), batch_size, generating):
                 finished.append(row)
-        rows_logged = np.arange(len(rows))[logged]
-        slots = slots[logged]
-        full = np.flatnonzero(log.backlog(slots) >= log.width)
-        for index in full.tolist():  # streams that fell a whole row behind: their tokens move out first
-            works[rows_logged[index]].generation.keep_backlog()  # type: ignore[union-attr]
-        log.record(slots, tokens[logged], steps[logged], batch_size)
+        owned = np.flatnonzero(rows.logged)  # the other rows, by position in `rows`
+        slots = rows.row_slots[owned]
+        for index in np.flatnonzero(log.backlog(slots) >= log.width).tolist():  # a whole row behind: moved out first
+            works[owned[index]].generation.keep_backlog()  # type: ignore[union-attr]
+        log.record(slots, tokens[owned], steps[owned], batch_size)
         for index in np.flatnonzero(log.due(slots, generating)).tolist():
-            works[rows_logged[index]].generation.changed.set()  # type: ignore[union-attr]
-        last = np.flatnonzero(log.made[slots] >= log.limit[slots])
-        for index in last.tolist():
-            row = int(rows_logged[index])
+            works[owned[index]].generation.changed.set()  # type: ignore[union-attr]
+        for index in np.flatnonzero(log.made[slots] >= log.limit[slots]).tolist():
+            row = int(owned[index])
             works[row].generation.finish_reason = "length"  # type: ignore[union-attr]
             finished.append(row)
         return finished

@@ -98,7 +98,7 @@ class Generation:
 
     The batcher attaches it to its token log once its prompt has run (`attach`). A generation without stop
     strings keeps its tokens and counters there, in rows indexed by its session's state slot, which the
-    batching loop updates for a whole batch of generations at once (`Batcher._finish_generation_rows`). A
+    batching loop updates for a whole batch of generations at once (`Batcher._record_tokens`). A
     generation with stop strings passes each token through its stop matcher instead (`consumed_token`). The
     streaming coroutine calls `take`.
     """
@@ -129,17 +129,18 @@ class Generation:
         return not self._matcher.stops
 
     def attach(self, log: TokenLog, slot: int, request: asyncio.Future[Any]) -> None:
-        """Once its prompt has run (`request` is the future that answers it): keeps the generation's tokens and counters in `log`'s row `slot` (its session's
-        state slot), where the batching loop records them for a whole batch at once. The row's previous owner, an
-        ended generation of the slot whose stream has not taken all its tokens yet, keeps them in a list of its own.
-        If that generation still runs (a second generation was queued on the session while it ran), this one keeps
-        its tokens in a log of its own and has them recorded one at a time (`consumed_token`)."""
+        """Once its prompt has run (`request` is the future that answers it): keeps the generation's tokens and
+        counters in `log`'s row `slot` (its session's state slot), where the batching loop records them for a whole
+        batch at once. The row's previous owner, an ended generation of the slot whose stream has not taken all its
+        tokens yet, keeps them in a list of its own. If that generation's request is still open (a second generation
+        was queued on the session while it ran), this one keeps its tokens in a log of its own and has them recorded
+        one at a time (`consumed_token`)."""
         self._request = request
-        if not self.uses_log:
+        if not self.uses_log:  # its stop matcher keeps its tokens
             return
         previous = log.owner(slot)
-        if previous is not None and previous is not self and previous.running:
-            log, slot = TokenLog(), 0
+        if previous is not None and previous is not self and previous.request_open:
+            log, slot = TokenLog(log.width), 0
         else:
             if previous is not None and previous is not self:
                 previous.detach()
@@ -148,10 +149,17 @@ class Generation:
         self._log, self._slot = log, slot
 
     @property
-    def running(self) -> bool:
+    def request_open(self) -> bool:
         """Whether its request is still unanswered (not answered, failed or cancelled): while it is, the next
         generation of its slot may not take its token log row."""
         return self._request is not None and not self._request.done()
+
+    def abandon(self) -> None:
+        """Its stream went away before the end: the token log forgets it and the tokens it still holds (a last
+        step still computing may write to the row, which nobody owns then; the next owner starts it afresh)."""
+        if self._log is not None:
+            self._log.release(self._slot, self)
+        self._log, self._kept, self.owns_log_row = None, [], False
 
     def detach(self) -> None:
         """Leaves the token log, moving the tokens not taken yet out of it first: called once the generation's
@@ -231,9 +239,9 @@ class Generation:
     def take(self) -> list[GeneratedToken]:
         """The tokens released since the last call."""
         events, self._events = self._events, []
-        log = self._log
-        if self._kept or log is not None and self.uses_log:
-            tokens, steps, sizes = log.take(self._slot) if log is not None and self.uses_log else ([], [], [])
+        log = self._log  # None for a generation with stop strings (the matcher released its tokens above)
+        if self._kept or log is not None:
+            tokens, steps, sizes = log.take(self._slot) if log is not None else ([], [], [])
             if self._kept:
                 kept, self._kept = self._kept, []
                 kept_tokens, kept_steps, kept_sizes = map(list, zip(*kept))
@@ -279,5 +287,6 @@ async def generate(
     finally:
         if not running.done():
             running.cancel()
+            generation.abandon()
         else:
             generation.detach()

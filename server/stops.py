@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 
 class StopAutomaton:
-    """An Aho-Corasick automaton over the stop strings (built once per generation request).
+    """An Aho-Corasick automaton over the stop strings (built once per generation request that has any).
 
     State 0 is the root (nothing matched). For each state: its children by character, its failure link
     (the state of its longest proper suffix that is also a prefix of some stop string), its depth (the

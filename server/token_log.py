@@ -1,11 +1,11 @@
 """The tokens that running generations made and their streams have not taken yet, in arrays indexed by state slot.
 
-A session runs one generation at a time, so its state slot names its generation's row here. The batching
-loop writes the tokens of a whole batch of generations with a few array operations (`record`), reads
-which generations ended or have tokens to send from the counters (`made`, `limit`, `backlog`), and the
-streaming coroutine of each generation takes its tokens (`take`). Generations with stop strings keep
-their tokens in their stop matcher instead, and a second generation queued on a session while its first
-still runs keeps them in a log of its own (see `Generation.attach`).
+A slot's row belongs to one generation at a time, its owner: the session's generation, once its prompt
+has run. The batching loop writes the tokens of a whole batch of generations with a few array operations
+(`record`), reads which generations ended or have tokens to send from the counters (`made`, `limit`,
+`backlog`), and the streaming coroutine of each generation takes its tokens (`take`). Generations with
+stop strings keep their tokens in their stop matcher instead, and a second generation queued on a session
+while its first still runs keeps them in a log of its own (see `Generation.attach`).
 
 Each slot keeps the last `width` tokens made and not taken: a stream that falls that far behind has its
 tokens moved out to a list of its generation first (`Generation.keep_backlog`), so nothing is overwritten.
@@ -24,8 +24,9 @@ import numpy as np
 RESPONSES_PER_ROUND = 32
 
 # Tokens kept per slot before the batching loop moves them out to their generation's list: 128 int64
-# tokens, steps and batch sizes are 3 KiB per slot that ever generated (30 MiB if all of the default
-# 10,000 sessions generate). A coalescing stream gets at most half a row per response.
+# tokens, steps and batch sizes are 3 KiB per slot up to the highest slot that generated, and the arrays
+# grow by doubling (48 MiB once slot 10,000 of the default --max-sessions generated). A coalescing stream
+# gets at most half a row per response.
 LOG_WIDTH = 128
 
 
@@ -66,9 +67,10 @@ class TokenLog:
             self.owners[slot] = None
 
     def due(self, slots: np.ndarray, generating: int) -> np.ndarray:
-        """Which of `slots` have tokens enough to make a response now: any token without coalescing or before the stream took its first; with coalescing, a share of the round
-        sized so that `generating` streams send about RESPONSES_PER_ROUND responses per token each, at most
-        half a row (so that a stream keeping up never has its tokens moved out)."""
+        """Which of `slots` have tokens enough to make a response now: any token without coalescing or before the
+        stream took its first; with coalescing, a share of the round sized so that `generating` streams send
+        about RESPONSES_PER_ROUND responses per token each, at most half a row (so that a stream keeping up
+        never has its tokens moved out)."""
         held = self.made[slots] - self.taken[slots]
         return held >= np.where(self.coalesce[slots] & (self.taken[slots] > 0), self._share(generating), 1)
 
@@ -80,7 +82,7 @@ class TokenLog:
 
     def _share(self, generating: int) -> int:
         """The tokens a coalescing stream gets per response with `generating` streams running."""
-        return min(max(1, -(-generating // RESPONSES_PER_ROUND)), self.width // 2)
+        return max(1, min(-(-generating // RESPONSES_PER_ROUND), self.width // 2))
 
     def record(self, slots: np.ndarray, tokens: np.ndarray, steps: np.ndarray, batch_size: int) -> None:
         """Logs one token for each of `slots` (distinct), fed at `steps`, in a batch of `batch_size`. The caller

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
@@ -12,8 +13,9 @@ import pytest
 from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
+from lstmserve.bench.engine import build_engine
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.generation import Wakeup
+from lstmserve.server.generation import GenerateParams, Generation, Wakeup, generate
 from lstmserve.server.stops import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
@@ -175,6 +177,32 @@ def test_two_generations_on_one_session_at_once_each_make_their_own_tokens(serve
             stream.close()
             assert sum(len(r.tokens) for r in responses) == count and responses[-1].finish_reason == "length"
         assert stub.GetSession(pb.SessionRef(session_id=session_id)).step == 2 + 300 + 1 + 200
+
+
+def test_a_generation_whose_client_left_is_forgotten_by_the_token_log(token_model: Path) -> None:
+    """A client reads one chunk of a long generation and goes away: the token log no longer names the
+    generation as its slot's owner (which would keep it, and every token it held, alive after the session
+    closed), and the generation holds no tokens."""
+
+    async def body() -> tuple[object, int]:
+        engine = build_engine(token_model, max_sessions=4)
+        scheduler = engine.scheduler
+        scheduler.start()
+        try:
+            session = scheduler.create_session()
+            params = GenerateParams(max_tokens=4000, sampling=SamplingParams(temperature=1.0, seed=1))
+            chunks = generate(scheduler, session, np.array([1], np.int64), params, engine.spec.vocabulary)
+            await anext(chunks)
+            generation = scheduler.batcher.token_log.owner(session.slot)  # the row is its while it runs
+            assert isinstance(generation, Generation)
+            await chunks.aclose()
+            await scheduler.close_session(session.id)
+            return scheduler.batcher.token_log.owner(session.slot), len(generation.take())
+        finally:
+            await scheduler.close()
+
+    owner_after, held_after = asyncio.run(body())
+    assert owner_after is None and held_after == 0
 
 
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
