@@ -112,7 +112,8 @@ class TokenLog:
         start, stop = first % self.width, end % self.width or self.width
         row = self.entries[slot]
         entries = row[start:stop] if start < stop else np.concatenate([row[start:], row[:stop]])
-        return entries[:, 0].tolist(), entries[:, 1].tolist(), entries[:, 2].tolist()
+        tokens, steps, sizes = entries.T.tolist()  # one conversion for the three
+        return tokens, steps, sizes
 
     def _grow(self, slots: int) -> None:
         """Makes room for at least `slots` slots (doubling, so that growing one slot at a time stays cheap)."""
