@@ -187,7 +187,7 @@ class Generation:
 
         The batching loop calls it for one row at a time: for generations with stop strings, and for steps that
         went through the session's queue. The tokens of a batch of carried generations without stop strings
-        are recorded for all rows at once instead (`Batcher._finish_generation_rows`).
+        are recorded for all rows at once instead (`Batcher._record_tokens`).
         """
         if self._matcher.stops:
             self._count += 1
