@@ -54,6 +54,27 @@ install_engine() {
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
+# Starts dockerd and waits up to 90 s for it to answer; on a busy machine dockerd sometimes gives up on
+# the containerd it starts ("timeout waiting for containerd to start") and exits: that try fails, and
+# whatever it left running is stopped.
+start_dockerd() {
+  local pid
+  setsid nohup dockerd --pidfile "$PID_FILE" >"$LOG" 2>&1 </dev/null &
+  pid=$!
+  for _ in $(seq 90); do
+    engine_answers && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 1
+  done
+  log "dockerd did not answer (it $(kill -0 "$pid" 2>/dev/null && echo 'still runs after 90 s' || echo exited))"
+  tail -3 "$LOG" >&2
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  pkill -TERM -f '^containerd --config /var/run/docker/containerd/containerd.toml' 2>/dev/null || true
+  rm -f "$PID_FILE"
+  return 1
+}
+
 start() {
   if engine_answers; then
     log "an engine is already running: using it"
@@ -69,9 +90,8 @@ start() {
       install_engine
     fi
     sysctl -qw net.ipv4.ip_forward=1
-    setsid nohup dockerd --pidfile "$PID_FILE" >"$LOG" 2>&1 </dev/null &
-    for _ in $(seq 90); do engine_answers && break; sleep 1; done
-    engine_answers || { log "dockerd did not answer within 90 s; its log: $LOG"; tail -20 "$LOG" >&2; exit 1; }
+    start_dockerd || start_dockerd || start_dockerd \
+      || { log "dockerd did not start in 3 tries; its last log: $LOG"; tail -20 "$LOG" >&2; exit 1; }
     log "dockerd started (PID $(cat "$PID_FILE"), log $LOG)"
   fi
   docker info --format 'engine {{.ServerVersion}}, storage {{.Driver}}, cgroup v{{.CgroupVersion}}' >&2
