@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from itertools import repeat
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
