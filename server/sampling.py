@@ -148,10 +148,10 @@ _scratch = threading.local()
 
 
 def _column_buffer(vocab: int, rows: int) -> np.ndarray:
-    """A float64 [vocab, rows] array to overwrite, kept between calls (per thread): a fresh array of a few MiB
-    costs more in page faults than the whole column loop."""
+    """A float64 [vocab, rows] array to overwrite (vocab * rows at most COLUMN_SCAN_ELEMENTS), kept between
+    calls (per thread): a fresh array of a few MiB costs more in page faults than the whole column loop."""
     kept: np.ndarray | None = getattr(_scratch, "buffer", None)
-    if kept is None or kept.size < vocab * rows:
+    if kept is None:
         kept = _scratch.buffer = np.empty(COLUMN_SCAN_ELEMENTS, dtype=np.float64)
     return kept[: vocab * rows].reshape(vocab, rows)
 

@@ -71,8 +71,7 @@ class TokenLog:
         stream took its first; with coalescing, a share of the round sized so that `generating` streams send
         about RESPONSES_PER_ROUND responses per token each, at most half a row (so that a stream keeping up
         never has its tokens moved out)."""
-        held = self.made[slots] - self.taken[slots]
-        return held >= np.where(self.coalesce[slots] & (self.taken[slots] > 0), self._share(generating), 1)
+        return self.backlog(slots) >= np.where(self.coalesce[slots] & (self.taken[slots] > 0), self._share(generating), 1)
 
     def due_one(self, slot: int, generating: int) -> bool:
         """`due` for a single slot."""
