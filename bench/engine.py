@@ -183,9 +183,9 @@ async def _generating_session(engine: Engine, load: EngineLoad, seed: int, windo
         while (sent := time.perf_counter()) < window.end:
             async for chunk in generate(scheduler, session, _inputs(engine.spec, rng, 1), params, vocabulary):
                 received = time.perf_counter()
-                tokens = [event for event in chunk if not event.finish_reason]
+                made = len(chunk.tokens)
                 # As the load generator: the latency recorded is the time between chunks.
-                window.add(sent, received, len(tokens), len(tokens), (event.batch_size for event in tokens))
+                window.add(sent, received, made, made, chunk.batch_sizes)
                 sent = received
     except ServeError:
         window.result.errors += 1

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, overload
 
 import numpy as np
 
-from lstmserve.server.sampling import Sampler, SamplingParams
+from lstmserve.server.sampling import SamplingParams, sampler_for
 from lstmserve.server.sessions import Session
 from lstmserve.server.stops import StopMatcher
 from lstmserve.server.token_log import RESPONSES_PER_ROUND, TokenLog
@@ -54,8 +54,58 @@ class GeneratedToken(NamedTuple):
 
 
 # Makes a GeneratedToken from a tuple of all its fields without a Python-level call: a quarter less time per
-# token than GeneratedToken(...) in `Generation.take`, which makes one per generated token.
+# token than GeneratedToken(...) when a chunk is read token by token.
 _new_event = functools.partial(tuple.__new__, GeneratedToken)
+
+
+class TokenChunk(Sequence[GeneratedToken]):
+    """The tokens a generation made since its previous chunk, as columns: `tokens`, `texts`, `steps` and
+    `batch_sizes`, one list each, and in the generation's last chunk its `finish` event (token -1, the finish
+    reason, the session's last step and the size of its batch).
+
+    Read as a sequence, it gives a GeneratedToken per token, then the finish event if there is one. Columns, not
+    an object per token: with 4,096 sessions generating, the tokens that streams held as objects were most of what
+    Python's garbage collector walked (`gc.get_objects` in its callbacks, under `lstmserve bench --series engine
+    --model models/tiny/model.onnx --levels 4096 --mode generate`).
+    """
+
+    __slots__ = ("tokens", "texts", "steps", "batch_sizes", "finish")
+
+    def __init__(self, tokens: list[int], texts: list[str], steps: list[int], batch_sizes: list[int]) -> None:
+        self.tokens, self.texts, self.steps, self.batch_sizes = tokens, texts, steps, batch_sizes
+        self.finish: GeneratedToken | None = None
+
+    @property
+    def finish_reason(self) -> str:
+        """Why the generation ended, in its last chunk; "" before."""
+        return self.finish.finish_reason if self.finish is not None else ""
+
+    def __len__(self) -> int:
+        return len(self.tokens) + (self.finish is not None)
+
+    def __iter__(self) -> Iterator[GeneratedToken]:
+        yield from map(_new_event, zip(self.tokens, self.texts, self.steps, self.batch_sizes, repeat("")))
+        if self.finish is not None:
+            yield self.finish
+
+    @overload
+    def __getitem__(self, index: int) -> GeneratedToken: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[GeneratedToken]: ...
+
+    def __getitem__(self, index: int | slice) -> GeneratedToken | list[GeneratedToken]:
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        made = len(self.tokens)
+        position = index + len(self) if index < 0 else index
+        if position == made and self.finish is not None:
+            return self.finish
+        if not 0 <= position < made:
+            raise IndexError(f"chunk index {index} out of range for {len(self)} events")
+        return GeneratedToken(
+            self.tokens[position], self.texts[position], self.steps[position], self.batch_sizes[position]
+        )
 
 
 class Wakeup:
@@ -108,10 +158,11 @@ class Generation:
     ) -> None:
         self.max_tokens = params.max_tokens
         self._coalesce = params.coalesce
-        self.sampler = Sampler(params.sampling)
+        self.sampler = sampler_for(params.sampling)
         self.fed: int | None = None  # the generated token the queued step feeds (None: the prompt)
         self.finish_reason = ""
-        self._matcher = StopMatcher(params.stop)
+        # Only with stop strings: thousands of generations at once each keep as few objects as they can.
+        self._matcher = StopMatcher(params.stop) if params.stop else None
         self._vocabulary = vocabulary
         self._count = 0  # tokens made (with stop strings; without, the token log counts them)
         self._events: list[GeneratedToken] = []  # released by the stop matcher, with their text
@@ -126,7 +177,7 @@ class Generation:
     @property
     def uses_log(self) -> bool:
         """Whether the generation keeps its tokens in a token log (it has no stop strings)."""
-        return not self._matcher.stops
+        return self._matcher is None
 
     def attach(self, log: TokenLog, slot: int, request: asyncio.Future[Any]) -> None:
         """Once its prompt has run (`request` is the future that answers it): keeps the generation's tokens and
@@ -147,6 +198,10 @@ class Generation:
             self.owns_log_row = True
         log.claim(slot, self, self.max_tokens, coalesce=self._coalesce)
         self._log, self._slot = log, slot
+
+    def request_done(self, _: asyncio.Future[Any]) -> None:
+        """Its request was answered, failed or cancelled: wakes the stream (a future's done callback)."""
+        self.changed.set()
 
     @property
     def request_open(self) -> bool:
@@ -189,9 +244,10 @@ class Generation:
         went through the session's queue. The tokens of a batch of carried generations without stop strings
         are recorded for all rows at once instead (`Batcher._record_tokens`).
         """
-        if self._matcher.stops:
+        matcher = self._matcher
+        if matcher is not None:
             self._count += 1
-            finished = self._match_stops(token, step, batch_size, self._count >= self.max_tokens)
+            finished = self._match_stops(matcher, token, step, batch_size, self._count >= self.max_tokens)
             held = len(self._events)
             if held and (not self._coalesce or not self._taken_any or held * RESPONSES_PER_ROUND >= generating):
                 self.changed.set()
@@ -221,12 +277,11 @@ class Generation:
         log, slot = self._attached()
         self._kept.extend(zip(*log.take(slot)))
 
-    def _match_stops(self, token: int, step: int, batch_size: int, finished: bool) -> bool:
+    def _match_stops(self, matcher: StopMatcher, token: int, step: int, batch_size: int, finished: bool) -> bool:
         """Passes the token through the stop matcher: releases the tokens that can no longer start a stop
         string; returns whether the generation is finished (a stop string, or `finished` already)."""
         vocabulary = self._vocabulary
         text = vocabulary[token] if token < len(vocabulary) else ""
-        matcher = self._matcher
         released = matcher.push(token, text)
         finished = finished or matcher.stopped
         if finished and not matcher.stopped:
@@ -236,21 +291,27 @@ class Generation:
             self.finish_reason = "stop" if matcher.stopped else "length"
         return finished
 
-    def take(self) -> list[GeneratedToken]:
+    def take(self) -> TokenChunk:
         """The tokens released since the last call."""
-        events, self._events = self._events, []
-        log = self._log  # None for a generation with stop strings (the matcher released its tokens above)
-        if self._kept or log is not None:
-            tokens, steps, sizes = log.take(self._slot) if log is not None else ([], [], [])
-            if self._kept:
-                kept, self._kept = self._kept, []
-                kept_tokens, kept_steps, kept_sizes = map(list, zip(*kept))
-                tokens, steps, sizes = kept_tokens + tokens, kept_steps + steps, kept_sizes + sizes
-            vocabulary, known = self._vocabulary, len(self._vocabulary)
-            texts = [vocabulary[token] if token < known else "" for token in tokens]
-            events.extend(map(_new_event, zip(tokens, texts, steps, sizes, repeat("", len(tokens)))))
-        self._taken_any = self._taken_any or bool(events)
-        return events
+        if self._matcher is not None:  # its matcher released its tokens, texts included
+            events, self._events = self._events, []
+            columns = [list(column) for column in zip(*events)] if events else [[], [], [], []]
+            chunk = TokenChunk(*columns[:4])
+        else:
+            chunk = self._take_logged()
+        self._taken_any = self._taken_any or bool(chunk.tokens)
+        return chunk
+
+    def _take_logged(self) -> TokenChunk:
+        """The tokens recorded since the last call: those moved out of the token log first, then its row's."""
+        log = self._log
+        tokens, steps, sizes = log.take(self._slot) if log is not None else ([], [], [])
+        if self._kept:
+            kept, self._kept = self._kept, []
+            kept_tokens, kept_steps, kept_sizes = map(list, zip(*kept))
+            tokens, steps, sizes = kept_tokens + tokens, kept_steps + steps, kept_sizes + sizes
+        vocabulary, known = self._vocabulary, len(self._vocabulary)
+        return TokenChunk(tokens, [vocabulary[token] if token < known else "" for token in tokens], steps, sizes)
 
 
 async def generate(
@@ -260,7 +321,7 @@ async def generate(
     params: GenerateParams,
     vocabulary: Sequence[str],
     expected_step: int | None = None,
-) -> AsyncIterator[list[GeneratedToken]]:
+) -> AsyncIterator[TokenChunk]:
     """Feeds `prompt` and yields the generated tokens in chunks, as they become ready.
 
     Each chunk holds the tokens made since the previous one (one or more: under load
@@ -271,19 +332,19 @@ async def generate(
     the generation after its current step.
     """
     generation = Generation(params, vocabulary, scheduler.loop)
-    running = asyncio.ensure_future(scheduler.generate(session, prompt, generation, expected_step))
-    running.add_done_callback(lambda _: generation.changed.set())
+    running = scheduler.start_generation(session, prompt, generation, expected_step)
+    running.add_done_callback(generation.request_done)
     try:
         while True:
             await generation.changed.wait()
-            events = generation.take()
+            chunk = generation.take()
             if running.done():
                 final = running.result()  # raises the generation's error, if any
-                events.append(GeneratedToken(-1, "", final.step, final.batch_size, generation.finish_reason))
-                yield events
+                chunk.finish = GeneratedToken(-1, "", final.step, final.batch_size, generation.finish_reason)
+                yield chunk
                 return
-            if events:
-                yield events
+            if chunk.tokens:
+                yield chunk
     finally:
         if not running.done():
             running.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,18 @@ class Sampler:
     def sample(self, logits: np.ndarray) -> int:
         """Picks one token id from a logits vector [vocab]."""
         return int(sample_rows([self], logits[np.newaxis])[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_sampler(params: SamplingParams) -> Sampler:
+    return Sampler(params)
+
+
+def sampler_for(params: SamplingParams) -> Sampler:
+    """A sampler for `params`: a new one with a seed (its generator's draws are the request's alone), else the one
+    that every request with the same params shares (it keeps nothing that changes), so that thousands of
+    generations at once do not each keep one."""
+    return Sampler(params) if params.seed is not None else _shared_sampler(params)
 
 
 def common_kind(samplers: Sequence[Sampler]) -> tuple[float, int, float] | None:

@@ -353,25 +353,29 @@ class Scheduler:
             return rows, error
         return rows, block.future
 
-    async def generate(
+    def start_generation(
         self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
-    ) -> StepResult:
-        """Feeds `prompt`, then samples and feeds tokens inside the batching loop until `generation` ends.
+    ) -> asyncio.Future[StepResult]:
+        """Queues `prompt`, then samples and feeds tokens inside the batching loop until `generation` ends;
+        returns the future of the session's last step (cancel it to stop the generation after its current step).
 
-        Tokens reach the caller through `generation` as they are made; the result is the
-        session's last step. With `expected_step`, it starts only if the session (with its
-        queued steps) is at that step; a generation is never replayed.
+        Tokens reach the caller through `generation` as they are made. With `expected_step`, it starts only if
+        the session (with its queued steps) is at that step; a generation is never replayed. A future, not a
+        task: with thousands of sessions generating, a task per generation (its context, coroutines and weak
+        reference) was a good part of what Python's garbage collector had to walk.
         """
         self._require_steppable(session)
         if expected_step is not None and expected_step != session.step + session.queued_positions:
             raise mismatch(session, expected_step)
         work = Work(future=self._new_future(), inputs=prompt, generation=generation)
+        self.batcher.enqueue(session, work)
+        self._wakeup.set()
         self.batcher.generating += 1
-        try:
-            result: StepResult = await self._enqueue(session, work)
-        finally:
-            self.batcher.generating -= 1
-        return result
+        work.future.add_done_callback(self._generation_ended)
+        return work.future
+
+    def _generation_ended(self, _: asyncio.Future[StepResult]) -> None:
+        self.batcher.generating -= 1
 
     def _require_steppable(self, session: Session) -> None:
         """Raises unless the session is live and the server still takes steps (not frozen by a drain)."""

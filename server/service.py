@@ -29,7 +29,7 @@ from lstmserve.server.errors import (
     ServeError,
     SessionMoved,
 )
-from lstmserve.server.generation import GeneratedToken, GenerateParams, generate
+from lstmserve.server.generation import GeneratedToken, GenerateParams, TokenChunk, generate
 from lstmserve.server.handoff import Cluster, check_lease
 from lstmserve.server.metrics import Metrics
 from lstmserve.server.runner import Runner
@@ -451,35 +451,40 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         async with aclosing(chunks):  # a client that goes away stops the generation at once
             async for chunk in chunks:
                 self._check_lease(session.id)  # a lapse ends the generation: its stream answers UNAVAILABLE
+                count += len(chunk.tokens)
                 if coalesce:  # everything made since the last response, in one message
-                    yield self._generated_response(session, request, chunk, coalesce=True)
-                    count += len(chunk) - (1 if chunk[-1].finish_reason else 0)
+                    yield self._coalesced_response(session, request, chunk)
                     continue
                 for event in chunk:
-                    yield self._generated_response(session, request, [event], coalesce=False)
-                    count += 0 if event.finish_reason else 1
+                    yield self._token_response(session, request, event)
         self.metrics.generated_tokens.inc(count)
 
     @staticmethod
-    def _generated_response(
-        session: Session, request: pb.StepRequest, events: list[GeneratedToken], *, coalesce: bool
-    ) -> pb.StepResponse:
-        """One response for generated tokens (several only if `coalesce`); the finish event, if present,
-        is the last of `events`."""
-        last = events[-1]
+    def _coalesced_response(session: Session, request: pb.StepRequest, chunk: TokenChunk) -> pb.StepResponse:
+        """One response for all the tokens of a chunk, and its finish, if the chunk is the generation's last."""
+        last = chunk[-1]
         response = pb.StepResponse(
             session_id=session.id, request_id=request.request_id, step=last.step, batch_size=last.batch_size
         )
-        if last.finish_reason:
+        if chunk.finish is not None:
             response.finished = True
-            response.finish_reason = last.finish_reason
-            events = events[:-1]
-        if coalesce:
-            response.tokens.extend(e.token for e in events)
-            response.texts.extend(e.text for e in events)
-        elif events:
-            response.token = events[0].token
-            response.text = events[0].text
+            response.finish_reason = chunk.finish.finish_reason
+        response.tokens.extend(chunk.tokens)
+        response.texts.extend(chunk.texts)
+        return response
+
+    @staticmethod
+    def _token_response(session: Session, request: pb.StepRequest, event: GeneratedToken) -> pb.StepResponse:
+        """One response for one generated token, or for the generation's finish (token -1)."""
+        response = pb.StepResponse(
+            session_id=session.id, request_id=request.request_id, step=event.step, batch_size=event.batch_size
+        )
+        if event.finish_reason:
+            response.finished = True
+            response.finish_reason = event.finish_reason
+        else:
+            response.token = event.token
+            response.text = event.text
         return response
 
 

@@ -476,7 +476,7 @@ def test_a_failed_call_of_carried_generations_fails_them_and_keeps_their_counter
         for work, generation in runs:
             with pytest.raises(ComputeFailed, match="model failed"):
                 work.future.result()
-            assert generation.take() == []
+            assert list(generation.take()) == []
         assert [(s.step, s.version, s.queued_positions, s.in_flight) for s in (a, b)] == [(1, 1, 0, False)] * 2
         assert batcher.carried == []
 

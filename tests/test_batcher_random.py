@@ -120,7 +120,7 @@ async def scenario(seed: int, lanes: int, width: int) -> tuple[list[Stream], dic
         work = Work(future=loop.create_future(), inputs=np.array([prompt], np.int64), generation=generation)
         batcher.enqueue(session, work)
         batcher.generating += 1
-        work.future.add_done_callback(lambda _, g=generation: g.changed.set())  # as generate()'s task does
+        work.future.add_done_callback(generation.request_done)  # as generate() does
         stream = Stream(generation, work, session, prompt, max_tokens, stop)
         streams.append(stream)
         consumers.append(asyncio.ensure_future(consume(stream, random.Random(rng.random()))))

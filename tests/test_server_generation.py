@@ -15,9 +15,9 @@ from helpers import SyncStream, logits_of
 
 from lstmserve.bench.engine import build_engine
 from lstmserve.server.errors import InvalidInput
-from lstmserve.server.generation import GenerateParams, Generation, Wakeup, generate
+from lstmserve.server.generation import GeneratedToken, GenerateParams, Generation, TokenChunk, Wakeup, generate
 from lstmserve.server.stops import StopMatcher
-from lstmserve.server.sampling import Sampler, SamplingParams, top_k_logprobs
+from lstmserve.server.sampling import Sampler, SamplingParams, sampler_for, top_k_logprobs
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -242,6 +242,31 @@ def test_seeded_sampler_is_reproducible() -> None:
     assert draws[0] == draws[1] == draws[2]
     sampler_a, sampler_b = Sampler(SamplingParams(seed=9)), Sampler(SamplingParams(seed=9))
     assert [sampler_a.sample(logits) for _ in range(20)] == [sampler_b.sample(logits) for _ in range(20)]
+
+
+def test_requests_without_a_seed_share_a_sampler_and_seeded_ones_get_their_own() -> None:
+    assert sampler_for(SamplingParams(temperature=0.5, top_k=3)) is sampler_for(SamplingParams(temperature=0.5, top_k=3))
+    assert sampler_for(SamplingParams(temperature=0.5)) is not sampler_for(SamplingParams(temperature=0.7))
+    seeded = SamplingParams(seed=9)
+    logits = np.zeros(50, np.float32)
+    first, second = sampler_for(seeded), sampler_for(seeded)
+    assert first is not second
+    assert [first.sample(logits) for _ in range(20)] == [second.sample(logits) for _ in range(20)]
+
+
+def test_a_token_chunk_reads_as_its_events_then_its_finish() -> None:
+    chunk = TokenChunk([7, 8], ["a", ""], [3, 4], [2, 5])
+    made = [GeneratedToken(7, "a", 3, 2), GeneratedToken(8, "", 4, 5)]
+    assert list(chunk) == made and len(chunk) == 2 and chunk.finish_reason == ""
+    assert chunk[1] == chunk[-1] == made[1] and chunk[:1] == made[:1]
+    chunk.finish = GeneratedToken(-1, "", 4, 5, "length")
+    assert list(chunk) == [*made, chunk.finish] and len(chunk) == 3 and chunk.finish_reason == "length"
+    assert chunk[-1] == chunk[2] == chunk.finish and chunk[-3] == made[0] and chunk[1:] == [made[1], chunk.finish]
+    with pytest.raises(IndexError, match="chunk index 3 out of range for 3 events"):
+        chunk[3]
+    with pytest.raises(IndexError, match="chunk index -4"):
+        chunk[-4]
+    assert list(TokenChunk([], [], [], [])) == []
 
 
 @pytest.mark.parametrize("params", [{"temperature": -0.1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.01}])
