@@ -45,7 +45,7 @@ async def main(model: Path, sessions: int) -> None:
         while time.perf_counter() < end:
             prompt = rng.integers(0, len(vocabulary), size=1)
             async for chunk in generate(scheduler, session, prompt, params, vocabulary):
-                generated += sum(1 for event in chunk if not event.finish_reason)
+                generated += len(chunk.tokens)
 
     started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(one(seed) for seed in range(sessions)))
