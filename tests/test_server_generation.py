@@ -14,7 +14,7 @@ from conftest import ServerThread
 from helpers import SyncStream, logits_of
 
 from lstmserve.bench.engine import build_engine
-from lstmserve.server.errors import InvalidInput
+from lstmserve.server.errors import InvalidInput, ServeError
 from lstmserve.server.generation import GeneratedToken, GenerateParams, Generation, TokenChunk, Wakeup, generate
 from lstmserve.server.stops import StopMatcher
 from lstmserve.server.sampling import Sampler, SamplingParams, sampler_for, top_k_logprobs
@@ -203,6 +203,44 @@ def test_a_generation_whose_client_left_is_forgotten_by_the_token_log(token_mode
 
     owner_after, held_after = asyncio.run(body())
     assert owner_after is None and held_after == 0
+
+
+def test_the_count_of_running_generations_comes_back_to_zero(token_model: Path) -> None:
+    """The batcher sizes coalesced responses by how many generations run: one refused (a wrong expected step),
+    one that ran to its end and one whose client left after its first chunk each leave the count as it was."""
+
+    async def body() -> list[int]:
+        engine = build_engine(token_model, max_sessions=4)
+        scheduler = engine.scheduler
+        scheduler.start()
+        counts: list[int] = []
+
+        async def count() -> None:  # after the callbacks the last step's answer scheduled (one turn of the loop)
+            await asyncio.sleep(0)
+            counts.append(scheduler.batcher.generating)
+
+        try:
+            session = scheduler.create_session()
+            params = GenerateParams(max_tokens=3, sampling=SamplingParams(temperature=0.0))
+            prompt, vocabulary = np.array([1], np.int64), engine.spec.vocabulary
+            with pytest.raises(ServeError, match="expected_step 7"):
+                await anext(generate(scheduler, session, prompt, params, vocabulary, expected_step=7))
+            await count()
+            finished = [chunk async for chunk in generate(scheduler, session, prompt, params, vocabulary)]
+            await count()
+            long = GenerateParams(max_tokens=4000, sampling=SamplingParams(temperature=1.0))
+            chunks = generate(scheduler, session, prompt, long, vocabulary)
+            await anext(chunks)
+            await count()  # running
+            await chunks.aclose()
+            await scheduler.close_session(session.id)
+            await count()
+            counts.append(sum(len(chunk.tokens) for chunk in finished))
+        finally:
+            await scheduler.close()
+        return counts
+
+    assert asyncio.run(body()) == [0, 0, 1, 0, 3]
 
 
 def test_sample_output_returns_a_token_without_feeding_it(server: ServerThread) -> None:
