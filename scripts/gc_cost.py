@@ -1,10 +1,12 @@
 """How often, and for how long, Python's cyclic garbage collector runs under a generation load.
 
-Usage: .venv/bin/python scripts/gc_cost.py [YOUNG_THRESHOLD] [--no-freeze] [--model MODEL] [--sessions N]
+Usage: .venv/bin/python scripts/gc_cost.py [YOUNG_THRESHOLD] [--no-freeze] [--model MODEL] [--sessions N] [--objects]
 (default: Python's own threshold, 700; models/default/model.onnx; 256 sessions). Freezes what the imports made
 (as `lstmserve serve` does; not with --no-freeze), sets the youngest generation's threshold, runs the load of
 scripts/scheduler_generation_loop.py (each session generates 32 tokens at temperature 1, again and again, for
-6 s) and prints, per generation, how many collections ran and how long they took.
+6 s) and prints, per generation, how many collections ran and how long they took. With --objects, also the
+kinds of object that the middle generation's collections walked (the most common, averaged over the first
+five; counting them lengthens those collections).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import gc
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from scheduler_generation_loop import main as generation_loop  # noqa: E402
 
 collections: dict[int, list[float]] = defaultdict(list)
 _started = 0.0
+MIDDLE_COUNTED = 5
+walked: Counter[str] = Counter()  # kinds of object in the middle generation's collections (with --objects)
+counted = 0
 
 
 def on_collection(phase: str, info: dict[str, Any]) -> None:
@@ -33,18 +38,30 @@ def on_collection(phase: str, info: dict[str, Any]) -> None:
         collections[info["generation"]].append(time.perf_counter() - _started)
 
 
+def count_objects(phase: str, info: dict[str, Any]) -> None:
+    """At the start of a middle-generation collection: counts what it is about to walk, by type."""
+    global counted
+    if phase != "start" or info["generation"] != 1 or len(collections[1]) >= MIDDLE_COUNTED:
+        return
+    walked.update(type(o).__qualname__ for o in gc.get_objects(0) + gc.get_objects(1))
+    counted += 1
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Python's garbage collections under a generation load.")
     parser.add_argument("young_threshold", nargs="?", type=int, help="the youngest generation's threshold")
     parser.add_argument("--no-freeze", action="store_true", help="do not freeze what the imports made")
     parser.add_argument("--model", type=Path, default=Path("models/default/model.onnx"))
     parser.add_argument("--sessions", type=int, default=256)
+    parser.add_argument("--objects", action="store_true", help="count the kinds of object middle collections walk")
     options = parser.parse_args()
     if not options.no_freeze:
         gc.freeze()
     if options.young_threshold is not None:
         gc.set_threshold(options.young_threshold, *gc.get_threshold()[1:])
     gc.callbacks.append(on_collection)
+    if options.objects:
+        gc.callbacks.append(count_objects)
     asyncio.run(generation_loop(options.model, options.sessions))
     print(f"thresholds {gc.get_threshold()}")
     for generation in (0, 1, 2):
@@ -56,3 +73,7 @@ if __name__ == "__main__":
             )
         else:
             print(f"generation {generation}: no collection")
+    if counted:
+        print(f"objects walked by a middle collection (mean of {counted}):")
+        for kind, number in walked.most_common(12):
+            print(f"  {number / counted:9,.0f} {kind}")

@@ -65,8 +65,7 @@ class TokenChunk(Sequence[GeneratedToken]):
 
     Read as a sequence, it gives a GeneratedToken per token, then the finish event if there is one. Columns, not
     an object per token: with 4,096 sessions generating, the tokens that streams held as objects were most of what
-    Python's garbage collector walked (`gc.get_objects` in its callbacks, under `lstmserve bench --series engine
-    --model models/tiny/model.onnx --levels 4096 --mode generate`).
+    Python's garbage collector walked (`scripts/gc_cost.py --objects --model models/tiny/model.onnx --sessions 4096`).
     """
 
     __slots__ = ("tokens", "texts", "steps", "batch_sizes", "finish")
