@@ -161,7 +161,8 @@ class Generation:
         self.fed: int | None = None  # the generated token the queued step feeds (None: the prompt)
         self.finish_reason = ""
         # Only with stop strings: thousands of generations at once each keep as few objects as they can.
-        self._matcher = StopMatcher(params.stop) if params.stop else None
+        # An empty stop string stops nothing (StopMatcher drops it).
+        self._matcher = StopMatcher(params.stop) if any(params.stop) else None
         self._vocabulary = vocabulary
         self._count = 0  # tokens made (with stop strings; without, the token log counts them)
         self._events: list[GeneratedToken] = []  # released by the stop matcher, with their text
@@ -349,4 +350,6 @@ async def generate(
             running.cancel()
             generation.abandon()
         else:
+            if not running.cancelled():
+                running.exception()  # read, or asyncio logs an error that the client left before reading
             generation.detach()

@@ -292,6 +292,18 @@ def test_requests_without_a_seed_share_a_sampler_and_seeded_ones_get_their_own()
     assert [first.sample(logits) for _ in range(20)] == [second.sample(logits) for _ in range(20)]
 
 
+def test_only_a_generation_with_a_real_stop_string_passes_its_tokens_through_a_matcher() -> None:
+    loop = asyncio.new_event_loop()
+
+    def uses_log(stop: tuple[str, ...]) -> bool:
+        return Generation(GenerateParams(3, SamplingParams(), stop=stop), ["a", "b"], loop).uses_log
+
+
+    assert uses_log(()) and uses_log(("",))
+    assert not uses_log(("b",)) and not uses_log(("", "b"))
+    loop.close()
+
+
 def test_a_token_chunk_reads_as_its_events_then_its_finish() -> None:
     chunk = TokenChunk([7, 8], ["a", ""], [3, 4], [2, 5])
     made = [GeneratedToken(7, "a", 3, 2), GeneratedToken(8, "", 4, 5)]
