@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import pytest
 from helpers import wait_until
@@ -85,7 +85,7 @@ class RedisServer:
     def holder(self, session_id: str) -> str | None:
         """The replica id Redis records as holding a session (None: released or unknown)."""
         value = self.client.hget(f"lstmserve:session:{session_id}", "replica")
-        return None if value is None else value.decode()
+        return None if value is None else cast(bytes, value).decode()  # no decode_responses: bytes
 
     def stop(self) -> None:
         self.client.close()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import numpy as np
@@ -20,6 +20,13 @@ from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [("grpc.so_reuseport", 0)]
+
+
+class Tolerance(TypedDict):
+    """The `rtol` and `atol` of `np.testing.assert_allclose`, passed as `**tolerance`."""
+
+    rtol: float
+    atol: float
 
 
 def logits_of(response: pb.StepResponse) -> np.ndarray:
@@ -138,6 +145,7 @@ def stored_sessions(model_path: Path, state_dir: Path) -> dict[str, int]:
     from lstmserve.server.persistence import StateDir
 
     spec = model_spec(model_path)
+    assert spec.c is not None  # an LSTM model: h and c
     shape = (spec.state_rows, spec.h.width, spec.c.width)
     directory = StateDir(state_dir, fingerprint=spec.fingerprint, shape=shape, secret=None)
     return {stored.session_id: stored.step for stored in directory.read_all()}

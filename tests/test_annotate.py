@@ -262,7 +262,7 @@ def test_the_server_refuses_metadata_that_does_not_fit_the_graph(sensor, tmp_pat
     annotated = annotate(sensor[1], tmp_path / "good").onnx_path
     proto = onnx.load(str(annotated))
     good = json.loads(proto.metadata_props[0].value)
-    edits = {
+    edits: dict[str, tuple[dict[str, object], str]] = {
         "width": ({"h": {**good["h"], "width": 9}},
                   "state 1 input 'memory' has shape [1, batch, 7] in the graph, but the metadata says [1, batch, 9]"),
         "rows": ({"num_layers": 3}, "state 1 input 'memory' has shape [1, batch, 7] in the graph, but the metadata says [3, batch, 7]"),

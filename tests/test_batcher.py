@@ -215,7 +215,12 @@ def test_an_operation_queued_behind_a_step_runs_after_it() -> None:
         (a,) = sessions(1)
         work = step(batcher, a, [1])
         seen: list[int] = []
-        op = Work(future=asyncio.get_running_loop().create_future(), op=lambda s: seen.append(s.step) or s.step)
+
+        def record_step(s: Session) -> int:
+            seen.append(s.step)
+            return s.step
+
+        op = Work(future=asyncio.get_running_loop().create_future(), op=record_step)
         batcher.enqueue(a, op)
         taken = batcher.collect()
         assert not op.future.done()

@@ -391,7 +391,7 @@ def test_sessions_series_generates_by_feeding_back_the_sampled_tokens(
     from lstmserve.bench import sessions as sessions_module
     from lstmserve.bench.sessions import SessionsSpec, run_sessions_load
 
-    exchanges: list[tuple[object, object]] = []
+    exchanges: list[tuple[pb.StepSessionsRequest, pb.StepSessionsResponse]] = []
     real_stub = sessions_module.pb_grpc.LstmServeStub
 
     class RecordingStub:  # the real stub; StepSessions calls are recorded on their way through
@@ -401,7 +401,9 @@ def test_sessions_series_generates_by_feeding_back_the_sampled_tokens(
         def __getattr__(self, name: str) -> object:
             return getattr(self._stub, name)
 
-        async def StepSessions(self, request: object) -> object:  # noqa: N802 - the RPC's name
+        async def StepSessions(  # noqa: N802 - the RPC's name
+            self, request: pb.StepSessionsRequest
+        ) -> pb.StepSessionsResponse:
             response = await self._stub.StepSessions(request)
             exchanges.append((request, response))
             return response

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TEST_PROVIDER_NAME, ServerThread, start_server
+from helpers import Tolerance
 
 import lstmserve.client as client_pkg
 from lstmserve.client import (
@@ -33,7 +34,9 @@ from lstmserve.client import (
 )
 
 # batched and unbatched runs agree to float32 rounding on the CPU; looser on a GPU (TF32)
-TOL = dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+TOL: Tolerance = (
+    dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+)
 PUBLIC = [
     "AsyncClient",
     "AsyncGeneration",
@@ -476,7 +479,7 @@ def test_feature_model(feature_model: Path) -> None:
                 expected = whole.step(features=rows).logits
                 assert expected is not None and expected.shape == (5, info.output_size)
                 parts = [stepped.step(features=rows[:3]).logits, stepped.step(features=rows[3]).logits]
-                np.testing.assert_allclose(np.concatenate(parts), expected[:4], **TOL)  # type: ignore[arg-type]
+                np.testing.assert_allclose(np.concatenate(parts), expected[:4], **TOL)
                 assert stepped.position == 4
                 with pytest.raises(InvalidRequest, match="features shape"):
                     stepped.step(features=np.zeros((2, info.input_size + 1), np.float32))

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TEST_PROVIDER_NAME, ServerThread
+from helpers import Tolerance
 
 from lstmserve.client import (
     AsyncClient,
@@ -29,7 +30,9 @@ from lstmserve.client import _async
 
 T = TypeVar("T")
 # batched and unbatched runs agree to float32 rounding on the CPU; looser on a GPU (TF32)
-TOL = dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+TOL: Tolerance = (
+    dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+)
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 
 
@@ -83,7 +86,7 @@ def test_every_method(server: ServerThread) -> None:
             with pytest.raises(SessionNotFound):
                 await client.session(resume=session_id)
             logits = await client.infer("hello")
-            np.testing.assert_allclose(logits, out.logits, **TOL)  # type: ignore[arg-type]
+            np.testing.assert_allclose(logits, out.logits, **TOL)
 
     run(main())
 
@@ -123,7 +126,7 @@ def test_errors_and_recovery(server: ServerThread) -> None:
                 await session.step([123456])
             out = await session.step("cd")
             assert out.step == 4
-            np.testing.assert_allclose(out.logits, expected[2:], **TOL)  # type: ignore[arg-type]
+            np.testing.assert_allclose(out.logits, expected[2:], **TOL)
             # another client moves the session: this object's counter is stale, the step is refused
             other = await client.session(resume=session.id)
             await other.step("e")
@@ -152,7 +155,7 @@ def test_reattach_after_dropped_and_lost_responses(server: ServerThread, monkeyp
                 session._stream.call.cancel()  # dropped between steps
                 out = await session.step(" wo")
                 assert out.step == 8 and server_step(session.id) == 8
-                np.testing.assert_allclose(out.logits, expected[5:8], **TOL)  # type: ignore[arg-type]
+                np.testing.assert_allclose(out.logits, expected[5:8], **TOL)
 
                 original = _async._AsyncStream.recv
                 broken: list[object] = []
@@ -170,10 +173,10 @@ def test_reattach_after_dropped_and_lost_responses(server: ServerThread, monkeyp
                 monkeypatch.setattr(_async._AsyncStream, "recv", recv)
                 out = await session.step("rld")
                 assert broken and out.step == 11 and server_step(session.id) == 11
-                np.testing.assert_allclose(out.logits, expected[8:11], **TOL)  # type: ignore[arg-type]
+                np.testing.assert_allclose(out.logits, expected[8:11], **TOL)
                 out = await session.step("!")
                 assert out.step == 12
-                np.testing.assert_allclose(out.logits, expected[11:], **TOL)  # type: ignore[arg-type]
+                np.testing.assert_allclose(out.logits, expected[11:], **TOL)
 
     run(main())
 

@@ -8,13 +8,15 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import TEST_PROVIDER_NAME, ServerThread
-from helpers import wait_until
+from helpers import Tolerance, wait_until
 
 from lstmserve.client import Cancelled, Client, LstmServeError, RetryPolicy, Unavailable
 from lstmserve.client import _sync
 
 # batched and unbatched runs agree to float32 rounding on the CPU; looser on a GPU (TF32)
-TOL = dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+TOL: Tolerance = (
+    dict(rtol=1e-5, atol=1e-5) if TEST_PROVIDER_NAME == "CPUExecutionProvider" else dict(rtol=2e-3, atol=2e-3)
+)
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 
 
@@ -55,7 +57,7 @@ def test_stream_dropped_between_steps(client: Client, server: ServerThread) -> N
         assert out.step == 9 and server_step(server, session.id) == 9
         assert out.logits is not None
         np.testing.assert_allclose(out.logits, expected[5:9], **TOL)
-        np.testing.assert_allclose(session.step("ld").logits, expected[9:], **TOL)  # type: ignore[arg-type]
+        np.testing.assert_allclose(session.step("ld").logits, expected[9:], **TOL)
 
 
 def test_lost_response_is_answered_again_not_applied_twice(
@@ -64,7 +66,7 @@ def test_lost_response_is_answered_again_not_applied_twice(
     """The server applied the step, but the stream broke before its response arrived."""
     expected = reference_logits(client, "hello world")
     original = _sync._Stream.recv
-    broken = []
+    broken: list[_sync._Stream] = []
 
     with client.session() as session:
         session.step("hello")
@@ -85,7 +87,7 @@ def test_lost_response_is_answered_again_not_applied_twice(
         np.testing.assert_allclose(out.logits, expected[5:9], **TOL)
         out = session.step("ld")
         assert out.step == 11
-        np.testing.assert_allclose(out.logits, expected[9:], **TOL)  # type: ignore[arg-type]
+        np.testing.assert_allclose(out.logits, expected[9:], **TOL)
 
 
 def test_stream_broken_before_the_request_left(
@@ -93,7 +95,7 @@ def test_stream_broken_before_the_request_left(
 ) -> None:
     expected = reference_logits(client, "abcdef")
     original = _sync._Stream.send
-    breaks = []
+    breaks: list[int] = []
 
     def send(self: _sync._Stream, request: object) -> None:
         if len(breaks) < 3:  # break the first three attempts: still within the retry budget
@@ -106,7 +108,7 @@ def test_stream_broken_before_the_request_left(
         monkeypatch.setattr(_sync._Stream, "send", send)
         out = session.step("def")
         assert len(breaks) == 3 and out.step == 6 and server_step(server, session.id) == 6
-        np.testing.assert_allclose(out.logits, expected[3:], **TOL)  # type: ignore[arg-type]
+        np.testing.assert_allclose(out.logits, expected[3:], **TOL)
 
 
 def test_retries_are_bounded(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -28,7 +28,7 @@ from lstmserve.client import (
 from lstmserve.v1 import lstmserve_pb2 as pb
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
-Outcome = StepOutput | LstmServeError
+Outcome: TypeAlias = StepOutput | LstmServeError
 Event = tuple[str, list[str], list["int | None"], int]  # the call, each entry's outcome, the positions after, sends
 Logits = dict[tuple[str, str], np.ndarray]  # (call, session label) -> the entry's logits
 

@@ -14,6 +14,7 @@ No image is built or started here. What is checked:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -28,7 +29,7 @@ import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import pytest
 from compose_cli import clean_environ, compose_config, duration_s, run_compose
@@ -192,8 +193,10 @@ def serve_env_names() -> set[str]:
     from lstmserve.cli import build_parser
 
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    serve = subparsers.choices["serve"]  # type: ignore[attr-defined]
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]", next(a for a in parser._actions if a.dest == "command")
+    )
+    serve = subparsers.choices["serve"]
     flags = [s for a in serve._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     return {"LSTMSERVE_" + f[2:].replace("-", "_").upper() for f in flags}
 
@@ -580,6 +583,15 @@ def run_export_script(model_dir: Path, *, timeout: float = 120, **env: str) -> S
     return ScriptRun(result.returncode, result.stdout, result.stderr, time.monotonic() - started)
 
 
+class StubEnv(TypedDict, total=False):
+    """Variables a test passes to `run_export_script` as `**env` (none of them is `timeout`)."""
+
+    LSTMSERVE_BIN: str
+    STUB_LOG: str
+    LSTMSERVE_EXPORT_ARGS: str
+    LSTMSERVE_EXPORT_FORCE: str
+
+
 @pytest.fixture
 def stub(tmp_path: Path) -> tuple[Path, Path]:
     """A fake `lstmserve` and the log of its calls."""
@@ -640,7 +652,7 @@ def test_failed_export_leaves_nothing_a_second_run_would_take_for_a_model(
     stale = model_dir.parent / ".default.export-99999" / "default"
     stale.mkdir(parents=True)
     (stale / "model.onnx").write_text("partial")
-    env = {"LSTMSERVE_BIN": str(fake), "STUB_LOG": str(log), "LSTMSERVE_EXPORT_ARGS": "--preset tiny --seed 3"}
+    env: StubEnv = {"LSTMSERVE_BIN": str(fake), "STUB_LOG": str(log), "LSTMSERVE_EXPORT_ARGS": "--preset tiny --seed 3"}
 
     failed = run_export_script(model_dir, STUB_MODE="fail", **env)
     assert failed.returncode == 3
@@ -697,7 +709,7 @@ def test_forced_export_replaces_the_model_only_when_it_succeeds(tmp_path: Path, 
     model_dir = tmp_path / "volume" / "default"
     model_dir.mkdir(parents=True)
     (model_dir / "model.onnx").write_text("old")
-    env = {"LSTMSERVE_BIN": str(fake), "STUB_LOG": str(log), "LSTMSERVE_EXPORT_FORCE": "1"}
+    env: StubEnv = {"LSTMSERVE_BIN": str(fake), "STUB_LOG": str(log), "LSTMSERVE_EXPORT_FORCE": "1"}
     assert run_export_script(model_dir, STUB_MODE="fail", **env).returncode == 3
     assert (model_dir / "model.onnx").read_text() == "old"
     assert run_export_script(model_dir, STUB_MODE="ok", **env).returncode == 0
@@ -793,6 +805,7 @@ def test_container_server_command_and_healthcheck_work(
 
     server = subprocess.Popen(resolve(command), env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert server.stderr is not None  # stderr=PIPE
         line = read_line(server.stdout, timeout=60)
         assert line, f"no startup line; stderr: {server.stderr.read() if server.poll() is not None else ''}"
         match = re.fullmatch(r"lstmserve: serving on (\S+):(\d+) \((\w+)\)(?:, metrics on port \d+)?\n", line)

@@ -21,6 +21,7 @@ A validator that is not installed skips its tests, except under CI=true, where i
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import os
@@ -28,7 +29,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 from urllib.parse import urlsplit
 
 import compose_cli
@@ -87,8 +88,10 @@ def serve_env_names() -> set[str]:
     from lstmserve.cli import build_parser
 
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    serve = subparsers.choices["serve"]  # type: ignore[attr-defined]
+    subparsers = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]", next(a for a in parser._actions if a.dest == "command")
+    )
+    serve = subparsers.choices["serve"]
     flags = [s for a in serve._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
     return {"LSTMSERVE_" + f[2:].replace("-", "_").upper() for f in flags}
 

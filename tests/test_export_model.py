@@ -83,6 +83,7 @@ def test_metadata_round_trip(tokens_export) -> None:
     assert spec.kind == "tokens" and spec.head == "language_model" and spec.input_name == "tokens"
     assert spec.output_size == len(spec.vocabulary) > 50
     assert (spec.h.input_name, spec.h.output_name, spec.h.width) == ("h0", "hn", 16)
+    assert spec.c is not None
     assert (spec.c.input_name, spec.c.output_name, spec.c.width) == ("c0", "cn", 16)
     assert spec.num_layers == 2 and spec.steppable
     assert len(spec.fingerprint) == 64 and int(spec.fingerprint, 16) >= 0

@@ -105,6 +105,9 @@ def test_onnx_stepwise_matches_whole_sequence(exported, batch: int) -> None:
     with torch.no_grad():
         want_logits, want_h, want_c = (t.numpy() for t in module(x, h0, c0))
         torch_steps = []
+        # PyTorch tensors here, NumPy arrays in the ONNX loop below
+        h: torch.Tensor | np.ndarray
+        c: torch.Tensor | np.ndarray
         h, c = h0, c0
         for t in range(x.shape[1]):
             logits, h, c = module(x[:, t:t + 1], h, c)

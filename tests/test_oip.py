@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -118,7 +118,7 @@ def statistics(client: triton.InferenceServerClient, model: str) -> Any:
     return stats
 
 
-def tokens_input(tokens: np.ndarray | list[int], datatype: str = "INT64") -> triton.InferInput:
+def tokens_input(tokens: np.ndarray | Sequence[int | np.integer[Any]], datatype: str = "INT64") -> triton.InferInput:
     array = np.asarray(tokens, dtype=np.int64 if datatype == "INT64" else np.int32).reshape(1, -1)
     tensor = triton.InferInput("tokens", list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -203,6 +203,7 @@ def test_model_config_reads_like_a_triton_sequence_model_config(
         "READY": (control.CONTROL_SEQUENCE_READY, [0, 1]),
     }
     states = {(s.input_name, s.output_name): s for s in batching.state}
+    assert spec.c is not None
     assert set(states) == {(spec.h.input_name, spec.h.output_name), (spec.c.input_name, spec.c.output_name)}
     for state, width in ((spec.h, spec.h.width), (spec.c, spec.c.width)):
         described = states[(state.input_name, state.output_name)]
@@ -528,6 +529,7 @@ def test_the_sequence_model_refuses_requests_without_a_sequence_id(
     it refuses sequence parameters instead of ignoring them."""
     name, stateless = name_of(oip_server), stateless_name_of(oip_server)
     before = active_sessions(oip_server)
+    extra: Mapping[str, object]
     for extra in ({}, {"sequence_id": 0}, {"sequence_id": ""}):
         error = error_of(lambda extra=extra: client.infer(name, [tokens_input([1, 2])], **extra))
         assert error.status() == "StatusCode.INVALID_ARGUMENT" and error.message() == no_correlation_id(name), extra

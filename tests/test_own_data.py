@@ -8,13 +8,14 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pytest
 import torch
-from conftest import start_server
+from conftest import ServerThread, start_server
 from own_modules import step_concurrently
 
 from lstmserve.client import Client
@@ -32,7 +33,7 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+def _write_csv(path: Path, header: list[str], rows: Sequence[Sequence[object]]) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -86,6 +87,7 @@ def test_csv_forecaster_records_its_columns_normalisation_and_baseline(forecaste
 
 def test_csv_forecaster_is_served_in_the_data_units(forecaster: ExportResult, sensors: Path) -> None:
     """Clients send raw readings and get raw forecasts: the normalisation is inside the graph."""
+    handle: TextIO | ServerThread  # the CSV file, then the server
     with sensors.open() as handle:
         table = np.array([[float(v) for v in row[1:]] for row in list(csv.reader(handle))[1:]], np.float32)
     sequences = [table[start : start + length] for start, length in ((0, 9), (50, 14), (120, 6), (200, 11))]
@@ -115,7 +117,7 @@ def test_npy_data_and_the_warning_for_a_model_worse_than_its_baseline(tmp_path: 
     assert report["warnings"] and "worse than the repeat last value baseline" in report["warnings"][0]
 
 
-def _bad(tmp_path: Path, name: str, rows: list[list[object]], header: list[str], *args: str) -> str:
+def _bad(tmp_path: Path, name: str, rows: Sequence[Sequence[object]], header: list[str], *args: str) -> str:
     _write_csv(tmp_path / name, header, rows)
     done = subprocess.run([LSTMSERVE, "export", "--preset", "tiny", "--data", name, "--out", "out", *args],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -174,7 +176,7 @@ def test_digits_classifier_beats_its_baseline_and_answers_after_every_row(digits
 
 def test_classifier_from_a_labelled_csv_with_sequences_of_different_lengths(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    rows: list[list[object]] = []
+    rows: list[list[str | float]] = []
     for number in range(60):
         trend = "rising" if number % 2 else "falling"
         length = int(rng.integers(3, 9))

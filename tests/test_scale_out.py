@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -72,7 +73,8 @@ def check_outputs(model: Path, tokens: list[int], logits: list[np.ndarray]) -> N
 
 def stored_step(redis_server: RedisServer, session_id: str) -> int:
     """The step counter in a session's stored snapshot (see server/snapshot.py for the layout)."""
-    blob = redis_server.client.hget(f"lstmserve:session:{session_id}", "blob")
+    # The Redis client does not decode responses: the value is bytes.
+    blob = cast("bytes | None", redis_server.client.hget(f"lstmserve:session:{session_id}", "blob"))
     assert blob is not None, f"no snapshot of {session_id}"
     (fp_len,) = struct.unpack_from("<H", blob, 11)
     (step,) = struct.unpack_from("<Q", blob, 13 + fp_len)
@@ -183,7 +185,7 @@ def test_draining_a_replica_mid_stream_loses_no_step(
         # Every session is held by the survivor Envoy sends it to now; the drained replica's all moved.
         routes = envoy.routes()
         after = {s.id: holder_of(redis_server, s.id, survivors) for s in sessions}
-        assert all(after[s.id] is not None and after[s.id].port == routes[s.id][-1] for s in sessions)
+        assert all(after[s.id] is not None and cast(Replica, after[s.id]).port == routes[s.id][-1] for s in sessions)
         # Besides those, Envoy's new ring moved a few sessions between survivors: each handed over once.
         between = [s for s in sessions if s not in moved and after[s.id] is not holder_of_before[s.id]]
         taken_over = sum(r.metric("lstmserve_takeovers_total", f'source="{s}"') for r in survivors for s in ("store", "handoff"))

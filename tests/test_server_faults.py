@@ -114,7 +114,12 @@ def test_drain_lets_a_generation_in_progress_finish_within_the_grace(token_model
             stream.send(tokens=[1], generate=pb.Generate(max_tokens=3000, sampling=pb.Sampling(temperature=1)))
             stream.read()
             drained = threading.Event()
-            threading.Thread(target=lambda: (handle.call(handle.server.drain(), timeout=60), drained.set())).start()
+
+            def drain() -> None:
+                handle.call(handle.server.drain(), timeout=60)
+                drained.set()
+
+            threading.Thread(target=drain).start()
             count = 1
             while True:
                 response = stream.read()

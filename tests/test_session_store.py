@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -410,8 +411,8 @@ def test_a_server_cut_off_from_redis_stops_serving_before_another_can_take_its_s
             while redis_server.client.exists(heartbeat_key):  # the stream stays open on the first server
                 acknowledged = session.step([4]).step
                 time.sleep(0.02)
-        except Unavailable as error:  # the lease lapsed first: the steps stopped before the key expired
-            assert session.id in str(error) and "lost contact with the session store" in str(error)
+        except Unavailable as lapsed:  # the lease lapsed first: the steps stopped before the key expired
+            assert session.id in str(lapsed) and "lost contact with the session store" in str(lapsed)
             stopped_by_lease = True
         wait_for(lambda: not redis_server.client.exists(heartbeat_key), 60, "the heartbeat key to expire")
         with two.session(resume=session.id) as taken:  # the second server takes it over from the checkpoint
@@ -573,7 +574,10 @@ def test_a_closed_or_expired_session_leaves_a_tombstone_that_a_new_session_repla
     first.call_soon(lambda: scheduler.sweep_idle(now=time.monotonic() + ttl_s + 1))  # idle past the TTL: closed
     for session_id in (closed_id, expired_id):
         tombstone = f"lstmserve:closed:{session_id}"
-        wait_for(lambda key=tombstone: bool(redis_server.client.exists(key)), 60, "the tombstone")
+        # cast: mypy cannot infer a lambda with a default argument
+        wait_for(
+            cast(Callable[[], bool], lambda key=tombstone: bool(redis_server.client.exists(key))), 60, "the tombstone"
+        )
         assert not redis_server.client.exists(f"lstmserve:session:{session_id}")
         assert ttl_s < redis_server.client.ttl(tombstone) <= ttl_s + 60
         assert not first.call(cluster.store.adopt(session_id, ""))  # never recorded again from a stale copy

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 import numpy as np
@@ -37,6 +38,14 @@ def step_columns(
     response = stub.StepSessions(pb.StepSessionsRequest(columns=pb.SessionColumns(**fields)), metadata=metadata)  # type: ignore[arg-type]
     assert not response.results
     return response.columns
+
+
+class ColumnsRequest(TypedDict):
+    """The fields of a SessionColumns, passed to `step_columns` as `**request`."""
+
+    session_ids: list[str]
+    tokens: list[int]
+    expected_steps: list[int]
 
 
 def array_of(tensor: pb.Tensor, dtype: str) -> np.ndarray:
@@ -172,7 +181,7 @@ def test_a_resent_request_is_answered_again_not_applied_twice(server: ServerThre
         stub = pb_grpc.LstmServeStub(channel)
         a, b, control = new_sessions(stub, 3)
         step_alone(channel, b, tokens=[8])
-        request = {"session_ids": [a, b], "tokens": [1, 4], "expected_steps": [0, 1]}
+        request: ColumnsRequest = {"session_ids": [a, b], "tokens": [1, 4], "expected_steps": [0, 1]}
         first = step_columns(stub, **request)
         again = step_columns(stub, **request)  # its answer was lost, say: the same request once more
         assert list(first.steps) == list(again.steps) == [1, 2]
@@ -208,7 +217,8 @@ def test_whole_request_refusals_apply_nothing(limited: ServerThread) -> None:
             (pb.SessionColumns(session_ids=sessions[:2], tokens=[1]), "columns.tokens has 1 tokens for 2 sessions"),
             (pb.SessionColumns(session_ids=one, tokens=[1], expected_steps=[0, 0]), "expected_steps has 2 values for 1 sessions"),
             (pb.SessionColumns(session_ids=one, tokens=[1], output=pb.OUTPUT_SAMPLE, sampling=pb.Sampling(seed=1)), "seed"),
-            (pb.SessionColumns(session_ids=one, tokens=[1], output=77), "output 77"),
+            (pb.SessionColumns(session_ids=one, tokens=[1],
+                               output=77), "output 77"),  # type: ignore[arg-type]  # an unknown output kind
         ]  # fmt: skip
         for columns, fragment in cases:
             assert fragment in refusal(stub, pb.StepSessionsRequest(columns=columns), key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 import numpy as np
@@ -39,6 +40,14 @@ def step_sessions(
     results = list(stub.StepSessions(pb.StepSessionsRequest(steps=steps), metadata=metadata).results)
     assert len(results) == len(steps)
     return results
+
+
+class OutputChoice(TypedDict, total=False):
+    """The output fields of a SessionStep, passed as `**kind`."""
+
+    output: pb.OutputKind
+    top_k: int
+    sampling: pb.Sampling
 
 
 def refused(stub: pb_grpc.LstmServeStub, steps: Sequence[pb.SessionStep], **kwargs: object) -> grpc.RpcError:
@@ -80,7 +89,7 @@ def test_results_equal_each_session_stepped_alone(server: ServerThread) -> None:
 
 def test_every_output_kind_matches_step(server: ServerThread) -> None:
     sampling = pb.Sampling(temperature=0.7, seed=3)
-    kinds = [
+    kinds: list[OutputChoice] = [
         {"output": pb.OUTPUT_LOGITS},
         {"output": pb.OUTPUT_TOPK, "top_k": 3},
         {"output": pb.OUTPUT_SAMPLE, "sampling": sampling},
@@ -155,7 +164,9 @@ def test_a_bad_entry_fails_only_itself(server: ServerThread) -> None:
                 pb.SessionStep(session_id=bad_token, tokens=[4, vocab + 7]),
                 pb.SessionStep(session_id=mismatched, tokens=[4], expected_step=9),
                 pb.SessionStep(session_id="", tokens=[4]),
-                pb.SessionStep(session_id=bad_output, tokens=[4], output=99),
+                pb.SessionStep(
+                    session_id=bad_output, tokens=[4], output=99  # type: ignore[arg-type]  # an unknown output kind
+                ),
                 pb.SessionStep(session_id="not a session", tokens=[4]),
                 pb.SessionStep(session_id=control, tokens=[]),
             ],
