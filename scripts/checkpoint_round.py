@@ -36,6 +36,7 @@ async def measure(model: Path, sessions: int, directory: Path, rounds: int) -> t
         scheduler = server.scheduler
         assert scheduler is not None and server.keeper is not None
         spec = server.runner.spec
+        assert spec.c is not None, "this script fills an LSTM's h and c: give it an LSTM model"
         rng = np.random.default_rng(0)
         for _ in range(sessions):
             state = SessionState(

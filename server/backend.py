@@ -46,11 +46,23 @@ class SessionHost(Protocol):
 
 
 class SessionBackend(Protocol):
-    """Keeps sessions outside memory: brings them back, spills idle ones, forgets closed ones."""
+    """Keeps sessions outside memory: brings them back, spills idle ones, forgets closed ones.
 
-    spills_idle: bool
-    keeper: KeeperBase | None
-    cluster: Cluster | None
+    Its three attributes are read-only here (properties), so that a backend may narrow their types (a
+    `DirectoryBackend`'s keeper is a `DirectoryKeeper`, its cluster always None).
+    """
+
+    @property
+    def spills_idle(self) -> bool:
+        """Whether an idle session past the TTL is spilled (else closed)."""
+
+    @property
+    def keeper(self) -> KeeperBase | None:
+        """What brings sessions back at start, checkpoints them and deletes closed ones' copies, if anything does."""
+
+    @property
+    def cluster(self) -> Cluster | None:
+        """This replica's part in a group of replicas sharing a session store, if there is one."""
 
     async def open(self, host: SessionHost) -> int:
         """Starts the backend on the running scheduler; returns how many sessions it brought back."""

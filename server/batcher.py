@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -389,7 +390,7 @@ class Batcher:
                 session.in_flight = False
                 return
 
-    def requeue(self, taken: Taken, live: Any, blocks: list[Columns] = ()) -> bool:  # type: ignore[assignment]
+    def requeue(self, taken: Taken, live: Any, blocks: Sequence[Columns] = ()) -> bool:
         """Marks the sessions of a finished batch that have more work (and are still in `live`) ready; returns
         whether there is work for another batch."""
         for session, _ in taken:
@@ -408,7 +409,7 @@ class Batcher:
         return not (self.ready or self.queued or self.carried or self.blocks)
 
     # ---- applying a batch --------------------------------------------------
-    def finish(self, groups: list[Computed], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
+    def finish(self, groups: Sequence[Computed], outputs: list[np.ndarray | Exception], timing: BatchTiming) -> None:
         """Advances every row's session, answers finished requests, carries continuing generations into the
         next batch and records the batch in the model's statistics.
 
@@ -656,7 +657,7 @@ class Batcher:
             if not future.done():
                 future.set_exception(error)
 
-    def fail(self, taken: Taken, error: Exception, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
+    def fail(self, taken: Taken, error: Exception, blocks: Sequence[Columns] = ()) -> None:
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL) and frees their sessions for their next requests."""
         for block in blocks:

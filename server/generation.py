@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, NamedTuple, overload
@@ -321,7 +321,7 @@ async def generate(
     params: GenerateParams,
     vocabulary: Sequence[str],
     expected_step: int | None = None,
-) -> AsyncIterator[TokenChunk]:
+) -> AsyncGenerator[TokenChunk, None]:
     """Feeds `prompt` and yields the generated tokens in chunks, as they become ready.
 
     Each chunk holds the tokens made since the previous one (one or more: under load

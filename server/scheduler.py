@@ -605,7 +605,7 @@ class Scheduler:
             if not future.done():
                 future.set_result(copies)
 
-    def _recover(self, taken: Taken, error: Exception, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
+    def _recover(self, taken: Taken, error: Exception, blocks: Sequence[Columns] = ()) -> None:
         """After an unexpected error in an iteration of the batching loop: fails the requests it took that are
         still unanswered (INTERNAL), frees their sessions for their next requests, and logs it. The loop goes on."""
         count = len(taken) + sum(len(block.sessions) for block in blocks)
@@ -621,7 +621,7 @@ class Scheduler:
         self.batcher.finish(groups, *_run_to_end(self._compute(groups, on_worker=False)))
         self._requeue(taken)
 
-    async def _run_on_worker(self, taken: Taken, blocks: list[Columns] = (), lane: int = 0) -> None:  # type: ignore[assignment]
+    async def _run_on_worker(self, taken: Taken, blocks: Sequence[Columns] = (), lane: int = 0) -> None:
         """Computes a batch (steps, blocks, carried generations) with its model calls on the worker thread, while
         the event loop serves streams, then applies it."""
         groups: list[Computed] = [*blocks, *(group_by_length(taken) if taken else [])]
@@ -634,7 +634,7 @@ class Scheduler:
         self._requeue(taken, blocks)
 
     async def _compute(
-        self, groups: list[Computed], *, on_worker: bool, lane: int = 0
+        self, groups: Sequence[Computed], *, on_worker: bool, lane: int = 0
     ) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Gather, model call, scatter for each model call in turn; returns each group's outputs and how long
         each phase took. The one compute routine of the engine: with `on_worker`, each model call runs on the
@@ -698,7 +698,7 @@ class Scheduler:
         if rows == 1 and inputs.shape[1] > INLINE_MAX_POSITIONS:
             self._lone_seconds_per_position = seconds / inputs.shape[1]
 
-    def _requeue(self, taken: Taken, blocks: list[Columns] = ()) -> None:  # type: ignore[assignment]
+    def _requeue(self, taken: Taken, blocks: Sequence[Columns] = ()) -> None:
         if self.batcher.requeue(taken, self.sessions, blocks):
             self._wakeup.set()
 
@@ -710,7 +710,7 @@ class Scheduler:
             self._wakeup.set()
 
 
-def _model_calls(groups: list[Computed]) -> list[tuple[list[tuple[int, slice | None]], np.ndarray, np.ndarray]]:
+def _model_calls(groups: Sequence[Computed]) -> list[tuple[list[tuple[int, slice | None]], np.ndarray, np.ndarray]]:
     """The model calls of a batch: groups whose inputs have the same shape go together. Each call is its
     members (a group's index and its rows of the call, None for all of them), its slots and its inputs."""
     by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}

@@ -144,7 +144,7 @@ def step_concurrently(address: str, sequences: list[np.ndarray], kind: str) -> l
     def run(index: int) -> np.ndarray:
         sequence = sequences[index]
         rng = np.random.default_rng(index)
-        pieces = []
+        pieces: list[np.ndarray] = []
         with Client(address, timeout=60) as client, client.session() as session:
             start = 0
             while start < len(sequence):
@@ -152,6 +152,7 @@ def step_concurrently(address: str, sequences: list[np.ndarray], kind: str) -> l
                 chunk = sequence[start:end]
                 out = session.step(chunk.tolist()) if kind == "tokens" else session.step(features=chunk)
                 assert out.step == end
+                assert out.outputs is not None
                 pieces.append(out.outputs)
                 start = end
         return np.concatenate(pieces)

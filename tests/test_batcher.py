@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -281,7 +281,7 @@ def test_a_block_is_answered_as_one_and_its_sessions_work_waits_behind_it() -> N
         blocks = batcher.collect_blocks()
         taken = batcher.collect(batcher.limits.max_batch_size - 2)
         assert blocks == [block] and taken == [(c, other)]
-        groups = [block, *group_by_length(taken)]
+        groups: list[Computed] = [block, *group_by_length(taken)]
         batcher.finish(groups, [fake_model(g) for g in groups], TIMING)
         results = block.future.result()
         assert [(r.step, r.batch_size, r.logits.argmax(-1).tolist()) for r in results] == [(1, 3, [2]), (1, 3, [3])]
@@ -343,7 +343,7 @@ def test_generations_go_on_as_columns_until_each_ends() -> None:
         shapes = []
         while not all(work.future.done() for work, _ in runs):
             taken, columns = run_next(batcher, set(members))
-            shapes.append((len(taken), [len(c) for c in columns]))
+            shapes.append((len(taken), [len(cast(GenerationRows, c)) for c in columns]))  # only generations here
         assert shapes == [(0, [3]), (0, [3]), (0, [2]), (1, [])]
         for (work, generation), s, prompt, max_tokens in zip(runs, members, [1, 4, 6], [2, 3, 4]):
             expected = [(prompt + 1 + i) % VOCAB for i in range(max_tokens)]
@@ -429,7 +429,7 @@ def test_carried_generations_with_and_without_stop_strings_share_a_batch() -> No
         shapes = []
         while not (plain_work.future.done() and stop_work.future.done()):
             taken, columns = run_next(batcher, {a, b})
-            shapes.append((len(taken), [len(c) for c in columns]))
+            shapes.append((len(taken), [len(cast(GenerationRows, c)) for c in columns]))  # only generations here
         assert shapes[:3] == [(2, []), (0, [2]), (0, [2])]  # the prompts, then both carried together
         assert [event.token for event in plain.take()] == [2, 3, 4, 5, 6] and plain.finish_reason == "length"
         assert [event.token for event in stopping.take()] == [2, 3] and stopping.finish_reason == "stop"

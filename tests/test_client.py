@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import numpy as np
@@ -67,7 +69,7 @@ PUBLIC = [
 
 
 @pytest.fixture(scope="module")
-def client(server: ServerThread) -> Client:
+def client(server: ServerThread) -> Iterator[Client]:
     with Client(server.address) as c:
         yield c
 
@@ -181,7 +183,7 @@ def test_token_forms_are_equivalent(client: Client) -> None:
         with pytest.raises(ValueError):
             a.step([])
         with pytest.raises(TypeError):
-            a.step([1.5, 2.0])
+            a.step([1.5, 2.0])  # type: ignore[list-item]  # deliberately not ints: the client refuses them
         with pytest.raises(ValueError, match="exactly one"):
             a.step()
         with pytest.raises(ValueError, match="output"):
@@ -207,7 +209,9 @@ def test_output_kinds(client: Client) -> None:
         assert sampled.token == int(np.argmax(full.logits[-1])) and sampled.logits is None
         assert nothing.step == 5 and nothing.logits is None and nothing.token is None and nothing.topk_ids is None
         # "none" still feeds the state
-        np.testing.assert_allclose(none.step("a").logits, logits_session_after(client, "the ca"), **TOL)
+        fed = none.step("a")
+        assert fed.logits is not None
+        np.testing.assert_allclose(fed.logits, logits_session_after(client, "the ca"), **TOL)
     # a seeded sample from the same state is the same token
     drawn = []
     for _ in range(2):
@@ -287,7 +291,9 @@ def test_resume_from_a_second_client(client: Client, server: ServerThread) -> No
 def test_infer_matches_a_session(client: Client) -> None:
     logits = client.infer("some text")
     with client.session() as session:
-        np.testing.assert_allclose(logits, session.step("some text").logits, **TOL)
+        out = session.step("some text")
+        assert out.logits is not None
+        np.testing.assert_allclose(logits, out.logits, **TOL)
     with pytest.raises(ValueError):
         client.infer()
 
@@ -334,6 +340,7 @@ def test_greedy_generate_equals_client_side_greedy(client: Client) -> None:
         assert session.position == 28 and session.info().step == 28
         # the session continues from the end of the generation
         follow = session.step("x").logits
+        assert follow is not None
     np.testing.assert_allclose(follow, logits_session_after(client, "def " + vocabulary.decode(expected) + "x"), **TOL)
 
 
@@ -479,7 +486,7 @@ def test_feature_model(feature_model: Path) -> None:
                 expected = whole.step(features=rows).logits
                 assert expected is not None and expected.shape == (5, info.output_size)
                 parts = [stepped.step(features=rows[:3]).logits, stepped.step(features=rows[3]).logits]
-                np.testing.assert_allclose(np.concatenate(parts), expected[:4], **TOL)
+                np.testing.assert_allclose(np.concatenate(cast("list[np.ndarray]", parts)), expected[:4], **TOL)
                 assert stepped.position == 4
                 with pytest.raises(InvalidRequest, match="features shape"):
                     stepped.step(features=np.zeros((2, info.input_size + 1), np.float32))

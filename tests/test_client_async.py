@@ -126,6 +126,7 @@ def test_errors_and_recovery(server: ServerThread) -> None:
                 await session.step([123456])
             out = await session.step("cd")
             assert out.step == 4
+            assert out.logits is not None
             np.testing.assert_allclose(out.logits, expected[2:], **TOL)
             # another client moves the session: this object's counter is stale, the step is refused
             other = await client.session(resume=session.id)
@@ -155,6 +156,7 @@ def test_reattach_after_dropped_and_lost_responses(server: ServerThread, monkeyp
                 session._stream.call.cancel()  # dropped between steps
                 out = await session.step(" wo")
                 assert out.step == 8 and server_step(session.id) == 8
+                assert out.logits is not None
                 np.testing.assert_allclose(out.logits, expected[5:8], **TOL)
 
                 original = _async._AsyncStream.recv
@@ -173,9 +175,11 @@ def test_reattach_after_dropped_and_lost_responses(server: ServerThread, monkeyp
                 monkeypatch.setattr(_async._AsyncStream, "recv", recv)
                 out = await session.step("rld")
                 assert broken and out.step == 11 and server_step(session.id) == 11
+                assert out.logits is not None
                 np.testing.assert_allclose(out.logits, expected[8:11], **TOL)
                 out = await session.step("!")
                 assert out.step == 12
+                assert out.logits is not None
                 np.testing.assert_allclose(out.logits, expected[11:], **TOL)
 
     run(main())

@@ -26,6 +26,7 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -203,9 +204,11 @@ def test_readme_compose_command_serves_drains_and_restores(single: Compose, tmp_
             row = whole[len(prompt) - 1 + i]
             assert row[token] >= row.max() - TOLERANCE, (i, token, int(row.argmax()))
         # A few steps after it: the state carried on from the generation.
-        stepped = []
+        stepped: list[np.ndarray] = []
         for token in (2, 3, 4):
-            stepped.append(session.step([token % size]).logits)
+            out = session.step([token % size])
+            assert out.logits is not None
+            stepped.append(out.logits)
             history.append(token % size)
         reference.check_steps(history, stepped)
         histories[session.id] = history
@@ -214,7 +217,9 @@ def test_readme_compose_command_serves_drains_and_restores(single: Compose, tmp_
         for length in (1, 7):
             other = client.session()
             tokens = [(3 * i + length) % size for i in range(length)]
-            reference.check_steps(tokens, [other.step(tokens).logits])
+            out = other.step(tokens)
+            assert out.logits is not None
+            reference.check_steps(tokens, [out.logits])
             histories[other.id] = tokens
             other.detach()
 
@@ -229,7 +234,9 @@ def test_readme_compose_command_serves_drains_and_restores(single: Compose, tmp_
             with client.session(resume=session_id) as resumed:
                 assert resumed.info().step == len(history)
                 token = 6 % size
-                reference.check_steps(history + [token], [resumed.step([token]).logits])
+                out = resumed.step([token])
+                assert out.logits is not None
+                reference.check_steps(history + [token], [out.logits])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +273,9 @@ class Stepper(threading.Thread):
 
     def step(self) -> None:
         token = (11 * self.seed + 3 * len(self.sent)) % self.size
-        self.logits.append(self.session.step([token]).logits)
+        out = self.session.step([token])
+        assert out.logits is not None
+        self.logits.append(out.logits)
         self.sent.append(token)
 
     def run(self) -> None:
@@ -304,7 +313,7 @@ def test_scaled_out_replica_stop_loses_no_session(scaled: Compose, tmp_path: Pat
         size = vocabulary_size(client)
         sessions = [client.session() for _ in range(6)]
         first = {s.id: [(7 * i) % size] for i, s in enumerate(sessions)}
-        first_logits = {s.id: s.step(first[s.id]).logits for s in sessions}
+        first_logits = {s.id: cast("np.ndarray", s.step(first[s.id]).logits) for s in sessions}
         # The replica holding the most sessions (at least 2 of 6 on one of 3) is the one stopped.
         held = {name: metric(name, "lstmserve_active_sessions") for name in replicas}
         assert sum(held.values()) == len(sessions), held

@@ -112,7 +112,9 @@ def test_one_state_tensor_survives_snapshots_and_a_restart(gru, tmp_path: Path) 
         session.step(features=rows[:3])
         blob = session.snapshot()
         with client.session(restore=blob) as restored:
-            np.testing.assert_allclose(restored.step(features=rows[3:5]).outputs, want[3:5], rtol=0, atol=TOLERANCE)
+            out = restored.step(features=rows[3:5])
+            assert out.outputs is not None
+            np.testing.assert_allclose(out.outputs, want[3:5], rtol=0, atol=TOLERANCE)
         session.step(features=rows[3:4])
         kept = session.id
         session.detach()
@@ -122,7 +124,9 @@ def test_one_state_tensor_survives_snapshots_and_a_restart(gru, tmp_path: Path) 
     try:
         with Client(second.address) as client, client.session(resume=kept) as resumed:
             assert resumed.info().step == 4
-            np.testing.assert_allclose(resumed.step(features=rows[4:]).outputs, want[4:], rtol=0, atol=TOLERANCE)
+            out = resumed.step(features=rows[4:])
+            assert out.outputs is not None
+            np.testing.assert_allclose(out.outputs, want[4:], rtol=0, atol=TOLERANCE)
     finally:
         second.stop()
 
@@ -141,6 +145,7 @@ def test_one_state_tensor_moves_between_servers_through_redis(gru, redis_server)
                 with (a, b)[position % 2].session(resume=session_id) as handle:
                     out = handle.step(features=rows[position])
                 assert out.step == position + 1
+                assert out.outputs is not None
                 np.testing.assert_allclose(out.outputs[0], want[position], rtol=0, atol=TOLERANCE)
     finally:
         one.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -150,7 +151,7 @@ def test_scan_graph_matches_pytorch(options: dict[str, object]) -> None:
     torch.manual_seed(0)
     options = dict(options)
     kind = str(options.pop("kind", "tokens"))
-    base = dict(kind=kind, input_size=5, output_size=11, vocab_size=11 if kind == "tokens" else 0,
+    base: dict[str, Any] = dict(kind=kind, input_size=5, output_size=11, vocab_size=11 if kind == "tokens" else 0,
                 hidden_size=8, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                 bidirectional=False, proj_size=0)
     module = LSTMModel(ModelConfig(**{**base, **options})).eval()

@@ -169,6 +169,7 @@ def test_digits_classifier_beats_its_baseline_and_answers_after_every_row(digits
         assert np.abs(got - _reference(digits, image)).max() <= TOLERANCE
     probabilities = np.concatenate([r.probabilities for r in rows])  # after each row: the classes so far
     assert probabilities.shape == (8, 10) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert rows[-1].outputs is not None and rows[-1].logits is not None
     assert np.array_equal(rows[-1].outputs, rows[-1].logits)  # the old name still works
     last = np.exp(whole[-1] - whole[-1].max())
     np.testing.assert_allclose(probabilities[-1], last / last.sum(), rtol=0, atol=1e-5)

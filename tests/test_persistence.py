@@ -50,7 +50,9 @@ def test_drain_writes_sessions_and_a_restart_resumes_them_exactly(token_model: P
         with Client(second.address) as client:
             with client.session(resume=ids[0]) as resumed:
                 assert resumed.info().step == 3
-                np.testing.assert_array_equal(resumed.step([7]).logits[0], expected)
+                out = resumed.step([7])
+                assert out.logits is not None
+                np.testing.assert_array_equal(out.logits[0], expected)
             with client.session(resume=ids[1]) as was_reset:
                 assert was_reset.info().step == 0
     finally:
@@ -126,7 +128,9 @@ def test_sigterm_then_restart_and_sigkill_with_checkpoints(token_model: Path, tm
         expected = _control_logits(address, [1, 2, 3, 4, 5, 6])[5]
         with Client(address) as client, client.session(resume=session_id) as resumed:
             assert resumed.info().step == 5
-            np.testing.assert_array_equal(resumed.step([6]).logits[0], expected)
+            out = resumed.step([6])
+            assert out.logits is not None
+            np.testing.assert_array_equal(out.logits[0], expected)
     finally:
         if process.poll() is None:
             process.kill()
@@ -215,7 +219,9 @@ def test_idle_sessions_are_spilled_and_come_back_exactly(token_model: Path, tmp_
                 stranger.session(resume=session_id)  # still another key's session
             with client.session(resume=session_id, close_on_exit=True) as back:
                 assert back.info().step == 3
-                np.testing.assert_array_equal(back.step([1]).logits[0], expected)
+                out = back.step([1])
+                assert out.logits is not None
+                np.testing.assert_array_equal(out.logits[0], expected)
             assert not (tmp_path / f"{session_id}.session").exists()  # closed: its file is gone
     finally:
         handle.stop()

@@ -14,6 +14,7 @@ from lstmserve.server.state import HostStateStore
 def test_single_steps_in_changing_batches_equal_whole_sequences(token_model: Path) -> None:
     runner = Runner(token_model, RunnerOptions(intra_op_threads=1))
     spec = runner.spec
+    assert spec.c is not None  # an LSTM: two state tensors
     store = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=40)
     slots = [store.allocate() for _ in range(40)]
     rng = np.random.default_rng(0)
@@ -34,6 +35,7 @@ def test_single_steps_in_changing_batches_equal_whole_sequences(token_model: Pat
 def test_a_new_state_object_for_a_batch_size_is_bound_anew(token_model: Path) -> None:
     runner = Runner(token_model, RunnerOptions(intra_op_threads=1))
     spec = runner.spec
+    assert spec.c is not None  # an LSTM: two state tensors
     first = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
     second = HostStateStore(spec.state_rows, spec.h.width, spec.c.width, capacity=4)
     slot = np.array([first.allocate()])

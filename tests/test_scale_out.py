@@ -101,7 +101,9 @@ def test_sessions_stick_to_one_replica(
         logits: dict[str, list[np.ndarray]] = {s.id: [] for s in sessions}
         for position in range(4):
             for session in sessions:
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
                 assert session.info().step == position + 1  # a unary call routed like the stream
                 session.detach()  # the next step opens a new stream: Envoy routes it again
         # Every call of a session reached the replica that created it: none was taken over or handed over.
@@ -134,6 +136,7 @@ def drive(session: Session, tokens: list[int], logits: list[np.ndarray], started
     for position, token in enumerate(tokens):
         output = session.step([token])
         assert output.step == position + 1
+        assert output.logits is not None
         logits.append(output.logits)
         if position == 4:
             started.set()
@@ -205,14 +208,18 @@ def test_killing_a_replica_resumes_its_sessions_from_the_last_checkpoint(
         logits: dict[str, list[np.ndarray]] = {s.id: [] for s in sessions}
         for position in range(6):
             for session in sessions:
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
         # At least one checkpoint after these steps (its interval is 1 s: waited for, not slept on).
         wait_until(
             lambda: all(_stored_or_zero(redis_server, s.id) >= 6 for s in sessions), 60, "a checkpoint at step 6"
         )
         for position in (6, 7):  # acknowledged, and most likely after the last checkpoint
             for session in sessions:
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
         victim = max(running, key=lambda r: sum(holder_of(redis_server, s.id, running) is r for s in sessions))
         victim.signal(signal.SIGSTOP)  # no checkpoint from here on: what Redis holds now is what survives
         lost = {s.id: stored_step(redis_server, s.id) for s in sessions if holder_of(redis_server, s.id, running) is victim}
@@ -230,7 +237,9 @@ def test_killing_a_replica_resumes_its_sessions_from_the_last_checkpoint(
                 assert resume_at == lost[session.id]
                 del logits[session.id][resume_at:]
             for position in range(resume_at, 12):
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
             check_outputs(token_model, tokens[session.id], logits[session.id])
         survivors = [r for r in running if r is not victim]
         assert sum(r.metric("lstmserve_takeovers_total", 'source="store"') for r in survivors) == len(lost)
@@ -248,7 +257,9 @@ def test_scaling_from_three_to_four_moves_only_the_sessions_whose_owner_changed(
         logits: dict[str, list[np.ndarray]] = {s.id: [] for s in sessions}
         for position in range(3):
             for session in sessions:
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
         before = {s.id: holder_of(redis_server, s.id, running) for s in sessions}
 
         newcomer = Replica(token_model, redis_server.url, tmp_path).wait_started()
@@ -256,7 +267,9 @@ def test_scaling_from_three_to_four_moves_only_the_sessions_whose_owner_changed(
         for position in range(3, 6):
             for session in sessions:
                 session.detach()  # a new stream, routed by the new ring
-                logits[session.id].append(session.step([tokens[session.id][position]]).logits)
+                out = session.step([tokens[session.id][position]])
+                assert out.logits is not None
+                logits[session.id].append(out.logits)
         for session in sessions:
             assert session.info().step == 6
             check_outputs(token_model, tokens[session.id], logits[session.id])

@@ -105,6 +105,7 @@ def test_a_session_moves_between_servers_exactly(
             with clients[position % 2].session(resume=session_id) as handle:
                 output = handle.step([token])
             assert output.step == position + 1
+            assert output.logits is not None
             np.testing.assert_array_equal(output.logits[0], expected[position])
         on_first = one.session(resume=session_id)
         for position, token in enumerate(tokens[6:], start=6):
@@ -115,6 +116,7 @@ def test_a_session_moves_between_servers_exactly(
                 assert two.session(resume=session_id).info().step == position
             output = on_first.step([token])
             assert output.step == position + 1
+            assert output.logits is not None
             np.testing.assert_array_equal(output.logits[0], expected[position])
         handoffs = sum(int(s.server.metrics.handoffs._value.get()) for s in pair)
         # Five moves in the first six steps, one for the resume on the first server, then three times there and back.
@@ -147,7 +149,9 @@ def test_drain_releases_sessions_to_the_other_servers(token_model: Path, redis_s
         assert redis_server.holder(session_id) is None
         with Client(second.address, metadata=key) as client, client.session(resume=session_id) as resumed:
             assert resumed.info().step == 3
-            np.testing.assert_array_equal(resumed.step([6]).logits[0], expected)
+            out = resumed.step([6])
+            assert out.logits is not None
+            np.testing.assert_array_equal(out.logits[0], expected)
         assert second.server.metrics.takeovers.labels(source="store")._value.get() == 1
     finally:
         second.stop()
@@ -172,7 +176,9 @@ def test_spilled_sessions_come_back_on_any_server(token_model: Path, redis_serve
         assert redis_server.holder(session_id) is None and redis_server.client.ttl(key) == -1  # kept, no expiry
         with Client(second.address) as client, client.session(resume=session_id) as resumed:
             assert resumed.info().step == 2
-            np.testing.assert_array_equal(resumed.step([9]).logits[0], expected)
+            out = resumed.step([9])
+            assert out.logits is not None
+            np.testing.assert_array_equal(out.logits[0], expected)
     finally:
         first.stop()
         second.stop()
@@ -223,7 +229,9 @@ def test_live_sessions_are_recorded_again_after_redis_lost_its_data(
     assert redis_server.holder(session_id) == replica  # the next heartbeat noticed, and recorded it again
     with Client(second.address) as client, client.session(resume=session_id) as moved:
         assert moved.info().step == 2  # handed over from the first server: nothing was lost
-        np.testing.assert_array_equal(moved.step([7]).logits[0], expected)
+        out = moved.step([7])
+        assert out.logits is not None
+        np.testing.assert_array_equal(out.logits[0], expected)
 
 
 def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
@@ -288,7 +296,9 @@ def test_a_session_that_comes_back_is_written_again_on_drain(
         first.loop.call_soon_threadsafe(first.loop.stop)
         with Client(second.address) as client, client.session(resume=session_id) as resumed:
             assert resumed.info().step == 4  # not the second server's copy at step 3
-            np.testing.assert_array_equal(resumed.step([5]).logits[0], expected[4])
+            out = resumed.step([5])
+            assert out.logits is not None
+            np.testing.assert_array_equal(out.logits[0], expected[4])
     finally:
         second.stop()
 
@@ -345,7 +355,9 @@ def test_a_draining_server_hands_a_session_over_through_a_redis_error(
     first.call_soon(drain)
     with Client(second.address) as client, client.session(resume=session_id) as moved:
         assert moved.info().step == 2
-        np.testing.assert_array_equal(moved.step([3]).logits[0], expected)
+        out = moved.step([3])
+        assert out.logits is not None
+        np.testing.assert_array_equal(out.logits[0], expected)
     assert not failures
 
 
@@ -463,6 +475,7 @@ def test_a_server_back_in_contact_with_redis_drops_what_was_taken_and_serves_the
         # Served on where it was: the step refused during the cut is resent, nothing was lost.
         output = kept.step([tokens[3]])
         assert output.step == 4
+        assert output.logits is not None
         np.testing.assert_array_equal(output.logits[0], expected[3])
         assert redis_server.holder(kept.id) == cluster.replica
         with pytest.raises(Unavailable, match="moved to another replica"):
@@ -470,6 +483,7 @@ def test_a_server_back_in_contact_with_redis_drops_what_was_taken_and_serves_the
         with one.session(resume=taken.id) as back:  # asked for again here: handed back with the second's steps
             output = back.step([tokens[3]])
             assert output.step == 4
+            assert output.logits is not None
             np.testing.assert_array_equal(output.logits[0], expected[3])
         assert redis_server.holder(released.id) is None
         with one.session(resume=released.id) as restored:  # taken over from its stored snapshot, not the copy here

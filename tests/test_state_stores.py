@@ -7,7 +7,7 @@ import pytest
 
 from lstmserve.server.device_state import DeviceStateStore
 from lstmserve.server.errors import Overloaded
-from lstmserve.server.state import StateBuffers, SessionState, HostStateStore
+from lstmserve.server.state import StateBuffers, SessionState, HostStateStore, StateStore
 
 ROWS, H, C, CAPACITY = 2, 3, 5, 6
 
@@ -26,7 +26,7 @@ def _random_state(rng: np.random.Generator) -> SessionState:
 
 
 @pytest.mark.parametrize("store", _stores(), ids=["host", "device"])
-def test_store_round_trip_gather_scatter_reset(store: HostStateStore | DeviceStateStore) -> None:
+def test_store_round_trip_gather_scatter_reset(store: StateStore) -> None:
     rng = np.random.default_rng(0)
     slots = [store.allocate() for _ in range(4)]
     assert slots == [0, 1, 2, 3] and store.in_use == 4
@@ -88,7 +88,9 @@ def test_host_batch_buffers_of_every_size_share_one_largest_set() -> None:
         np.testing.assert_array_equal(store.read(int(slot)).c, expected[int(slot)].c)
     owners = {id(b.base) for size in range(1, 101) for b in _arrays(store.buffers(size))}
     assert len(owners) == 4  # h0, c0, hn, cn: one flat array each, for all sizes
-    assert store.buffers(100).h0.base.nbytes == ROWS * 128 * H * 4
+    base = store.buffers(100).h0.base
+    assert base is not None
+    assert base.nbytes == ROWS * 128 * H * 4
 
 
 def test_device_batch_buffers_of_every_size_are_the_start_of_one_largest_set() -> None:
@@ -97,6 +99,7 @@ def test_device_batch_buffers_of_every_size_are_the_start_of_one_largest_set() -
     assert largest.h0.memory.shape() == [ROWS * 128 * H]  # the next power of two
     for size in range(1, 101):
         buffers = store.buffers(size)
+        assert buffers.cn is not None
         assert buffers.h0.shape == (ROWS, size, H) and buffers.cn.shape == (ROWS, size, C)
         assert all(
             getattr(buffers, name).memory is getattr(largest, name).memory for name in ("h0", "c0", "hn", "cn")

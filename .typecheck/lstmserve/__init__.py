@@ -1,0 +1,1 @@
+../../lstmserve/__init__.py

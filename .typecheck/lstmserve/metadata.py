@@ -1,0 +1,1 @@
+../../lstmserve/metadata.py
