@@ -94,9 +94,9 @@ def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, i
         series=series,
         level=level,
         steps_per_s=load.count / load.elapsed_s if load.elapsed_s else 0.0,
-        p50_ms=quantile(0.5),  # type: ignore[arg-type]
-        p95_ms=quantile(0.95),  # type: ignore[arg-type]
-        p99_ms=quantile(0.99),  # type: ignore[arg-type]
+        p50_ms=quantile(0.5),
+        p95_ms=quantile(0.95),
+        p99_ms=quantile(0.99),
         mean_batch=statistics.fmean(load.batch_sizes) if load.batch_sizes else None,
         server_cpu_pct=cpu_pct,
         server_rss_mb=rss_mb,

@@ -74,7 +74,7 @@ class _AsyncStream:
             raise StreamFailure.from_rpc(error) from None
         if response is grpc.aio.EOF:
             raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the server ended the step stream")
-        return response  # type: ignore[no-any-return]
+        return response
 
     def close(self) -> None:
         """Ends the call."""
@@ -124,7 +124,7 @@ class AsyncClient:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(target, options=options)
-        self._stub = pb_grpc.LstmServeStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.LstmServeStub(self._channel)
         self._sessions: weakref.WeakSet[AsyncSession] = weakref.WeakSet()
         self._info: ModelInfo | None = None
         self._closed = False

@@ -72,7 +72,7 @@ class _Stream:
             timer.daemon = True
             timer.start()
         try:
-            return next(self.call)  # type: ignore[no-any-return]
+            return next(self.call)
         except StopIteration:
             raise StreamFailure(grpc.StatusCode.UNAVAILABLE, "the server ended the step stream") from None
         except grpc.RpcError as error:
@@ -129,7 +129,7 @@ class Client:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.LstmServeStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.LstmServeStub(self._channel)
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._sessions_lock = threading.Lock()
         self._info: ModelInfo | None = None

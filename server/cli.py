@@ -336,7 +336,7 @@ def run_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"lstmserve health: error: {error.code().name}: {error.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            print(f"lstmserve health: error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)

@@ -70,13 +70,13 @@ def decode_inputs(
     Counts are checked before any element is converted, so an oversized request costs no more than
     its message already did.
     """
-    count = len(tokens)  # type: ignore[arg-type]
+    count = len(tokens)
     if spec.kind == "tokens":
         if has_features and features.shape:
             raise InvalidInput("this model takes tokens, but the request carries features")
         _check_count(count, max_positions)
         vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
-        token_array = np.fromiter(tokens, dtype=np.int64, count=count)  # type: ignore[call-overload]
+        token_array = np.fromiter(tokens, dtype=np.int64, count=count)
         outside = np.flatnonzero((token_array < 0) | (token_array >= vocab))
         if outside.size:
             index = int(outside[0])

@@ -420,7 +420,7 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001 - as in the batching loop: this request fails, the server goes on
             self._recover(taken, error)
         self._keep_awake()
-        return work.future.result()  # type: ignore[no-any-return]
+        return work.future.result()
 
     def _keep_awake(self) -> None:
         """Keeps the event loop polling, instead of sleeping, for `idle_spin_us` after a step computed alone.
@@ -777,6 +777,6 @@ def _run_to_end(coroutine: Coroutine[Any, Any, T]) -> T:
     try:
         coroutine.send(None)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     coroutine.close()
     raise RuntimeError("the coroutine suspended; it was meant to run to its end at once")

@@ -74,7 +74,7 @@ class SyncStream:
         return next(self._responses)
 
     def cancel(self) -> None:
-        self._responses.cancel()  # type: ignore[attr-defined]
+        self._responses.cancel()
 
     def close(self) -> None:
         self._queue.put(None)

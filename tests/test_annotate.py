@@ -38,7 +38,7 @@ class PlainLSTM(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(3, 6, num_layers=2)
 
-    def forward(self, x, h, c):  # type: ignore[no-untyped-def]
+    def forward(self, x, h, c):
         y, (hn, cn) = self.lstm(x, (h, c))
         return y, hn, cn
 
@@ -51,7 +51,7 @@ class CacheLSTM(nn.Module):
         self.lstm = nn.LSTM(4, 5, batch_first=True)
         self.proj = nn.Linear(5, 2)
 
-    def forward(self, audio, cache_last_channel, cache_last_channel_len):  # type: ignore[no-untyped-def]
+    def forward(self, audio, cache_last_channel, cache_last_channel_len):
         y, (h, c) = self.lstm(audio, (cache_last_channel, cache_last_channel_len))
         return self.proj(y), h, c
 
@@ -64,7 +64,7 @@ class SensorGRU(nn.Module):
         self.gru = nn.GRU(3, 7, batch_first=True)
         self.head = nn.Linear(7, 3)
 
-    def forward(self, sensor, memory):  # type: ignore[no-untyped-def]
+    def forward(self, sensor, memory):
         y, memory = self.gru(sensor, memory)
         return self.head(y), memory
 
@@ -76,7 +76,7 @@ class TokenGRU(nn.Module):
         self.gru = nn.GRU(4, 6, batch_first=True)
         self.out = nn.Linear(6, len(VOCABULARY))
 
-    def forward(self, ids, h_in):  # type: ignore[no-untyped-def]
+    def forward(self, ids, h_in):
         y, h = self.gru(self.embed(ids), h_in)
         return self.out(y), h
 
@@ -153,7 +153,7 @@ def _spec(model: Path) -> ModelSpec:
 
 
 @pytest.mark.parametrize("variant", ["dynamic", "static"])
-def test_plain_nn_lstm_export_is_annotated_and_served(plain, variant: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_plain_nn_lstm_export_is_annotated_and_served(plain, variant: str, tmp_path: Path) -> None:
     module, dynamic, static = plain
     result = annotate(dynamic if variant == "dynamic" else static, tmp_path / "served")
     spec = result.spec
@@ -165,7 +165,7 @@ def test_plain_nn_lstm_export_is_annotated_and_served(plain, variant: str, tmp_p
     _served_matches_torch(module, result.onnx_path, time_major=True)
 
 
-def test_triton_8586_naming_keeps_each_state_on_its_own_input(cache, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_triton_8586_naming_keeps_each_state_on_its_own_input(cache, tmp_path: Path) -> None:
     module, path = cache
     result = annotate(path, tmp_path / "cache")
     pairs = [(p.input.name, p.output.name) for p in result.pairs]
@@ -183,7 +183,7 @@ def test_triton_8586_naming_keeps_each_state_on_its_own_input(cache, tmp_path: P
     _served_matches_torch(module, result.onnx_path, time_major=False)
 
 
-def test_gru_with_other_names_pairs_by_name_and_finds_its_layout_by_running(sensor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gru_with_other_names_pairs_by_name_and_finds_its_layout_by_running(sensor, tmp_path: Path) -> None:
     module, path = sensor
     result = annotate(path, tmp_path / "gru")
     assert [(p.input.name, p.output.name) for p in result.pairs] == [("memory", "memory_out")]
@@ -209,7 +209,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([LSTMSERVE, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
-def test_cli_refuses_a_model_without_recurrent_state_and_ambiguous_pairs(plain, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_refuses_a_model_without_recurrent_state_and_ambiguous_pairs(plain, tmp_path: Path) -> None:
     export_plain(nn.Linear(3, 2).eval(), tmp_path / "linear.onnx", (torch.zeros(2, 4, 3),),
                  input_names=["x"], output_names=["y"])
     anonymous = onnx.load(str(plain[1]))
@@ -258,7 +258,7 @@ def test_pairs_by_name_never_by_order_then_by_shape() -> None:
         pair_states([t("a", 1, "b", 4)], [t("q", 1, "b", 5)], given=[("a", "q")])
 
 
-def test_the_server_refuses_metadata_that_does_not_fit_the_graph(sensor, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_the_server_refuses_metadata_that_does_not_fit_the_graph(sensor, tmp_path: Path) -> None:
     annotated = annotate(sensor[1], tmp_path / "good").onnx_path
     proto = onnx.load(str(annotated))
     good = json.loads(proto.metadata_props[0].value)

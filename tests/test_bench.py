@@ -145,7 +145,7 @@ def test_load_against_a_target_closes_its_sessions(token_model: Path, mode: str)
             result = asyncio.run(run_load(spec))
             assert result.errors == 0
             assert result.count > 0
-            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()
 
@@ -503,6 +503,6 @@ def test_sessions_load_against_a_target_closes_its_sessions(token_model: Path) -
             result = asyncio.run(run_sessions_load(spec))
             assert result.errors == 0 and result.count > 0
             assert result.latencies_s and all(1 <= size <= 5 for size in result.batch_sizes)
-            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+            assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()

@@ -80,7 +80,7 @@ def test_every_method(server: ServerThread) -> None:
                 assert isinstance(details, SessionInfo) and details.step == 18 and details.id == session.id
                 assert (await session.reset()).step == 0 and session.position == 0
                 again = await session.step("hello")
-                np.testing.assert_array_equal(again.logits, out.logits)  # type: ignore[arg-type]
+                np.testing.assert_array_equal(again.logits, out.logits)
                 session_id = session.id
             assert session.closed
             with pytest.raises(SessionNotFound):
@@ -100,7 +100,7 @@ def test_32_concurrent_sessions_match_sequential_runs(server: ServerThread) -> N
             chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
             outs = [await session.step(chunk) for chunk in chunks]
             assert outs[-1].step == len(text)
-            logits = np.concatenate([o.logits for o in outs])  # type: ignore[misc]
+            logits = np.concatenate([o.logits for o in outs])
             return logits, max(o.batch_size for o in outs)
 
     async def main() -> list[tuple[np.ndarray, int]]:

@@ -316,7 +316,7 @@ def test_entries_that_do_not_fit_columns_go_as_steps() -> None:
         ({"features": pb.Tensor(shape=[1, 3], data=bytes(12))}, {"tokens": [1]}),  # the server refuses the tokens
     ):
         states = [_core.SessionState(name * 32, 0, 2.5) for name in "ab"]
-        requests = [pb.SessionStep(**first), pb.SessionStep(**second)]  # type: ignore[arg-type]
+        requests = [pb.SessionStep(**first), pb.SessionStep(**second)]
         exchange = _core.MultiStepExchange(states, requests, NO_WAIT)
         exchange.next_attempt()
         request = exchange.request()

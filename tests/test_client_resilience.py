@@ -157,7 +157,7 @@ def test_generation_broken_midway_resynchronises(client: Client, server: ServerT
 def test_server_gone_raises_unavailable(token_model: object) -> None:
     from conftest import start_server
 
-    handle = start_server(token_model)  # type: ignore[arg-type]
+    handle = start_server(token_model)
     client = Client(handle.address, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
     try:
         session = client.session()

@@ -135,7 +135,7 @@ def async_script(server: ServerThread) -> Transcript:
             async def step_sessions(request: pb.StepSessionsRequest, **kwargs: Any) -> pb.StepSessionsResponse:
                 response = await real(request, **kwargs)
                 recorder.sent(request)
-                return response  # type: ignore[no-any-return]
+                return response
 
             client._stub.StepSessions = step_sessions
             vocab = (await client.model_info()).output_size
@@ -293,7 +293,7 @@ def test_feature_model_sessions(feature_model: Any) -> None:
 
             def recording(request: pb.StepSessionsRequest, **kwargs: Any) -> pb.StepSessionsResponse:
                 forms.append("columns" if request.HasField("columns") else "steps")
-                return real(request, **kwargs)  # type: ignore[no-any-return]
+                return real(request, **kwargs)
 
             client._stub.StepSessions = recording
             fresh, solo = [client.session() for _ in range(3)], [client.session() for _ in range(3)]

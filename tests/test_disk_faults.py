@@ -55,7 +55,7 @@ def _expected(client: Client, tokens: list[int]) -> np.ndarray:
         return logits
 
 
-def test_failed_spill_keeps_the_session_live_and_the_loop_running(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_failed_spill_keeps_the_session_live_and_the_loop_running(token_model: Path, tmp_path: Path, caplog) -> None:
     state_dir = tmp_path / "state"
     handle = start_server(token_model, state_dir=state_dir, spill_idle=True)
     try:
@@ -79,7 +79,7 @@ def test_failed_spill_keeps_the_session_live_and_the_loop_running(token_model: P
         handle.stop()
 
 
-def test_failed_deletion_on_close_frees_the_slot_and_is_retried(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_failed_deletion_on_close_frees_the_slot_and_is_retried(token_model: Path, tmp_path: Path, caplog) -> None:
     """Closing a session deletes its spill file (if it has one): when the disk refuses, the session is closed all
     the same (its slot free for the next), the failure names it, and the deletion is tried again later."""
     state_dir = tmp_path / "state"
@@ -138,7 +138,7 @@ def test_an_unexpected_error_in_a_batch_fails_that_batch_only(server: ServerThre
     finish = batcher.finish
 
     def fail_once(*args: object) -> None:
-        batcher.finish = finish  # type: ignore[method-assign]
+        batcher.finish = finish
         raise RuntimeError("injected fault")
 
     with server.channel() as channel:
@@ -180,7 +180,7 @@ def test_a_dead_batching_loop_reports_not_serving_and_exits_nonzero(token_model:
 
         def kill_loop() -> None:
             running = scheduler._wakeup
-            scheduler._wakeup = BrokenWakeup()  # type: ignore[assignment]
+            scheduler._wakeup = BrokenWakeup()
             running.set()  # the loop wakes, and dies at its next wait
 
         handle.call_soon(kill_loop)
@@ -188,7 +188,7 @@ def test_a_dead_batching_loop_reports_not_serving_and_exits_nonzero(token_model:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
             for update in watch:  # SERVING until the watchdog reacts, then NOT_SERVING
                 if update.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    watch.cancel()  # type: ignore[attr-defined]
+                    watch.cancel()
                     break
 
         async def exit_status() -> int:

@@ -67,7 +67,7 @@ def run_load(model: Path, batches_in_flight: int) -> tuple[list[np.ndarray], lis
             steps = [s.step for s in steppers + generators]
         finally:
             await scheduler.close()
-        return [*logits, mixed[0]], [*tokens, mixed[1]], steps, lanes  # type: ignore[list-item]
+        return [*logits, mixed[0]], [*tokens, mixed[1]], steps, lanes
 
     return asyncio.run(body())
 

@@ -46,13 +46,13 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def gru(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def gru(tmp_path_factory: pytest.TempPathFactory):
     module = train_few_steps(GRUForecaster())
     return module, export_module(module, torch.zeros(2, 5, 3), tmp_path_factory.mktemp("gru") / "model")
 
 
 @pytest.fixture(scope="module")
-def lstm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def lstm(tmp_path_factory: pytest.TempPathFactory):
     module = train_few_steps(CharLSTM())
     folder = tmp_path_factory.mktemp("lstm")
     vocab = folder / "vocab.json"
@@ -61,13 +61,13 @@ def lstm(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
 
 
 @pytest.fixture(scope="module")
-def gru_server(gru) -> Iterator[ServerThread]:  # type: ignore[no-untyped-def]
+def gru_server(gru) -> Iterator[ServerThread]:
     handle = start_server(gru[1].onnx_path, max_batch_size=8)
     yield handle
     handle.stop()
 
 
-def test_exports_describe_the_modules(gru, lstm) -> None:  # type: ignore[no-untyped-def]
+def test_exports_describe_the_modules(gru, lstm) -> None:
     _, g = gru
     assert (g.spec.cell, g.spec.kind, g.spec.head, g.spec.source) == ("gru", "features", "regression", "module")
     assert g.spec.c is None and (g.spec.h.input_name, g.spec.h.output_name, g.spec.h.width) == ("h0", "hn", 12)
@@ -102,7 +102,7 @@ def test_concurrent_sessions_match_the_module_on_the_whole_sequence(which: str, 
     assert np.abs(whole - whole_sequence(module, sequences[0], batch_first)).max() <= TOLERANCE
 
 
-def test_one_state_tensor_survives_snapshots_and_a_restart(gru, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_one_state_tensor_survives_snapshots_and_a_restart(gru, tmp_path: Path) -> None:
     module, result = gru
     rows = random_sequences("features", 3, count=1, seed=9)[0]
     want = whole_sequence(module, rows, batch_first=True)
@@ -131,7 +131,7 @@ def test_one_state_tensor_survives_snapshots_and_a_restart(gru, tmp_path: Path) 
         second.stop()
 
 
-def test_one_state_tensor_moves_between_servers_through_redis(gru, redis_server) -> None:  # type: ignore[no-untyped-def]
+def test_one_state_tensor_moves_between_servers_through_redis(gru, redis_server) -> None:
     module, result = gru
     redis_server.client.flushall()
     rows = random_sequences("features", 3, count=1, seed=11)[0]
@@ -152,7 +152,7 @@ def test_one_state_tensor_moves_between_servers_through_redis(gru, redis_server)
         two.stop()
 
 
-def test_one_state_tensor_over_the_open_inference_protocol(gru, gru_server: ServerThread) -> None:  # type: ignore[no-untyped-def]
+def test_one_state_tensor_over_the_open_inference_protocol(gru, gru_server: ServerThread) -> None:
     import tritonclient.grpc as triton
 
     module, _ = gru

@@ -85,7 +85,7 @@ def _call_raw(channel: grpc.Channel, method: str, payload: bytes) -> grpc.Status
     try:
         call(payload, timeout=10)
     except grpc.RpcError as error:
-        return error.code()  # type: ignore[no-any-return]
+        return error.code()
     return grpc.StatusCode.OK
 
 

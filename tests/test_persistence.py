@@ -59,7 +59,7 @@ def test_drain_writes_sessions_and_a_restart_resumes_them_exactly(token_model: P
         second.stop()
 
 
-def test_corrupted_record_is_refused_and_the_others_restored(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_corrupted_record_is_refused_and_the_others_restored(token_model: Path, tmp_path: Path, caplog) -> None:
     first = start_server(token_model, state_dir=tmp_path)
     with Client(first.address) as client:
         good, bad = client.session(), client.session()
@@ -89,14 +89,14 @@ def test_corrupted_record_is_refused_and_the_others_restored(token_model: Path, 
         second.stop()
 
 
-def test_a_checkpoint_that_is_not_one_is_moved_aside(token_model: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_checkpoint_that_is_not_one_is_moved_aside(token_model: Path, tmp_path: Path, caplog) -> None:
     (tmp_path / "sessions.checkpoint").write_bytes(b"LSTMCKPT but then garbage")
     with caplog.at_level("ERROR"):
         handle = start_server(token_model, state_dir=tmp_path)
     try:
         assert any("refused" in r.message for r in caplog.records)
         assert (tmp_path / "sessions.corrupt").exists()
-        assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0  # type: ignore[union-attr]
+        assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()
 

@@ -74,7 +74,7 @@ def test_a_failing_group_fails_only_its_own_requests_and_changes_no_state(token_
             raise RuntimeError("injected failure for 3-position rows")
         original(call)
 
-    runner.execute = failing_execute  # type: ignore[method-assign]
+    runner.execute = failing_execute
     try:
         with handle.channel() as channel:
             stub = pb_grpc.LstmServeStub(channel)
@@ -102,7 +102,7 @@ def test_a_failing_group_fails_only_its_own_requests_and_changes_no_state(token_
             control = SyncStream(channel).request(tokens=[4, 5])
             np.testing.assert_array_equal(logits_of(resumed)[0], logits_of(control)[1])
     finally:
-        runner.execute = original  # type: ignore[method-assign]
+        runner.execute = original
         handle.stop()
 
 

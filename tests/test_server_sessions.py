@@ -251,7 +251,7 @@ def test_a_longer_step_alone_runs_on_the_event_loop_once_its_measured_time_fits_
             threads.append(threading.current_thread().name)
             execute(call)
 
-        scheduler.runner.execute = recording_execute  # type: ignore[method-assign]
+        scheduler.runner.execute = recording_execute
         long_step = [1] * (scheduler_module.INLINE_MAX_POSITIONS + 8)
         # A budget no timing on a busy machine can exceed, then one that nothing fits.
         monkeypatch.setattr(scheduler_module, "INLINE_BUDGET_S", 10.0)

@@ -121,7 +121,7 @@ def test_a_session_moves_between_servers_exactly(
         handoffs = sum(int(s.server.metrics.handoffs._value.get()) for s in pair)
         # Five moves in the first six steps, one for the resume on the first server, then three times there and back.
         assert handoffs == 5 + 1 + 3 * 2
-        assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
+        assert redis_server.holder(session_id) == first.server.cluster.replica
         on_first.close()
         with pytest.raises(SessionNotFound):
             two.session(resume=session_id)
@@ -222,7 +222,7 @@ def test_live_sessions_are_recorded_again_after_redis_lost_its_data(
         session_id = session.id
         session.detach()
     redis_server.client.flushall()  # a Redis restarted without persistence: every record and heartbeat is gone
-    replica = first.server.cluster.replica  # type: ignore[union-attr]
+    replica = first.server.cluster.replica
     deadline = time.monotonic() + 60
     while redis_server.holder(session_id) != replica and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -255,7 +255,7 @@ def test_an_open_inference_protocol_sequence_moves_between_servers_exactly(
             if position == 0:
                 session_id = next(iter(first.server.scheduler.sessions.all())).id
                 assert session_id.startswith(SEQUENCE_ID_PREFIX)
-                assert redis_server.holder(session_id) == first.server.cluster.replica  # type: ignore[union-attr]
+                assert redis_server.holder(session_id) == first.server.cluster.replica
     # sequence_end: the record goes, and a tombstone says it was closed (written in the background: waited for)
     wait_for(lambda: not redis_server.client.exists(f"lstmserve:session:{session_id}"), 60, "the record to go")
     assert redis_server.client.exists(f"lstmserve:closed:{session_id}")
@@ -429,7 +429,7 @@ def test_a_server_cut_off_from_redis_stops_serving_before_another_can_take_its_s
         wait_for(lambda: not redis_server.client.exists(heartbeat_key), 60, "the heartbeat key to expire")
         with two.session(resume=session.id) as taken:  # the second server takes it over from the checkpoint
             assert taken.info().step == 2
-        assert redis_server.holder(session.id) == second.server.cluster.replica  # type: ignore[union-attr]
+        assert redis_server.holder(session.id) == second.server.cluster.replica
         # Both would serve the session now: the first server acknowledging what the second never sees.
         with pytest.raises(Unavailable) as error:
             session.step([5])
@@ -551,7 +551,7 @@ def test_a_copy_idle_past_the_ttl_is_not_recorded_again_once_its_tombstone_is_go
         redis_server.client.delete(tombstone)  # expired: the cut lasted longer than it
 
         def age() -> None:  # the copy here idle past the TTL, and the idle sweep not run yet
-            scheduler.sweep_idle = lambda now=None: 0  # type: ignore[method-assign]
+            scheduler.sweep_idle = lambda now=None: 0
             found = scheduler.sessions.find(stale.id)
             assert found is not None
             found.last_used -= ttl_s + 1

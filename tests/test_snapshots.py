@@ -58,7 +58,7 @@ def test_async_snapshot_and_restore(server: ServerThread) -> None:
         (lambda b: b"", "truncated"),
     ],
 )
-def test_bad_blobs_are_refused_with_a_clear_error(server: ServerThread, mutate, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_blobs_are_refused_with_a_clear_error(server: ServerThread, mutate, needle: str) -> None:
     with Client(server.address) as client:
         with client.session() as session:
             session.step([1])
@@ -142,7 +142,7 @@ def _forged(server: ServerThread, blob: bytes, *, step: int | None = None, h_val
         ({"h_value": float("inf")}, "NaN or infinity"),
     ],
 )
-def test_forged_blobs_with_a_valid_checksum_are_refused(server: ServerThread, forge: dict, needle: str) -> None:  # type: ignore[type-arg]
+def test_forged_blobs_with_a_valid_checksum_are_refused(server: ServerThread, forge: dict, needle: str) -> None:
     """Without a secret anyone can make a blob that passes the checksum: every field is checked, so such a blob
     cannot restore a session it would break (a step near 2**64 used to restore, then fail every later call)."""
     with Client(server.address) as client:

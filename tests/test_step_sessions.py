@@ -52,7 +52,7 @@ class OutputChoice(TypedDict, total=False):
 
 def refused(stub: pb_grpc.LstmServeStub, steps: Sequence[pb.SessionStep], **kwargs: object) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as error:
-        stub.StepSessions(pb.StepSessionsRequest(steps=steps), **kwargs)  # type: ignore[arg-type]
+        stub.StepSessions(pb.StepSessionsRequest(steps=steps), **kwargs)
     return error.value
 
 
