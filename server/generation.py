@@ -165,7 +165,7 @@ class Generation:
         self._matcher = StopMatcher(params.stop) if any(params.stop) else None
         self._vocabulary = vocabulary
         self._count = 0  # tokens made (with stop strings; without, the token log counts them)
-        self._events: list[GeneratedToken] = []  # released by the stop matcher, with their text
+        self._events: list[tuple[int, str, int, int]] = []  # (token, text, step, batch size) its stop matcher released
         self._kept: list[tuple[int, int, int]] = []  # (token, step, batch size) moved out of the token log
         self._taken_any = False
         self._log: TokenLog | None = None
@@ -286,7 +286,7 @@ class Generation:
         finished = finished or matcher.stopped
         if finished and not matcher.stopped:
             released += matcher.flush()
-        self._events.extend(GeneratedToken(t, piece, step, batch_size) for t, piece in released)
+        self._events.extend((t, piece, step, batch_size) for t, piece in released)
         if finished:
             self.finish_reason = "stop" if matcher.stopped else "length"
         return finished
@@ -295,8 +295,8 @@ class Generation:
         """The tokens released since the last call."""
         if self._matcher is not None:  # its matcher released its tokens, texts included
             events, self._events = self._events, []
-            columns = [list(column) for column in zip(*events)] if events else [[], [], [], []]
-            chunk = TokenChunk(*columns[:4])
+            tokens, texts, steps, sizes = (list(column) for column in zip(*events)) if events else ([], [], [], [])
+            chunk = TokenChunk(tokens, texts, steps, sizes)
         else:
             chunk = self._take_logged()
         self._taken_any = self._taken_any or bool(chunk.tokens)

@@ -367,12 +367,12 @@ class Scheduler:
         self._require_steppable(session)
         if expected_step is not None and expected_step != session.step + session.queued_positions:
             raise mismatch(session, expected_step)
-        work = Work(future=self._new_future(), inputs=prompt, generation=generation)
-        self.batcher.enqueue(session, work)
-        self._wakeup.set()
+        running: asyncio.Future[StepResult] = self._queue(
+            session, Work(future=self._new_future(), inputs=prompt, generation=generation)
+        )
         self.batcher.generating += 1
-        work.future.add_done_callback(self._generation_ended)
-        return work.future
+        running.add_done_callback(self._generation_ended)
+        return running
 
     def _generation_ended(self, _: asyncio.Future[StepResult]) -> None:
         self.batcher.generating -= 1
@@ -456,10 +456,14 @@ class Scheduler:
         return await self._enqueue(session, Work(future=self._new_future(), op=op))
 
     async def _enqueue(self, session: Session, work: Work) -> Any:
+        return await self._queue(session, work)
+
+    def _queue(self, session: Session, work: Work) -> asyncio.Future[Any]:
+        """Queues `work` on a live session and wakes the batching loop; returns the work's future."""
         self.manager.require_live(session)
         self.batcher.enqueue(session, work)
         self._wakeup.set()
-        return await work.future
+        return work.future
 
     async def _batch_loop(self) -> None:
         """Collects a batch, computes it on the worker thread, resolves it; and again.
