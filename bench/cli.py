@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -173,7 +174,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         rows=median_rows(rounds),
         rounds=rounds,
     )
-    checks = [compare_to_targets(rows, config.levels, config.mode, config.replicas) for rows in rounds]
+    cores = os.cpu_count()
+    checks = [compare_to_targets(rows, config.levels, config.mode, config.replicas, cores) for rows in rounds]
     report.checks = summarize_checks(checks)
     report.check_rounds = [[{**asdict(check), "met": check.met()} for check in round_checks] for round_checks in checks]
     if memory is not None:

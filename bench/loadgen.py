@@ -54,7 +54,8 @@ class LoadSpec:
 
 @dataclass
 class LoadResult:
-    """Measured over the measurement window: count of responses (steps or generated tokens), latencies, batch sizes."""
+    """Measured over the measurement window: count of responses (steps or generated tokens), latencies, batch sizes,
+    and the CPU seconds the load processes used in it (`cpu_s`, summed over the processes, over `cpu_wall_s`)."""
 
     count: int = 0
     positions: int = 0
@@ -62,6 +63,8 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     errors: int = 0
+    cpu_s: float = 0.0
+    cpu_wall_s: float = 0.0
 
 
 @dataclass
@@ -165,6 +168,15 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
         pass  # already gone (e.g. the stream failed with it); the count above reports real errors
 
 
+async def cpu_in_window(start: float, end: float) -> tuple[float, float]:
+    """The CPU seconds this process uses from `start` to `end` (`time.perf_counter()` times), and the wall seconds
+    they were read over (it sleeps until each end, so on a busy event loop a read may come a little late)."""
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
+    await asyncio.sleep(max(0.0, end - wall_started))
+    return time.process_time() - cpu_started, time.perf_counter() - wall_started
+
+
 async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
     """Runs the sessions on this event loop and returns what they measured."""
     result = LoadResult()
@@ -173,7 +185,9 @@ async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
         stub = pb_grpc.LstmServeStub(channel)
         start = time.perf_counter() + spec.warmup_s
         end = start + spec.duration_s
+        cpu = asyncio.ensure_future(cpu_in_window(start, end))
         await asyncio.gather(*(_session(stub, spec, seed_base + i, (start, end), result) for i in range(spec.sessions)))
+        result.cpu_s, result.cpu_wall_s = await cpu
     result.elapsed_s = spec.duration_s
     return result
 
@@ -223,4 +237,6 @@ def run_load_in_processes(spec: LoadSpec, processes: int = 1) -> LoadResult:
         merged.latencies_s += part_result.latencies_s
         merged.batch_sizes += part_result.batch_sizes
         merged.errors += part_result.errors
+        merged.cpu_s += part_result.cpu_s
+        merged.cpu_wall_s = max(merged.cpu_wall_s, part_result.cpu_wall_s)
     return merged

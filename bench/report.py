@@ -22,6 +22,7 @@ class Row:
     server_cpu_pct: float | None = None
     server_rss_mb: float | None = None
     errors: int = 0
+    load_cpu_pct: float | None = None  # the load generator's processes, over the measured window
     rounds: int = 1  # with several rounds: this is the median round's row, and the range covers them all
     steps_per_s_min: float | None = None
     steps_per_s_max: float | None = None
@@ -58,15 +59,15 @@ def markdown_table(report: BenchReport) -> str:
     unit = panel_labels(report)[1]
     lines = [
         f"| series | concurrency | {unit} |" + (" range over rounds |" if ranges else "")
-        + " p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | errors |",
-        "| --- | ---: | ---: |" + (" ---: |" if ranges else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        + " p50 ms | p95 ms | p99 ms | mean batch | server CPU % | server RSS MB | load CPU % | errors |",
+        "| --- | ---: | ---: |" + (" ---: |" if ranges else "") + " ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in report.rows:
         spread = f" {_fmt(row.steps_per_s_min, 0)} to {_fmt(row.steps_per_s_max, 0)} |" if row.rounds > 1 else " |"
         lines.append(
             f"| {row.series} | {row.level} | {_fmt(row.steps_per_s, 0)} |{spread if ranges else ''} {_fmt(row.p50_ms, 3)} "
             f"| {_fmt(row.p95_ms, 3)} | {_fmt(row.p99_ms, 3)} | {_fmt(row.mean_batch, 1)} | {_fmt(row.server_cpu_pct, 0)} "
-            f"| {_fmt(row.server_rss_mb, 0)} | {row.errors} |"
+            f"| {_fmt(row.server_rss_mb, 0)} | {_fmt(row.load_cpu_pct, 0)} | {row.errors} |"
         )
     return "\n".join(lines) + "\n"
 

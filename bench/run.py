@@ -101,6 +101,7 @@ def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, i
         server_cpu_pct=cpu_pct,
         server_rss_mb=rss_mb,
         errors=load.errors,
+        load_cpu_pct=100.0 * load.cpu_s / load.cpu_wall_s if load.cpu_wall_s else None,
     )
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from lstmserve.bench.loadgen import CHANNEL_OPTIONS, OUTPUTS, LoadResult, Window, start_load_process
+from lstmserve.bench.loadgen import CHANNEL_OPTIONS, OUTPUTS, LoadResult, Window, cpu_in_window, start_load_process
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -81,13 +81,16 @@ async def run_sessions_load(spec: SessionsSpec, seed_base: int = 0) -> LoadResul
         start = time.perf_counter() + spec.warmup_s
         window = Window(start, start + spec.duration_s)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        cpu = asyncio.ensure_future(cpu_in_window(window.start, window.end))
         session_ids = await _create_sessions(stub, spec.sessions, window.result)
         try:
             groups = split_sessions(session_ids, spec.calls_in_flight, info.max_sessions_per_request or len(session_ids))
             await asyncio.gather(
                 *(_step_group(stub, group, spec, seed_base + index, window) for index, group in enumerate(groups))
             )
+            window.result.cpu_s, window.result.cpu_wall_s = await cpu
         finally:
+            cpu.cancel()  # if a step failed before the window ended
             # After the measured window: a server the benchmark only targets (--target) keeps running.
             await _close_sessions(stub, session_ids)
     return window.measured()

@@ -26,6 +26,10 @@ SESSIONS_TARGET_RATIO = 0.70
 # it from 0.50). The sessions series in generate mode is held to it against the ceiling at batch N, which is
 # at least the ceiling at the (smaller) batches it forms.
 GENERATION_TARGET_RATIO = 0.70
+# From this share of the machine's cores in use by the server and its load generator together, a round is reported
+# as saturated: the two took CPU from each other, so the server's throughput is a lower bound for a machine where
+# the load comes from elsewhere.
+SATURATED_SHARE = 0.90
 
 
 def series_proxied(replicas: int) -> str:
@@ -58,8 +62,11 @@ class Check:
         return f"{text} ({self.note})" if self.note else text
 
 
-def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, replicas: Sequence[int]) -> list[Check]:
-    """The issue's ratio targets, computed from one round's rows (where the needed series were measured)."""
+def compare_to_targets(
+    rows: Sequence[Row], levels: Sequence[int], mode: str, replicas: Sequence[int], cores: int | None = None
+) -> list[Check]:
+    """The issue's ratio targets, computed from one round's rows (where the needed series were measured); with the
+    machine's `cores`, also how much of it the server and its load generator used at the top level."""
     by = {(row.series, row.level): row for row in rows}
     checks: list[Check] = []
     top, one = max(levels), min(levels)
@@ -117,6 +124,28 @@ def compare_to_targets(rows: Sequence[Row], levels: Sequence[int], mode: str, re
         )
     checks.extend(_engine_checks(by, levels))
     checks.extend(_sessions_checks(by, levels, mode))
+    if cores:
+        checks.extend(_machine_checks(by, top, cores))
+    return checks
+
+
+def _machine_checks(by: dict[tuple[str, int], Row], top: int, cores: int) -> list[Check]:
+    """At the top level, for the series driven through gRPC by a load generator on this machine: the server's and
+    the load generator's CPU together, as a share of the machine's `cores` (no target: a share near 1 says that
+    the two competed for the CPU, and that the ratios of that series are lower bounds)."""
+    checks = []
+    for series in (SERIES_SERVER, SERIES_SESSIONS):
+        row = by.get((series, top))
+        if row is None or row.server_cpu_pct is None or row.load_cpu_pct is None:
+            continue
+        share = (row.server_cpu_pct + row.load_cpu_pct) / (100.0 * cores)
+        checks.append(
+            Check(
+                f"{top} sessions, {series}: CPU of the server and the load generator / the machine's {cores} cores",
+                share,
+                note="saturated: the load generator took CPU from the server" if share >= SATURATED_SHARE else "",
+            )
+        )
     return checks
 
 

@@ -38,12 +38,15 @@ def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, caps
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert 1 <= row["mean_batch"] <= row["level"]
         assert row["server_rss_mb"] > 0
+        assert row["load_cpu_pct"] > 0  # the load processes' CPU over the measured window
     unbatched = [row for row in report["rows"] if row["series"] == "lstmserve --max-batch-size 1"]
     assert all(row["mean_batch"] == 1.0 for row in unbatched)
     assert report["command"].startswith("lstmserve bench --model")
     assert report["checks"]  # the ratio targets were computed from this run
+    assert any("CPU of the server and the load generator" in name for name in report["checks"])
     markdown = (out / "results.md").read_text()
     assert all(name in markdown for name in series)
+    assert "load CPU %" in markdown
     assert (out / "results.png").stat().st_size > 10_000
     assert "wrote" in capsys.readouterr().out
 
@@ -145,6 +148,7 @@ def test_load_against_a_target_closes_its_sessions(token_model: Path, mode: str)
             result = asyncio.run(run_load(spec))
             assert result.errors == 0
             assert result.count > 0
+            assert result.cpu_s > 0 and result.cpu_wall_s > 0  # read at the window's start and end
             assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()
@@ -503,6 +507,29 @@ def test_sessions_load_against_a_target_closes_its_sessions(token_model: Path) -
             result = asyncio.run(run_sessions_load(spec))
             assert result.errors == 0 and result.count > 0
             assert result.latencies_s and all(1 <= size <= 5 for size in result.batch_sizes)
+            assert result.cpu_s > 0 and result.cpu_wall_s > 0
             assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()
+
+
+def test_a_round_that_used_most_of_the_machine_is_reported_as_saturated() -> None:
+    """The server's and the load generator's CPU, summed, over the machine's cores: a note from 90% on; nothing for a
+    series measured without one of them (a --target server has no CPU figure)."""
+    from lstmserve.bench.targets import SERIES_SERVER, SERIES_SESSIONS, compare_to_targets
+
+    def machine(rows: list[Row], cores: int | None = 2) -> dict[str, Check]:
+        checks = compare_to_targets(rows, (256,), "generate", (), cores)
+        return {check.name: check for check in checks if "CPU of the server" in check.name}
+
+    busy = Row(series=SERIES_SERVER, level=256, steps_per_s=1.0, server_cpu_pct=130.0, load_cpu_pct=60.0)
+    (check,) = machine([busy]).values()
+    assert check.name == f"256 sessions, {SERIES_SERVER}: CPU of the server and the load generator / the machine's 2 cores"
+    assert check.value == pytest.approx(0.95) and "saturated" in check.note and check.bound is None
+    (check,) = machine([busy], cores=4).values()
+    assert check.value == pytest.approx(0.475) and check.note == ""
+    caller = Row(series=SERIES_SESSIONS, level=256, steps_per_s=1.0, server_cpu_pct=100.0, load_cpu_pct=79.0)
+    assert [c.value for c in machine([busy, caller]).values()] == [pytest.approx(0.95), pytest.approx(0.895)]
+    assert machine([replace(busy, server_cpu_pct=None)]) == {}
+    assert machine([replace(busy, load_cpu_pct=None)]) == {}
+    assert machine([busy], cores=None) == {}
