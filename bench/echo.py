@@ -2,8 +2,9 @@
 
 It speaks `lstmserve.v1.LstmServe.Step`, `CreateSession` and `CloseSession` (everything else is UNIMPLEMENTED), so the
 benchmark drives it with the same load generator and the same message sizes:
-logits of [positions, output_size] float32, top-k rows, or a sampled token, and one
-response per token for generation requests.
+logits of [positions, output_size] float32, top-k rows, or a sampled token; for generation
+requests one response per token, or with `coalesce` as many responses as the server sends, as
+full (`coalesce_share` of the streams generating at once: the first token alone, then a share).
 
     python -m lstmserve.bench.echo --port 0 --output-size 98
 """
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from lstmserve.server.token_log import coalesce_share
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -26,6 +28,26 @@ class EchoService(pb_grpc.LstmServeServicer):
     def __init__(self, output_size: int) -> None:
         self.output_size = output_size
         self._zeros: dict[int, bytes] = {}
+        self._generating = 0  # generation requests being answered, which size coalesced responses
+
+    def _coalesced(self, max_tokens: int, step: int) -> list[pb.StepResponse]:
+        """A coalescing generation's responses, as many and as full as the server's would be with as many streams
+        generating: the first token alone, then shares of `coalesce_share(generating)` tokens, the finish with
+        the last share."""
+        share = coalesce_share(self._generating)
+        sizes = [1] if max_tokens else []
+        while sum(sizes) < max_tokens:
+            sizes.append(min(share, max_tokens - sum(sizes)))
+        responses = []
+        for size in sizes:
+            step += size
+            responses.append(
+                pb.StepResponse(session_id="0" * 32, step=step, tokens=[1] * size, texts=["a"] * size, batch_size=1)
+            )
+        if not responses:
+            responses.append(pb.StepResponse(session_id="0" * 32, step=step))
+        responses[-1].finished, responses[-1].finish_reason = True, "length"
+        return responses
 
     def _logits(self, positions: int) -> pb.Tensor:
         data = self._zeros.get(positions)
@@ -48,10 +70,19 @@ class EchoService(pb_grpc.LstmServeServicer):
         async for request in request_iterator:
             step += len(request.tokens)
             if request.HasField("generate"):
-                for _ in range(request.generate.max_tokens):
-                    step += 1
-                    yield pb.StepResponse(session_id="0" * 32, step=step, token=1, text="a", batch_size=1)
-                yield pb.StepResponse(session_id="0" * 32, step=step, finished=True, finish_reason="length")
+                self._generating += 1
+                try:
+                    if request.generate.coalesce:
+                        for response in self._coalesced(request.generate.max_tokens, step):
+                            yield response
+                        step += request.generate.max_tokens
+                        continue
+                    for _ in range(request.generate.max_tokens):
+                        step += 1
+                        yield pb.StepResponse(session_id="0" * 32, step=step, token=1, text="a", batch_size=1)
+                    yield pb.StepResponse(session_id="0" * 32, step=step, finished=True, finish_reason="length")
+                finally:
+                    self._generating -= 1
                 continue
             response = pb.StepResponse(session_id="0" * 32, request_id=request.request_id, step=step, batch_size=1)
             if request.output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):

@@ -30,6 +30,13 @@ RESPONSES_PER_ROUND = 32
 LOG_WIDTH = 128
 
 
+def coalesce_share(generating: int, width: int = LOG_WIDTH) -> int:
+    """The tokens a coalescing stream waits for before a response (after its first) with `generating` streams
+    running: a share of the round sized so that they send about RESPONSES_PER_ROUND responses per token each, at
+    least 1 and at most half a row of `width` (so that a stream keeping up never has its tokens moved out)."""
+    return max(1, min(-(-generating // RESPONSES_PER_ROUND), width // 2))
+
+
 class TokenLog:
     """Per state slot: the tokens the slot's generation (its owner) made and not yet taken, with the step each token was
     fed at and the size of its batch, and how many tokens the generation made and may make.
@@ -81,7 +88,7 @@ class TokenLog:
 
     def _share(self, generating: int) -> int:
         """The tokens a coalescing stream gets per response with `generating` streams running."""
-        return max(1, min(-(-generating // RESPONSES_PER_ROUND), self.width // 2))
+        return coalesce_share(generating, self.width)
 
     def record(self, slots: np.ndarray, tokens: np.ndarray, steps: np.ndarray, batch_size: int) -> None:
         """Logs one token for each of `slots` (distinct), fed at `steps`, in a batch of `batch_size`. The caller

@@ -533,3 +533,54 @@ def test_a_round_that_used_most_of_the_machine_is_reported_as_saturated() -> Non
     assert machine([replace(busy, server_cpu_pct=None)]) == {}
     assert machine([replace(busy, load_cpu_pct=None)]) == {}
     assert machine([busy], cores=None) == {}
+
+
+def test_the_echo_server_coalesces_generations_as_the_server_would() -> None:
+    """In generate mode the transport ceiling sends the server's messages: with coalescing, the first token alone,
+    then a share sized by the streams generating (256 of them: 8 tokens), the finish with the last share."""
+    from lstmserve.bench.echo import EchoService
+
+    echo = EchoService(output_size=4)
+    echo._generating = 256
+    responses = echo._coalesced(32, step=10)
+    assert [len(r.tokens) for r in responses] == [1, 8, 8, 8, 7]
+    assert [r.step for r in responses] == [11, 19, 27, 35, 42]
+    assert [r.finished for r in responses] == [False] * 4 + [True] and responses[-1].finish_reason == "length"
+    assert all(list(r.texts) == ["a"] * len(r.tokens) for r in responses)
+    echo._generating = 1  # a stream generating alone gets every token at once, as from the server
+    assert [len(r.tokens) for r in echo._coalesced(3, step=0)] == [1, 1, 1]
+
+
+def test_the_echo_server_streams_a_coalesced_generation_over_grpc() -> None:
+    """The echo server's generation through a real gRPC stream: one stream generating alone, so a token per
+    response, 32 in all, the last one finished; a plain generation after it still gets a response per token."""
+    import grpc
+
+    from lstmserve.bench.echo import EchoService
+    from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
+
+    async def generations() -> tuple[list[pb.StepResponse], list[pb.StepResponse]]:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_LstmServeServicer_to_server(EchoService(output_size=4), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]) as channel:
+                call = pb_grpc.LstmServeStub(channel).Step()
+                answers: list[list[pb.StepResponse]] = []
+                for coalesce in (True, False):
+                    request = pb.StepRequest(tokens=[1])
+                    request.generate.max_tokens, request.generate.coalesce = 32, coalesce
+                    await call.write(request)
+                    answers.append([])
+                    while not answers[-1] or not answers[-1][-1].finished:
+                        answers[-1].append(await call.read())
+                await call.done_writing()
+                return answers[0], answers[1]
+        finally:
+            await server.stop(None)
+
+    coalesced, plain = asyncio.run(generations())
+    assert [len(r.tokens) for r in coalesced] == [1] * 32
+    assert [r.step for r in coalesced] == list(range(2, 34)) and coalesced[-1].finished
+    assert sum(1 for r in plain if r.token == 1) == 32 and plain[-1].finished and plain[-1].step == 33 + 1 + 32
