@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -101,6 +100,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         machine_description,
         median_rows,
         run_bench,
+        usable_cores,
         with_required_series,
     )
     from lstmserve.bench.targets import compare_to_targets, summarize_checks
@@ -174,7 +174,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         rows=median_rows(rounds),
         rounds=rounds,
     )
-    cores = os.cpu_count()
+    cores = usable_cores()
     checks = [compare_to_targets(rows, config.levels, config.mode, config.replicas, cores) for rows in rounds]
     report.checks = summarize_checks(checks)
     report.check_rounds = [[{**asdict(check), "met": check.met()} for check in round_checks] for round_checks in checks]

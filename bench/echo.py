@@ -4,7 +4,7 @@ It speaks `lstmserve.v1.LstmServe.Step`, `CreateSession` and `CloseSession` (eve
 benchmark drives it with the same load generator and the same message sizes:
 logits of [positions, output_size] float32, top-k rows, or a sampled token; for generation
 requests one response per token, or with `coalesce` as many responses as the server sends, as
-full (`coalesce_share` of the streams generating at once: the first token alone, then a share).
+full (the first token alone, then shares of `coalesce_share` of the streams open).
 
     python -m lstmserve.bench.echo --port 0 --output-size 98
 """
@@ -28,13 +28,17 @@ class EchoService(pb_grpc.LstmServeServicer):
     def __init__(self, output_size: int) -> None:
         self.output_size = output_size
         self._zeros: dict[int, bytes] = {}
-        self._generating = 0  # generation requests being answered, which size coalesced responses
+        # Step streams open, which size coalesced responses. Not the generations being answered: the echo answers
+        # at once, so most of its streams wait for their next request at any moment, while the server's, computing,
+        # are nearly all generating (counted that way, the echo sent two to three times the server's messages).
+        self._streams = 0
 
     def _coalesced(self, max_tokens: int, step: int) -> list[pb.StepResponse]:
-        """A coalescing generation's responses, as many and as full as the server's would be with as many streams
-        generating: the first token alone, then shares of `coalesce_share(generating)` tokens, the finish with
-        the last share."""
-        share = coalesce_share(self._generating)
+        """A coalescing generation's responses, as many and as full as the server's would be with a generation on
+        every open stream: the first token alone, then shares of `coalesce_share(streams)` tokens, the finish with
+        the last share. (max_tokens 0, which the server refuses and the load generator never sends, gets the finish
+        alone.)"""
+        share = coalesce_share(self._streams)
         sizes = [1] if max_tokens else []
         while sum(sizes) < max_tokens:
             sizes.append(min(share, max_tokens - sum(sizes)))
@@ -66,12 +70,12 @@ class EchoService(pb_grpc.LstmServeServicer):
     async def Step(
         self, request_iterator: AsyncIterator[pb.StepRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StepResponse]:
-        step = 0
-        async for request in request_iterator:
-            step += len(request.tokens)
-            if request.HasField("generate"):
-                self._generating += 1
-                try:
+        self._streams += 1
+        try:
+            step = 0
+            async for request in request_iterator:
+                step += len(request.tokens)
+                if request.HasField("generate"):
                     if request.generate.coalesce:
                         for response in self._coalesced(request.generate.max_tokens, step):
                             yield response
@@ -81,19 +85,23 @@ class EchoService(pb_grpc.LstmServeServicer):
                         step += 1
                         yield pb.StepResponse(session_id="0" * 32, step=step, token=1, text="a", batch_size=1)
                     yield pb.StepResponse(session_id="0" * 32, step=step, finished=True, finish_reason="length")
-                finally:
-                    self._generating -= 1
-                continue
-            response = pb.StepResponse(session_id="0" * 32, request_id=request.request_id, step=step, batch_size=1)
-            if request.output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
-                response.logits.CopyFrom(self._logits(len(request.tokens)))
-            elif request.output == pb.OUTPUT_TOPK:
-                k = request.top_k or 5
-                for _ in request.tokens:
-                    response.topk.add(ids=list(range(k)), logprobs=[0.0] * k)
-            elif request.output == pb.OUTPUT_SAMPLE:
-                response.token = 1
-            yield response
+                    continue
+                yield self._step_response(request, step)
+        finally:
+            self._streams -= 1
+
+    def _step_response(self, request: pb.StepRequest, step: int) -> pb.StepResponse:
+        """The answer to a plain step, with the outputs the request asks for, in shape."""
+        response = pb.StepResponse(session_id="0" * 32, request_id=request.request_id, step=step, batch_size=1)
+        if request.output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
+            response.logits.CopyFrom(self._logits(len(request.tokens)))
+        elif request.output == pb.OUTPUT_TOPK:
+            k = request.top_k or 5
+            for _ in request.tokens:
+                response.topk.add(ids=list(range(k)), logprobs=[0.0] * k)
+        elif request.output == pb.OUTPUT_SAMPLE:
+            response.token = 1
+        return response
 
 
 async def serve(host: str, port: int, output_size: int) -> None:

@@ -11,12 +11,13 @@ import asyncio
 import multiprocessing as mp
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
 import numpy as np
+import psutil
 
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
@@ -39,6 +40,7 @@ class LoadSpec:
         warmup_s, duration_s: warm-up, then measured time.
         output: what each step asks back (logits, topk, sample, none).
         vocab: token ids are drawn from [0, vocab).
+        server_pids: the server's processes, whose CPU over the measured window is read with the load's own.
     """
 
     target: str
@@ -50,12 +52,14 @@ class LoadSpec:
     prompt_len: int = 16
     generate_tokens: int = 32
     vocab: int = 2
+    server_pids: tuple[int, ...] = ()
 
 
 @dataclass
 class LoadResult:
     """Measured over the measurement window: count of responses (steps or generated tokens), latencies, batch sizes,
-    and the CPU seconds the load processes used in it (`cpu_s`, summed over the processes, over `cpu_wall_s`)."""
+    and the CPU seconds used in it: by the load processes (`cpu_s`, summed over them) and by the server's processes
+    where their ids were given (`server_cpu_s`), over `cpu_wall_s` seconds (the longest of the processes' windows)."""
 
     count: int = 0
     positions: int = 0
@@ -65,6 +69,7 @@ class LoadResult:
     errors: int = 0
     cpu_s: float = 0.0
     cpu_wall_s: float = 0.0
+    server_cpu_s: float | None = None
 
 
 @dataclass
@@ -168,13 +173,24 @@ async def _session(stub: pb_grpc.LstmServeStub, spec: LoadSpec, seed: int, windo
         pass  # already gone (e.g. the stream failed with it); the count above reports real errors
 
 
-async def cpu_in_window(start: float, end: float) -> tuple[float, float]:
-    """The CPU seconds this process uses from `start` to `end` (`time.perf_counter()` times), and the wall seconds
-    they were read over (it sleeps until each end, so on a busy event loop a read may come a little late)."""
+def _processes_cpu_s(processes: Sequence[psutil.Process]) -> float:
+    """The CPU seconds (user and system, all threads) the processes have used so far."""
+    return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+
+async def cpu_in_window(start: float, end: float, result: LoadResult, server_pids: Sequence[int] = ()) -> None:
+    """Reads the CPU this process uses from `start` to `end` (`time.perf_counter()` times) into `result.cpu_s`, that of
+    the `server_pids` processes into `result.server_cpu_s`, and the wall seconds between the two reads into
+    `result.cpu_wall_s` (it sleeps until each end, so on a busy event loop a read may come a little late; both are
+    read at the same moments)."""
+    servers = [psutil.Process(pid) for pid in server_pids]
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
-    cpu_started, wall_started = time.process_time(), time.perf_counter()
+    cpu_started, server_started, wall_started = time.process_time(), _processes_cpu_s(servers), time.perf_counter()
     await asyncio.sleep(max(0.0, end - wall_started))
-    return time.process_time() - cpu_started, time.perf_counter() - wall_started
+    result.cpu_s = time.process_time() - cpu_started
+    if servers:
+        result.server_cpu_s = _processes_cpu_s(servers) - server_started
+    result.cpu_wall_s = time.perf_counter() - wall_started
 
 
 async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
@@ -185,9 +201,12 @@ async def run_load(spec: LoadSpec, seed_base: int = 0) -> LoadResult:
         stub = pb_grpc.LstmServeStub(channel)
         start = time.perf_counter() + spec.warmup_s
         end = start + spec.duration_s
-        cpu = asyncio.ensure_future(cpu_in_window(start, end))
-        await asyncio.gather(*(_session(stub, spec, seed_base + i, (start, end), result) for i in range(spec.sessions)))
-        result.cpu_s, result.cpu_wall_s = await cpu
+        cpu = asyncio.ensure_future(cpu_in_window(start, end, result, spec.server_pids))
+        try:
+            await asyncio.gather(*(_session(stub, spec, seed_base + i, (start, end), result) for i in range(spec.sessions)))
+            await cpu
+        finally:
+            cpu.cancel()  # if the sessions failed before the window ended
     result.elapsed_s = spec.duration_s
     return result
 
@@ -225,8 +244,12 @@ def start_load_process(run: LoadFunction, spec: object, seed_base: int = 0) -> C
 def run_load_in_processes(spec: LoadSpec, processes: int = 1) -> LoadResult:
     """Splits the sessions over `processes` load processes (never the caller's) and merges their results."""
     share = [spec.sessions // processes + (1 if i < spec.sessions % processes else 0) for i in range(processes)]
-    waits = [
-        start_load_process(run_load, LoadSpec(**{**spec.__dict__, "sessions": sessions}), index * 100_000)
+    waits = [  # the first process reads the server's CPU (each would read the same)
+        start_load_process(
+            run_load,
+            replace(spec, sessions=sessions, server_pids=spec.server_pids if index == 0 else ()),
+            index * 100_000,
+        )
         for index, sessions in enumerate(s for s in share if s)
     ]
     merged = LoadResult(elapsed_s=spec.duration_s)
@@ -239,4 +262,6 @@ def run_load_in_processes(spec: LoadSpec, processes: int = 1) -> LoadResult:
         merged.errors += part_result.errors
         merged.cpu_s += part_result.cpu_s
         merged.cpu_wall_s = max(merged.cpu_wall_s, part_result.cpu_wall_s)
+        if part_result.server_cpu_s is not None:
+            merged.server_cpu_s = part_result.server_cpu_s
     return merged

@@ -138,6 +138,11 @@ class ProxiedReplicas:
             time.sleep(0.05)
         raise RuntimeError(f"Envoy did not report {count} healthy replicas within {timeout_s} s")
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The replicas' process ids (Envoy not included)."""
+        return tuple(pid for server in self.servers for pid in server.pids)
+
     def usage(self) -> Usage:
         """CPU time and RSS of the replicas together (Envoy not included)."""
         usages = [s.usage() for s in self.servers]

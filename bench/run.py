@@ -69,13 +69,21 @@ class BenchConfig:
     batches_in_flight: int = 1  # the server's and the engine's --batches-in-flight
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on (its CPU affinity where the platform has one, else the machine's count). A
+    container's CPU quota is not seen here; on such a machine the share of the cores in use reads low."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count()
+
+
 def machine_description() -> dict[str, object]:
     """What the numbers were measured on."""
     import onnxruntime
 
     return {
         "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "platform": platform.platform(),
@@ -106,36 +114,40 @@ def _row(series: str, level: int, load: LoadResult, usage: tuple[float, float, i
 
 
 class _Measured(Protocol):
+    @property
+    def pids(self) -> tuple[int, ...]: ...
+
     def usage(self) -> Usage: ...
 
 
 def _measure_load(
     series: str, server: _Measured | None, target: str, level: int, config: BenchConfig, vocab: int
 ) -> Row:
-    """One series at one concurrency level: the load generator's figures, and the server's CPU and RSS."""
-    before = server.usage() if server else None
-    load = _run_load(series, target, level, config, vocab)
+    """One series at one concurrency level: the load generator's figures, and the server's CPU (read by the load
+    generator over the measured window, as its own) and RSS (after it)."""
+    load = _run_load(series, target, level, config, vocab, server.pids if server else ())
     usage = None
-    if server is not None and before is not None:
-        after = server.usage()
-        wall = config.duration_s + config.warmup_s
-        usage = (after.cpu_s - before.cpu_s, wall, after.rss_bytes)
+    if server is not None and load.server_cpu_s is not None and load.cpu_wall_s:
+        usage = (load.server_cpu_s, load.cpu_wall_s, server.usage().rss_bytes)
     return _row(series, level, load, usage)
 
 
-def _run_load(series: str, target: str, level: int, config: BenchConfig, vocab: int) -> LoadResult:
+def _run_load(
+    series: str, target: str, level: int, config: BenchConfig, vocab: int, server_pids: tuple[int, ...] = ()
+) -> LoadResult:
     """The load of one series at one level, from load processes: for the sessions series one caller (one
     channel) stepping (or generating for) `level` sessions through StepSessions, else `level` streams."""
     if series == SERIES_SESSIONS:
         sessions = SessionsSpec(
             target=target, sessions=level, calls_in_flight=config.calls_in_flight, warmup_s=config.warmup_s,
             duration_s=config.duration_s, output=config.output, vocab=vocab, form=config.sessions_form,
-            mode=config.mode,
+            mode=config.mode, server_pids=server_pids,
         )  # fmt: skip
         return run_sessions_in_process(sessions)
     spec = LoadSpec(
         target=target, sessions=level, mode=config.mode, warmup_s=config.warmup_s, duration_s=config.duration_s,
         output=config.output, prompt_len=config.prompt_len, generate_tokens=config.generate_tokens, vocab=vocab,
+        server_pids=server_pids,
     )  # fmt: skip
     return run_load_in_processes(spec, config.load_processes)
 

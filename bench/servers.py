@@ -38,6 +38,11 @@ class ServerProcess:
         self.target = f"127.0.0.1:{match.group(2)}"
         self._ps = psutil.Process(self.process.pid)
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The server's process id (the load generator reads its CPU over the measured window)."""
+        return (self.process.pid,)
+
     def usage(self) -> Usage:
         """CPU time so far and current RSS."""
         times = self._ps.cpu_times()

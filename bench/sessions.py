@@ -48,6 +48,7 @@ class SessionsSpec:
         form: "columns" (SessionColumns: no message per session) or "steps" (a SessionStep per session).
         mode: "step" (random tokens, `output` asked back) or "generate" (each session fed the token
             sampled for it in the previous answer; `output` is not used).
+        server_pids: the server's processes, whose CPU over the measured window is read with the caller's own.
     """
 
     target: str
@@ -59,6 +60,7 @@ class SessionsSpec:
     vocab: int = 2
     form: str = "columns"
     mode: str = "step"
+    server_pids: tuple[int, ...] = ()
 
 
 def split_sessions(session_ids: Sequence[str], calls_in_flight: int, max_per_request: int) -> list[list[str]]:
@@ -81,14 +83,15 @@ async def run_sessions_load(spec: SessionsSpec, seed_base: int = 0) -> LoadResul
         start = time.perf_counter() + spec.warmup_s
         window = Window(start, start + spec.duration_s)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
-        cpu = asyncio.ensure_future(cpu_in_window(window.start, window.end))
-        session_ids = await _create_sessions(stub, spec.sessions, window.result)
+        cpu = asyncio.ensure_future(cpu_in_window(window.start, window.end, window.result, spec.server_pids))
+        session_ids: list[str] = []
         try:
+            session_ids = await _create_sessions(stub, spec.sessions, window.result)
             groups = split_sessions(session_ids, spec.calls_in_flight, info.max_sessions_per_request or len(session_ids))
             await asyncio.gather(
                 *(_step_group(stub, group, spec, seed_base + index, window) for index, group in enumerate(groups))
             )
-            window.result.cpu_s, window.result.cpu_wall_s = await cpu
+            await cpu
         finally:
             cpu.cancel()  # if a step failed before the window ended
             # After the measured window: a server the benchmark only targets (--target) keeps running.

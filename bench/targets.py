@@ -27,8 +27,8 @@ SESSIONS_TARGET_RATIO = 0.70
 # at least the ceiling at the (smaller) batches it forms.
 GENERATION_TARGET_RATIO = 0.70
 # From this share of the machine's cores in use by the server and its load generator together, a round is reported
-# as saturated: the two took CPU from each other, so the server's throughput is a lower bound for a machine where
-# the load comes from elsewhere.
+# as saturated: the cores were nearly all busy, so the server may have waited for one (beside the load generator, or
+# beside its own threads), and its throughput may be lower than on a machine with cores to spare.
 SATURATED_SHARE = 0.90
 
 
@@ -131,8 +131,8 @@ def compare_to_targets(
 
 def _machine_checks(by: dict[tuple[str, int], Row], top: int, cores: int) -> list[Check]:
     """At the top level, for the series driven through gRPC by a load generator on this machine: the server's and
-    the load generator's CPU together, as a share of the machine's `cores` (no target: a share near 1 says that
-    the two competed for the CPU, and that the ratios of that series are lower bounds)."""
+    the load generator's CPU together over the measured window, as a share of the machine's `cores` (no target: a
+    share near 1 says that the cores were nearly all busy, so that the server may have waited for one)."""
     checks = []
     for series in (SERIES_SERVER, SERIES_SESSIONS):
         row = by.get((series, top))
@@ -143,7 +143,7 @@ def _machine_checks(by: dict[tuple[str, int], Row], top: int, cores: int) -> lis
             Check(
                 f"{top} sessions, {series}: CPU of the server and the load generator / the machine's {cores} cores",
                 share,
-                note="saturated: the load generator took CPU from the server" if share >= SATURATED_SHARE else "",
+                note="saturated: the cores were nearly all in use" if share >= SATURATED_SHARE else "",
             )
         )
     return checks

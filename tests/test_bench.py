@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def test_bench_writes_consistent_outputs(token_model: Path, tmp_path: Path, caps
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert 1 <= row["mean_batch"] <= row["level"]
         assert row["server_rss_mb"] > 0
-        assert row["load_cpu_pct"] > 0  # the load processes' CPU over the measured window
+        assert row["load_cpu_pct"] > 0 and row["server_cpu_pct"] > 0  # both over the measured window
     unbatched = [row for row in report["rows"] if row["series"] == "lstmserve --max-batch-size 1"]
     assert all(row["mean_batch"] == 1.0 for row in unbatched)
     assert report["command"].startswith("lstmserve bench --model")
@@ -149,6 +150,11 @@ def test_load_against_a_target_closes_its_sessions(token_model: Path, mode: str)
             assert result.errors == 0
             assert result.count > 0
             assert result.cpu_s > 0 and result.cpu_wall_s > 0  # read at the window's start and end
+            assert result.server_cpu_s is None  # no server process named
+            # The server runs in this process here: named, its CPU is read over the same window.
+            watched = asyncio.run(run_load(replace(spec, server_pids=(os.getpid(),))))
+            # The same process read two ways: /proc counts whole clock ticks (10 ms) at each end.
+            assert watched.server_cpu_s == pytest.approx(watched.cpu_s, abs=0.05)
             assert handle.call_soon(lambda: len(handle.server.scheduler.sessions)) == 0
     finally:
         handle.stop()
@@ -525,7 +531,7 @@ def test_a_round_that_used_most_of_the_machine_is_reported_as_saturated() -> Non
     busy = Row(series=SERIES_SERVER, level=256, steps_per_s=1.0, server_cpu_pct=130.0, load_cpu_pct=60.0)
     (check,) = machine([busy]).values()
     assert check.name == f"256 sessions, {SERIES_SERVER}: CPU of the server and the load generator / the machine's 2 cores"
-    assert check.value == pytest.approx(0.95) and "saturated" in check.note and check.bound is None
+    assert check.value == pytest.approx(0.95) and check.note.startswith("saturated") and check.bound is None
     (check,) = machine([busy], cores=4).values()
     assert check.value == pytest.approx(0.475) and check.note == ""
     caller = Row(series=SERIES_SESSIONS, level=256, steps_per_s=1.0, server_cpu_pct=100.0, load_cpu_pct=79.0)
@@ -541,46 +547,66 @@ def test_the_echo_server_coalesces_generations_as_the_server_would() -> None:
     from lstmserve.bench.echo import EchoService
 
     echo = EchoService(output_size=4)
-    echo._generating = 256
+    echo._streams = 256
     responses = echo._coalesced(32, step=10)
     assert [len(r.tokens) for r in responses] == [1, 8, 8, 8, 7]
     assert [r.step for r in responses] == [11, 19, 27, 35, 42]
     assert [r.finished for r in responses] == [False] * 4 + [True] and responses[-1].finish_reason == "length"
     assert all(list(r.texts) == ["a"] * len(r.tokens) for r in responses)
-    echo._generating = 1  # a stream generating alone gets every token at once, as from the server
+    echo._streams = 1  # a stream generating alone gets every token at once, as from the server
     assert [len(r.tokens) for r in echo._coalesced(3, step=0)] == [1, 1, 1]
 
 
-def test_the_echo_server_streams_a_coalesced_generation_over_grpc() -> None:
-    """The echo server's generation through a real gRPC stream: one stream generating alone, so a token per
-    response, 32 in all, the last one finished; a plain generation after it still gets a response per token."""
+def test_the_echo_server_sizes_coalesced_responses_by_the_streams_open() -> None:
+    """Through a real gRPC server: with 64 Step streams open (each has had a plain step answered, so each is inside
+    the handler), a coalescing generation on one of them gets the share of 64 streams (2 tokens) after its first
+    token, however quickly the others' generations end; once the other 63 close, a stream alone gets a token per
+    response; a plain generation gets a response per token."""
     import grpc
 
     from lstmserve.bench.echo import EchoService
     from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
-    async def generations() -> tuple[list[pb.StepResponse], list[pb.StepResponse]]:
+    def generate(coalesce: bool) -> pb.StepRequest:
+        request = pb.StepRequest(tokens=[1])
+        request.generate.max_tokens, request.generate.coalesce = 7, coalesce
+        return request
+
+    async def read_generation(call: grpc.aio.StreamStreamCall) -> list[pb.StepResponse]:
+        responses = [await call.read()]
+        while not responses[-1].finished:
+            responses.append(await call.read())
+        return responses
+
+    async def run() -> list[list[pb.StepResponse]]:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_LstmServeServicer_to_server(EchoService(output_size=4), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]) as channel:
-                call = pb_grpc.LstmServeStub(channel).Step()
-                answers: list[list[pb.StepResponse]] = []
-                for coalesce in (True, False):
-                    request = pb.StepRequest(tokens=[1])
-                    request.generate.max_tokens, request.generate.coalesce = 32, coalesce
-                    await call.write(request)
-                    answers.append([])
-                    while not answers[-1] or not answers[-1][-1].finished:
-                        answers[-1].append(await call.read())
-                await call.done_writing()
-                return answers[0], answers[1]
+                stub = pb_grpc.LstmServeStub(channel)
+                calls = [stub.Step() for _ in range(64)]
+                for call in calls:
+                    await call.write(pb.StepRequest(tokens=[1], output=pb.OUTPUT_NONE))
+                    assert (await call.read()).step == 1
+                first = calls[0]
+                await first.write(generate(coalesce=True))
+                answers = [await read_generation(first)]
+                for call in calls[1:]:
+                    await call.done_writing()
+                    assert await call.read() is grpc.aio.EOF  # its handler has returned: the stream is closed
+                await first.write(generate(coalesce=True))
+                answers.append(await read_generation(first))
+                await first.write(generate(coalesce=False))
+                answers.append(await read_generation(first))
+                await first.done_writing()
+                return answers
         finally:
             await server.stop(None)
 
-    coalesced, plain = asyncio.run(generations())
-    assert [len(r.tokens) for r in coalesced] == [1] * 32
-    assert [r.step for r in coalesced] == list(range(2, 34)) and coalesced[-1].finished
-    assert sum(1 for r in plain if r.token == 1) == 32 and plain[-1].finished and plain[-1].step == 33 + 1 + 32
+    shared, alone, plain = asyncio.run(run())
+    assert [len(r.tokens) for r in shared] == [1, 2, 2, 2] and [r.step for r in shared] == [3, 5, 7, 9]
+    assert shared[-1].finished and not any(r.finished for r in shared[:-1])
+    assert [len(r.tokens) for r in alone] == [1] * 7 and alone[-1].step == 9 + 1 + 7
+    assert sum(1 for r in plain if r.token == 1) == 7 and plain[-1].finished and plain[-1].step == 17 + 1 + 7
