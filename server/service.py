@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -402,11 +402,17 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             generate_params = messages.decode_generate(request.generate, self.spec, self._generate_limits)
         elif not has_input and first:
             return _ParsedStep(inputs=None)
-        return replace(self._parse_step(request), generate=generate_params)
+        return self._parse_step(request, generate_params=generate_params)
 
-    def _parse_step(self, request: pb.StepRequest | pb.SessionStep, tokens: np.ndarray | None = None) -> _ParsedStep:
+    def _parse_step(
+        self,
+        request: pb.StepRequest | pb.SessionStep,
+        tokens: np.ndarray | None = None,
+        generate_params: GenerateParams | None = None,
+    ) -> _ParsedStep:
         """The input, output and expected step of one step (the fields StepRequest and SessionStep share);
-        `tokens`: its tokens, already decoded and checked."""
+        `tokens`: its tokens, already decoded and checked; `generate_params`: its generation's parameters, already
+        decoded."""
         messages.validate_output(request.output, request.top_k, self.spec)
         if tokens is not None:
             inputs = tokens
@@ -420,7 +426,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             )
         sampler = Sampler(messages.decode_sampling(request.sampling, self.spec)) if request.output == pb.OUTPUT_SAMPLE else None
         expected = request.expected_step if request.HasField("expected_step") else None
-        return _ParsedStep(inputs=inputs, sampler=sampler, expected_step=expected)
+        return _ParsedStep(inputs=inputs, generate=generate_params, sampler=sampler, expected_step=expected)
 
     async def _step(
         self, session: Session, request: pb.StepRequest | pb.SessionStep, parsed: _ParsedStep
