@@ -6,6 +6,7 @@ The only client module that builds and reads protobuf messages; `_core` stamps t
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -116,11 +117,11 @@ def decode_logits(tensor: pb.Tensor) -> np.ndarray:
 
 def sampling(temperature: float, top_k: int, top_p: float, seed: int | None) -> pb.Sampling:
     """A Sampling message; ValueError for values the server would refuse."""
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if not 0 < top_p <= 1:
+    if not 0 < top_p <= 1:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     message = pb.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:

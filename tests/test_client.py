@@ -394,8 +394,9 @@ def test_generate_errors(client: Client) -> None:
             list(session.generate("a", max_tokens=limit + 1))
         with pytest.raises(ValueError):
             session.generate("", max_tokens=3)
-        with pytest.raises(ValueError, match="temperature"):
-            session.generate("a", max_tokens=3, temperature=-1)
+        for temperature in (-1.0, float("nan"), float("inf")):  # refused here, before any request is sent
+            with pytest.raises(ValueError, match=f"temperature must be a finite number >= 0, got {temperature}"):
+                session.generate("a", max_tokens=3, temperature=temperature)
         assert session.step("c").step == 3  # the failed generation changed nothing
 
 
