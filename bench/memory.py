@@ -65,11 +65,11 @@ def measure_idle_sessions(model: Path, sessions: int, *, settle_s: float, intra_
     their stored last result). The ratio uses the settled RSS."""
     command = lstmserve_command(model, max_batch_size=256, max_sessions=sessions + 16, intra_op_threads=intra_op_threads)
     with ServerProcess(command) as server:
-        empty = server.usage().rss_bytes
+        empty = server.rss_bytes()
         bytes_per_session = asyncio.run(_open_sessions(server.target, sessions))
-        full = server.usage().rss_bytes
+        full = server.rss_bytes()
         time.sleep(settle_s)
-        settled = server.usage().rss_bytes
+        settled = server.rss_bytes()
     growth = (settled - empty) / sessions
     return MemoryResult(
         sessions=sessions,

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from lstmserve.bench.servers import ServerProcess, Usage, lstmserve_command
+from lstmserve.bench.servers import ServerProcess, lstmserve_command
 
 
 def envoy_binary() -> Path:
@@ -143,10 +143,9 @@ class ProxiedReplicas:
         """The replicas' process ids (Envoy not included)."""
         return tuple(pid for server in self.servers for pid in server.pids)
 
-    def usage(self) -> Usage:
-        """CPU time and RSS of the replicas together (Envoy not included)."""
-        usages = [s.usage() for s in self.servers]
-        return Usage(cpu_s=sum(u.cpu_s for u in usages), rss_bytes=sum(u.rss_bytes for u in usages))
+    def rss_bytes(self) -> int:
+        """The replicas' resident memory together, now (Envoy not included)."""
+        return sum(server.rss_bytes() for server in self.servers)
 
     def stop(self) -> None:
         if self.envoy is not None and self.envoy.poll() is None:

@@ -18,7 +18,7 @@ from lstmserve.bench.engine import EngineLoad, EngineResult, measure_engine
 from lstmserve.bench.loadgen import LoadResult, LoadSpec, run_load_in_processes
 from lstmserve.bench.report import Row, middle_index
 from lstmserve.bench.sessions import SessionsSpec, run_sessions_in_process
-from lstmserve.bench.servers import ServerProcess, Usage, echo_command, lstmserve_command
+from lstmserve.bench.servers import ServerProcess, echo_command, lstmserve_command
 from lstmserve.bench.targets import (
     SERIES_ECHO,
     SERIES_ENGINE,
@@ -117,7 +117,7 @@ class _Measured(Protocol):
     @property
     def pids(self) -> tuple[int, ...]: ...
 
-    def usage(self) -> Usage: ...
+    def rss_bytes(self) -> int: ...
 
 
 def _measure_load(
@@ -128,7 +128,7 @@ def _measure_load(
     load = _run_load(series, target, level, config, vocab, server.pids if server else ())
     usage = None
     if server is not None and load.server_cpu_s is not None and load.cpu_wall_s:
-        usage = (load.server_cpu_s, load.cpu_wall_s, server.usage().rss_bytes)
+        usage = (load.server_cpu_s, load.cpu_wall_s, server.rss_bytes())
     return _row(series, level, load, usage)
 
 

@@ -7,21 +7,12 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 import psutil
 
 _SERVING = re.compile(r"serving on (\S+):(\d+)")
-
-
-@dataclass(frozen=True)
-class Usage:
-    """CPU seconds used by a process (and its threads) and its resident memory."""
-
-    cpu_s: float
-    rss_bytes: int
 
 
 class ServerProcess:
@@ -43,10 +34,10 @@ class ServerProcess:
         """The server's process id (the load generator reads its CPU over the measured window)."""
         return (self.process.pid,)
 
-    def usage(self) -> Usage:
-        """CPU time so far and current RSS."""
-        times = self._ps.cpu_times()
-        return Usage(cpu_s=times.user + times.system, rss_bytes=self._ps.memory_info().rss)
+    def rss_bytes(self) -> int:
+        """The server's resident memory now. (Its CPU is read by the load generator, over the measured window:
+        `loadgen.cpu_in_window`.)"""
+        return int(self._ps.memory_info().rss)
 
     def stop(self) -> None:
         """SIGTERM, then wait (kill after 15 s)."""
