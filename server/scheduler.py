@@ -453,10 +453,7 @@ class Scheduler:
 
     async def _run_op(self, session: Session, op: Any) -> Any:
         """Runs a lifecycle operation in the session's queue, after its queued steps; returns what it returns."""
-        return await self._enqueue(session, Work(future=self._new_future(), op=op))
-
-    async def _enqueue(self, session: Session, work: Work) -> Any:
-        return await self._queue(session, work)
+        return await self._queue(session, Work(future=self._new_future(), op=op))
 
     def _queue(self, session: Session, work: Work) -> asyncio.Future[Any]:
         """Queues `work` on a live session and wakes the batching loop; returns the work's future."""
