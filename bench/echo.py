@@ -30,7 +30,7 @@ class EchoService(pb_grpc.LstmServeServicer):
         self._zeros: dict[int, bytes] = {}
         # Step streams open, which size coalesced responses. Not the generations being answered: the echo answers
         # at once, so most of its streams wait for their next request at any moment, while the server's, computing,
-        # are nearly all generating (counted that way, the echo sent two to three times the server's messages).
+        # are nearly all generating (counted that way, the echo sent more, smaller messages than the server).
         self._streams = 0
 
     def _coalesced(self, max_tokens: int, step: int) -> list[pb.StepResponse]:
