@@ -347,7 +347,7 @@ async def generate(
                 yield chunk
     finally:
         if not running.done():
-            running.cancel()
+            scheduler.stop_generation(running)
             generation.abandon()
         else:
             if not running.cancelled():

@@ -357,7 +357,7 @@ class Scheduler:
         self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
     ) -> asyncio.Future[StepResult]:
         """Queues `prompt`, then samples and feeds tokens inside the batching loop until `generation` ends;
-        returns the future of the session's last step (cancel it to stop the generation after its current step).
+        returns the future of the session's last step (`stop_generation` with it stops the generation after its current step).
 
         Tokens reach the caller through `generation` as they are made. With `expected_step`, it starts only if
         the session (with its queued steps) is at that step; a generation is never replayed. A future, not a
@@ -370,12 +370,13 @@ class Scheduler:
         running: asyncio.Future[StepResult] = self._queue(
             session, Work(future=self._new_future(), inputs=prompt, generation=generation)
         )
-        self.batcher.generating += 1
-        running.add_done_callback(self._generation_ended)
+        self.batcher.generation_started(running)
         return running
 
-    def _generation_ended(self, _: asyncio.Future[StepResult]) -> None:
-        self.batcher.generating -= 1
+    def stop_generation(self, running: asyncio.Future[StepResult]) -> None:
+        """Stops a generation after its current step: cancels `running` (the future `start_generation` returned).
+        Cancelling it directly works too; this also tells the batching loop at once."""
+        self.batcher.stop_generation(running)
 
     def _require_steppable(self, session: Session) -> None:
         """Raises unless the session is live and the server still takes steps (not frozen by a drain)."""

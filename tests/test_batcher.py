@@ -321,8 +321,9 @@ def test_blocks_wait_for_a_batch_with_room_and_count_against_the_queue() -> None
 def greedy(batcher: Batcher, session: Session, prompt: int, max_tokens: int) -> tuple[Work, Generation]:
     params = GenerateParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=0.0))
     generation = Generation(params, [str(i) for i in range(VOCAB)])
-    batcher.generating += 1
-    return step(batcher, session, [prompt], generation), generation
+    work = step(batcher, session, [prompt], generation)
+    batcher.generation_started(work.future)  # as Scheduler.start_generation does
+    return work, generation
 
 
 def test_generations_go_on_as_columns_until_each_ends() -> None:
@@ -424,8 +425,8 @@ def test_carried_generations_with_and_without_stop_strings_share_a_batch() -> No
         plain_work, plain = greedy(batcher, a, 1, 5)
         params = GenerateParams(max_tokens=5, sampling=SamplingParams(temperature=0.0), stop=("4",))
         stopping = Generation(params, [str(i) for i in range(VOCAB)])
-        batcher.generating += 1
         stop_work = step(batcher, b, [1], stopping)
+        batcher.generation_started(stop_work.future)
         shapes = []
         while not (plain_work.future.done() and stop_work.future.done()):
             taken, columns = run_next(batcher, {a, b})
@@ -443,12 +444,51 @@ def test_a_carried_generation_whose_client_went_away_is_dropped_before_its_next_
         a, b, c = sessions(3)
         (gone, _), (kept, _), _ = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5), greedy(batcher, c, 3, 5)
         run_next(batcher, {a, b, c})
-        gone.future.cancel()
+        batcher.stop_generation(gone.future)
         later = step(batcher, a, [7])  # queued behind the generation: runs once it is dropped
         taken, columns = batcher.collect_batch()
         assert taken == [] and [col.sessions for col in columns] == [[b, c]]
         assert (a.step, a.queued_positions, a.in_flight) == (1, 1, False) and list(batcher.ready) == [a.id]
         assert batcher.collect() == [(a, later)] and not kept.future.done()
+
+    run(body)
+
+
+def test_a_generation_cancelled_directly_is_dropped_once_its_callbacks_ran() -> None:
+    """Cancelling a generation's future (not through `stop_generation`) is counted by its done callback, one turn
+    of the event loop later: the carried batch then drops the row before its next step."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c = sessions(3)
+        (gone, _), (kept, _), _ = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5), greedy(batcher, c, 3, 5)
+        run_next(batcher, {a, b, c})
+        gone.future.cancel()
+        await asyncio.sleep(0)  # the done callbacks run
+        assert batcher.cancellations == 1 and batcher.generating == 2
+        taken, columns = batcher.collect_batch()
+        assert taken == [] and [col.sessions for col in columns] == [[b, c]] and not kept.future.done()
+        assert (a.step, a.queued_positions, a.in_flight) == (1, 0, False)
+
+    run(body)
+
+
+def test_a_generation_cancelled_while_its_batch_computes_ends_when_the_batch_is_applied() -> None:
+    """A row whose client leaves while its batch is in flight is ended when the batch's outputs are applied (its
+    step ran), and its session is free; the other rows go on."""
+
+    async def body() -> None:
+        batcher = new_batcher()
+        a, b, c = sessions(3)
+        (gone, _), (kept, _), _ = greedy(batcher, a, 1, 5), greedy(batcher, b, 2, 5), greedy(batcher, c, 3, 5)
+        run_next(batcher, {a, b, c})
+        taken, columns = batcher.collect_batch()  # the carried rows, in flight
+        assert taken == [] and [col.sessions for col in columns] == [[a, b, c]]
+        batcher.stop_generation(gone.future)
+        groups: list[Computed] = [*columns]
+        batcher.finish(groups, [fake_model(g) for g in groups], TIMING)
+        assert [rows.sessions for rows in batcher.carried] == [[b, c]]
+        assert (a.step, a.queued_positions, a.in_flight) == (2, 0, False) and not kept.future.done()
 
     run(body)
 

@@ -119,7 +119,7 @@ async def scenario(seed: int, lanes: int, width: int) -> tuple[list[Stream], dic
         generation = Generation(params, VOCABULARY)
         work = Work(future=loop.create_future(), inputs=np.array([prompt], np.int64), generation=generation)
         batcher.enqueue(session, work)
-        batcher.generating += 1
+        batcher.generation_started(work.future)  # as Scheduler.start_generation does
         work.future.add_done_callback(generation.request_done)  # as generate() does
         stream = Stream(generation, work, session, prompt, max_tokens, stop)
         streams.append(stream)
