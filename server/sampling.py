@@ -299,9 +299,14 @@ def _margin(totals: np.ndarray, top_over_temperature: np.ndarray, vocab: int) ->
     With s_j the reference's argument of row j's exponential and e_j = exp(s_j) <= 1, each float32 exponential is
     off by at most e_j * |s_j| * ARGUMENT_ROUNDINGS * 2**-24 (and e * |s| <= 1/e) plus EXP_ULPS units of 2**-23 of
     itself, plus 2**-126 where it is subnormal. The reference's arguments are themselves rounded: a division by the
-    temperature and a subtraction, each within 2**-53 of its operands. Adding in float64 and the reference's own
-    normalising and adding (within vocab + 4 units of 2**-53 of its total) take less than (4 vocab + 16) units of
-    2**-52. A running sum and the threshold each carry the first two errors once, hence the factor 2.
+    temperature and a subtraction, each within 2**-53 of its operands. Adding in float64, and the reference's own
+    float64 exponentials (within a unit in the last place), normalising and adding (within vocab + 4 units of
+    2**-53 of its total), take less than (4 vocab + 16) units of 2**-52. A running sum and the threshold each
+    carry the first two errors once, hence the factor 2.
+
+    The bound on numpy's float32 exponential is its documented one (2.52 units in the last place for its
+    vectorised code), with room to spare; `_fast_exp_is_accurate` checks it on a grid, which cannot prove it for
+    every argument.
     """
     per_exponential = vocab * (ARGUMENT_ROUNDINGS * 2.0**-24 / math.e + 2.0**-126) + EXP_ULPS * 2.0**-23 * totals
     reference_arguments = 2.0**-53 * 2 * (top_over_temperature * totals + vocab / math.e)

@@ -374,8 +374,9 @@ class Scheduler:
         return running
 
     def stop_generation(self, running: asyncio.Future[StepResult]) -> None:
-        """Stops a generation after its current step: cancels `running` (the future `start_generation` returned).
-        Cancelling it directly works too; this also tells the batching loop at once."""
+        """Stops a generation after its current step: cancels `running` (the future `start_generation` returned)
+        and tells the batching loop at once. Cancelling `running` directly works too, but the loop learns of it one
+        turn of the event loop later (its done callbacks), and may run the generation one step more meanwhile."""
         self.batcher.stop_generation(running)
 
     def _require_steppable(self, session: Session) -> None:
