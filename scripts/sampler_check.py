@@ -2,8 +2,8 @@
 
 Usage: .venv/bin/python scripts/sampler_check.py [MARGIN]
 
-Forty random batches (64 to 4,096 rows, vocabularies of 2 to 1,000, logit scales of 0.1 to 1,000, offsets, and
-temperatures of 0.01 to 100). For each, draws are put on the float64 reference's running sums and 1 or 2 units
+Forty random batches (64 to 4,096 rows, vocabularies of 2 to 1,000, logit scales of 0.1 to 1,000, offsets,
+temperatures of 0.01 to 100, and no top-k or a top-k of 1, 5 or 40). For each, draws are put on the float64 reference's running sums and 1 or 2 units
 in the last place either side, and the tokens of `sampling._draw` are compared with `sampling._draw_exact`'s;
 then random draws count the rows drawn again the float64 way. With MARGIN, the check's margin is replaced by
 MARGIN times each row's total, to see the comparison fail (0 gives about 10^5 differing tokens).
@@ -19,11 +19,14 @@ import numpy as np
 from lstmserve.server import sampling
 
 
-def reference_bounds(logits: np.ndarray, temperature: float) -> np.ndarray:
+def reference_bounds(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
     """The float64 reference's normalised running sums per row: where its draws switch tokens."""
     scaled = logits.astype(np.float64)
     if temperature != 1.0:
         scaled = scaled / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = np.sort(scaled, axis=-1)[:, -top_k, np.newaxis]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     cumulative = np.cumsum(probs, axis=-1)
@@ -46,15 +49,16 @@ def main() -> None:
         vocab = int(rng.choice([2, 5, 40, 164, 1000]))
         scale = float(rng.choice([0.1, 1, 3, 10, 40, 1000]))
         temperature = float(rng.choice([1.0, 0.7, 1.7, 0.01, 100.0]))
+        top_k = int(rng.choice([0, 0, 1, 5, 40]))
         logits = (rng.standard_normal((rows, vocab)) * scale + rng.choice([0, 50, -1e4])).astype(np.float32)
-        bounds = reference_bounds(logits, temperature)[np.arange(rows), rng.integers(0, vocab, rows)]
+        bounds = reference_bounds(logits, temperature, top_k)[np.arange(rows), rng.integers(0, vocab, rows)]
         for nudge in (-2, -1, 0, 1, 2):
             draws = bounds.copy()
             for _ in range(abs(nudge)):
                 draws = np.nextafter(draws, np.inf if nudge > 0 else -np.inf)
             draws = np.clip(draws, 0.0, np.nextafter(1.0, 0.0))
-            picked = sampling._draw(logits, temperature, 0, 1.0, draws)
-            differing += int(np.count_nonzero(picked != exact(logits, temperature, 0, 1.0, draws)))
+            picked = sampling._draw(logits, temperature, top_k, 1.0, draws)
+            differing += int(np.count_nonzero(picked != exact(logits, temperature, top_k, 1.0, draws)))
         draws = rng.random(rows)
         counted: list[int] = []
 
@@ -63,9 +67,9 @@ def main() -> None:
             return exact(unsure, *args)
 
         sampling._draw_exact = counting  # type: ignore[assignment]
-        picked = sampling._draw(logits, temperature, 0, 1.0, draws)
+        picked = sampling._draw(logits, temperature, top_k, 1.0, draws)
         sampling._draw_exact = exact
-        differing += int(np.count_nonzero(picked != exact(logits, temperature, 0, 1.0, draws)))
+        differing += int(np.count_nonzero(picked != exact(logits, temperature, top_k, 1.0, draws)))
         redrawn += sum(counted)
         rows_drawn += rows
     print(f"tokens differing from the float64 way: {differing}")

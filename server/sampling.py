@@ -126,11 +126,10 @@ def sample_rows(samplers: Sequence[Sampler], logits: np.ndarray) -> np.ndarray:
 
 def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
     """Inverse-CDF sampling of one token per row, with uniform `draws` in [0, 1): for CHECKED_DRAW_ROWS rows or more
-    without top-k or top-p, the float32 way checked against the float64 one (`_draw_checked`), else the float64
-    way (`_draw_exact`). Both give the same tokens."""
-    plain = (top_k == 0 or top_k >= logits.shape[-1]) and top_p == 1.0
-    if plain and len(logits) >= CHECKED_DRAW_ROWS and _fast_exp_is_accurate():
-        return _draw_checked(logits, temperature, draws)
+    without top-p, the float32 way checked against the float64 one (`_draw_checked`), else the float64 way
+    (`_draw_exact`). Both give the same tokens."""
+    if top_p == 1.0 and len(logits) >= CHECKED_DRAW_ROWS and _fast_exp_is_accurate():
+        return _draw_checked(logits, temperature, draws, top_k if 0 < top_k < logits.shape[-1] else 0)
     return _draw_exact(logits, temperature, top_k, top_p, draws)
 
 
@@ -243,9 +242,10 @@ CHECKED_DRAW_ROWS = 64
 _TEMPERATURE_RANGE = (2.0**-60, 2.0**60)  # outside it, 1 / temperature is not a float32 of full precision
 
 
-def _draw_checked(logits: np.ndarray, temperature: float, draws: np.ndarray) -> np.ndarray:
-    """`_draw_exact` without top-k or top-p, computed in float32 and checked row by row: the same tokens.
-    (float32 logits only, and a temperature whose reciprocal is a float32 of full precision; else `_draw_exact`.)
+def _draw_checked(logits: np.ndarray, temperature: float, draws: np.ndarray, top_k: int = 0) -> np.ndarray:
+    """`_draw_exact` without top-p, computed in float32 and checked row by row: the same tokens. (float32 logits
+    only, and a temperature whose reciprocal is a float32 of full precision; else `_draw_exact`.) With `top_k`,
+    the rows keep their top_k largest logits first, as `_draw_exact` does (`_top_k_kept`).
 
     A row's draw picks the token whose running sum first exceeds it (times the row's total). Here the sums are of
     float32 exponentials, added in float64; `_margin` bounds how far each sum can lie from the exact sum of the
@@ -255,10 +255,11 @@ def _draw_checked(logits: np.ndarray, temperature: float, draws: np.ndarray) -> 
     """
     rows, vocab = logits.shape
     if logits.dtype != np.float32 or not _TEMPERATURE_RANGE[0] < temperature < _TEMPERATURE_RANGE[1]:
-        return _draw_exact(logits, temperature, 0, 1.0, draws)
+        return _draw_exact(logits, temperature, top_k, 1.0, draws)
+    kept = _top_k_kept(logits, top_k) if top_k else logits
     with np.errstate(invalid="ignore"):  # a row with infinite logits gets NaN here, and is drawn again below
-        top = logits.max(axis=-1, keepdims=True)
-        sums = _exponential_sums(logits, top, temperature)  # a view of a kept buffer for large batches: read it now
+        top = kept.max(axis=-1, keepdims=True)
+        sums = _exponential_sums(kept, top, temperature)  # a view of a kept buffer for large batches: read it now
         totals = sums[:, -1].copy()
         thresholds = draws * totals
         picked = _count_at_or_below(sums, thresholds)
@@ -269,8 +270,17 @@ def _draw_checked(logits: np.ndarray, temperature: float, draws: np.ndarray) -> 
         # Not `<=`: a NaN anywhere (a row of -inf or +inf logits) makes the row unsure, and the float64 way decides.
         unsure = np.flatnonzero(~((thresholds - below > margin) & (above - thresholds > margin)))
     if len(unsure):
-        picked[unsure] = _draw_exact(logits[unsure], temperature, 0, 1.0, draws[unsure])
+        picked[unsure] = _draw_exact(logits[unsure], temperature, top_k, 1.0, draws[unsure])
     return np.minimum(picked, vocab - 1)
+
+
+def _top_k_kept(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """float32 `logits` with every value below its row's top_k-th largest set to -inf: the values `_draw_exact`
+    keeps. It compares float64 logits divided by the temperature; in the temperatures `_draw_checked` takes,
+    that division keeps distinct float32 values distinct and in order, so comparing the float32 logits keeps
+    the same ones. A row with NaN keeps it (no comparison with NaN holds), and is then drawn the float64 way."""
+    kth = np.partition(logits, -top_k, axis=-1)[:, -top_k, np.newaxis]
+    return np.where(logits < kth, np.float32(-np.inf), logits)
 
 
 def _exponential_sums(logits: np.ndarray, top: np.ndarray, temperature: float) -> np.ndarray:

@@ -134,11 +134,14 @@ def test_draws_at_the_ends_pick_the_first_and_the_last_possible_token() -> None:
         np.testing.assert_array_equal(sampling._draw(logits[:2], 1.0, 0, 1.0, np.full(2, draw)), np.full(2, token))
 
 
-def reference_running_sums(logits: np.ndarray, temperature: float) -> np.ndarray:
+def reference_running_sums(logits: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
     """The textbook's normalised running sums per row (float64), where its draws switch from one token to the next."""
     scaled = logits.astype(np.float64)
     if temperature != 1.0:
         scaled = scaled / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        kth = np.sort(scaled, axis=-1)[:, -top_k, np.newaxis]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     cumulative = np.cumsum(probs, axis=-1)
@@ -152,27 +155,29 @@ def reference_running_sums(logits: np.ndarray, temperature: float) -> np.ndarray
     scale=st.sampled_from([0.01, 1.0, 4.0, 30.0, 1000.0]),
     offset=st.sampled_from([0.0, 60.0, -1e4]),
     temperature=st.sampled_from([1.0, 0.7, 1.7, 0.01, 100.0]),
+    top_k=st.sampled_from([0, 0, 1, 3, 50]),
     nudge=st.sampled_from([-2, -1, 0, 1, 2]),
     data_seed=st.integers(0, 2**32 - 1),
 )
 def test_draws_on_a_boundary_between_two_tokens_pick_the_float64_token(
-    rows: int, vocab: int, scale: float, offset: float, temperature: float, nudge: int, data_seed: int
+    rows: int, vocab: int, scale: float, offset: float, temperature: float, top_k: int, nudge: int, data_seed: int
 ) -> None:
-    """Sampling without top-k or top-p takes its exponentials in float32 and checks each row against the float64
-    way: a draw within a few units in the last place of where the float64 running sums switch tokens, where the
-    float32 sums may fall on the other side, must still pick the float64 token (with the check's margin at zero,
-    this fails in most examples)."""
+    """Sampling without top-p takes its exponentials in float32 and checks each row against the float64 way: a
+    draw within a few units in the last place of where the float64 running sums switch tokens, where the float32
+    sums may fall on the other side, must still pick the float64 token (with the check's margin at zero, this
+    fails in most examples)."""
     rng = np.random.default_rng(data_seed)
     logits = (rng.normal(scale=scale, size=(rows, vocab)) + offset).astype(np.float32)
-    boundaries = reference_running_sums(logits, temperature)[np.arange(rows), rng.integers(0, vocab, size=rows)]
+    sums = reference_running_sums(logits, temperature, top_k)
+    boundaries = sums[np.arange(rows), rng.integers(0, vocab, size=rows)]
     draws = boundaries.copy()
     for _ in range(abs(nudge)):
         draws = np.nextafter(draws, np.inf if nudge > 0 else -np.inf)
     draws = np.clip(draws, 0.0, np.nextafter(1.0, 0.0))
-    picked = sampling._draw(logits, temperature, 0, 1.0, draws)
-    np.testing.assert_array_equal(picked, sampling._draw_exact(logits, temperature, 0, 1.0, draws))
+    picked = sampling._draw(logits, temperature, top_k, 1.0, draws)
+    np.testing.assert_array_equal(picked, sampling._draw_exact(logits, temperature, top_k, 1.0, draws))
     for row in range(min(rows, 9)):  # and the float64 way is the textbook's
-        params = SamplingParams(temperature=temperature)
+        params = SamplingParams(temperature=temperature, top_k=top_k)
         assert picked[row] == reference_sample(params, logits[row], float(draws[row])), row
 
 
