@@ -226,7 +226,7 @@ def _inverse_cdf(probs: np.ndarray, draws: np.ndarray) -> np.ndarray:
     return _count_at_or_below(cumulative, draws * cumulative[:, -1])
 
 
-# Sampling without top-k or top-p (`_draw_checked`) takes the exponentials in float32, where numpy's are vectorised:
+# Sampling without top-p (`_draw_checked`) takes the exponentials in float32, where numpy's are vectorised:
 # a float64 exponential costs about 10 ns here, most of a 4,096-row batch's sampling. Each row's token is then
 # checked against what the float64 way would pick, from bounds on how far the two can differ: a numpy float32
 # exponential is within EXP_ULPS units in the last place (its documented bound is 2.52 for the vectorised code
