@@ -163,7 +163,8 @@ def _draw_exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float
 # numpy's cumsum along the last axis costs about 3.5 ns an element whatever the batch (1.15 ms for 2,048 rows of
 # 164 logits on this project's 2-core machine), the column loop about 0.8 us a column plus a transposed copy
 # into a kept buffer (0.5 ms there), and the two break even near 300 rows of 164. Up to this many elements
-# only, so that the kept buffer stays small (16 MiB) whatever the vocabulary.
+# only, so that the kept buffers stay small (16 MiB of float64, and 8 MiB of float32 for `_exponential_sums`, per
+# thread that samples) whatever the vocabulary.
 COLUMN_SCAN_ROWS = 384
 COLUMN_SCAN_ELEMENTS = 2**21
 
