@@ -226,3 +226,32 @@ def test_without_an_accurate_float32_exponential_every_row_is_drawn_the_float64_
     draws = np.random.default_rng(6).random(rows)
     expected = [reference_sample(SamplingParams(), logits[row], float(draws[row])) for row in range(rows)]
     np.testing.assert_array_equal(sampling._draw(logits, 1.0, 0, 1.0, draws), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    top_p=st.sampled_from([0.3, 0.9, 0.99]),
+    kind=st.sampled_from(["equal", "duplicates", "minus_inf", "tiny"]),
+    data_seed=st.integers(0, 2**32 - 1),
+)
+def test_top_p_keeps_the_textbook_tokens_when_probabilities_tie(top_p: float, kind: str, data_seed: int) -> None:
+    """Top-p ranks tokens by a quicksort of the logits and falls back to the stable sort for rows whose
+    probabilities tie: equal logits, repeated logits, logits of -inf, and logits so small that distinct ones
+    give the same probability. Every row must keep and draw what the textbook's stable ranking gives."""
+    rng = np.random.default_rng(data_seed)
+    rows, vocab = 70, 40
+    logits = rng.normal(scale=2.0, size=(rows, vocab)).astype(np.float32)
+    if kind == "equal":
+        logits[:] = 0.5
+    elif kind == "duplicates":
+        logits = rng.choice(np.array([-1.0, 0.0, 0.25, 1.0], dtype=np.float32), size=(rows, vocab))
+    elif kind == "minus_inf":
+        logits[rng.random((rows, vocab)) < 0.5] = -np.inf
+        logits[:, 0] = 0.0  # at least one finite logit a row
+    else:
+        logits = (logits * np.float32(1e-30)).astype(np.float32)
+    draws = rng.random(rows)
+    params = SamplingParams(temperature=1.0, top_p=top_p)
+    picked = sampling._draw_exact(logits, 1.0, 0, top_p, draws)
+    expected = [reference_sample(params, logits[row], float(draws[row])) for row in range(rows)]
+    np.testing.assert_array_equal(picked, expected)
