@@ -3,10 +3,11 @@
 Usage: .venv/bin/python scripts/sampler_check.py [MARGIN]
 
 Forty random batches (64 to 4,096 rows, vocabularies of 2 to 1,000, logit scales of 0.1 to 1,000, offsets,
-temperatures of 0.01 to 100, and no top-k or a top-k of 1, 5 or 40). For each, draws are put on the float64 reference's running sums and 1 or 2 units
-in the last place either side, and the tokens of `sampling._draw` are compared with `sampling._draw_exact`'s;
-then random draws count the rows drawn again the float64 way. With MARGIN, the check's margin is replaced by
-MARGIN times each row's total, to see the comparison fail (0 gives about 10^5 differing tokens).
+temperatures of 0.01 to 100, and no top-k or a top-k of 1, 5 or 40). For each, draws are put on the float64
+reference's running sums and 1 or 2 units in the last place either side, and the tokens of `sampling._draw` are
+compared with `sampling._draw_exact`'s; then random draws count the rows drawn again the float64 way. With
+MARGIN, the check's margin is replaced by MARGIN times each row's total, to see the comparison fail (0 gives
+tens of thousands of differing tokens).
 """
 
 from __future__ import annotations

@@ -357,7 +357,8 @@ class Scheduler:
         self, session: Session, prompt: np.ndarray, generation: Generation, expected_step: int | None = None
     ) -> asyncio.Future[StepResult]:
         """Queues `prompt`, then samples and feeds tokens inside the batching loop until `generation` ends;
-        returns the future of the session's last step (`stop_generation` with it stops the generation after its current step).
+        returns the future of the session's last step (`stop_generation` with it stops the generation after its
+        current step).
 
         Tokens reach the caller through `generation` as they are made. With `expected_step`, it starts only if
         the session (with its queued steps) is at that step; a generation is never replayed. A future, not a
