@@ -20,18 +20,10 @@ import numpy as np
 from lstmserve.server import sampling
 
 
-def reference_bounds(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
-    """The float64 reference's normalised running sums per row: where its draws switch tokens."""
-    scaled = logits.astype(np.float64)
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = np.sort(scaled, axis=-1)[:, -top_k, np.newaxis]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    cumulative = np.cumsum(probs, axis=-1)
-    return cumulative / cumulative[:, -1:]
+def switch_points(logits: np.ndarray, temperature: float, top_k: int) -> np.ndarray:
+    """Per row, the draws at which the float64 way switches from one token to the next."""
+    sums = np.cumsum(sampling.probabilities(logits, temperature, top_k, 1.0), axis=-1)
+    return sums / sums[:, -1:]
 
 
 def main() -> None:
@@ -52,7 +44,7 @@ def main() -> None:
         temperature = float(rng.choice([1.0, 0.7, 1.7, 0.01, 100.0]))
         top_k = int(rng.choice([0, 0, 1, 5, 40]))
         logits = (rng.standard_normal((rows, vocab)) * scale + rng.choice([0, 50, -1e4])).astype(np.float32)
-        bounds = reference_bounds(logits, temperature, top_k)[np.arange(rows), rng.integers(0, vocab, rows)]
+        bounds = switch_points(logits, temperature, top_k)[np.arange(rows), rng.integers(0, vocab, rows)]
         for nudge in (-2, -1, 0, 1, 2):
             draws = bounds.copy()
             for _ in range(abs(nudge)):

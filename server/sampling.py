@@ -135,6 +135,13 @@ def _draw(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draw
 
 def _draw_exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float, draws: np.ndarray) -> np.ndarray:
     """Inverse-CDF sampling of one token per row in float64, the reference's way (see `_draw`)."""
+    probs = probabilities(logits, temperature, top_k, top_p)
+    return np.minimum(_inverse_cdf(probs, draws), logits.shape[-1] - 1)
+
+
+def probabilities(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Per row of `logits` [rows, vocab], the float64 probabilities `_draw_exact` draws from: temperature, then
+    top-k, then top-p (the smallest set of tokens, most probable first, reaching top_p), normalised."""
     # In place where the arithmetic allows it (the same operations in the same order as the textbook
     # version, so the same tokens): a batch of 256 rows runs this once per generated token of each.
     vocab = logits.shape[-1]
@@ -156,7 +163,7 @@ def _draw_exact(logits: np.ndarray, temperature: float, top_k: int, top_p: float
         np.put_along_axis(keep, order, before < top_p, axis=-1)  # the smallest set reaching top_p
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
-    return np.minimum(_inverse_cdf(probs, draws), vocab - 1)
+    return probs
 
 
 def _ranking(logits: np.ndarray, probs: np.ndarray) -> np.ndarray:

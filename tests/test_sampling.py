@@ -134,18 +134,11 @@ def test_draws_at_the_ends_pick_the_first_and_the_last_possible_token() -> None:
         np.testing.assert_array_equal(sampling._draw(logits[:2], 1.0, 0, 1.0, np.full(2, draw)), np.full(2, token))
 
 
-def reference_running_sums(logits: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
-    """The textbook's normalised running sums per row (float64), where its draws switch from one token to the next."""
-    scaled = logits.astype(np.float64)
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    if 0 < top_k < scaled.shape[-1]:
-        kth = np.sort(scaled, axis=-1)[:, -top_k, np.newaxis]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    cumulative = np.cumsum(probs, axis=-1)
-    return cumulative / cumulative[:, -1:]
+def switch_points(logits: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
+    """Per row, the draws at which the float64 way switches from one token to the next: its running sums of
+    probabilities over their total."""
+    sums = np.cumsum(sampling.probabilities(logits, temperature, top_k, 1.0), axis=-1)
+    return sums / sums[:, -1:]
 
 
 @settings(max_examples=40, deadline=None)
@@ -168,7 +161,7 @@ def test_draws_on_a_boundary_between_two_tokens_pick_the_float64_token(
     fails in most examples)."""
     rng = np.random.default_rng(data_seed)
     logits = (rng.normal(scale=scale, size=(rows, vocab)) + offset).astype(np.float32)
-    sums = reference_running_sums(logits, temperature, top_k)
+    sums = switch_points(logits, temperature, top_k)
     boundaries = sums[np.arange(rows), rng.integers(0, vocab, size=rows)]
     draws = boundaries.copy()
     for _ in range(abs(nudge)):
