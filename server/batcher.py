@@ -368,7 +368,7 @@ class Batcher:
             if len(rows) > room:
                 rows, rest = rows.split(room)
                 self.carried.insert(0, rest)
-            gone = [] if rows.checked == self.cancellations else self._cancelled_rows(rows)
+            gone = self._cancelled_rows(rows)
             if gone:
                 for row in gone:
                     rows.works[row].generation.abandon()  # type: ignore[union-attr]
@@ -402,7 +402,10 @@ class Batcher:
             self.cancellations += 1
 
     def _cancelled_rows(self, rows: GenerationRows) -> list[int]:
-        """The rows whose request is done (cancelled: its client went away); the others are then known open."""
+        """The rows whose request is done (cancelled: its client went away). It looks only if a generation was
+        cancelled since the rows last looked (`cancellations`); the others are then known open."""
+        if rows.checked == self.cancellations:
+            return []
         rows.checked = self.cancellations
         return [row for row, work in enumerate(rows.works) if work.future.done()]
 
@@ -535,9 +538,8 @@ class Batcher:
             session.version += 1
             session.last_used = used
             steps.append(step)
-        # Rows whose client went away (only if one did since the rows were collected), then rows whose generation
-        # finished.
-        ended = [] if rows.checked == self.cancellations else self._cancelled_rows(rows)
+        # Rows whose client went away, then rows whose generation finished.
+        ended = self._cancelled_rows(rows)
         ended.extend(self._record_tokens(rows, np.array(steps, dtype=np.int64), batch_size))
         last_logits = logits[:, -1]
         if ended:
