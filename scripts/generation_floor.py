@@ -114,8 +114,9 @@ class FloorEngine:
                 await self._work[lane].wait()
                 continue
             logits = await loop.run_in_executor(self._worker, self._compute, slots, lane)
+            # The streams woken here take their tokens while the lane's next model call computes (awaiting it
+            # lets them run); a generation they start joins the round after that.
             self._apply(slots, sample_kind((self.temperature, 0, 1.0), logits))
-            await asyncio.sleep(0)  # let the streams take their tokens and start their next generations
 
     def _compute(self, slots: np.ndarray, lane: int) -> np.ndarray:
         buffers = self.store.gather(slots, lane)
