@@ -136,7 +136,7 @@ class FloorEngine:
         due = (made == 1) | ended | (made - self.taken[slots] >= share)
         wakeups = self.wakeups
         for slot in slots[due].tolist():
-            wakeups[slot].set()  # type: ignore[union-attr]
+            wakeups[slot].set()
 
 
 async def _session(engine: FloorEngine, seed: int) -> None:
