@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +97,7 @@ class FloorEngine:
         self.generating = np.zeros(capacity, bool)
         self.wakeups: list[Wakeup | None] = [None] * capacity  # the stream to wake when the slot is due a response
         self._lane_has_work = [Wakeup() for _ in range(lanes)]
-        self._computing: list[set[int]] = [set() for _ in range(lanes)]  # each lane's slots in its model call
+        self.in_call = np.zeros(capacity, bool)  # slots whose lane's model call is computing
         self._to_release: list[list[int]] = [[] for _ in range(lanes)]  # freed while computing: released after
         self._workers = [ThreadPoolExecutor(1) for _ in range(lanes if sample_on_worker else 1)]
         self._stopped = False
@@ -113,9 +112,8 @@ class FloorEngine:
         thread is using its state)."""
         self.generating[slot] = False
         self.wakeups[slot] = None
-        lane = slot % self.lanes
-        if slot in self._computing[lane]:
-            self._to_release[lane].append(slot)
+        if self.in_call[slot]:
+            self._to_release[slot % self.lanes].append(slot)
         else:
             self.store.release(slot)
 
@@ -161,7 +159,7 @@ class FloorEngine:
             if not len(slots):
                 await self._lane_has_work[lane].wait()
                 continue
-            self._computing[lane] = set(slots.tolist())
+            self.in_call[slots] = True
             # As the server: gather and bind on the loop, only the model call (and here perhaps the sampler) on
             # the worker. While it computes, the streams woken by the previous round take their tokens; a
             # generation they start joins a later round.
@@ -169,7 +167,7 @@ class FloorEngine:
             call = self.runner.prepare(self.fed[slots, np.newaxis], buffers, lane)
             outputs = await loop.run_in_executor(worker, self._compute, call)
             self.store.scatter(slots, buffers)
-            self._computing[lane] = set()
+            self.in_call[slots] = False
             for slot in self._to_release[lane]:
                 self.store.release(slot)
             self._to_release[lane].clear()
@@ -188,7 +186,8 @@ class FloorEngine:
     def _apply(self, slots: np.ndarray, picked: np.ndarray) -> None:
         """Records a round's tokens and wakes the streams due a response. A slot freed while it computed gets
         nothing."""
-        slots, picked = slots[self.generating[slots]], picked[self.generating[slots]]
+        still = self.generating[slots]
+        slots, picked = slots[still], picked[still]
         made = self.made[slots]
         self.tokens[slots, made] = picked
         made += 1
@@ -318,10 +317,8 @@ def main() -> None:
     print(
         f"{args.sessions} sessions, {args.lanes} lane(s), sampling on the {args.sample_on}, temperature "
         f"{args.temperature}: {rate:,.0f} tokens/s ({cpu:.0%} CPU); ONNX Runtime at batch {args.sessions}: "
-        f"{ceiling:,.0f}; ratio {rate / ceiling:.2f}",
-        flush=True,
+        f"{ceiling:,.0f}; ratio {rate / ceiling:.2f}"
     )
-    sys.exit(0)
 
 
 if __name__ == "__main__":
