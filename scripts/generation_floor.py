@@ -2,9 +2,9 @@
 
 Usage:
     .venv/bin/python scripts/generation_floor.py inprocess [--model M] [--sessions N] [--lanes 1|2]
-        [--sample-on loop|worker] [--temperature T] [--seconds S]
+        [--sample-on loop|worker] [--model-on worker|loop] [--temperature T] [--seconds S]
     .venv/bin/python scripts/generation_floor.py serve [--model M] [--port P] [--sessions N] [--lanes 1|2]
-        [--sample-on loop|worker]
+        [--sample-on loop|worker] [--model-on worker|loop]
 
 `FloorEngine` keeps only what generation cannot do without: each round, the real model call (gather,
 ONNX Runtime, scatter: what the compute ceiling times), this project's sampler (`sample_kind`, the same
@@ -15,7 +15,9 @@ exactly-once bookkeeping. How its work is placed can be chosen, to find the fast
 - `--lanes 2`: the slots form two batches that take turns, so one lane's work overlaps the other's model call;
 - `--sample-on worker`: each lane's worker thread samples its logits right after the model call (a worker
   thread per lane, so both cores can run ONNX Runtime and numpy while the event loop runs the streams);
-  `loop` samples on the event loop, as the server does.
+  `loop` samples on the event loop, as the server does;
+- `--model-on loop`: the model call runs on the event loop too, with no worker thread at all (sampling then
+  stays on the loop): one thread does everything, and no call waits for a thread hop or the GIL.
 
 `inprocess` drives it as `lstmserve bench --series engine` drives the server's engine (N sessions, each an
 asyncio task generating 32 tokens at temperature T, again and again), with `lstmserve serve`'s GIL and
@@ -76,16 +78,26 @@ class FloorEngine:
         capacity: state slots, one per stream.
         lanes: batches taking turns (slot s is in lane s % lanes).
         sample_on_worker: sample on each lane's worker thread right after its model call, not on the event loop.
+        model_on_loop: make the model call on the event loop, not on a worker thread (sampling stays there too).
         temperature: the sampling temperature of every generation (0: argmax).
     """
 
     def __init__(
-        self, model: Path, capacity: int, lanes: int = 1, sample_on_worker: bool = False, temperature: float = 1.0
+        self,
+        model: Path,
+        capacity: int,
+        lanes: int = 1,
+        sample_on_worker: bool = False,
+        temperature: float = 1.0,
+        model_on_loop: bool = False,
     ) -> None:
+        if sample_on_worker and model_on_loop:
+            raise ValueError("the model call on the event loop leaves no worker thread to sample on")
         self.runner = Runner(model, RunnerOptions(providers=("cpu",), intra_op_threads=1))
         self.vocabulary = self.runner.spec.vocabulary
         self.store = HostStateStore(*self.runner.spec.state_shape, capacity)
         self.lanes, self.sample_on_worker, self.temperature = lanes, sample_on_worker, temperature
+        self.model_on_loop = model_on_loop
         # Per slot: tokens made and taken in the current generation, its length, the token its next step feeds,
         # the size of its last batch, its tokens, and whether it is generating.
         self.made = np.zeros(capacity, np.int64)
@@ -165,7 +177,11 @@ class FloorEngine:
             # generation they start joins a later round.
             buffers = self.store.gather(slots, lane)
             call = self.runner.prepare(self.fed[slots, np.newaxis], buffers, lane)
-            outputs = await loop.run_in_executor(worker, self._compute, call)
+            if self.model_on_loop:
+                outputs = self._compute(call)
+                await asyncio.sleep(0)  # the streams woken by the previous round run before the next round
+            else:
+                outputs = await loop.run_in_executor(worker, self._compute, call)
             self.store.scatter(slots, buffers)
             self.in_call[slots] = False
             for slot in self._to_release[lane]:
@@ -175,7 +191,8 @@ class FloorEngine:
             self._apply(slots, picked)
 
     def _compute(self, call: PreparedCall) -> np.ndarray:
-        """On a worker thread: the model call, then its logits, or with `sample_on_worker` its sampled tokens."""
+        """On a worker thread (or the loop): the model call, then its logits, or with `sample_on_worker` its sampled
+        tokens."""
         self.runner.execute(call)
         logits = call.logits()[:, -1]
         return self._sample(logits) if self.sample_on_worker else logits
@@ -219,9 +236,15 @@ async def _session(engine: FloorEngine, seed: int) -> None:
 
 
 async def _in_process(
-    model: Path, sessions: int, lanes: int, sample_on_worker: bool, temperature: float, seconds: float
+    model: Path,
+    sessions: int,
+    lanes: int,
+    sample_on_worker: bool,
+    temperature: float,
+    seconds: float,
+    model_on_loop: bool = False,
 ) -> tuple[float, float]:
-    engine = FloorEngine(model, sessions, lanes, sample_on_worker, temperature)
+    engine = FloorEngine(model, sessions, lanes, sample_on_worker, temperature, model_on_loop)
     rounds = asyncio.ensure_future(engine.run())
     streams = [asyncio.ensure_future(_session(engine, seed)) for seed in range(sessions)]
     await asyncio.sleep(1.0)  # warm-up
@@ -278,8 +301,10 @@ class FloorService(EchoService):
             engine.release(slot)
 
 
-async def _serve(model: Path, port: int, sessions: int, lanes: int, sample_on_worker: bool) -> None:
-    engine = FloorEngine(model, sessions, lanes, sample_on_worker)
+async def _serve(
+    model: Path, port: int, sessions: int, lanes: int, sample_on_worker: bool, model_on_loop: bool = False
+) -> None:
+    engine = FloorEngine(model, sessions, lanes, sample_on_worker, model_on_loop=model_on_loop)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_LstmServeServicer_to_server(FloorService(engine), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -299,6 +324,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4096, help="sessions in-process; most streams served")
     parser.add_argument("--lanes", type=int, choices=[1, 2], default=1)
     parser.add_argument("--sample-on", choices=["loop", "worker"], default="loop")
+    parser.add_argument("--model-on", choices=["worker", "loop"], default="worker")
     parser.add_argument("--temperature", type=float, default=1.0, help="inprocess only: 0 samples by argmax")
     parser.add_argument("--seconds", type=float, default=4.0, help="inprocess only: measured seconds")
     parser.add_argument("--port", type=int, default=0, help="serve only")
@@ -306,16 +332,21 @@ def main() -> None:
     import uvloop
 
     uvloop.install()
-    on_worker = args.sample_on == "worker"
+    on_worker, model_on_loop = args.sample_on == "worker", args.model_on == "loop"
+    if on_worker and model_on_loop:
+        parser.error("--model-on loop leaves no worker thread for --sample-on worker")
     with serve_process_settings():  # `lstmserve serve`'s GIL switch interval and garbage-collector settings
         if args.how == "serve":
-            asyncio.run(_serve(args.model or Path("models/default/model.onnx"), args.port, args.sessions, args.lanes, on_worker))
+            model = args.model or Path("models/default/model.onnx")
+            asyncio.run(_serve(model, args.port, args.sessions, args.lanes, on_worker, model_on_loop))
             return
         model = args.model or Path("models/tiny/model.onnx")
-        rate, cpu = asyncio.run(_in_process(model, args.sessions, args.lanes, on_worker, args.temperature, args.seconds))
+        rate, cpu = asyncio.run(
+            _in_process(model, args.sessions, args.lanes, on_worker, args.temperature, args.seconds, model_on_loop)
+        )
     ceiling, _ = onnxruntime_steps_per_s(model, args.sessions, duration_s=2.0, intra_op_threads=1)
     print(
-        f"{args.sessions} sessions, {args.lanes} lane(s), sampling on the {args.sample_on}, temperature "
+        f"{args.sessions} sessions, {args.lanes} lane(s), model on the {args.model_on}, sampling on the {args.sample_on}, temperature "
         f"{args.temperature}: {rate:,.0f} tokens/s ({cpu:.0%} CPU); ONNX Runtime at batch {args.sessions}: "
         f"{ceiling:,.0f}; ratio {rate / ceiling:.2f}"
     )
