@@ -1,12 +1,16 @@
 """How often, and for how long, Python's cyclic garbage collector runs under a generation load.
 
 Usage: .venv/bin/python scripts/gc_cost.py [YOUNG_THRESHOLD] [--no-freeze] [--model MODEL] [--sessions N] [--objects]
+    [--engine [--batches-in-flight B]]
 (default: Python's own threshold, 700; models/default/model.onnx; 256 sessions). Freezes what the imports made
 (as `lstmserve serve` does; not with --no-freeze), sets the youngest generation's threshold, runs the load of
 scripts/scheduler_generation_loop.py (each session generates 32 tokens at temperature 1, again and again, for
-6 s) and prints, per generation, how many collections ran and how long they took. With --objects, also the
-kinds of object that the middle generation's collections walked (the most common, averaged over the first
-five; counting them lengthens those collections).
+6 s, in batches of up to 256) and prints, per generation, how many collections ran and how long they took. With
+--objects, also the kinds of object that the middle generation's collections walked (the most common, averaged
+over the first five; counting them lengthens those collections).
+
+With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead (every session in one
+batch, B batches in flight; 1 s of warm-up, then 6 s), on uvloop as the bench does, and prints its tokens/s.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
+
+from lstmserve.bench.engine import EngineLoad, build_engine, drive
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_generation_loop import main as generation_loop  # noqa: E402
@@ -38,6 +44,20 @@ def on_collection(phase: str, info: dict[str, Any]) -> None:
         collections[info["generation"]].append(time.perf_counter() - _started)
 
 
+def engine_series_load(model: Path, sessions: int, batches_in_flight: int) -> None:
+    """The engine series' generate load (`lstmserve bench --series engine --mode generate`), without the
+    collector settings `measure_engine` would set: this script sets them."""
+    import uvloop
+
+    engine = build_engine(
+        model, max_sessions=sessions + 16, max_batch_size=sessions, batches_in_flight=batches_in_flight
+    )
+    load = EngineLoad(sessions, "generate", warmup_s=1.0, duration_s=6.0)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        result = runner.run(drive(engine, load))
+    print(f"{result.count / result.elapsed_s:,.0f} tokens/s in the measured window")
+
+
 def count_objects(phase: str, info: dict[str, Any]) -> None:
     """At the start of a middle-generation collection: counts what it is about to walk, by type."""
     global counted
@@ -54,6 +74,8 @@ if __name__ == "__main__":
     parser.add_argument("--model", type=Path, default=Path("models/default/model.onnx"))
     parser.add_argument("--sessions", type=int, default=256)
     parser.add_argument("--objects", action="store_true", help="count the kinds of object middle collections walk")
+    parser.add_argument("--engine", action="store_true", help="the engine series' load, not the scheduler loop's")
+    parser.add_argument("--batches-in-flight", type=int, choices=[1, 2], default=1, help="with --engine")
     options = parser.parse_args()
     if not options.no_freeze:
         gc.freeze()
@@ -62,7 +84,10 @@ if __name__ == "__main__":
     gc.callbacks.append(on_collection)
     if options.objects:
         gc.callbacks.append(count_objects)
-    asyncio.run(generation_loop(options.model, options.sessions))
+    if options.engine:
+        engine_series_load(options.model, options.sessions, options.batches_in_flight)
+    else:
+        asyncio.run(generation_loop(options.model, options.sessions))
     print(f"thresholds {gc.get_threshold()}")
     for generation in (0, 1, 2):
         times = collections[generation]
