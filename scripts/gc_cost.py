@@ -9,8 +9,10 @@ scripts/scheduler_generation_loop.py (each session generates 32 tokens at temper
 --objects, also the kinds of object that the middle generation's collections walked (the most common, averaged
 over the first five; counting them lengthens those collections).
 
-With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead (every session in one
-batch, B batches in flight; 1 s of warm-up, then 6 s), on uvloop as the bench does, and prints its tokens/s.
+With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead (batches of up to N
+sessions, B in flight; 1 s of warm-up, then 6 s), on uvloop and with the server's GIL switch interval as the bench
+does, and prints its tokens/s. The engine is built after the freeze, as `lstmserve serve` builds it (the bench
+builds it first).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lstmserve.bench.engine import EngineLoad, build_engine, drive
+from lstmserve.server.cli import GIL_SWITCH_INTERVAL_S
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_generation_loop import main as generation_loop  # noqa: E402
@@ -45,14 +48,15 @@ def on_collection(phase: str, info: dict[str, Any]) -> None:
 
 
 def engine_series_load(model: Path, sessions: int, batches_in_flight: int) -> None:
-    """The engine series' generate load (`lstmserve bench --series engine --mode generate`), without the
-    collector settings `measure_engine` would set: this script sets them."""
+    """The engine series' generate load (`lstmserve bench --series engine --mode generate`) with the server's GIL
+    switch interval, but not the collector settings `measure_engine` would set: this script sets those."""
     import uvloop
 
     engine = build_engine(
         model, max_sessions=sessions + 16, max_batch_size=sessions, batches_in_flight=batches_in_flight
     )
     load = EngineLoad(sessions, "generate", warmup_s=1.0, duration_s=6.0)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(drive(engine, load))
     print(f"{result.count / result.elapsed_s:,.0f} tokens/s in the measured window")

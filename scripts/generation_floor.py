@@ -120,8 +120,8 @@ class FloorEngine:
         return self.store.allocate()
 
     def release(self, slot: int) -> None:
-        """Frees a stream's slot: at once, or after its lane's model call if the slot is in it (the worker
-        thread is using its state)."""
+        """Frees a stream's slot: at once, or after its lane's model call if the slot is in it (its state is
+        gathered and not yet scattered back)."""
         self.generating[slot] = False
         self.wakeups[slot] = None
         if self.in_call[slot]:

@@ -26,11 +26,13 @@ GIL_SWITCH_INTERVAL_S = 0.0001
 # in all), 10,000 meant one
 # (scripts/gc_cost.py, with the imports frozen as below; without that, the 3 or 4 full collections
 # in those 6 s each stopped every session for up to 20 ms instead of about 2).
-# Not higher: with 4,096 sessions generating in one batch, 10,000 still means about 30 young and 2 middle
-# collections in 6 s, 0.3 to 0.5 s in all, finding nothing to free, and 100,000 meant one (7.6 ms)
-# (`scripts/gc_cost.py N --engine --batches-in-flight 2 --model models/tiny/model.onnx --sessions 4096`); but
-# gRPC's server leaves a reference cycle behind every call, and until a collection frees it each stream refused
-# for a bad 4,000-token request kept about 72 KB: 10 times the threshold, 10 times the memory an attacker can pin.
+# Not higher. With 4,096 sessions generating (batches of about 2,048, two in flight), 10,000 still means about
+# 30 young and 2 middle collections in 6 s, about 0.4 s in all (40 checked in a similar run freed nothing), and 100,000
+# meant one (`scripts/gc_cost.py N --engine --batches-in-flight 2 --model
+# models/tiny/model.onnx --sessions 4096`). But gRPC's server leaves a reference cycle behind every call, and until
+# a collection frees it, each `Step` stream refused for a bad token in a 4,001-token request keeps about 72 KB: the
+# memory a client can pin grows with the threshold (over 8,000 such streams the server's RSS stayed at 144 to
+# 178 MB with 10,000, and reached 506 MB with 100,000; docs/benchmarks.md, eleventh stop).
 GC_YOUNG_THRESHOLD = 10_000
 
 
