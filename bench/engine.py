@@ -121,10 +121,11 @@ def measure_engine(
     intra_op_threads: int = 1,
     max_batch_size: int | None = None,
     batches_in_flight: int = 1,
+    gc_young_threshold: int = GC_YOUNG_THRESHOLD,
 ) -> EngineResult:
     """Builds an engine for `load.sessions` sessions (batches of up to that many, unless `max_batch_size`),
     drives it on a fresh event loop (uvloop where installed, as `lstmserve serve` runs) with the server
-    process's GIL and GC settings, and stops it."""
+    process's GIL and GC settings (`gc_young_threshold` for the youngest generation), and stops it."""
     engine = build_engine(
         model,
         max_sessions=load.sessions + 16,
@@ -133,7 +134,7 @@ def measure_engine(
         batches_in_flight=batches_in_flight,
     )
     cpu_started, wall_started = time.process_time(), time.perf_counter()
-    with serve_process_settings():
+    with serve_process_settings(gc_young_threshold):
         result = _run_on_new_loop(drive(engine, load))
     return EngineResult(result, time.process_time() - cpu_started, time.perf_counter() - wall_started)
 
@@ -212,12 +213,13 @@ async def _close(scheduler: Scheduler, session: Session) -> None:
 
 
 @contextmanager
-def serve_process_settings() -> Iterator[None]:
-    """The GIL switch interval and garbage-collector settings `lstmserve serve` runs with, restored after."""
+def serve_process_settings(gc_young_threshold: int = GC_YOUNG_THRESHOLD) -> Iterator[None]:
+    """The GIL switch interval and garbage-collector settings `lstmserve serve` runs with (or another threshold for
+    the youngest generation, to measure it), restored after."""
     interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *thresholds[1:])
+    gc.set_threshold(gc_young_threshold, *thresholds[1:])
     try:
         yield
     finally:

@@ -9,10 +9,9 @@ scripts/scheduler_generation_loop.py (each session generates 32 tokens at temper
 --objects, also the kinds of object that the middle generation's collections walked (the most common, averaged
 over the first five; counting them lengthens those collections).
 
-With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead (batches of up to N
-sessions, B in flight; 1 s of warm-up, then 6 s), on uvloop and with the server's GIL switch interval as the bench
-does, and prints its tokens/s. The engine is built after the freeze, as `lstmserve serve` builds it (the bench
-builds it first).
+With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead, through the bench's own
+`measure_engine` (batches of up to N sessions, B in flight; 1 s of warm-up, then 6 s; uvloop, the server's GIL
+switch interval, what the imports and the engine made frozen, and YOUNG_THRESHOLD), and prints its tokens/s.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from lstmserve.bench.engine import EngineLoad, build_engine, drive
-from lstmserve.server.cli import GIL_SWITCH_INTERVAL_S
+from lstmserve.bench.engine import EngineLoad, measure_engine
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_generation_loop import main as generation_loop  # noqa: E402
@@ -47,19 +45,12 @@ def on_collection(phase: str, info: dict[str, Any]) -> None:
         collections[info["generation"]].append(time.perf_counter() - _started)
 
 
-def engine_series_load(model: Path, sessions: int, batches_in_flight: int) -> None:
-    """The engine series' generate load (`lstmserve bench --series engine --mode generate`) with the server's GIL
-    switch interval, but not the collector settings `measure_engine` would set: this script sets those."""
-    import uvloop
-
-    engine = build_engine(
-        model, max_sessions=sessions + 16, max_batch_size=sessions, batches_in_flight=batches_in_flight
-    )
+def engine_series_load(model: Path, sessions: int, batches_in_flight: int, young_threshold: int) -> None:
+    """The engine series' generate load, run as `lstmserve bench --series engine --mode generate` runs it, with
+    `young_threshold` for the youngest generation."""
     load = EngineLoad(sessions, "generate", warmup_s=1.0, duration_s=6.0)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(drive(engine, load))
-    print(f"{result.count / result.elapsed_s:,.0f} tokens/s in the measured window")
+    measured = measure_engine(model, load, batches_in_flight=batches_in_flight, gc_young_threshold=young_threshold).load
+    print(f"{measured.count / measured.elapsed_s:,.0f} tokens/s in the measured window")
 
 
 def count_objects(phase: str, info: dict[str, Any]) -> None:
@@ -81,6 +72,8 @@ if __name__ == "__main__":
     parser.add_argument("--engine", action="store_true", help="the engine series' load, not the scheduler loop's")
     parser.add_argument("--batches-in-flight", type=int, choices=[1, 2], default=1, help="with --engine")
     options = parser.parse_args()
+    if options.engine and options.no_freeze:
+        parser.error("--engine freezes as the bench does: --no-freeze is for the scheduler loop's load")
     if not options.no_freeze:
         gc.freeze()
     if options.young_threshold is not None:
@@ -89,7 +82,7 @@ if __name__ == "__main__":
     if options.objects:
         gc.callbacks.append(count_objects)
     if options.engine:
-        engine_series_load(options.model, options.sessions, options.batches_in_flight)
+        engine_series_load(options.model, options.sessions, options.batches_in_flight, gc.get_threshold()[0])
     else:
         asyncio.run(generation_loop(options.model, options.sessions))
     print(f"thresholds {gc.get_threshold()}")
