@@ -5,9 +5,9 @@ Usage: .venv/bin/python scripts/gc_cost.py [YOUNG_THRESHOLD] [--no-freeze] [--mo
 (default: Python's own threshold, 700; models/default/model.onnx; 256 sessions). Freezes what the imports made
 (as `lstmserve serve` does; not with --no-freeze), sets the youngest generation's threshold, runs the load of
 scripts/scheduler_generation_loop.py (each session generates 32 tokens at temperature 1, again and again, for
-6 s, in batches of up to 256) and prints, per generation, how many collections ran and how long they took. With
---objects, also the kinds of object that the middle generation's collections walked (the most common, averaged
-over the first five; counting them lengthens those collections).
+6 s, in batches of up to 256) and prints, per generation, how many collections ran, how long they took and how
+many objects they freed. With --objects, also the kinds of object that the middle generation's collections walked
+(the most common, averaged over the first five; counting them lengthens those collections).
 
 With --engine it runs the load of `lstmserve bench --series engine --mode generate` instead, through the bench's own
 `measure_engine` (batches of up to N sessions, B in flight; 1 s of warm-up, then 6 s; uvloop, the server's GIL
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_generation_loop import main as generation_loop  # noqa: E402
 
 collections: dict[int, list[float]] = defaultdict(list)
+freed: Counter[int] = Counter()  # per generation: the objects its collections freed
 _started = 0.0
 MIDDLE_COUNTED = 5
 walked: Counter[str] = Counter()  # kinds of object in the middle generation's collections (with --objects)
@@ -43,6 +44,7 @@ def on_collection(phase: str, info: dict[str, Any]) -> None:
         _started = time.perf_counter()
     else:
         collections[info["generation"]].append(time.perf_counter() - _started)
+        freed[info["generation"]] += info["collected"]
 
 
 def engine_series_load(model: Path, sessions: int, batches_in_flight: int, young_threshold: int) -> None:
@@ -91,7 +93,7 @@ if __name__ == "__main__":
         if times:
             print(
                 f"generation {generation}: {len(times)} collections, {sum(times) * 1e3:.1f} ms in all, "
-                f"longest {max(times) * 1e3:.1f} ms"
+                f"longest {max(times) * 1e3:.1f} ms, {freed[generation]:,} objects freed"
             )
         else:
             print(f"generation {generation}: no collection")

@@ -26,13 +26,13 @@ GIL_SWITCH_INTERVAL_S = 0.0001
 # in all), 10,000 meant one
 # (scripts/gc_cost.py, with the imports frozen as below; without that, the 3 or 4 full collections
 # in those 6 s each stopped every session for up to 20 ms instead of about 2).
-# Not higher. With 4,096 sessions generating (batches of about 2,048, two in flight), 10,000 still means about
-# 40 young and 3 or 4 middle collections in a 7 s run, about 0.65 s in all (40 checked in a similar run freed
-# nothing), and 100,000 meant one (`scripts/gc_cost.py N --engine --batches-in-flight 2 --model
-# models/tiny/model.onnx --sessions 4096`). But gRPC's server leaves a reference cycle behind every call, and until
-# a collection frees it, each `Step` stream refused for a bad token in a 4,001-token request keeps about 72 KB: the
-# memory a client can pin grows with the threshold (over 8,000 such streams the server's RSS stayed at 144 to
-# 178 MB with 10,000, and reached 506 MB with 100,000; docs/benchmarks.md, eleventh stop).
+# Not higher. With 4,096 sessions generating (batches of about 2,048, two in flight), 10,000 still means about 40
+# young and 3 or 4 middle collections in a 7 s run, about 0.65 s in all, freeing nothing, and 100,000 meant one
+# (`scripts/gc_cost.py N --engine --batches-in-flight 2 --model models/tiny/model.onnx --sessions 4096`). But gRPC's
+# server leaves a reference cycle behind every call, and until a collection frees it, each `Step` stream refused for
+# a bad token in a 4,001-token request keeps about 75 KB: the memory a client can pin grows with the threshold (over
+# 8,000 such streams the server's RSS rose at most 59 MB with 10,000, and 526 MB with 100,000:
+# `scripts/refused_stream_memory.py --threshold N`).
 GC_YOUNG_THRESHOLD = 10_000
 
 
