@@ -31,7 +31,7 @@ from typing import cast
 import numpy as np
 import onnxruntime as ort
 import pytest
-from docker_cli import Compose, base_image, docker, require_engine, torch_wheels_context
+from docker_cli import Compose, base_image, docker, remove_replaced_test_images, require_engine, torch_wheels_context
 from helpers import model_spec, wait_until
 
 from lstmserve.client import Client, RetryPolicy, Session
@@ -59,14 +59,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What a user sets in .env here: the local base image, the local torch wheel, a tiny model."""
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """What a user sets in .env here: the local base image, the local torch wheel, a tiny model. Afterwards,
+    the images this module's builds replaced are removed (about 1.9 GB a run otherwise stays on the disk)."""
     require_engine()
-    return {
+    yield {
         "LSTMSERVE_BASE_IMAGE": base_image(),
         "LSTMSERVE_WHEELS_DIR": str(torch_wheels_context(tmp_path_factory.mktemp("wheels"))),
         "LSTMSERVE_EXPORT_ARGS": TINY_EXPORT_ARGS,
     }
+    remove_replaced_test_images()
 
 
 def readme_compose_command() -> list[str]:
