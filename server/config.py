@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,8 @@ STATE_PLACEMENTS = ("auto", "host", "device")
 SESSION_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 # Polling longer than this after a step cannot help a client whose next step comes later still.
 MAX_IDLE_SPIN_US = 100_000
+# The longest duration setting taken (TTL, grace, checkpoint interval, drain delay): ten years.
+MAX_DURATION_S = 10 * 365 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -134,12 +137,21 @@ class ServerConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        durations = {
+            "session_ttl_s": self.session_ttl_s,
+            "grace_s": self.grace_s,
+            "checkpoint_interval_s": self.checkpoint_interval_s,
+            "drain_delay_s": self.drain_delay_s,
+        }
+        for name, seconds in durations.items():  # NaN and infinity too: a drain that never ends, a sweep that fails
+            if not (math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION_S):
+                raise ConfigError(f"{name} must be a number of seconds in 0..{MAX_DURATION_S:,}, got {seconds}")
+        if self.session_ttl_s == 0:
+            raise ConfigError("session_ttl_s must be positive, got 0")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
-        if self.session_ttl_s <= 0:
-            raise ConfigError(f"session_ttl_s must be positive, got {self.session_ttl_s}")
         if self.max_wait_us < 0:
             raise ConfigError(f"max_wait_us must be >= 0, got {self.max_wait_us}")
         if not 0 <= self.idle_spin_us <= MAX_IDLE_SPIN_US:
@@ -148,10 +160,6 @@ class ServerConfig:
             raise ConfigError(f"batches_in_flight must be 1 or 2, got {self.batches_in_flight}")
         if self.intra_op_threads < 0:
             raise ConfigError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
-        if self.grace_s < 0:
-            raise ConfigError(f"grace_s must be >= 0, got {self.grace_s}")
-        if self.checkpoint_interval_s < 0:
-            raise ConfigError(f"checkpoint_interval_s must be >= 0, got {self.checkpoint_interval_s}")
         if self.session_store is not None:
             if not self.session_store.startswith(SESSION_STORE_SCHEMES):
                 raise ConfigError(f"session_store must be a redis://HOST:PORT/DB URL, got {self.session_store!r}")
@@ -162,8 +170,6 @@ class ServerConfig:
             raise ConfigError("checkpoint_interval_s needs a state_dir (--state-dir) or a session_store (--session-store)")
         if self.spill_idle and not kept:
             raise ConfigError("spill_idle needs a state_dir (--state-dir) or a session_store (--session-store)")
-        if self.drain_delay_s < 0:
-            raise ConfigError(f"drain_delay_s must be >= 0, got {self.drain_delay_s}")
         if self.state_placement not in STATE_PLACEMENTS:
             raise ConfigError(f"state_placement must be one of {STATE_PLACEMENTS}, got {self.state_placement!r}")
         if not self.providers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import SyncStream, serve_process
 
 from lstmserve.cli import main
+from lstmserve.server.config import ConfigError, ServerConfig
 from lstmserve.v1 import lstmserve_pb2 as pb
 from lstmserve.v1 import lstmserve_pb2_grpc as pb_grpc
 
@@ -117,6 +119,17 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
     assert "corrupt.onnx" in _serve_error("--model", str(corrupt))
     assert "LOUD" in _serve_error("--model", str(token_model), "--log-level", "LOUD")
     assert "cuda" in _serve_error("--model", str(token_model), "--providers", "cuda").lower()
+    # NaN passed every `< 0` check: the server started, then its drain raised and lost the sessions.
+    line = _serve_error("--model", str(token_model), "--grace-s", "nan")
+    assert "grace_s must be a number of seconds in 0..315,360,000, got nan" in line
+
+
+@pytest.mark.parametrize("name", ["session_ttl_s", "grace_s", "checkpoint_interval_s", "drain_delay_s"])
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0, 4e8])
+def test_durations_must_be_finite_seconds(name: str, seconds: float) -> None:
+    """A drain delay of infinity never ends the drain, a TTL of NaN stops the batching loop: all refused at start."""
+    with pytest.raises(ConfigError, match=f"{name} must be a number of seconds in 0..315,360,000, got {seconds}"):
+        ServerConfig(model=Path("m.onnx"), state_dir=Path("state"), **{name: seconds})
 
 
 def test_ports_in_use_are_one_line_naming_the_address_and_the_port(token_model: Path) -> None:
