@@ -29,6 +29,7 @@ import numpy as np
 
 from lstmserve.server.errors import InvalidInput
 from lstmserve.server.state import SessionState
+from lstmserve.server.text import shown
 
 MAGIC = b"LSTMSNAP"
 VERSION = 1
@@ -93,7 +94,7 @@ def decode_snapshot(
     blob_fingerprint = payload[_HEAD.size : _HEAD.size + fp_len].decode(errors="replace")
     if blob_fingerprint != fingerprint:
         raise InvalidInput(
-            f"snapshot is of model fingerprint {blob_fingerprint!r}, but this server serves {fingerprint!r}"
+            f"snapshot is of model fingerprint {shown(blob_fingerprint)}, but this server serves {fingerprint!r}"
         )
     if (rows, h_width, c_width) != shape:
         raise InvalidInput(f"snapshot state shape {(rows, h_width, c_width)} does not match the model's {shape}")

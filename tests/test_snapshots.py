@@ -79,6 +79,21 @@ def test_blob_of_another_model_is_refused(server: ServerThread, projected_model:
         other.stop()
 
 
+def test_a_long_foreign_fingerprint_is_cut_in_the_error(server: ServerThread) -> None:
+    """A forged blob's 20,000-character fingerprint, echoed whole, overflowed gRPC's 16 KiB limit on a status
+    message: the client got RESOURCE_EXHAUSTED with gRPC's words instead of INVALID_ARGUMENT with ours."""
+    spec = server.server.runner.spec
+    with Client(server.address) as client:
+        with client.session() as session:
+            session.step([1])
+            state, step = decode_snapshot(
+                session.snapshot(), fingerprint=spec.fingerprint,
+                shape=(spec.state_rows, spec.h.width, spec.c.width), secret=None,
+            )
+        with pytest.raises(InvalidRequest, match=r"fingerprint 'f{80}'\.\.\. \(20000 characters\)"):
+            client.session(restore=encode_snapshot(state, step, "f" * 20_000, None))
+
+
 def test_signed_snapshots_cannot_be_forged(token_model: Path) -> None:
     secret = b"0123456789abcdef-test-secret"
     signed = start_server(token_model, snapshot_secret=secret)
