@@ -22,7 +22,9 @@ from lstmserve.v1 import lstmserve_pb2 as pb
 DEFAULT_TOP_K = 5
 OUTPUT_KINDS = frozenset(pb.OutputKind.values())
 STEP_RESPONSE_BYTES = 160  # a StepResponse without its logits or top-k: ids, counters, tags (an upper bound)
-TOPK_BYTES_PER_ENTRY = 16  # one top-k id (varint, at most 10 bytes) and its float32 log-probability, packed
+# One TopK message's framing at most: its own tag and length, and its two packed fields' tags and lengths
+# (lengths up to 2 MiB take at most 3 bytes).
+TOPK_ROW_BYTES = 12
 
 
 # Byte orders that need no conversion for a Tensor's little-endian data ("|": not applicable, e.g. bytes).
@@ -187,8 +189,15 @@ def step_output_bytes(positions: int, output: int, top_k: int, output_size: int)
     if output in (pb.OUTPUT_UNSPECIFIED, pb.OUTPUT_LOGITS):
         return STEP_RESPONSE_BYTES + 4 * positions * output_size
     if output == pb.OUTPUT_TOPK:
-        return STEP_RESPONSE_BYTES + TOPK_BYTES_PER_ENTRY * positions * (top_k or DEFAULT_TOP_K)
+        # Per entry an id (a varint no longer than the largest id's) and a float32 log-probability.
+        entry = _varint_bytes(output_size - 1) + 4
+        return STEP_RESPONSE_BYTES + positions * (TOPK_ROW_BYTES + entry * min(top_k or DEFAULT_TOP_K, output_size))
     return STEP_RESPONSE_BYTES
+
+
+def _varint_bytes(value: int) -> int:
+    """How many bytes protobuf's varint encoding of a non-negative integer takes."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def validate_output(output: int, top_k: int, spec: ModelSpec) -> None:

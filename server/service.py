@@ -169,6 +169,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         inputs = messages.decode_inputs(
             request.tokens, request.features, request.HasField("features"), self.spec, self.config.max_tokens_per_request
         )
+        self._check_response_size(messages.step_output_bytes(len(inputs), pb.OUTPUT_LOGITS, 0, self.spec.output_size), "Infer")
         logits = await asyncio.to_thread(self.runner.run_stateless, inputs[np.newaxis])
         return pb.InferResponse(logits=messages.encode_tensor(logits[0]))
 
@@ -402,7 +403,21 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             generate_params = messages.decode_generate(request.generate, self.spec, self._generate_limits)
         elif not has_input and first:
             return _ParsedStep(inputs=None)
-        return self._parse_step(request, generate_params=generate_params)
+        parsed = self._parse_step(request, generate_params=generate_params)
+        if generate_params is None and parsed.inputs is not None:  # a generation answers a token at a time
+            size = messages.step_output_bytes(len(parsed.inputs), request.output, request.top_k, self.spec.output_size)
+            self._check_response_size(size, "the step")
+        return parsed
+
+    def _check_response_size(self, size: int, what: str) -> None:
+        """INVALID_ARGUMENT, before any state changes, if an answer of about `size` bytes could not be sent: gRPC
+        would refuse to send it after the step was applied, and a resend would meet the same refusal."""
+        limit = self.config.max_message_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"{what} asks for about {size} bytes of output, more than --max-message-bytes={limit}: "
+                "send fewer positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+            )
 
     def _parse_step(
         self,

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -129,7 +130,8 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
 def test_durations_must_be_finite_seconds(name: str, seconds: float) -> None:
     """A drain delay of infinity never ends the drain, a TTL of NaN stops the batching loop: all refused at start."""
     with pytest.raises(ConfigError, match=f"{name} must be a number of seconds in 0..315,360,000, got {seconds}"):
-        ServerConfig(model=Path("m.onnx"), state_dir=Path("state"), **{name: seconds})
+        settings: dict[str, Any] = {name: seconds}
+        ServerConfig(model=Path("m.onnx"), state_dir=Path("state"), **settings)
 
 
 def test_ports_in_use_are_one_line_naming_the_address_and_the_port(token_model: Path) -> None:

@@ -228,3 +228,48 @@ def test_unparseable_requests_log_one_short_line(server: ServerThread, caplog: p
     assert 1 <= len(records) <= windows
     assert all(r.exc_info is None and r.levelno == logging.WARNING for r in records)
     assert "could not be parsed" in records[0].getMessage()
+
+
+def test_an_answer_larger_than_a_message_is_refused_before_the_step(token_model: Path) -> None:
+    """gRPC refused to send such an answer after the step was applied (RESOURCE_EXHAUSTED, the session one step
+    on), and a resend met the same refusal: the client could never have its result."""
+    handle = start_server(token_model, max_message_bytes=4096)
+    try:
+        with handle.channel() as channel:
+            stub = pb_grpc.LstmServeStub(channel)
+            vocab = stub.GetModelInfo(pb.GetModelInfoRequest()).output_size
+            positions = 4096 // (4 * vocab) + 1  # their logits alone exceed the limit
+            stream = SyncStream(channel)
+            opened = stream.request(tokens=[1])
+            error = _rejected(stream, tokens=[1] * positions, expected_step=1)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "more than --max-message-bytes=4096" in (error.details() or "")
+            assert stub.GetSession(pb.SessionRef(session_id=opened.session_id)).step == 1
+            # The same positions fit when they ask for less output, and the stream's session goes on from step 1.
+            resumed = SyncStream(channel)
+            answer = resumed.request(session_id=opened.session_id, tokens=[1] * positions, output=pb.OUTPUT_NONE)
+            assert answer.step == 1 + positions
+            topk = resumed.request(tokens=[1] * positions, output=pb.OUTPUT_TOPK, top_k=2)
+            assert len(topk.topk) == positions and topk.step == 1 + 2 * positions
+            with pytest.raises(grpc.RpcError) as infer_error:
+                stub.Infer(pb.InferRequest(tokens=[1] * positions))
+            assert infer_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "Infer asks for about" in (infer_error.value.details() or "")
+            assert len(logits_of(stub.Infer(pb.InferRequest(tokens=[1])))) == 1
+    finally:
+        handle.stop()
+
+
+@pytest.mark.parametrize("vocab", [2, 128, 129, 164, 16_385, 2**21])
+@pytest.mark.parametrize("top_k", [1, 5, 300])
+def test_the_top_k_size_estimate_bounds_the_encoded_answer(vocab: int, top_k: int) -> None:
+    """What a step's top-k answer is estimated to take is never less than its encoding, for the largest ids."""
+    from lstmserve.server import messages
+
+    k = min(top_k, vocab)
+    positions = 3
+    response = pb.StepResponse(session_id="s" * 64, request_id=2**64 - 1, step=2**53, token=vocab - 1)
+    for _ in range(positions):
+        response.topk.add(ids=[vocab - 1] * k, logprobs=[-1e30] * k)
+    estimate = messages.step_output_bytes(positions, pb.OUTPUT_TOPK, top_k, vocab)
+    assert response.ByteSize() <= estimate <= response.ByteSize() + messages.STEP_RESPONSE_BYTES + 6 * positions
