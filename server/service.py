@@ -75,11 +75,12 @@ class LstmServeService(pb_grpc.LstmServeServicer):
             return ""
         return owner_of(bearer_key(context.invocation_metadata()))
 
-    def _session_info(self, session: Session) -> pb.SessionInfo:
+    def _session_info(self, session: Session, step: int | None = None) -> pb.SessionInfo:
+        """The session as it is now, or at `step` (what an operation left, steps queued behind it aside)."""
         idle = time.monotonic() - session.last_used
         return pb.SessionInfo(
             session_id=session.id,
-            step=session.step,
+            step=session.step if step is None else step,
             idle_s=idle,
             expires_in_s=max(0.0, self.config.session_ttl_s - idle),
         )
@@ -135,7 +136,8 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         self._check_lease(request.session_id)
         session = await self.scheduler.reset_session(request.session_id, self._owner(context))
         self._check_lease(session.id)
-        return self._session_info(session)
+        # Step 0, as the reset left it: a generation running on the session may have stepped it since.
+        return self._session_info(session, step=0)
 
     @refusals(pb.CloseSessionResponse)
     async def CloseSession(self, request: pb.SessionRef, context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:

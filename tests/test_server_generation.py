@@ -431,3 +431,31 @@ def test_wakeup_wakes_its_waiter_once_per_set() -> None:
         await asyncio.wait_for(wakeup.wait(), 0.05)
 
     asyncio.run(scenario())
+
+
+def test_a_reset_during_a_generation_replies_step_0_and_the_generation_goes_on_from_zero_state(
+    server: ServerThread,
+) -> None:
+    """ResetSession runs between the generation's tokens: its reply says step 0 (it said 1 when a token ran
+    before the reply was written), and the generation makes all its tokens, the steps after the reset counting
+    from 0 again. Whether the reset lands before the generation ends depends on the machine's pace; both ways the
+    session ends where the last response says (or at 0 when the generation ended first)."""
+    prompt, count = [1, 2, 3], 2000
+    with server.channel() as channel:
+        stub = pb_grpc.LstmServeStub(channel)
+        stream = SyncStream(channel)
+        stream.send(tokens=prompt, generate=pb.Generate(max_tokens=count, sampling=pb.Sampling(temperature=0)))
+        responses = [stream.read()]  # the generation runs
+        reply = stub.ResetSession(pb.SessionRef(session_id=responses[0].session_id))
+        assert reply.step == 0
+        while not responses[-1].finished:
+            responses.append(stream.read())
+        stream.close()
+        steps = [r.step for r in responses]
+        drops = [i for i in range(1, len(steps)) if steps[i] < steps[i - 1]]
+        assert len(drops) <= 1 and responses[-1].finish_reason == "length" and len(responses) == count + 1
+        if drops:
+            after = steps[drops[0] : -1]  # the last response, which ends the generation, repeats the last step
+            assert after == list(range(1, len(after) + 1)) and steps[-1] == steps[-2]
+        ended = stub.GetSession(pb.SessionRef(session_id=responses[0].session_id)).step
+        assert ended == (steps[-1] if drops else 0)

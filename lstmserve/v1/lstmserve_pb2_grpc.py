@@ -111,7 +111,9 @@ class LstmServeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResetSession(self, request, context):
-        """Returns a session to its initial (zero) state and step 0.
+        """Returns a session to its initial (zero) state and step 0, after the requests queued on it; the reply
+        says step 0. A generation running on the session goes on from the zero state, between its tokens as
+        any request of the session would (its responses' step counts from 0 again); cancel it to end it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
