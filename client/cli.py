@@ -16,6 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lstmserve import cli_values
+
 if TYPE_CHECKING:
     from lstmserve.client import Client
 
@@ -38,12 +40,13 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     default = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
     parser.add_argument(
         "--target",
+        type=cli_values.target,
         default=default,
         metavar="HOST:PORT",
         help=f"the server's address (env {TARGET_ENV}; default: %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="seconds each call may take (default: no limit)"
+        "--timeout", type=cli_values.seconds, default=None, metavar="S", help="seconds each call may take (default: no limit)"
     )
     parser.add_argument(
         "--tls-ca-file",
@@ -103,6 +106,8 @@ def run_generate(args: argparse.Namespace) -> int:
         info = client.model_info()  # check what the server would refuse before printing anything
         if not 1 <= args.max_tokens <= info.max_generate_tokens:
             raise _UsageError(f"--max-tokens must be in [1, {info.max_generate_tokens}] for this server, got {args.max_tokens}")
+        if not 0 <= args.top_k <= info.output_size:
+            raise _UsageError(f"--top-k must be in [0, {info.output_size}] for this server, got {args.top_k}")
         if info.kind != "tokens" or not len(info.vocabulary):
             raise _UsageError(f"the server's model takes {info.kind}, not text")
         try:

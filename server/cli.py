@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lstmserve import cli_values
+
 ENV_PREFIX = "LSTMSERVE_"
 
 # How long a thread may keep the GIL while another waits for it. The worker thread that runs ONNX
@@ -221,9 +223,9 @@ def add_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Query the standard gRPC health service of a running server; exit 0 if it is SERVING, "
         "1 otherwise (used by container health checks).",
     )
-    _add(h, "--target", type=str, default="127.0.0.1:50051", help="server address HOST:PORT")
+    _add(h, "--target", type=cli_values.target, default="127.0.0.1:50051", help="server address HOST:PORT")
     h.add_argument("--service", default="", help="service name to check ('' = the whole server)")
-    h.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    h.add_argument("--timeout", type=cli_values.seconds, default=3.0, help="seconds to wait for the answer")
     h.add_argument("--tls-ca-file", type=Path, default=None, help="CA (PEM) to verify a TLS server with")
     h.set_defaults(run=run_health)
 

@@ -182,3 +182,36 @@ def test_installed_command_exits_non_zero(dead_target: str) -> None:
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and "cannot reach the server" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["info"], ["stream"], ["health"]])
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--timeout", "-1", "must be a positive number of seconds, got -1"),
+        ("--timeout", "nan", "must be a positive number of seconds, got nan"),
+        ("--timeout", "0", "must be a positive number of seconds, got 0"),
+        ("--target", "127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is outside 1..65535"),
+        ("--target", "[::1]:0", "port 0 of '[::1]:0' is outside 1..65535"),
+        ("--target", "", "the server's address is empty"),
+    ],
+)
+def test_bad_target_or_timeout_is_a_usage_error(
+    command: list[str], option: str, value: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deadline of -1 or NaN failed every call with DEADLINE_EXCEEDED (exit 1), port 99999 reached whatever
+    listened on 34463 (gRPC wraps it), an empty address printed gRPC's resolver noise: now argparse refuses them."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, option, value])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_top_k_beyond_the_vocabulary_is_refused_before_anything_is_printed(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["generate", "hi", "--target", server.address, "--top-k", "1000"]) == 2
+    captured = capsys.readouterr()
+    (line,) = ours(captured.err)
+    assert captured.out == "" and line.startswith("lstmserve generate: error: --top-k must be in [0, ")

@@ -1,0 +1,1 @@
+../../lstmserve/cli_values.py
