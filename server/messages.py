@@ -160,6 +160,8 @@ def decode_generate(message: pb.Generate, spec: ModelSpec, limits: GenerateLimit
             f"generate.stop has {len(message.stop)} strings, more than --max-stop-strings={limits.max_stop_strings}"
         )
     for index, stop in enumerate(message.stop):
+        if not stop:  # it would match before any token: refused rather than ignored
+            raise InvalidInput(f"generate.stop[{index}] is empty: a stop string needs at least one character")
         if len(stop) > limits.max_stop_chars:
             raise InvalidInput(
                 f"generate.stop[{index}] has {len(stop)} characters, more than --max-stop-chars={limits.max_stop_chars}"

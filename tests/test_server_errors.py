@@ -54,6 +54,7 @@ def limited_server(token_model: Path) -> Iterator[ServerThread]:
         ({"tokens": [1], "generate": pb.Generate(max_tokens=3, sampling=pb.Sampling(top_k=2**32 - 1))}, "sampling.top_k 4294967295"),
         ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["x"] * 17)}, "17 strings, more than --max-stop-strings=16"),
         ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["ab", "y" * 257])}, "stop[1] has 257 characters"),
+        ({"tokens": [1], "generate": pb.Generate(max_tokens=3, stop=["ab", ""])}, "generate.stop[1] is empty"),
     ],
 )
 def test_invalid_step_is_rejected_and_changes_nothing(
