@@ -345,7 +345,10 @@ def run_health(args: argparse.Namespace) -> int:
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
         except grpc.RpcError as error:
-            print(f"lstmserve health: error: {error.code().name}: {error.details()}", file=sys.stderr)
+            details = error.details()
+            if error.code() == grpc.StatusCode.NOT_FOUND and not details:  # grpc.health.v1 says nothing more
+                details = f"the server's health service knows no service {args.service!r}"
+            print(f"lstmserve health: error: {error.code().name}: {details}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import start_server
+from conftest import ServerThread, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import SyncStream, serve_process
@@ -75,6 +75,13 @@ def test_drain_reports_not_serving_and_refuses_new_sessions(token_model: Path) -
             assert opened.session_id
     finally:
         handle.stop()
+
+
+def test_health_of_an_unknown_service_names_it(server: ServerThread, capsys: pytest.CaptureFixture[str]) -> None:
+    """grpc.health.v1 answers NOT_FOUND with no message: the command's error said only "NOT_FOUND: "."""
+    assert main(["health", "--target", server.address, "--service", "nope"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "lstmserve health: error: NOT_FOUND: the server's health service knows no service 'nope'"
 
 
 def test_cli_serve_drains_on_sigterm(token_model: Path) -> None:
