@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from lstmserve.server.auth import ApiKeyInterceptor
-from lstmserve.server.config import ServerConfig
+from lstmserve.server.config import ConfigError, ServerConfig
 from lstmserve.server.grpc_log import quiet_decode_errors
 from lstmserve.server.health import HealthServicer
 from lstmserve.server.backend import MemoryOnly, SessionBackend
@@ -32,6 +32,7 @@ from lstmserve.server.reflection import reflection_pool
 from lstmserve.server.session_store import DirectoryStore, RedisStore
 from lstmserve.server.snapshot import decode_snapshot, encode_snapshot
 from lstmserve.server.device_state import DeviceStateStore
+from lstmserve.server.messages import step_output_bytes
 from lstmserve.server.metrics import Metrics
 from lstmserve.inference import grpc_service_pb2 as inference_pb
 from lstmserve.server.oip import InferenceService, add_inference_service
@@ -106,6 +107,12 @@ class LstmServer:
     async def start(self) -> int:
         """Warms the model up, starts listening and returns the bound gRPC port."""
         config = self.config
+        smallest = step_output_bytes(1, pb.OUTPUT_LOGITS, 0, self.runner.spec.output_size)
+        if config.max_message_bytes < smallest:  # every step's answer would be refused
+            raise ConfigError(
+                f"max_message_bytes {config.max_message_bytes} is less than a one-position answer of this model "
+                f"(about {smallest} bytes: {self.runner.spec.output_size} logits)"
+            )
         self._warm_up()
         backend = self._session_backend()
         self.scheduler = Scheduler(

@@ -128,6 +128,8 @@ def test_cli_serve_errors(tmp_path: Path, token_model: Path) -> None:
     assert "LOUD" in _serve_error("--model", str(token_model), "--log-level", "LOUD")
     assert "cuda" in _serve_error("--model", str(token_model), "--providers", "cuda").lower()
     # NaN passed every `< 0` check: the server started, then its drain raised and lost the sessions.
+    line = _serve_error("--model", str(token_model), "--max-message-bytes", "10")
+    assert "max_message_bytes 10 is less than a one-position answer of this model" in line
     line = _serve_error("--model", str(token_model), "--grace-s", "nan")
     assert "grace_s must be a number of seconds in 0..315,360,000, got nan" in line
 
