@@ -110,7 +110,7 @@ def decode_columns(
     if size > max_message_bytes:
         raise InvalidInput(
             f"the columns ask for about {size} bytes of output, more than --max-message-bytes={max_message_bytes}: "
-            "send fewer sessions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+            "send fewer sessions per request, or ask for less output (OUTPUT_TOPK with a smaller top_k, or OUTPUT_NONE)"
         )
     return ColumnsStep(session_ids, inputs, expected_steps, columns.output, columns.top_k, sampling, refused)
 

@@ -292,7 +292,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         if size > limit:
             raise InvalidInput(
                 f"the steps ask for about {size} bytes of output, more than --max-message-bytes={limit}: "
-                "send fewer sessions or positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+                "send fewer sessions or positions per request, or ask for less output (OUTPUT_TOPK with a smaller top_k, or OUTPUT_NONE)"
             )
 
     async def _step_entries(self, entries: list[_Entry], owner: str) -> pb.StepSessionsResponse:
@@ -418,7 +418,7 @@ class LstmServeService(pb_grpc.LstmServeServicer):
         if size > limit:
             raise InvalidInput(
                 f"{what} asks for about {size} bytes of output, more than --max-message-bytes={limit}: "
-                "send fewer positions per request, or ask for OUTPUT_TOPK or OUTPUT_NONE"
+                "send fewer positions per request, or ask for less output (OUTPUT_TOPK with a smaller top_k, or OUTPUT_NONE)"
             )
 
     def _parse_step(
